@@ -1,0 +1,30 @@
+"""Routing configuration: load, validate, hold and atomically replace it."""
+
+from kom_gateway.config.holder import Active, ConfigHolder, ReloadResult
+from kom_gateway.config.loader import load_config_file, load_config_text
+from kom_gateway.config.schema import (
+    Address,
+    Config,
+    ConfigError,
+    ConfigIssue,
+    Endpoint,
+    Group,
+    ServerTLS,
+    UpstreamTLS,
+)
+
+__all__ = [
+    "Active",
+    "Address",
+    "Config",
+    "ConfigError",
+    "ConfigHolder",
+    "ConfigIssue",
+    "Endpoint",
+    "Group",
+    "ReloadResult",
+    "ServerTLS",
+    "UpstreamTLS",
+    "load_config_file",
+    "load_config_text",
+]

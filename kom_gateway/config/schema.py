@@ -1,0 +1,453 @@
+"""The routing YAML: schema, validation and the typed Config it becomes.
+
+Every problem is collected (not just the first) and names its YAML path and line, so an
+operator fixes a broken file in one pass. Validation is pure: file paths in the config
+are resolved but not opened here; the data plane reports unreadable files when it loads
+them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+from urllib.parse import urlsplit
+
+from kom_gateway.config.yamldoc import YamlDocument, YamlPath
+from kom_gateway.routing.claims import ResourceClaim, parse_claim
+from kom_gateway.routing.cutover import CutoverRule, Match
+from kom_gateway.routing.glob import Glob
+from kom_gateway.routing.router import DEFAULT_GROUP, Router
+
+_GROUP_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z")
+DEFAULT_LISTEN = "127.0.0.1:8443"
+DEFAULT_ADMIN = "127.0.0.1:9090"
+
+
+class ConfigIssue(NamedTuple):
+    path: str  # e.g. "groups.pod.resources[1]"
+    line: int  # 1-based; 0 when unknown
+    message: str
+
+    def __str__(self) -> str:
+        if not self.line and not self.path:  # about the whole file (unreadable, too large)
+            return self.message
+        where = f"line {self.line}: " if self.line else ""
+        return f"{where}{self.path or '(top level)'}: {self.message}"
+
+
+class ConfigError(Exception):
+    """A configuration that must not be served; `issues` lists every problem."""
+
+    def __init__(self, issues: list[ConfigIssue], source: str = "") -> None:
+        self.issues = issues
+        self.source = source
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        prefix = f"{self.source}: " if self.source else ""
+        return "\n".join(f"{prefix}{issue}" for issue in self.issues)
+
+
+class Address(NamedTuple):
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+class Endpoint(NamedTuple):
+    scheme: str  # "https" or "http" (h2c, for local/simulated apiservers)
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ServerTLS:
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None = None
+
+
+@dataclass(frozen=True)
+class UpstreamTLS:
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    server_name: str | None = None
+
+
+@dataclass(frozen=True)
+class Group:
+    name: str
+    endpoints: tuple[Endpoint, ...]
+    resources: tuple[ResourceClaim, ...] = ()
+
+
+@dataclass(frozen=True)
+class Config:
+    groups: Mapping[str, Group]
+    cutover: tuple[CutoverRule, ...] = ()
+    listen: Address = field(default_factory=lambda: _parse_address(DEFAULT_LISTEN))
+    listen_tls: ServerTLS | None = None
+    admin: Address = field(default_factory=lambda: _parse_address(DEFAULT_ADMIN))
+    upstream_tls: UpstreamTLS = field(default_factory=UpstreamTLS)
+    warnings: tuple[ConfigIssue, ...] = ()
+    source: str = ""
+
+    def router(self) -> Router:
+        claims = [(c, g.name) for g in self.groups.values() for c in g.resources]
+        return Router(claims, self.cutover)
+
+
+def build_config(doc: YamlDocument, source: str = "", base_dir: str = ".") -> Config:
+    """Validate a parsed YAML document; raise ConfigError listing every problem."""
+    return _Builder(doc, base_dir).build(source)
+
+
+def format_path(path: YamlPath) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out
+
+
+class _Builder:
+    def __init__(self, doc: YamlDocument, base_dir: str) -> None:
+        self.doc = doc
+        self.base_dir = base_dir
+        self.errors: list[ConfigIssue] = []
+        self.warnings: list[ConfigIssue] = []
+
+    # -- reporting -------------------------------------------------------------------
+    def _issue(self, path: YamlPath, message: str) -> ConfigIssue:
+        line = 0
+        for depth in range(len(path), -1, -1):  # nearest ancestor with a known line
+            line = self.doc.lines.get(path[:depth], 0)
+            if line:
+                break
+        return ConfigIssue(format_path(path), line, message)
+
+    def error(self, path: YamlPath, message: str) -> None:
+        self.errors.append(self._issue(path, message))
+
+    def warn(self, path: YamlPath, message: str) -> None:
+        self.warnings.append(self._issue(path, message))
+
+    # -- typed accessors -------------------------------------------------------------
+    def mapping(
+        self,
+        value: Any,
+        path: YamlPath,
+        allowed: tuple[str, ...],
+        required: tuple[str, ...] = (),
+    ) -> dict[str, Any] | None:
+        if value is None and not required:
+            return {}
+        if not isinstance(value, dict):
+            self.error(path, f"must be a mapping, got {_kind(value)}")
+            return None
+        for key in value:
+            if key not in allowed:
+                self.error((*path, key), f"unknown key (allowed: {', '.join(allowed)})")
+        for key in required:
+            if key not in value:
+                self.error(path, f"missing required key {key!r}")
+        return value
+
+    def string(self, value: Any, path: YamlPath) -> str | None:
+        if not isinstance(value, str):
+            self.error(path, f"must be a string, got {_kind(value)}")
+            return None
+        if not value:
+            self.error(path, "must not be empty")
+            return None
+        return value
+
+    def string_list(self, value: Any, path: YamlPath) -> list[tuple[YamlPath, str]]:
+        if not isinstance(value, list):
+            self.error(path, f"must be a list, got {_kind(value)}")
+            return []
+        out = []
+        for i, item in enumerate(value):
+            text = self.string(item, (*path, i))
+            if text is not None:
+                out.append(((*path, i), text))
+        return out
+
+    def file_path(self, value: Any, path: YamlPath) -> str | None:
+        text = self.string(value, path)
+        if text is None:
+            return None
+        return os.path.abspath(os.path.join(self.base_dir, text))
+
+    def address(self, value: Any, path: YamlPath, default: str) -> Address:
+        text = default if value is None else self.string(value, path)
+        if text is None:
+            return _parse_address(default)
+        try:
+            return _parse_address(text)
+        except ValueError as exc:
+            self.error(path, str(exc))
+            return _parse_address(default)
+
+    # -- sections --------------------------------------------------------------------
+    def build(self, source: str) -> Config:
+        top = self.mapping(
+            self.doc.data, (), ("listen", "admin", "upstream", "groups", "cutover"), ("groups",)
+        )
+        if top is None:
+            raise ConfigError(self.errors, source)
+        listen, listen_tls = self.listen(top.get("listen"))
+        admin_section = self.mapping(top.get("admin"), ("admin",), ("address",)) or {}
+        admin = self.address(admin_section.get("address"), ("admin", "address"), DEFAULT_ADMIN)
+        upstream_tls = self.upstream(top.get("upstream"))
+        groups = self.groups(top.get("groups"))
+        rules = self.cutover(top.get("cutover"), groups) if groups is not None else ()
+        if self.errors:
+            raise ConfigError(self.errors, source)
+        assert groups is not None
+        return Config(
+            groups=groups,
+            cutover=rules,
+            listen=listen,
+            listen_tls=listen_tls,
+            admin=admin,
+            upstream_tls=upstream_tls,
+            warnings=tuple(self.warnings),
+            source=source,
+        )
+
+    def listen(self, value: Any) -> tuple[Address, ServerTLS | None]:
+        section = self.mapping(value, ("listen",), ("address", "tls")) or {}
+        address = self.address(section.get("address"), ("listen", "address"), DEFAULT_LISTEN)
+        tls = None
+        if section.get("tls") is not None:
+            path: YamlPath = ("listen", "tls")
+            t = self.mapping(
+                section["tls"],
+                path,
+                ("certFile", "keyFile", "clientCAFile"),
+                ("certFile", "keyFile"),
+            )
+            if t is not None and "certFile" in t and "keyFile" in t:
+                cert = self.file_path(t["certFile"], (*path, "certFile"))
+                key = self.file_path(t["keyFile"], (*path, "keyFile"))
+                ca = None
+                if t.get("clientCAFile") is not None:
+                    ca = self.file_path(t["clientCAFile"], (*path, "clientCAFile"))
+                if cert and key:
+                    tls = ServerTLS(cert, key, ca)
+        return address, tls
+
+    def upstream(self, value: Any) -> UpstreamTLS:
+        section = self.mapping(value, ("upstream",), ("tls",)) or {}
+        path: YamlPath = ("upstream", "tls")
+        t = self.mapping(section.get("tls"), path, ("caFile", "certFile", "keyFile", "serverName"))
+        if not t:
+            return UpstreamTLS()
+        files = {
+            key: self.file_path(t[key], (*path, key))
+            for key in ("caFile", "certFile", "keyFile")
+            if t.get(key) is not None
+        }
+        if ("certFile" in t) != ("keyFile" in t):
+            self.error(path, "certFile and keyFile go together (the front-proxy client cert)")
+        server_name = (
+            self.string(t["serverName"], (*path, "serverName")) if "serverName" in t else None
+        )
+        return UpstreamTLS(
+            files.get("caFile"), files.get("certFile"), files.get("keyFile"), server_name
+        )
+
+    def groups(self, value: Any) -> dict[str, Group] | None:
+        if not isinstance(value, dict) or not value:
+            self.error(
+                ("groups",), f"must be a non-empty mapping of group names, got {_kind(value)}"
+            )
+            return None
+        groups: dict[str, Group] = {}
+        claimed_at: dict[ResourceClaim, tuple[str, YamlPath]] = {}
+        for name, spec in value.items():
+            path: YamlPath = ("groups", name)
+            if not _GROUP_NAME.match(name):
+                self.error(path, "group names are lower-case DNS labels (a-z, 0-9, '-')")
+            g = self.mapping(spec, path, ("endpoints", "resources"), ("endpoints",))
+            if g is None:
+                continue
+            endpoints = []
+            if "endpoints" in g:
+                items = self.string_list(g["endpoints"], (*path, "endpoints"))
+                if not items and isinstance(g["endpoints"], list):
+                    self.error((*path, "endpoints"), "needs at least one endpoint")
+                for item_path, text in items:
+                    try:
+                        endpoints.append(_parse_endpoint(text))
+                    except ValueError as exc:
+                        self.error(item_path, str(exc))
+            claims = []
+            for item_path, text in self.string_list(g.get("resources", []), (*path, "resources")):
+                try:
+                    claim = parse_claim(text)
+                except ValueError as exc:
+                    self.error(item_path, str(exc))
+                    continue
+                if claim in claimed_at:
+                    other, other_path = claimed_at[claim]
+                    where = "earlier in this group" if other == name else f"by group {other!r}"
+                    line = self._issue(other_path, "").line
+                    self.error(
+                        item_path,
+                        f"{claim} is already claimed {where} ({format_path(other_path)}, "
+                        f"line {line}); a resource belongs to one group",
+                    )
+                    continue
+                claimed_at[claim] = (name, item_path)
+                claims.append(claim)
+            if name != DEFAULT_GROUP and not claims:
+                self.warn(path, "claims no resources, so it never receives traffic")
+            groups[name] = Group(name, tuple(endpoints), tuple(claims))
+        if DEFAULT_GROUP not in value:
+            self.error(("groups",), "a 'default' group is required: it serves everything unclaimed")
+        return groups
+
+    def cutover(self, value: Any, groups: Mapping[str, Group]) -> tuple[CutoverRule, ...]:
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            self.error(("cutover",), f"must be a list of rules, got {_kind(value)}")
+            return ()
+        rules: list[CutoverRule] = []
+        seen: dict[Match, int] = {}
+        for index, item in enumerate(value):
+            path: YamlPath = ("cutover", index)
+            r = self.mapping(item, path, ("match", "percent"))
+            if r is None:
+                continue
+            match = self.match(r.get("match"), (*path, "match"))
+            percent = self.percent(r.get("percent"), (*path, "percent"), groups)
+            if match is None or percent is None:
+                continue
+            if match in seen:
+                self.warn(
+                    (*path, "match"),
+                    f"same match as cutover[{seen[match]}]; this rule is never used "
+                    "(first match wins)",
+                )
+            else:
+                seen[match] = index
+            rules.append(CutoverRule(index, match, percent, self.doc.lines.get(path, 0)))
+        return tuple(rules)
+
+    def match(self, value: Any, path: YamlPath) -> Match | None:
+        m = self.mapping(value, path, ("userAgent", "user", "userGroup"))
+        if m is None:
+            return None
+        globs: dict[str, Glob] = {}
+        ok = True
+        for key in ("userAgent", "user", "userGroup"):
+            if m.get(key) is None:
+                continue
+            text = self.string(m[key], (*path, key))
+            if text is None:
+                ok = False
+                continue
+            try:
+                globs[key] = Glob(text)
+            except ValueError as exc:
+                self.error((*path, key), f"bad glob {text!r}: {exc}")
+                ok = False
+        if not ok:
+            return None
+        return Match(globs.get("userAgent"), globs.get("user"), globs.get("userGroup"))
+
+    def percent(
+        self, value: Any, path: YamlPath, groups: Mapping[str, Group]
+    ) -> dict[str, float] | None:
+        if value is None:
+            return {}  # a rule without percent pins its clients to default
+        if not isinstance(value, dict):
+            self.error(path, f"must map group names to percents, got {_kind(value)}")
+            return None
+        out: dict[str, float] = {}
+        for group, amount in value.items():
+            item_path = (*path, group)
+            if group == DEFAULT_GROUP:
+                self.error(
+                    item_path,
+                    "default gets whatever is not cut over; give percents "
+                    "for the other groups only",
+                )
+            elif group not in groups:
+                known = ", ".join(g for g in groups if g != DEFAULT_GROUP) or "none"
+                self.error(item_path, f"no group named {group!r} (groups: {known})")
+            elif not groups[group].resources:
+                self.warn(
+                    item_path, f"group {group!r} claims no resources; this percent has no effect"
+                )
+            if isinstance(amount, bool) or not isinstance(amount, int | float):
+                self.error(
+                    item_path, f"percent must be a number from 0 to 100, got {_kind(amount)}"
+                )
+            elif not (math.isfinite(amount) and 0 <= amount <= 100):
+                self.error(item_path, f"percent must be from 0 to 100, got {amount}")
+            else:
+                out[group] = float(amount)
+        return out
+
+
+def _parse_address(text: str) -> Address:
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"address {text!r} must be host:port, e.g. 127.0.0.1:8443 or [::]:8443")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"address {text!r}: write IPv6 hosts in brackets, e.g. [::1]:8443")
+    return Address(host, _parse_port(port_text, text))
+
+
+def _parse_port(port_text: str, whole: str) -> int:
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"bad port in {whole!r}: must be 1-65535")
+    return int(port_text)
+
+
+def _parse_endpoint(text: str) -> Endpoint:
+    parts = urlsplit(text)
+    if parts.scheme not in ("https", "http"):
+        raise ValueError(f"endpoint {text!r} must start with https:// (or http:// for h2c)")
+    if not parts.hostname:
+        raise ValueError(f"endpoint {text!r} has no host")
+    if parts.username or parts.password:
+        raise ValueError(f"endpoint {text!r}: credentials do not belong in the URL")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"endpoint {text!r}: give scheme://host:port only, no path")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"bad port in endpoint {text!r}: must be 1-65535") from None
+    if port == 0:
+        raise ValueError(f"bad port in endpoint {text!r}: must be 1-65535")
+    return Endpoint(parts.scheme, parts.hostname, port or (443 if parts.scheme == "https" else 80))
+
+
+def _kind(value: Any) -> str:
+    names: dict[type, str] = {
+        dict: "a mapping",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        type(None): "nothing",
+    }
+    return names.get(type(value), type(value).__name__)

@@ -1,0 +1,119 @@
+"""`kom-gateway check` and `kom-gateway route`, in-process and as a real process."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from kom_gateway.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = str(ROOT / "config" / "example.yaml")
+KUBELET_UA = "kubelet/v1.31.0 (linux/amd64) kubernetes/6911225"
+
+
+def route(capsys, *args):
+    assert main(["route", "--config", EXAMPLE, *args]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_check_prints_groups_and_rules(capsys):
+    assert main(["check", EXAMPLE]) == 0
+    out = capsys.readouterr().out
+    assert "OK — 4 groups, 3 cut-over rules" in out
+    assert "pod      endpoints: https://10.0.1.10:6443" in out
+    assert "resources: pods, bindings" in out
+    assert "events.events.k8s.io" in out
+    assert "[1] userAgent=kubelet/* userGroup=system:nodes  ->  pod 25%, config 100%, event 100%" in out
+
+
+def test_check_reports_errors_and_exits_1(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("groups:\n  pod: {endpoints: [https://a], resources: [Pods]}\n")
+    assert main(["check", str(bad)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert f"{bad}: line 2: groups.pod.resources[0]: bad resource 'Pods'" in captured.err
+    assert "a 'default' group is required" in captured.err
+    assert "Traceback" not in captured.err
+
+
+def test_check_prints_warnings(tmp_path, capsys):
+    cfg = tmp_path / "w.yaml"
+    cfg.write_text("groups:\n  default: {endpoints: [https://a]}\n  spare: {endpoints: [https://b]}\n")
+    assert main(["check", str(cfg)]) == 0
+    assert "warning: line 3: groups.spare: claims no resources" in capsys.readouterr().err
+
+
+def test_route_explains_a_cut_over(capsys):
+    result = route(
+        capsys, "--user-agent", "kube-scheduler/v1.31.0", "--client", "x509:CN=system:kube-scheduler",
+        "POST", "/api/v1/namespaces/ns/bindings",
+    )
+    assert result["request"]["verb"] == "create"
+    assert result["request"]["resource"] == "bindings"
+    assert (result["homeGroup"], result["chosenGroup"], result["reason"]) == ("pod", "pod", "cut-over")
+    assert result["rule"]["index"] == 0
+    assert result["rule"]["match"] == {"userAgent": "kube-scheduler/*"}
+    assert result["client"]["key"] == "x509:CN=system:kube-scheduler|kube-scheduler"
+
+
+def test_route_kubelet_percent_is_stable_and_explained(capsys):
+    args = ["--user-agent", KUBELET_UA, "--group", "system:nodes"]
+    results = [
+        route(capsys, *args, "--client", f"x509:CN=system:node:n{i}", "GET",
+              "https://gw:8443/api/v1/pods?fieldSelector=spec.nodeName%3Dn1&watch=true")
+        for i in range(40)
+    ]
+    moved = [r for r in results if r["chosenGroup"] == "pod"]
+    stayed = [r for r in results if r["chosenGroup"] == "default"]
+    assert moved and stayed  # 25% of 40 clients
+    for r in moved:
+        assert r["client"]["bucket"] < 25 and r["reason"] == "cut-over"
+    for r in stayed:
+        assert r["client"]["bucket"] >= 25 and r["reason"] == "not-cut-over"
+        assert "stays on default until the percent exceeds" in r["explanation"]
+    assert results[0]["request"]["verb"] == "watch"
+    assert results[0]["request"]["isLongRunning"] is True
+    again = route(capsys, *args, "--client", "x509:CN=system:node:n0", "GET", "/api/v1/pods?watch=1")
+    assert again["client"]["bucket"] == results[0]["client"]["bucket"]
+    assert again["chosenGroup"] == results[0]["chosenGroup"]
+
+
+def test_route_x509_client_implies_user_and_groups(capsys):
+    result = route(
+        capsys, "--user-agent", KUBELET_UA, "--client", "x509:CN=system:node:n7,O=system:nodes",
+        "GET", "/api/v1/nodes/n7",
+    )
+    assert result["client"]["user"] == "system:node:n7"
+    assert result["client"]["groups"] == ["system:nodes"]
+    assert (result["chosenGroup"], result["rule"]["index"]) == ("config", 1)
+
+
+def test_route_ip_client_and_unclaimed(capsys):
+    result = route(capsys, "--client", "10.2.3.4", "GET", "/apis/apps/v1/deployments")
+    assert result["client"]["key"] == "addr:10.2.3.4|"
+    assert result["reason"] == "home-is-default"
+    assert result["rule"] is None
+    no_rule = route(capsys, "--user-agent", "kubectl/v1.31", "GET", "/api/v1/nodes")
+    assert (no_rule["homeGroup"], no_rule["chosenGroup"], no_rule["reason"]) == (
+        "config", "default", "no-cutover-rule")
+
+
+def test_route_with_bad_config_exits_1(tmp_path, capsys):
+    assert main(["route", "--config", str(tmp_path / "x.yaml"), "GET", "/"]) == 1
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_console_script_runs_as_a_process():
+    proc = subprocess.run(
+        [sys.executable, "-m", "kom_gateway", "check", EXAMPLE],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "OK — 4 groups" in proc.stdout
+    proc = subprocess.run(
+        [sys.executable, "-m", "kom_gateway", "route", "--config", EXAMPLE, "GET", "/api/v1/events"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert json.loads(proc.stdout)["homeGroup"] == "event"

@@ -1,0 +1,342 @@
+"""Routing YAML: schema, errors with path and line, the shipped examples, atomic reload."""
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kom_gateway.config import (
+    Address,
+    ConfigError,
+    ConfigHolder,
+    Endpoint,
+    load_config_file,
+    load_config_text,
+)
+from kom_gateway.requestinfo import parse_request
+from kom_gateway.routing import Client
+
+ROOT = Path(__file__).resolve().parent.parent
+
+MINIMAL = """\
+groups:
+  default: {endpoints: ["https://10.0.0.10:6443"]}
+"""
+
+
+def load(text: str):
+    return load_config_text(textwrap.dedent(text), "test.yaml")
+
+
+def errors_of(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load(text)
+    return [str(issue) for issue in info.value.issues]
+
+
+def test_minimal_config_and_defaults():
+    config = load(MINIMAL)
+    assert config.listen == Address("127.0.0.1", 8443)
+    assert config.admin == Address("127.0.0.1", 9090)
+    assert config.listen_tls is None
+    assert config.groups["default"].endpoints == (Endpoint("https", "10.0.0.10", 6443),)
+    assert config.cutover == ()
+    assert config.warnings == ()
+
+
+def test_full_schema():
+    config = load(
+        """\
+        listen:
+          address: "[::]:8443"
+          tls: {certFile: tls.crt, keyFile: tls.key, clientCAFile: /pki/ca.crt}
+        admin: {address: "0.0.0.0:9091"}
+        upstream:
+          tls: {caFile: ca.crt, certFile: fp.crt, keyFile: fp.key, serverName: kubernetes}
+        groups:
+          default: {endpoints: ["https://a:6443", "http://127.0.0.1:16443"]}
+          pod: {endpoints: ["https://[fd00::1]"], resources: [pods, pods/log, bindings]}
+        cutover:
+          - match: {userAgent: "kubelet/*", user: "system:node:*", userGroup: system:nodes}
+            percent: {pod: 12.5}
+          - match: {}
+          - percent: {pod: 0}
+        """
+    )
+    assert config.listen == Address("::", 8443)
+    assert str(config.listen) == "[::]:8443"
+    assert config.listen_tls.cert_file == os.path.abspath("tls.crt")
+    assert config.listen_tls.client_ca_file == "/pki/ca.crt"
+    assert config.upstream_tls.server_name == "kubernetes"
+    assert config.groups["pod"].endpoints == (Endpoint("https", "fd00::1", 443),)
+    assert str(config.groups["default"].endpoints[1]) == "http://127.0.0.1:16443"
+    assert [str(c) for c in config.groups["pod"].resources] == ["pods", "pods/log", "bindings"]
+    assert config.cutover[0].percent == {"pod": 12.5}
+    assert config.cutover[0].line == 11
+    assert config.cutover[1].percent == {}  # no percent: matching clients stay on default
+    assert [str(w) for w in config.warnings] == [
+        "line 14: cutover[2].match: same match as cutover[1]; this rule is never used "
+        "(first match wins)"
+    ]
+
+
+def test_relative_tls_paths_resolve_against_the_config_file(tmp_path):
+    (tmp_path / "gw.yaml").write_text(MINIMAL + "upstream: {tls: {caFile: pki/ca.crt}}\n")
+    config = load_config_file(str(tmp_path / "gw.yaml"))
+    assert config.upstream_tls.ca_file == str(tmp_path / "pki" / "ca.crt")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("", ["the document is empty"]),
+        ("groups: [", ["line 1: (top level): invalid YAML"]),
+        ("a: 1\n---\nb: 2\n", ["line 2: (top level): invalid YAML: but found another document"]),
+        ("- 1\n", ["(top level): must be a mapping, got a list"]),
+        ("groups: {}\n", ["line 1: groups: must be a non-empty mapping of group names, got a mapping"]),
+        (
+            "groups:\n  pod: {endpoints: [https://a]}\n",
+            ["line 1: groups: a 'default' group is required"],
+        ),
+        (
+            MINIMAL + "listen: {address: 8443}\n",
+            ["line 3: listen.address: must be a string, got a number"],
+        ),
+        (
+            MINIMAL + "listen: {address: 'localhost'}\n",
+            ["line 3: listen.address: address 'localhost' must be host:port"],
+        ),
+        (MINIMAL + "listen: {address: ':8443'}\n", ["must be host:port"]),
+        (MINIMAL + "listen: {address: 'a:99999'}\n", ["bad port in 'a:99999'"]),
+        (MINIMAL + "listen: {address: '::1:8443'}\n", ["write IPv6 hosts in brackets"]),
+        (MINIMAL + "listen: {tls: {certFile: a}}\n", ["line 3: listen.tls: missing required key 'keyFile'"]),
+        (MINIMAL + "upstream: {tls: {certFile: a}}\n", ["certFile and keyFile go together"]),
+        (MINIMAL + "upstream: {tls: {caFile: ''}}\n", ["line 3: upstream.tls.caFile: must not be empty"]),
+        (MINIMAL + "tracing: true\n", ["line 3: tracing: unknown key (allowed: listen, admin"]),
+        (
+            "groups:\n  default:\n    endpoints: [https://a]\n    resource: [pods]\n",
+            ["line 4: groups.default.resource: unknown key (allowed: endpoints, resources)"],
+        ),
+        ("groups:\n  default: {endpoints: []}\n", ["line 2: groups.default.endpoints: needs at least one endpoint"]),
+        ("groups:\n  default: {}\n", ["line 2: groups.default: missing required key 'endpoints'"]),
+        ("groups:\n  default: {endpoints: https://a}\n", ["must be a list, got a string"]),
+        ("groups:\n  default: {endpoints: [a.b:6443]}\n", ["must start with https://"]),
+        ("groups:\n  default: {endpoints: ['https://a:0']}\n", ["bad port in endpoint"]),
+        ("groups:\n  default: {endpoints: ['https://a:x']}\n", ["bad port in endpoint"]),
+        ("groups:\n  default: {endpoints: ['https://a/api']}\n", ["no path"]),
+        ("groups:\n  default: {endpoints: ['https://u:p@a']}\n", ["credentials"]),
+        ("groups:\n  default: {endpoints: ['https://']}\n", ["has no host"]),
+        (
+            MINIMAL + "  Pod: {endpoints: [https://b], resources: [pods]}\n",
+            ["line 3: groups.Pod: group names are lower-case DNS labels"],
+        ),
+        (
+            MINIMAL + "  pod: {endpoints: [https://b], resources: [Pods]}\n",
+            ["line 3: groups.pod.resources[0]: bad resource 'Pods'", "did you mean 'pods'"],
+        ),
+        (
+            MINIMAL
+            + "  pod: {endpoints: [https://b], resources: [pods]}\n"
+            + "  other:\n    endpoints: [https://c]\n    resources:\n      - nodes\n      - pods\n",
+            [
+                "line 8: groups.other.resources[1]: pods is already claimed by group 'pod' "
+                "(groups.pod.resources[0], line 3); a resource belongs to one group"
+            ],
+        ),
+        (
+            MINIMAL + "  pod: {endpoints: [https://b], resources: [pods, pods]}\n",
+            ["pods is already claimed earlier in this group"],
+        ),
+        (
+            "groups:\n  default: {endpoints: [https://a]}\n  default: {endpoints: [https://b]}\n",
+            ["line 3: groups.default: duplicate key 'default'"],
+        ),
+        (MINIMAL + "cutover: {userAgent: x}\n", ["line 3: cutover: must be a list of rules, got a mapping"]),
+        (MINIMAL + "cutover:\n  - match: {userAgent: 'kubelet['}\n", ["line 4: cutover[0].match.userAgent: bad glob 'kubelet['"]),
+        (MINIMAL + "cutover:\n  - match: {userAgent: ''}\n", ["cutover[0].match.userAgent: must not be empty"]),
+        (MINIMAL + "cutover:\n  - match: {ua: x}\n", ["cutover[0].match.ua: unknown key (allowed: userAgent, user, userGroup)"]),
+        (MINIMAL + "cutover:\n  - match: {}\n    percnt: {}\n", ["line 5: cutover[0].percnt: unknown key"]),
+        (MINIMAL + "cutover:\n  - percent: {pod: 10}\n", ["line 4: cutover[0].percent.pod: no group named 'pod' (groups: none)"]),
+        (MINIMAL + "cutover:\n  - percent: {default: 10}\n", ["cutover[0].percent.default: default gets whatever"]),
+        (
+            MINIMAL + "  pod: {endpoints: [https://b], resources: [pods]}\n"
+            "cutover:\n  - percent: {pod: 101}\n",
+            ["line 5: cutover[0].percent.pod: percent must be from 0 to 100, got 101"],
+        ),
+        (
+            MINIMAL + "  pod: {endpoints: [https://b], resources: [pods]}\n"
+            "cutover:\n  - percent: {pod: -1}\n",
+            ["percent must be from 0 to 100, got -1"],
+        ),
+        (
+            MINIMAL + "  pod: {endpoints: [https://b], resources: [pods]}\n"
+            "cutover:\n  - percent: {pod: '50%'}\n",
+            ["percent must be a number from 0 to 100, got a string"],
+        ),
+        (
+            MINIMAL + "  pod: {endpoints: [https://b], resources: [pods]}\n"
+            "cutover:\n  - percent: {pod: yes}\n",
+            ["percent must be a number from 0 to 100, got a boolean"],
+        ),
+        (
+            MINIMAL + "  pod: {endpoints: [https://b], resources: [pods]}\n"
+            "cutover:\n  - percent: {pod: .nan}\n",
+            ["percent must be from 0 to 100, got nan"],
+        ),
+        (MINIMAL + "cutover:\n  - !!python/object:os.system {}\n", ["unsupported YAML tag"]),
+        ("groups: &a [*a]\n", ["recursive alias"]),
+        ("groups: " + "[" * 5000 + "]" * 5000 + "\n", ["nested too deeply"]),
+        ("groups: " + "[" * 80 + "]" * 80 + "\n", ["nested deeper than 64 levels"]),
+    ],
+)
+def test_errors_name_path_and_line(text, expected):
+    rendered = "\n".join(errors_of(text))
+    for fragment in expected:
+        assert fragment in rendered
+
+
+def test_all_errors_reported_at_once():
+    errors = errors_of(
+        """\
+        listen: {address: nope}
+        groups:
+          pod: {endpoints: [ftp://x], resources: [Pods]}
+        cutover:
+          - match: {userAgent: "["}
+            percent: {pod: 500}
+        """
+    )
+    assert len(errors) == 6, errors
+
+
+def test_error_render_prefixes_source():
+    with pytest.raises(ConfigError) as info:
+        load_config_text("groups: {}\n", "/etc/gw.yaml")
+    assert info.value.render().startswith("/etc/gw.yaml: line 1: groups:")
+
+
+def test_billion_laughs_is_bounded():
+    text = "a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+    for i in range(1, 8):
+        text += f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1 if i > 1 else ''}"] * 10) + "]\n"
+    text = text.replace("*a0", "*a")
+    text += "groups: {default: {endpoints: [https://a]}}\n"
+    with pytest.raises(ConfigError, match="too large"):
+        load_config_text(text)
+
+
+def test_warnings_for_groups_without_claims():
+    config = load(MINIMAL + "  spare: {endpoints: [https://b]}\ncutover:\n  - percent: {spare: 5}\n")
+    assert [str(w) for w in config.warnings] == [
+        "line 3: groups.spare: claims no resources, so it never receives traffic",
+        "line 5: cutover[0].percent.spare: group 'spare' claims no resources; this percent has no effect",
+    ]
+
+
+def test_unreadable_and_oversized_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config_file(str(tmp_path / "missing.yaml"))
+    big = tmp_path / "big.yaml"
+    big.write_bytes(b"#" * (4 * 1024 * 1024 + 1))
+    with pytest.raises(ConfigError, match="larger than"):
+        load_config_file(str(big))
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config_file(str(binary))
+
+
+@pytest.mark.parametrize("name", ["example.yaml", "demo.yaml"])
+def test_shipped_configs_are_valid(name):
+    config = load_config_file(str(ROOT / "config" / name))
+    assert {"default", "pod", "config", "event"} <= set(config.groups)
+    assert config.warnings == ()
+
+
+def test_example_config_routes_the_usual_split():
+    router = load_config_file(str(ROOT / "config" / "example.yaml")).router()
+    homes = {
+        "/api/v1/namespaces/a/pods/p/exec": "pod",
+        "/api/v1/nodes/n1": "config",
+        "/api/v1/namespaces/a/secrets/s": "config",
+        "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/n1": "config",
+        "/apis/discovery.k8s.io/v1/endpointslices": "config",
+        "/apis/rbac.authorization.k8s.io/v1/clusterroles": "config",
+        "/apis/storage.k8s.io/v1/csinodes/n1": "config",
+        "/api/v1/namespaces/a/events": "event",
+        "/apis/events.k8s.io/v1/events": "event",
+        "/apis/apps/v1/deployments": "default",
+        "/apis/batch/v1/jobs": "default",
+        "/version": "default",
+    }
+    for path, home in homes.items():
+        assert router.home_group(parse_request("GET", path)) == home, path
+
+
+# -- the holder ---------------------------------------------------------------------
+def test_holder_swaps_valid_and_keeps_last_good_on_invalid(tmp_path):
+    holder = ConfigHolder(load(MINIMAL))
+    first = holder.current
+    assert first.generation == 1
+    pods = parse_request("GET", "/api/v1/pods")
+    assert first.router.home_group(pods) == "default"
+
+    result = holder.apply_text(MINIMAL + "  pod: {endpoints: [https://b], resources: [pods]}\n")
+    assert result.applied and result.generation == 2
+    second = holder.current
+    assert second.router.home_group(pods) == "pod"
+    # a snapshot taken before the swap is untouched (in-flight requests keep their decision)
+    assert first.router.home_group(pods) == "default"
+
+    bad = holder.apply_text("groups: {pod: {endpoints: []}}\n", "gw.yaml")
+    assert not bad.applied and bad.generation == 2
+    assert "a 'default' group is required" in bad.error.render()
+    assert holder.current is second
+    assert holder.rejected == 1
+
+    garbage = holder.apply_text("{{{{")
+    assert not garbage.applied and holder.current is second
+
+    missing = holder.reload_file(str(tmp_path / "nope.yaml"))
+    assert not missing.applied and "cannot read" in missing.error.render()
+    assert holder.rejected == 3
+
+    path = tmp_path / "gw.yaml"
+    path.write_text(MINIMAL)
+    assert holder.reload_file(str(path)).generation == 3
+    assert holder.current.router.decide(pods, Client()).target == "default"
+
+
+@given(st.text(max_size=300))
+def test_fuzz_config_text_never_raises_anything_but_config_error(text):
+    try:
+        load_config_text(text)
+    except ConfigError as exc:
+        assert exc.issues
+
+
+YAMLISH = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-5, 200), st.text(max_size=10),
+              st.sampled_from(["pods", "https://a:1", "kubelet/*", "default", "pod"])),
+    lambda children: st.one_of(
+        st.lists(children, max_size=4),
+        st.dictionaries(
+            st.sampled_from(["groups", "default", "pod", "endpoints", "resources", "cutover",
+                             "match", "percent", "userAgent", "listen", "address", "tls", "x"]),
+            children, max_size=4),
+    ),
+    max_leaves=20,
+)
+
+
+@given(YAMLISH)
+def test_fuzz_config_structure_never_raises_anything_but_config_error(data):
+    import yaml
+
+    try:
+        load_config_text(yaml.safe_dump(data))
+    except ConfigError as exc:
+        assert exc.issues
