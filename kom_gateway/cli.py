@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ipaddress
 import json
+import logging
+import signal
 import sys
 import textwrap
-from collections.abc import Sequence
-from typing import TextIO
+from collections.abc import Coroutine, Sequence
+from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 from kom_gateway import __version__
 from kom_gateway.config import Config, ConfigError, load_config_file
+from kom_gateway.config.schema import Address
 from kom_gateway.requestinfo import parse_request
 from kom_gateway.routing import DEFAULT_GROUP, Client, Decision
 from kom_gateway.routing.cutover import parse_x509_identity
@@ -72,7 +76,109 @@ def _parser() -> argparse.ArgumentParser:
     route.add_argument("method", metavar="METHOD")
     route.add_argument("url", metavar="URL", help="path with query, or a full URL")
     route.set_defaults(func=cmd_route)
+
+    run = sub.add_parser("run", help="run the gateway")
+    run.add_argument("--config", required=True, metavar="CONFIG")
+    run.add_argument("--listen", metavar="HOST:PORT", help="override listen.address (port 0: any)")
+    run.add_argument("--admin", metavar="HOST:PORT", help="override admin.address (port 0: any)")
+    run.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=5.0,
+        help="on SIGTERM, how long requests in flight may take (default 5)",
+    )
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.set_defaults(func=cmd_run)
+
+    sim = sub.add_parser(
+        "sim",
+        help="run simulated apiserver groups (test equipment)",
+        description="Serve simulated kube-apiserver groups sharing one store, on the ports of "
+        "CONFIG's http:// endpoints, with a control API for faults and counters.",
+    )
+    sim.add_argument("--config", metavar="CONFIG", help="default: config/demo.yaml")
+    sim.add_argument("--control-port", type=int, default=16440, metavar="PORT")
+    sim.add_argument("--bookmark-interval", type=float, default=5.0, metavar="SECONDS")
+    sim.set_defaults(func=cmd_sim)
+
+    demo = sub.add_parser("demo", help="simulated groups + the gateway, with live routing output")
+    demo.add_argument("--config", metavar="CONFIG", help="default: config/demo.yaml")
+    demo.set_defaults(func=cmd_demo)
     return parser
+
+
+def _address(text: str | None) -> Address | None:
+    if text is None:
+        return None
+    host, _, port = text.rpartition(":")
+    return Address(host.strip("[]") or "127.0.0.1", int(port))
+
+
+def _run_async(main: Coroutine[Any, Any, int]) -> int:
+    """Run on uvloop (the production event loop)."""
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        try:
+            return runner.run(main)
+        except KeyboardInterrupt:
+            return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from kom_gateway.proxy.server import RunOptions, run_gateway
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        options = RunOptions(
+            args.config, _address(args.listen), _address(args.admin), args.drain_seconds
+        )
+        return _run_async(run_gateway(options))
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return 1
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    from kom_gateway.demo import find_demo_config, start_simulator
+
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    async def serve() -> int:
+        sim = await start_simulator(
+            args.config or find_demo_config(), args.control_port, args.bookmark_interval
+        )
+        groups = ", ".join(f"{name}=127.0.0.1:{g.port}" for name, g in sim.groups.items())
+        print(
+            f"kom-gateway sim serving {groups}; control on 127.0.0.1:{args.control_port}",
+            flush=True,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await sim.close()
+        return 0
+
+    try:
+        return _run_async(serve())
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from kom_gateway.demo import run_demo
+
+    logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _run_async(run_demo(args.config))
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return 1
 
 
 def _load(path: str, err: TextIO) -> Config | None:

@@ -293,15 +293,12 @@ def _is_int64(value: str) -> bool:
     return bool(_INT64.match(value)) and _INT64_MIN <= int(value) <= _INT64_MAX
 
 
-def _field_selector_exact_name(selector: str) -> str | None:
-    """The exact metadata.name a field selector requires ("" if none); None if unparsable.
-
-    Follows apimachinery `fields.ParseSelector` + `RequiresExactMatch` + the apiserver's
-    `IsValidPathSegmentName` filter.
-    """
+def parse_field_selector(selector: str) -> list[tuple[str, str, str]] | None:
+    """(field, operator, value) terms of a field selector, sorted as apimachinery sorts
+    them; None if it does not parse (apimachinery `fields.ParseSelector`)."""
     terms = _split_terms(selector)
     terms.sort()
-    found: str | None = None
+    out = []
     for term in terms:
         if not term:
             continue
@@ -312,8 +309,19 @@ def _field_selector_exact_name(selector: str) -> str | None:
         unescaped = _unescape_selector_value(value)
         if unescaped is None:
             return None
-        if found is None and op != "!=" and field == "metadata.name":
-            found = unescaped
+        out.append((field, op, unescaped))
+    return out
+
+
+def _field_selector_exact_name(selector: str) -> str | None:
+    """The exact metadata.name a field selector requires ("" if none); None if unparsable.
+
+    `RequiresExactMatch("metadata.name")` plus the apiserver's `IsValidPathSegmentName`.
+    """
+    terms = parse_field_selector(selector)
+    if terms is None:
+        return None
+    found = next((v for f, op, v in terms if f == "metadata.name" and op != "!="), None)
     if found is None or found in (".", "..") or "/" in found or "%" in found:
         return ""
     return found

@@ -93,6 +93,24 @@ class Group:
 
 
 @dataclass(frozen=True)
+class Timeouts:
+    request: float = 60.0  # non-long-running requests (kube-apiserver's default)
+    connect: float = 5.0  # TCP + TLS + HTTP/2 settings exchange with an apiserver
+
+
+@dataclass(frozen=True)
+class Health:
+    interval: float = 5.0  # active GET /readyz per endpoint
+    timeout: float = 2.0
+    failure_threshold: int = 3  # consecutive failed requests that eject an endpoint
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_request_body_bytes: int = 3 * 1024 * 1024  # kube-apiserver's own cap
+
+
+@dataclass(frozen=True)
 class Config:
     groups: Mapping[str, Group]
     cutover: tuple[CutoverRule, ...] = ()
@@ -100,6 +118,9 @@ class Config:
     listen_tls: ServerTLS | None = None
     admin: Address = field(default_factory=lambda: _parse_address(DEFAULT_ADMIN))
     upstream_tls: UpstreamTLS = field(default_factory=UpstreamTLS)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    health: Health = field(default_factory=Health)
+    limits: Limits = field(default_factory=Limits)
     warnings: tuple[ConfigIssue, ...] = ()
     source: str = ""
 
@@ -189,6 +210,26 @@ class _Builder:
             return None
         return os.path.abspath(os.path.join(self.base_dir, text))
 
+    def number(
+        self, section: dict[str, Any], path: YamlPath, key: str, default: float, whole: bool = False
+    ) -> float:
+        """A positive number (a positive integer when `whole`) or the default."""
+        value = section.get(key)
+        if value is None:
+            return default
+        kind = "a positive whole number" if whole else "a positive number"
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or (whole and not isinstance(value, int))
+        ):
+            self.error((*path, key), f"must be {kind}, got {_kind(value)}")
+            return default
+        if not (math.isfinite(value) and value > 0):
+            self.error((*path, key), f"must be {kind}, got {value}")
+            return default
+        return value
+
     def address(self, value: Any, path: YamlPath, default: str) -> Address:
         text = default if value is None else self.string(value, path)
         if text is None:
@@ -202,7 +243,10 @@ class _Builder:
     # -- sections --------------------------------------------------------------------
     def build(self, source: str) -> Config:
         top = self.mapping(
-            self.doc.data, (), ("listen", "admin", "upstream", "groups", "cutover"), ("groups",)
+            self.doc.data,
+            (),
+            ("listen", "admin", "upstream", "groups", "cutover", "timeouts", "health", "limits"),
+            ("groups",),
         )
         if top is None:
             raise ConfigError(self.errors, source)
@@ -212,6 +256,43 @@ class _Builder:
         upstream_tls = self.upstream(top.get("upstream"))
         groups = self.groups(top.get("groups"))
         rules = self.cutover(top.get("cutover"), groups) if groups is not None else ()
+        t = (
+            self.mapping(top.get("timeouts"), ("timeouts",), ("requestSeconds", "connectSeconds"))
+            or {}
+        )
+        timeouts = Timeouts(
+            self.number(t, ("timeouts",), "requestSeconds", Timeouts.request),
+            self.number(t, ("timeouts",), "connectSeconds", Timeouts.connect),
+        )
+        h = (
+            self.mapping(
+                top.get("health"),
+                ("health",),
+                ("intervalSeconds", "timeoutSeconds", "failureThreshold"),
+            )
+            or {}
+        )
+        health = Health(
+            self.number(h, ("health",), "intervalSeconds", Health.interval),
+            self.number(h, ("health",), "timeoutSeconds", Health.timeout),
+            int(
+                self.number(
+                    h, ("health",), "failureThreshold", Health.failure_threshold, whole=True
+                )
+            ),
+        )
+        lim = self.mapping(top.get("limits"), ("limits",), ("maxRequestBodyBytes",)) or {}
+        limits = Limits(
+            int(
+                self.number(
+                    lim,
+                    ("limits",),
+                    "maxRequestBodyBytes",
+                    Limits.max_request_body_bytes,
+                    whole=True,
+                )
+            )
+        )
         if self.errors:
             raise ConfigError(self.errors, source)
         assert groups is not None
@@ -222,6 +303,9 @@ class _Builder:
             listen_tls=listen_tls,
             admin=admin,
             upstream_tls=upstream_tls,
+            timeouts=timeouts,
+            health=health,
+            limits=limits,
             warnings=tuple(self.warnings),
             source=source,
         )

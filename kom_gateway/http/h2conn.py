@@ -1,0 +1,103 @@
+"""h2 connection objects with a graceful GOAWAY and the settings both sides share."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+from h2.errors import ErrorCodes
+
+# What h2 raises when a stream is already gone (reset, ended, never existed).
+STREAM_GONE = (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError)
+
+
+class GracefulH2Connection(h2.connection.H2Connection):
+    """An H2Connection that keeps working after it *receives* GOAWAY.
+
+    Stock h2 moves the connection to CLOSED and drops queued output on GOAWAY, so the
+    streams the peer promised to finish (ids <= last_stream_id: watches, long LISTs)
+    could no longer be read. The peer is still sending them; so do we. The caller stops
+    opening streams and retries those above last_stream_id elsewhere.
+    """
+
+    def _receive_goaway_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
+        event = h2.events.ConnectionTerminated()
+        try:
+            event.error_code = ErrorCodes(frame.error_code)
+        except ValueError:
+            event.error_code = frame.error_code
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
+
+
+def make_connection(
+    *,
+    client_side: bool,
+    max_concurrent_streams: int,
+    initial_window: int,
+    max_frame_size: int = 16384,
+    max_header_list_size: int = 1 << 20,
+) -> GracefulH2Connection:
+    config = h2.config.H2Configuration(
+        client_side=client_side,
+        header_encoding=None,  # bytes in, bytes out: no per-header decode on the hot path
+        validate_inbound_headers=True,
+        normalize_inbound_headers=True,
+    )
+    conn = GracefulH2Connection(config=config)
+    conn.local_settings = h2.settings.Settings(
+        client=client_side,
+        initial_values={
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: initial_window,
+            h2.settings.SettingCodes.MAX_FRAME_SIZE: max_frame_size,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: max_header_list_size,
+            h2.settings.SettingCodes.ENABLE_PUSH: 0,
+        },
+    )
+    return conn
+
+
+def open_connection_window(conn: h2.connection.H2Connection, target: int) -> None:
+    """Raise the connection-level receive window to `target` (it starts at 65535).
+
+    A connection window of streams x stream-window means no single stream that stops
+    being read can starve the others (kube-apiserver sizes its own the same way).
+    """
+    current = conn.inbound_flow_control_window
+    if target > current:
+        conn.increment_flow_control_window(target - current)
+
+
+PendingData = deque[tuple["bytes | memoryview", "Callable[[], None] | None"]]
+
+
+def send_pending(conn: h2.connection.H2Connection, stream_id: int, pending: PendingData) -> bool:
+    """Send one stream's queued data as far as its flow-control window allows.
+
+    Each queued item's callback runs once the item is fully handed to h2. Returns True
+    when the queue is empty. h2 errors for a stream that is gone propagate to the caller.
+    """
+    while pending:
+        window = conn.local_flow_control_window(stream_id)
+        if window <= 0:
+            return False
+        data, callback = pending[0]
+        size = min(len(data), window, conn.max_outbound_frame_size)
+        if size < len(data):  # send a frame's worth; keep the rest as a view (no copy)
+            view = memoryview(data)
+            conn.send_data(stream_id, view[:size].tobytes())
+            pending[0] = (view[size:], callback)
+        else:
+            conn.send_data(stream_id, data if isinstance(data, bytes) else bytes(data))
+            pending.popleft()
+            if callback is not None:
+                callback()
+    return True

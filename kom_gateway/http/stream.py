@@ -1,0 +1,164 @@
+"""The one request/response interface the proxy core and the simulator program against.
+
+HTTP/2 streams and HTTP/1.1 requests both present themselves as a `ServerStream`. Data
+moves by callbacks, not coroutines: a write says what to call once the bytes have left
+for the client, which is when the proxy acknowledges them upstream (end-to-end flow
+control with no per-frame task).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Protocol
+
+Headers = list[tuple[bytes, bytes]]  # lower-case names; values as received
+Flushed = Callable[[], None]
+
+
+class BodyConsumer(Protocol):
+    def on_body(self, data: bytes, flow_len: int) -> None: ...
+    def on_body_end(self) -> None: ...
+
+
+class StreamClosed(Exception):
+    """The client went away (reset, disconnect) before the exchange finished."""
+
+
+class ServerStream(ABC):
+    """One client request and the sink for its response."""
+
+    method: str
+    target: str  # path with query, as sent
+    authority: str
+    headers: Headers
+    remote_addr: str
+    http_version: str  # "2" or "1.1"
+    peer_cert: dict | None  # verified client certificate (ssl.getpeercert()), if any
+
+    def __init__(self) -> None:
+        self._consumer: BodyConsumer | None = None
+        self._early: list[tuple[bytes, int]] = []
+        self._body_done = False
+        self._closed_callbacks: list[Callable[[], None]] = []
+        self.closed = False
+        self.response_started = False
+
+    # -- request body ------------------------------------------------------------------
+    def set_body_consumer(self, consumer: BodyConsumer) -> None:
+        """Deliver the body to `consumer`, starting with anything already received."""
+        self._consumer = consumer
+        early, self._early = self._early, []
+        for data, flow_len in early:
+            consumer.on_body(data, flow_len)
+        if self._body_done:
+            consumer.on_body_end()
+
+    def _deliver_body(self, data: bytes, flow_len: int) -> None:
+        if self._consumer is None:
+            self._early.append((data, flow_len))
+        else:
+            self._consumer.on_body(data, flow_len)
+
+    def _deliver_body_end(self) -> None:
+        self._body_done = True
+        if self._consumer is not None:
+            self._consumer.on_body_end()
+
+    @property
+    def body_done(self) -> bool:
+        return self._body_done
+
+    async def read_body(self, limit: int) -> bytes:
+        """Whole body (for small request bodies: the simulator, error paths)."""
+        reader = _BodyCollector(self, limit)
+        self.set_body_consumer(reader)
+        return await reader.done
+
+    @abstractmethod
+    def ack_body(self, flow_len: int) -> None:
+        """The body bytes were consumed: let the client send more."""
+
+    # -- client going away -------------------------------------------------------------
+    def on_closed(self, callback: Callable[[], None]) -> None:
+        if self.closed:
+            callback()
+        else:
+            self._closed_callbacks.append(callback)
+
+    def _mark_closed(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        callbacks, self._closed_callbacks = self._closed_callbacks, []
+        for callback in callbacks:
+            callback()
+
+    # -- response ----------------------------------------------------------------------
+    @abstractmethod
+    def start_response(self, status: int, headers: Headers, end_stream: bool = False) -> None: ...
+
+    @abstractmethod
+    def write(self, data: bytes, on_flushed: Flushed | None = None) -> None:
+        """Queue `data`; `on_flushed` runs once it has been handed to the client."""
+
+    @abstractmethod
+    def end(self) -> None:
+        """End the response cleanly once queued data is out."""
+
+    @abstractmethod
+    def reset(self) -> None:
+        """Abort the response: the client sees a broken stream, never a clean end."""
+
+    async def send(self, data: bytes) -> None:
+        """Write and wait until flushed (simple handlers: the simulator)."""
+        if self.closed:
+            raise StreamClosed()
+        loop = asyncio.get_running_loop()
+        flushed = loop.create_future()
+        self.write(data, lambda: flushed.done() or flushed.set_result(None))
+        closed = loop.create_future()
+        self.on_closed(lambda: closed.done() or closed.set_result(None))
+        await asyncio.wait((flushed, closed), return_when=asyncio.FIRST_COMPLETED)
+        if not flushed.done():
+            raise StreamClosed()
+
+    def header(self, name: bytes) -> bytes | None:
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+
+class _BodyCollector:
+    def __init__(self, stream: ServerStream, limit: int) -> None:
+        self.stream = stream
+        self.limit = limit
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        stream.on_closed(self._closed)
+
+    def on_body(self, data: bytes, flow_len: int) -> None:
+        self.size += len(data)
+        self.stream.ack_body(flow_len)
+        if self.size > self.limit:
+            if not self.done.done():
+                self.done.set_exception(BodyTooLarge(self.limit))
+            return
+        self.parts.append(data)
+
+    def on_body_end(self) -> None:
+        if not self.done.done():
+            self.done.set_result(b"".join(self.parts))
+
+    def _closed(self) -> None:
+        if not self.done.done():
+            self.done.set_exception(StreamClosed())
+
+
+class BodyTooLarge(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request body larger than {limit} bytes")
+        self.limit = limit

@@ -1,0 +1,315 @@
+"""One client request carried to an apiserver group, with fallback to default.
+
+One task per request waits for what must be waited for (a connection, the response
+headers, the end). Data never waits in a coroutine: upstream DATA is written to the
+client with a callback that acknowledges it upstream once the client took it, so a slow
+client holds back only its own stream, and memory per stream is bounded by the upstream
+stream window. Request bodies flow the same way in the other direction, and are kept
+(by reference) until the response starts, so an attempt that failed can be replayed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import h2.exceptions
+
+from kom_gateway.config.holder import Active
+from kom_gateway.http.h2client import ClientStream, ConnectError
+from kom_gateway.http.stream import Headers, ServerStream
+from kom_gateway.proxy.fallback import Failure, after_failure
+from kom_gateway.proxy.headers import (
+    downstream_response_headers,
+    status_body,
+    status_headers,
+    upstream_request_headers,
+)
+from kom_gateway.proxy.upstreams import UpstreamEndpoint
+from kom_gateway.requestinfo import RequestInfo
+from kom_gateway.routing.router import DEFAULT_GROUP, Decision
+
+if TYPE_CHECKING:
+    from kom_gateway.proxy.gateway import Gateway
+
+log = logging.getLogger(__name__)
+
+
+class _ClientGone(Exception):
+    pass
+
+
+class _Attempt:
+    """Listener for one upstream stream."""
+
+    __slots__ = ("done", "endpoint", "exchange", "group", "headers", "received", "upstream")
+
+    def __init__(self, exchange: Exchange, endpoint: UpstreamEndpoint, group: str) -> None:
+        loop = asyncio.get_running_loop()
+        self.exchange = exchange
+        self.endpoint = endpoint
+        self.group = group
+        self.headers: asyncio.Future[tuple[int, Headers] | Failure] = loop.create_future()
+        self.done: asyncio.Future[None] = loop.create_future()
+        self.upstream: ClientStream | None = None
+        self.received = exchange.gateway.metrics.received_bytes.labels(group)
+
+    def send_chunk(self, chunk: list) -> None:
+        """Forward a request-body chunk; acknowledge it to the client once sent upstream."""
+        assert self.upstream is not None
+        stream = self.exchange.stream
+
+        def sent() -> None:
+            if chunk[1]:
+                stream.ack_body(chunk[1])
+                chunk[1] = 0
+
+        self.upstream.send_data(chunk[0], sent)
+
+    # -- StreamListener ------------------------------------------------------------------
+    def on_response(self, status: int, headers: Headers) -> None:
+        if not self.headers.done():
+            # Start the client's response now: DATA may follow in the same read, before
+            # the exchange task runs again.
+            self.exchange.on_upstream_response(self, status, headers)
+            self.headers.set_result((status, headers))
+
+    def on_data(self, data: bytes, flow_len: int) -> None:
+        upstream = self.upstream
+        assert upstream is not None
+        self.received.inc(len(data))
+        self.exchange.stream.write(data, lambda: upstream.ack(flow_len))
+
+    def on_end(self) -> None:
+        self.exchange.stream.end()
+        if not self.headers.done():  # ended without headers: treat as a reset
+            self.headers.set_result(Failure.RESET_BEFORE_HEADERS)
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def on_reset(self, refused: bool, reason: str) -> None:
+        if not self.headers.done():
+            self.headers.set_result(Failure.REFUSED if refused else Failure.RESET_BEFORE_HEADERS)
+            log.info(
+                "%s %s: %s on %s",
+                self.exchange.stream.method,
+                self.exchange.stream.target,
+                reason,
+                self.endpoint.name,
+            )
+            return
+        # The response had started: never write an error into a 200 stream. A watch ends
+        # cleanly (the client re-watches and lands on a healthy group); anything else is
+        # reset so the client sees the break instead of a truncated body.
+        if self.exchange.info.verb == "watch":
+            self.exchange.stream.end()
+        else:
+            self.exchange.stream.reset()
+        self.exchange.gateway.metrics.fallbacks.labels(self.group, "", "reset-mid-response").inc()
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+class Exchange:
+    def __init__(
+        self,
+        gateway: Gateway,
+        stream: ServerStream,
+        info: RequestInfo,
+        decision: Decision,
+        active: Active,
+    ) -> None:
+        self.gateway = gateway
+        self.stream = stream
+        self.info = info
+        self.decision = decision
+        self.active = active
+        self.body: list[list] | None = []  # [data, unacked flow bytes]; kept for replay
+        self.body_size = 0
+        self.body_ended = False
+        self.attempt: _Attempt | None = None
+        self.answered_by = decision.target
+        self.status = 0
+        self._gone = asyncio.get_running_loop().create_future()
+
+    # -- BodyConsumer ----------------------------------------------------------------------
+    def on_body(self, data: bytes, flow_len: int) -> None:
+        self.body_size += len(data)
+        if self.body_size > self.active.config.limits.max_request_body_bytes:
+            self._fail_body_too_large()
+            return
+        chunk = [data, flow_len]
+        if self.body is not None:
+            self.body.append(chunk)
+        attempt = self.attempt
+        if attempt is not None and attempt.upstream is not None:
+            attempt.send_chunk(chunk)
+            self.gateway.metrics.sent_bytes.labels(attempt.group).inc(len(data))
+
+    def on_body_end(self) -> None:
+        self.body_ended = True
+        attempt = self.attempt
+        if attempt is not None and attempt.upstream is not None:
+            attempt.upstream.end()
+
+    def _fail_body_too_large(self) -> None:
+        limit = self.active.config.limits.max_request_body_bytes
+        if not self.stream.response_started:
+            self._respond(
+                413,
+                "RequestEntityTooLarge",
+                f"the request body is larger than the limit of {limit} bytes",
+                None,
+            )
+        else:
+            self.stream.reset()
+        self._abort_upstream()
+
+    # -- the request's life ----------------------------------------------------------------
+    async def run(self) -> None:
+        stream = self.stream
+        stream.on_closed(self._client_closed)
+        stream.set_body_consumer(self)
+        metrics = self.gateway.metrics
+        kind = "long-running" if self.info.is_long_running else "short"
+        in_flight = metrics.in_flight.labels(self.decision.target, kind)
+        in_flight.inc()
+        started = time.monotonic()
+        timeout = None if self.info.is_long_running else self.active.config.timeouts.request
+        try:
+            async with asyncio.timeout(timeout):
+                await self._carry()
+        except TimeoutError:
+            self._abort_upstream()
+            if not stream.response_started:
+                self._respond(
+                    504,
+                    "Timeout",
+                    "Timeout: request did not complete within the allotted timeout",
+                    1,
+                )
+            else:
+                stream.reset()
+        except _ClientGone:
+            self._abort_upstream()
+            self.status = self.status or 499  # client closed the request
+        except Exception:
+            log.exception("proxying %s %s failed", stream.method, stream.target)
+            self._abort_upstream()
+            if not stream.response_started:
+                self._respond(500, "InternalError", "the gateway failed to proxy the request", 1)
+            else:
+                stream.reset()
+        finally:
+            in_flight.dec()
+            metrics.requests.labels(
+                self.answered_by, self.info.verb, self.info.resource, str(self.status)
+            ).inc()
+            if not self.info.is_long_running:
+                metrics.duration.labels(self.answered_by, self.info.verb).observe(
+                    time.monotonic() - started
+                )
+
+    async def _carry(self) -> None:
+        upstreams = self.gateway.upstreams
+        group = self.decision.target
+        tried: set[UpstreamEndpoint] = set()
+        while True:
+            endpoint = upstreams.pick(group, tried)
+            if endpoint is None:
+                failure = Failure.NO_HEALTHY_ENDPOINT
+            else:
+                tried.add(endpoint)
+                failure = await self._try(endpoint, group)
+                if failure is None:
+                    return
+            step = after_failure(
+                failure,
+                self.info,
+                self.stream.method,
+                group,
+                upstreams.has_candidates(DEFAULT_GROUP, tried),
+            )
+            if step.retry_group is None:
+                self._respond(step.status, step.reason, step.message, step.retry_after)
+                return
+            self.gateway.metrics.fallbacks.labels(group, step.retry_group, failure.value).inc()
+            group = step.retry_group
+
+    async def _try(self, endpoint: UpstreamEndpoint, group: str) -> Failure | None:
+        """One attempt; None when the response was carried (whatever its status)."""
+        try:
+            conn = await self._wait(endpoint.connection())
+        except ConnectError as exc:
+            log.info("connect to %s (%s) failed: %s", endpoint.name, group, exc)
+            return Failure.CONNECT
+        attempt = _Attempt(self, endpoint, group)
+        self.attempt = attempt
+        self.answered_by = group
+        stream = self.stream
+        headers = upstream_request_headers(
+            stream.method, endpoint.spec.scheme, endpoint.authority, stream.target, stream.headers
+        )
+        no_body = self.body_ended and not self.body
+        endpoint.in_flight += 1
+        try:
+            try:
+                attempt.upstream = conn.open_stream(headers, no_body, attempt)
+            except (h2.exceptions.ProtocolError, h2.exceptions.StreamClosedError) as exc:
+                log.info("could not open a stream on %s: %s", endpoint.name, exc)
+                return Failure.REFUSED
+            if not no_body:
+                for chunk in self.body or ():
+                    attempt.send_chunk(chunk)
+                if self.body_ended:
+                    attempt.upstream.end()
+            outcome = await self._wait(attempt.headers)
+            if isinstance(outcome, Failure):
+                endpoint.report_failure()
+                return outcome
+            is_watch = self.info.verb == "watch"
+            if is_watch:
+                self.gateway.metrics.watches.labels(group).inc()
+            try:
+                await self._wait(attempt.done)
+            finally:
+                if is_watch:
+                    self.gateway.metrics.watches.labels(group).dec()
+            return None
+        finally:
+            endpoint.in_flight -= 1
+
+    def on_upstream_response(self, attempt: _Attempt, status: int, headers: Headers) -> None:
+        """Response headers arrived: this attempt answers the request, whatever its status
+        (an apiserver's 429 or 5xx is its answer, never a reason to fall back)."""
+        attempt.endpoint.report_success()
+        self.status = status
+        self.body = None  # no replay from here on
+        self.stream.start_response(status, downstream_response_headers(headers))
+
+    async def _wait(self, awaitable: object) -> object:
+        """Await `awaitable` unless the client goes away first."""
+        task = asyncio.ensure_future(awaitable)  # type: ignore[arg-type]
+        await asyncio.wait((task, self._gone), return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            task.cancel()
+            raise _ClientGone()
+        return task.result()
+
+    def _client_closed(self) -> None:
+        if not self._gone.done():
+            self._gone.set_result(None)
+
+    def _abort_upstream(self) -> None:
+        attempt = self.attempt
+        if attempt is not None and attempt.upstream is not None and not attempt.done.done():
+            attempt.upstream.cancel()
+
+    def _respond(self, status: int, reason: str, message: str, retry_after: int | None) -> None:
+        self.status = status
+        body = status_body(status, reason, message)
+        self.stream.start_response(status, status_headers(body, retry_after))
+        self.stream.write(body)
+        self.stream.end()

@@ -1,0 +1,76 @@
+"""What to do when an attempt fails: the fallback-to-default policy (pure).
+
+Every group shares etcd with `default`, so default can always serve a request correctly;
+the only question is whether retrying is *safe*:
+
+- nothing reached the apiserver (no healthy endpoint, connect/TLS error, REFUSED_STREAM,
+  GOAWAY above last-stream-id): retry on default, any verb;
+- the request was sent but no response headers came: reads are retried on default;
+  writes may have been applied, so the client gets 503 + Retry-After (client-go retries);
+- default itself failed: try its other endpoints for unsent requests, else 503.
+
+Failures after the response started are not retried here: a watch is ended cleanly so the
+client re-watches (and lands on a healthy group); anything else is reset.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import NamedTuple
+
+from kom_gateway.requestinfo import RequestInfo
+from kom_gateway.routing.router import DEFAULT_GROUP
+
+
+class Failure(Enum):
+    NO_HEALTHY_ENDPOINT = "no-healthy-endpoint"
+    CONNECT = "connect-error"
+    REFUSED = "refused"  # REFUSED_STREAM, GOAWAY above last-stream-id: not processed
+    RESET_BEFORE_HEADERS = "reset-before-headers"  # sent; may have been processed
+    TIMEOUT = "timeout"  # no response headers within the request timeout
+
+    @property
+    def unsent(self) -> bool:
+        return self in (Failure.NO_HEALTHY_ENDPOINT, Failure.CONNECT, Failure.REFUSED)
+
+
+class Next(NamedTuple):
+    retry_group: str | None  # try this group next (None: answer the client)
+    status: int = 0
+    reason: str = ""
+    message: str = ""
+    retry_after: int | None = None
+
+
+READ_VERBS = frozenset({"get", "list", "watch"})
+
+
+def is_idempotent_read(info: RequestInfo, method: str) -> bool:
+    return method in ("GET", "HEAD") or info.verb in READ_VERBS
+
+
+def after_failure(
+    failure: Failure, info: RequestInfo, method: str, group: str, default_endpoints_left: bool
+) -> Next:
+    """The next step after `failure` on `group`."""
+    if failure is Failure.TIMEOUT:
+        return Next(
+            None, 504, "Timeout", "Timeout: request did not complete within the allotted timeout", 1
+        )
+    retry_safe = failure.unsent or is_idempotent_read(info, method)
+    if not retry_safe:
+        return Next(
+            None,
+            503,
+            "ServiceUnavailable",
+            f"the apiserver group {group!r} failed before answering ({failure.value}); "
+            "the request may or may not have been applied",
+            1,
+        )
+    if group != DEFAULT_GROUP:
+        return Next(DEFAULT_GROUP)
+    if default_endpoints_left:
+        return Next(DEFAULT_GROUP)
+    return Next(
+        None, 503, "ServiceUnavailable", f"no apiserver could take the request ({failure.value})", 1
+    )

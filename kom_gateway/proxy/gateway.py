@@ -1,0 +1,121 @@
+"""The gateway: every request is parsed, routed and handed to an Exchange.
+
+`Gateway.handle` is the stream handler both HTTP versions call. It reads the config
+snapshot once, so a reload never changes a request's decision half-way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+
+from kom_gateway.config.holder import ConfigHolder, ReloadResult
+from kom_gateway.http.stream import ServerStream
+from kom_gateway.proxy.exchange import Exchange
+from kom_gateway.proxy.headers import status_body, status_headers
+from kom_gateway.proxy.metrics import Metrics
+from kom_gateway.proxy.upstreams import UpstreamEndpoint, Upstreams
+from kom_gateway.requestinfo import parse_request
+from kom_gateway.routing.cutover import Client, x509_identity
+
+log = logging.getLogger(__name__)
+CLIENT_CACHE_SIZE = 16384
+
+
+class Gateway:
+    def __init__(self, holder: ConfigHolder, metrics: Metrics | None = None) -> None:
+        self.holder = holder
+        self.metrics = metrics or Metrics()
+        self.upstreams = Upstreams(self._health_changed)
+        self.upstreams.sync(holder.current.config)
+        self.metrics.config_generation.set(holder.current.generation)
+        self._clients: dict[tuple[bytes, str, bytes], Client] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def handle(self, stream: ServerStream) -> None:
+        active = self.holder.current
+        info = parse_request(stream.method, stream.target)
+        if info.malformed and not info.malformed.startswith("nothing after"):
+            body = status_body(400, "BadRequest", f"malformed request target: {info.malformed}")
+            stream.start_response(400, status_headers(body))
+            stream.write(body)
+            stream.end()
+            self.metrics.requests.labels("none", info.verb, "", "400").inc()
+            return
+        decision = active.router.decide(info, self.client_of(stream))
+        exchange = Exchange(self, stream, info, decision, active)
+        task = asyncio.get_running_loop().create_task(exchange.run())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def client_of(self, stream: ServerStream) -> Client:
+        """Who is asking, for the cut-over bucket; cached (its bucket and rule memoised)."""
+        user_agent = b""
+        authorization = b""
+        for name, value in stream.headers:
+            if name == b"user-agent":
+                user_agent = value
+            elif name == b"authorization":
+                authorization = value
+        key = (authorization, stream.remote_addr if not stream.peer_cert else "", user_agent)
+        if stream.peer_cert:
+            key = (authorization, _subject_key(stream.peer_cert), user_agent)
+        client = self._clients.get(key)
+        if client is None:
+            client = _new_client(stream, user_agent, authorization)
+            if len(self._clients) >= CLIENT_CACHE_SIZE:
+                self._clients.clear()
+            self._clients[key] = client
+        return client
+
+    def reload(self, path: str) -> ReloadResult:
+        result = self.holder.reload_file(path)
+        if result.applied:
+            self.upstreams.sync(self.holder.current.config)
+            self.metrics.config_reloads.labels("applied").inc()
+            self.metrics.config_generation.set(result.generation)
+            log.info("configuration generation %d applied from %s", result.generation, path)
+        else:
+            self.metrics.config_reloads.labels("rejected").inc()
+            assert result.error is not None
+            log.error(
+                "configuration rejected, still serving generation %d:\n%s",
+                result.generation,
+                result.error.render(),
+            )
+        return result
+
+    def _health_changed(self, endpoint: UpstreamEndpoint, healthy: bool) -> None:
+        self.metrics.endpoint_healthy.labels(endpoint.group, endpoint.name).set(1 if healthy else 0)
+
+    async def close(self) -> None:
+        await self.upstreams.close()
+
+
+def _subject_key(cert: dict) -> str:
+    return repr(cert.get("subject", ()))
+
+
+def _new_client(stream: ServerStream, user_agent: bytes, authorization: bytes) -> Client:
+    ua = user_agent.decode("latin-1")
+    if stream.peer_cert:
+        common_name = ""
+        organizations: list[str] = []
+        for rdn in stream.peer_cert.get("subject", ()):
+            for attr, value in rdn:
+                if attr == "commonName":
+                    common_name = value
+                elif attr == "organizationName":
+                    organizations.append(value)
+        return Client(
+            ua,
+            x509_identity(common_name, tuple(organizations)),
+            stream.remote_addr,
+            common_name,
+            tuple(organizations),
+        )
+    if authorization[:7].lower() == b"bearer ":
+        digest = hashlib.sha256(authorization[7:].strip()).hexdigest()[:32]
+        return Client(ua, f"token:{digest}", stream.remote_addr)
+    return Client(ua, "", stream.remote_addr)

@@ -1,0 +1,81 @@
+"""Header rewriting between client and apiserver, and Kubernetes Status bodies (pure)."""
+
+from __future__ import annotations
+
+import json
+
+from kom_gateway.http.stream import Headers
+
+# RFC 9110 §7.6.1 connection-specific headers; HTTP/2 forbids them outright.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"transfer-encoding",
+        b"te",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"trailer",
+        b"host",
+        b"http2-settings",
+    }
+)
+IDENTITY_PREFIX = b"x-remote-"  # front-proxy identity: only the gateway may set these
+
+
+def upstream_request_headers(
+    method: str, scheme: str, authority: str, target: str, headers: Headers
+) -> Headers:
+    """Client request headers as the apiserver must see them.
+
+    Hop-by-hop headers (and any the client listed in Connection) are dropped, and so is
+    every incoming X-Remote-* header, always: otherwise anyone could claim any identity
+    to an apiserver that trusts the gateway's front-proxy certificate.
+    """
+    listed: set[bytes] = set()
+    for name, value in headers:
+        if name == b"connection":
+            listed.update(v.strip().lower() for v in value.split(b","))
+    out: Headers = [
+        (b":method", method.encode("latin-1")),
+        (b":scheme", scheme.encode("latin-1")),
+        (b":authority", authority.encode("latin-1")),
+        (b":path", target.encode("latin-1")),
+    ]
+    for name, value in headers:
+        if name in HOP_BY_HOP or name in listed or name.startswith(IDENTITY_PREFIX):
+            continue
+        out.append((name, value))
+    return out
+
+
+def downstream_response_headers(headers: Headers) -> Headers:
+    return [(n, v) for n, v in headers if n not in HOP_BY_HOP]
+
+
+def status_body(code: int, reason: str, message: str) -> bytes:
+    """A metav1.Status, as kube-apiserver writes errors (clients parse these)."""
+    return json.dumps(
+        {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": message,
+            "reason": reason,
+            "code": code,
+        }
+    ).encode()
+
+
+def status_headers(body: bytes, retry_after: int | None = None) -> Headers:
+    out: Headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"cache-control", b"no-cache, private"),
+    ]
+    if retry_after is not None:
+        out.append((b"retry-after", str(retry_after).encode()))
+    return out

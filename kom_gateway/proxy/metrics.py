@@ -1,0 +1,73 @@
+"""Prometheus metrics of the data plane (prometheus-client, Prometheus naming rules)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "kom_gateway_requests",
+            "Requests answered, by the group that answered them.",
+            ["group", "verb", "resource", "code"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "kom_gateway_request_duration_seconds",
+            "Time to complete non-long-running requests, by answering group.",
+            ["group", "verb"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "kom_gateway_inflight_requests",
+            "Requests in flight by target group and kind.",
+            ["group", "kind"],
+            registry=r,
+        )
+        self.watches = Gauge(
+            "kom_gateway_open_watches",
+            "Watch streams currently open, by group.",
+            ["group"],
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "kom_gateway_fallbacks",
+            "Requests moved off their chosen group, by reason.",
+            ["from_group", "to_group", "reason"],
+            registry=r,
+        )
+        self.endpoint_healthy = Gauge(
+            "kom_gateway_upstream_endpoint_healthy",
+            "1 if the apiserver endpoint takes traffic.",
+            ["group", "endpoint"],
+            registry=r,
+        )
+        self.received_bytes = Counter(
+            "kom_gateway_received_bytes",
+            "Response bytes received from apiservers.",
+            ["group"],
+            registry=r,
+        )
+        self.sent_bytes = Counter(
+            "kom_gateway_sent_bytes",
+            "Request body bytes sent to apiservers.",
+            ["group"],
+            registry=r,
+        )
+        self.config_reloads = Counter(
+            "kom_gateway_config_reloads",
+            "Configuration reload attempts by result.",
+            ["result"],
+            registry=r,
+        )
+        self.config_generation = Gauge(
+            "kom_gateway_config_generation",
+            "Generation of the configuration being served.",
+            registry=r,
+        )

@@ -1,0 +1,276 @@
+"""Apiserver endpoints per group: HTTP/2 connection pools, health, and endpoint choice.
+
+- Each endpoint keeps as many multiplexed connections as its MAX_CONCURRENT_STREAMS
+  requires (a full connection makes the next request open another).
+- Health: an endpoint is ejected after `failure_threshold` consecutive failures, or at
+  once when a connection cannot be made (which also triggers an immediate probe); an
+  active `GET /readyz` every `interval` brings it back. An endpoint that comes back
+  receives new requests at once, because the choice is per request.
+- Choice within a group: the healthy endpoint with the fewest requests in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+from collections.abc import Callable
+
+from kom_gateway.config.schema import Config, Endpoint
+from kom_gateway.http.h2client import (
+    ClientStream,
+    ConnectError,
+    H2ClientConnection,
+    H2ClientSettings,
+)
+from kom_gateway.http.stream import Headers
+
+log = logging.getLogger(__name__)
+
+HealthListener = Callable[["UpstreamEndpoint", bool], None]
+
+
+class EndpointHealth:
+    """Consecutive-failure ejection, pure state."""
+
+    __slots__ = ("consecutive_failures", "healthy", "threshold")
+
+    def __init__(self, threshold: int) -> None:
+        self.threshold = threshold
+        self.healthy = True
+        self.consecutive_failures = 0
+
+    def success(self) -> bool:
+        """Record a success; True if this made the endpoint healthy again."""
+        self.consecutive_failures = 0
+        changed = not self.healthy
+        self.healthy = True
+        return changed
+
+    def failure(self, eject_now: bool = False) -> bool:
+        """Record a failure; True if this ejected the endpoint."""
+        self.consecutive_failures += 1
+        if self.healthy and (eject_now or self.consecutive_failures >= self.threshold):
+            self.healthy = False
+            return True
+        return False
+
+
+class UpstreamEndpoint:
+    def __init__(
+        self,
+        group: str,
+        spec: Endpoint,
+        settings: H2ClientSettings,
+        ssl_context: ssl.SSLContext | None,
+        server_name: str | None,
+        health_threshold: int,
+        on_health: HealthListener,
+    ) -> None:
+        self.group = group
+        self.spec = spec
+        self.name = str(spec)
+        self.settings = settings
+        self.ssl_context = ssl_context if spec.scheme == "https" else None
+        self.server_name = server_name or spec.host
+        self.authority = (
+            f"{spec.host}:{spec.port}" if ":" not in spec.host else f"[{spec.host}]:{spec.port}"
+        )
+        self.health = EndpointHealth(health_threshold)
+        self.in_flight = 0
+        self.connections: list[H2ClientConnection] = []
+        self._connecting: asyncio.Task[H2ClientConnection] | None = None
+        self._on_health = on_health
+        self._probe_now = asyncio.Event()
+        self._prober: asyncio.Task[None] | None = None
+        self.closed = False
+
+    @property
+    def healthy(self) -> bool:
+        return self.health.healthy
+
+    # -- connections ---------------------------------------------------------------------
+    async def connection(self) -> H2ClientConnection:
+        """A connection with room for one more stream (opening one if needed)."""
+        while True:
+            self.connections = [c for c in self.connections if not c.closed]
+            for conn in self.connections:
+                if conn.has_capacity():
+                    return conn
+            if self.closed:
+                raise ConnectError(f"{self.name}: endpoint removed from the configuration")
+            if self._connecting is None:
+                self._connecting = asyncio.get_running_loop().create_task(self._connect())
+            task = self._connecting
+            try:
+                conn = await asyncio.shield(task)
+            except ConnectError:
+                self.report_failure(connect_error=True)
+                raise
+            if conn.has_capacity():
+                return conn
+
+    async def _connect(self) -> H2ClientConnection:
+        try:
+            conn = await H2ClientConnection.connect(
+                self.spec.host, self.spec.port, self.settings, self.ssl_context, self.server_name
+            )
+            self.connections.append(conn)
+            return conn
+        finally:
+            self._connecting = None
+
+    # -- health --------------------------------------------------------------------------
+    def report_success(self) -> None:
+        if self.health.success():
+            log.info("endpoint %s (%s) is healthy again", self.name, self.group)
+            self._on_health(self, True)
+
+    def report_failure(self, connect_error: bool = False) -> None:
+        if self.health.failure(eject_now=connect_error):
+            log.warning(
+                "endpoint %s (%s) ejected after %d failure(s)",
+                self.name,
+                self.group,
+                self.health.consecutive_failures,
+            )
+            self._on_health(self, False)
+        if connect_error:
+            self._probe_now.set()
+
+    def start_probing(self, interval: float, timeout: float) -> None:
+        self._prober = asyncio.get_running_loop().create_task(self._probe_loop(interval, timeout))
+
+    async def _probe_loop(self, interval: float, timeout: float) -> None:
+        await asyncio.sleep(random.uniform(0, min(interval, 1.0)))  # spread the first probes
+        while not self.closed:
+            ok = await self.probe(timeout)
+            if ok:
+                self.report_success()
+            elif self.healthy:
+                self.report_failure(connect_error=True)
+            self._probe_now.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await self._probe_now.wait()
+                    await asyncio.sleep(0.1)  # coalesce a burst of connect failures
+
+    async def probe(self, timeout: float) -> bool:
+        """GET /readyz; healthy on 200."""
+        try:
+            async with asyncio.timeout(timeout):
+                conn = await self.connection()
+                probe = _Probe()
+                headers: Headers = [
+                    (b":method", b"GET"),
+                    (b":scheme", self.spec.scheme.encode()),
+                    (b":authority", self.authority.encode()),
+                    (b":path", b"/readyz"),
+                    (b"user-agent", b"kom-gateway-health"),
+                ]
+                probe.stream = conn.open_stream(headers, True, probe)
+                return await probe.result
+        except (ConnectError, TimeoutError, OSError):
+            return False
+
+    async def close(self) -> None:
+        self.closed = True
+        if self._prober is not None:
+            self._prober.cancel()
+        for conn in self.connections:
+            if not conn.streams:
+                conn.close()
+            else:
+                conn.draining = True  # finish what runs, then close
+
+
+class _Probe:
+    def __init__(self) -> None:
+        self.result: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.stream: ClientStream | None = None
+
+    def on_response(self, status: int, headers: Headers) -> None:
+        if not self.result.done():
+            self.result.set_result(status == 200)
+
+    def on_data(self, data: bytes, flow_len: int) -> None:
+        if self.stream is not None:
+            self.stream.ack(flow_len)
+
+    def on_end(self) -> None:
+        if not self.result.done():
+            self.result.set_result(False)
+
+    def on_reset(self, refused: bool, reason: str) -> None:
+        if not self.result.done():
+            self.result.set_result(False)
+
+
+class Upstreams:
+    """All groups' endpoints; kept in step with the configuration on reload."""
+
+    def __init__(self, on_health: HealthListener) -> None:
+        self.groups: dict[str, list[UpstreamEndpoint]] = {}
+        self._by_key: dict[tuple[str, str], UpstreamEndpoint] = {}
+        self._on_health = on_health
+
+    def sync(self, config: Config) -> None:
+        """Create endpoints new in `config`, keep unchanged ones, close removed ones."""
+        settings = H2ClientSettings(connect_timeout=config.timeouts.connect)
+        ssl_context = upstream_ssl_context(config)
+        wanted: dict[tuple[str, str], UpstreamEndpoint] = {}
+        groups: dict[str, list[UpstreamEndpoint]] = {}
+        for group in config.groups.values():
+            for spec in group.endpoints:
+                key = (group.name, str(spec))
+                endpoint = self._by_key.get(key)
+                if endpoint is None:
+                    endpoint = UpstreamEndpoint(
+                        group.name,
+                        spec,
+                        settings,
+                        ssl_context,
+                        config.upstream_tls.server_name,
+                        config.health.failure_threshold,
+                        self._on_health,
+                    )
+                    endpoint.start_probing(config.health.interval, config.health.timeout)
+                    self._on_health(endpoint, True)
+                wanted[key] = endpoint
+                groups.setdefault(group.name, []).append(endpoint)
+        for key, endpoint in self._by_key.items():
+            if key not in wanted:
+                asyncio.get_running_loop().create_task(endpoint.close())
+        self._by_key = wanted
+        self.groups = groups
+
+    def pick(self, group: str, exclude: set[UpstreamEndpoint]) -> UpstreamEndpoint | None:
+        """Healthy endpoint of `group` with the fewest requests in flight."""
+        best: UpstreamEndpoint | None = None
+        for endpoint in self.groups.get(group, ()):
+            if not endpoint.healthy or endpoint in exclude:
+                continue
+            if best is None or endpoint.in_flight < best.in_flight:
+                best = endpoint
+        return best
+
+    def has_candidates(self, group: str, exclude: set[UpstreamEndpoint]) -> bool:
+        return any(e.healthy and e not in exclude for e in self.groups.get(group, ()))
+
+    async def close(self) -> None:
+        for endpoint in self._by_key.values():
+            await endpoint.close()
+
+
+def upstream_ssl_context(config: Config) -> ssl.SSLContext | None:
+    if not any(e.scheme == "https" for g in config.groups.values() for e in g.endpoints):
+        return None
+    tls = config.upstream_tls
+    context = ssl.create_default_context(cafile=tls.ca_file)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["h2"])
+    if tls.cert_file and tls.key_file:
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+    return context

@@ -1,0 +1,466 @@
+"""Request -> reply logic of a simulated apiserver group (no sockets).
+
+Uses the gateway's own RequestInfo resolver, so the simulator and the gateway agree on
+what every path means, exactly as kube-apiserver does.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl
+
+import yaml
+
+from kom_gateway.requestinfo import RequestInfo, parse_request
+from kom_gateway.sim import resources
+from kom_gateway.sim.resources import ResourceType
+from kom_gateway.sim.selectors import SelectorError, field_predicate, label_predicate
+from kom_gateway.sim.store import ApiError, Obj, Store
+
+JSON = "application/json"
+VERSION = {
+    "major": "1",
+    "minor": "31",
+    "gitVersion": "v1.31.0-kom-sim",
+    "gitCommit": "sim",
+    "gitTreeState": "clean",
+    "buildDate": "2026-01-01T00:00:00Z",
+    "goVersion": "go1.22",
+    "compiler": "gc",
+    "platform": "linux/amd64",
+}
+
+
+@dataclass
+class SimRequest:
+    method: str
+    target: str
+    headers: dict[str, str]  # lower-case names, first value
+    body: bytes = b""
+    remote_groups: list[str] = field(default_factory=list)  # every X-Remote-Group value
+
+
+@dataclass
+class Reply:
+    status: int
+    body: bytes
+    content_type: str = JSON
+    headers: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class WatchReply:
+    rt: ResourceType
+    namespace: str
+    since_rv: int | None
+    predicate: Any
+    bookmarks: bool
+    timeout: float | None
+    as_table: bool
+    send_initial_events: bool
+
+
+@dataclass
+class LogReply:
+    pod: Obj
+    follow: bool
+
+
+@dataclass
+class ExecReply:
+    command: list[str]
+    stdin: bool
+
+
+def status_reply(code: int, reason: str, message: str, details: dict | None = None) -> Reply:
+    body: dict[str, Any] = {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
+    if details:
+        body["details"] = details
+    return Reply(code, json.dumps(body).encode())
+
+
+def _json(obj: Any, status: int = 200) -> Reply:
+    return Reply(status, json.dumps(obj).encode())
+
+
+class SimAPI:
+    def __init__(self, store: Store, bookmark_interval: float = 1.0) -> None:
+        self.store = store
+        self.bookmark_interval = bookmark_interval
+
+    def handle(self, req: SimRequest) -> Reply | WatchReply | LogReply | ExecReply:
+        info = parse_request(req.method, req.target)
+        try:
+            if not info.is_resource_request:
+                return self._non_resource(info)
+            return self._resource(info, req)
+        except ApiError as exc:
+            return status_reply(exc.code, exc.reason, exc.message, exc.details)
+
+    # -- non-resource --------------------------------------------------------------------
+    def _non_resource(self, info: RequestInfo) -> Reply:
+        path = info.path.rstrip("/") or "/"
+        if info.malformed:
+            return status_reply(400, "BadRequest", info.malformed)
+        if path in ("/healthz", "/livez", "/readyz"):
+            return Reply(200, b"ok", "text/plain; charset=utf-8")
+        if path == "/version":
+            return _json(VERSION)
+        if path == "/api":
+            return _json(resources.api_versions())
+        if path == "/apis":
+            return _json(resources.api_group_list())
+        parts = path.strip("/").split("/")
+        if parts[0] == "api" and len(parts) == 2:
+            found = resources.api_resource_list("", parts[1])
+        elif parts[0] == "apis" and len(parts) == 3:
+            found = resources.api_resource_list(parts[1], parts[2])
+        else:
+            found = None
+        if found is None:
+            return status_reply(404, "NotFound", "the server could not find the requested resource")
+        return _json(found)
+
+    # -- resources -----------------------------------------------------------------------
+    def _resource(
+        self, info: RequestInfo, req: SimRequest
+    ) -> Reply | WatchReply | LogReply | ExecReply:
+        rt = resources.BY_GROUP_RESOURCE.get((info.api_group, info.resource))
+        if rt is None or rt.version != info.api_version:
+            return status_reply(404, "NotFound", "the server could not find the requested resource")
+        if info.subresource and info.subresource not in rt.subresources:
+            return status_reply(404, "NotFound", "the server could not find the requested resource")
+        if rt.namespaced and info.namespace == "" and info.verb not in ("list", "watch"):
+            return status_reply(404, "NotFound", "the server could not find the requested resource")
+        namespace = info.namespace if rt.namespaced else ""
+        if rt.resource == "namespaces":
+            namespace = ""
+        query = _query(req.target)
+        verb = info.verb
+        if verb in ("list", "watch"):
+            return self._list_or_watch(rt, namespace, info, query, req)
+        if verb == "get":
+            obj = self.store.get(rt, namespace, info.name)
+            if info.subresource == "log":
+                return LogReply(obj, query.get("follow") == "true")
+            if info.subresource == "exec":
+                return ExecReply(query.get_all("command"), query.get("stdin") in ("true", "1"))
+            if info.subresource == "scale":
+                return _json(_scale(obj))
+            return self._render(obj, req)
+        if verb == "create":
+            if info.subresource == "exec":
+                obj = self.store.get(rt, namespace, info.name)
+                return ExecReply(query.get_all("command"), query.get("stdin") in ("true", "1"))
+            body = self._body(req)
+            if info.subresource == "binding":
+                return self._bind(rt, namespace, info.name, body)
+            if body.get("kind") == "DeleteOptions":
+                return status_reply(400, "BadRequest", "unexpected DeleteOptions")
+            if _dry_run(query):
+                return _json(body, 201)
+            return _json(self.store.create(rt, namespace, body), 201)
+        if verb in ("update", "patch"):
+            if verb == "update":
+                body = self._body(req)
+            else:
+                current = self.store.get(rt, namespace, info.name)
+                body = _apply_patch(current, req)
+            if info.subresource == "scale":
+                current = self.store.get(rt, namespace, info.name)
+                new = copy.deepcopy(current)
+                new.setdefault("spec", {})["replicas"] = body.get("spec", {}).get("replicas", 1)
+                new["metadata"].pop("resourceVersion", None)
+                return _json(_scale(self.store.update(rt, namespace, info.name, new)))
+            return _json(self.store.update(rt, namespace, info.name, body, info.subresource))
+        if verb == "delete":
+            return _json(self.store.delete(rt, namespace, info.name))
+        if verb == "deletecollection":
+            predicate = _predicate(query)
+            deleted = [
+                self.store.delete(rt, o["metadata"].get("namespace", ""), o["metadata"]["name"])
+                for o in self.store.list(rt, namespace)
+                if predicate(o)
+            ]
+            return _json(_list_object(rt, deleted, self.store.rv))
+        return status_reply(405, "MethodNotAllowed", f"{verb} is not supported")
+
+    def _list_or_watch(
+        self, rt: ResourceType, namespace: str, info: RequestInfo, query: _Query, req: SimRequest
+    ) -> Reply | WatchReply:
+        try:
+            predicate = _predicate(query)
+        except SelectorError as exc:
+            return status_reply(400, "BadRequest", str(exc))
+        as_table = "as=Table" in req.headers.get("accept", "")
+        if info.verb == "watch":
+            rv_text = query.get("resourceVersion")
+            since: int | None = None
+            if rv_text not in (None, "", "0"):
+                try:
+                    since = int(rv_text)
+                except ValueError:
+                    return status_reply(400, "BadRequest", f"invalid resourceVersion {rv_text!r}")
+            timeout = query.get("timeoutSeconds")
+            return WatchReply(
+                rt,
+                namespace,
+                since,
+                predicate,
+                query.get("allowWatchBookmarks") == "true",
+                float(timeout) if timeout and timeout.isdigit() else None,
+                as_table,
+                query.get("sendInitialEvents") == "true",
+            )
+        # `limit` is ignored (no continue tokens): what kube-apiserver's watch cache does
+        # for resourceVersion=0, and always correct for clients, which then see everything.
+        items = [o for o in self.store.list(rt, namespace) if predicate(o)]
+        if as_table:
+            return _json(table(items, self.store.rv))
+        return _json(_list_object(rt, items, self.store.rv))
+
+    def _render(self, obj: Obj, req: SimRequest) -> Reply:
+        if "as=Table" in req.headers.get("accept", ""):
+            return _json(table([obj], int(obj["metadata"]["resourceVersion"])))
+        return _json(obj)
+
+    def _body(self, req: SimRequest) -> Obj:
+        try:
+            body = json.loads(req.body or b"{}")
+        except ValueError as exc:
+            raise ApiError(400, "BadRequest", f"invalid JSON body: {exc}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "BadRequest", "body must be a JSON object")
+        return body
+
+    def _bind(self, rt: ResourceType, namespace: str, name: str, body: Obj) -> Reply:
+        pod = copy.deepcopy(self.store.get(rt, namespace, name))
+        node = body.get("target", {}).get("name", "")
+        if pod.get("spec", {}).get("nodeName"):
+            raise ApiError(
+                409,
+                "Conflict",
+                f'pod {name} is already assigned to node "{pod["spec"]["nodeName"]}"',
+            )
+        pod.setdefault("spec", {})["nodeName"] = node
+        pod["metadata"].pop("resourceVersion", None)
+        self.store.update(rt, namespace, name, pod)
+        return _json(
+            {
+                "kind": "Status",
+                "apiVersion": "v1",
+                "metadata": {},
+                "status": "Success",
+                "code": 201,
+            },
+            201,
+        )
+
+    def watch_event_line(self, event_type: str, obj: Obj, as_table: bool) -> bytes:
+        if as_table:
+            obj = table([obj], int(obj["metadata"].get("resourceVersion", 0)))
+        return json.dumps({"type": event_type, "object": obj}).encode() + b"\n"
+
+    def bookmark(self, rt: ResourceType, initial_events_end: bool = False) -> bytes:
+        meta: dict[str, Any] = {"resourceVersion": str(self.store.rv)}
+        if initial_events_end:
+            meta["annotations"] = {"k8s.io/initial-events-end": "true"}
+        return (
+            json.dumps(
+                {
+                    "type": "BOOKMARK",
+                    "object": {"kind": rt.kind, "apiVersion": rt.api_version, "metadata": meta},
+                }
+            ).encode()
+            + b"\n"
+        )
+
+    @staticmethod
+    def expired_line(message: str) -> bytes:
+        status = json.loads(status_reply(410, "Expired", message).body)
+        return json.dumps({"type": "ERROR", "object": status}).encode() + b"\n"
+
+
+# -- helpers ---------------------------------------------------------------------------
+class _Query:
+    def __init__(self, pairs: list[tuple[str, str]]) -> None:
+        self.pairs = pairs
+
+    def get(self, key: str) -> str | None:
+        return next((v for k, v in self.pairs if k == key), None)
+
+    def get_all(self, key: str) -> list[str]:
+        return [v for k, v in self.pairs if k == key]
+
+
+def _query(target: str) -> _Query:
+    return _Query(parse_qsl(target.partition("?")[2], keep_blank_values=True))
+
+
+def _predicate(query: _Query) -> Any:
+    labels = label_predicate(query.get("labelSelector") or "")
+    fields = field_predicate(query.get("fieldSelector") or "")
+    return lambda obj: labels(obj) and fields(obj)
+
+
+def _dry_run(query: _Query) -> bool:
+    return query.get("dryRun") == "All"
+
+
+def _list_object(rt: ResourceType, items: list[Obj], rv: int) -> Obj:
+    return {
+        "kind": f"{rt.kind}List",
+        "apiVersion": rt.api_version,
+        "metadata": {"resourceVersion": str(rv)},
+        "items": items,
+    }
+
+
+def _scale(obj: Obj) -> Obj:
+    replicas = obj.get("spec", {}).get("replicas", 1)
+    return {
+        "kind": "Scale",
+        "apiVersion": "autoscaling/v1",
+        "metadata": {
+            k: obj["metadata"][k]
+            for k in ("name", "namespace", "resourceVersion")
+            if k in obj["metadata"]
+        },
+        "spec": {"replicas": replicas},
+        "status": {"replicas": replicas},
+    }
+
+
+def _age(timestamp: str) -> str:
+    try:
+        created = time.mktime(time.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
+    except (ValueError, TypeError):
+        return "<unknown>"
+    seconds = max(0, int(time.time() - created))
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h"
+
+
+def table(items: list[Obj], rv: int) -> Obj:
+    """meta.k8s.io/v1 Table, as kubectl asks for (`Accept: ...;as=Table`)."""
+    rows = []
+    for obj in items:
+        meta = obj.get("metadata", {})
+        partial = {
+            "kind": "PartialObjectMetadata",
+            "apiVersion": "meta.k8s.io/v1",
+            "metadata": meta,
+        }
+        rows.append(
+            {
+                "cells": [meta.get("name", ""), _age(meta.get("creationTimestamp", ""))],
+                "object": partial,
+            }
+        )
+    return {
+        "kind": "Table",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": {"resourceVersion": str(rv)},
+        "columnDefinitions": [
+            {
+                "name": "Name",
+                "type": "string",
+                "format": "name",
+                "description": "Name",
+                "priority": 0,
+            },
+            {"name": "Age", "type": "string", "format": "", "description": "Age", "priority": 0},
+        ],
+        "rows": rows,
+    }
+
+
+def _merge_patch(target: Any, patch: Any) -> Any:
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = _merge_patch(result.get(key), value)
+    return result
+
+
+def _json_patch(target: Obj, ops: list[dict]) -> Obj:
+    result = copy.deepcopy(target)
+    for op in ops:
+        path = [p.replace("~1", "/").replace("~0", "~") for p in op.get("path", "").split("/")[1:]]
+        parent: Any = result
+        for part in path[:-1]:
+            parent = parent[int(part)] if isinstance(parent, list) else parent.setdefault(part, {})
+        last = path[-1] if path else ""
+        kind = op.get("op")
+        if kind in ("add", "replace"):
+            if isinstance(parent, list):
+                index = len(parent) if last == "-" else int(last)
+                if kind == "add":
+                    parent.insert(index, op.get("value"))
+                else:
+                    parent[index] = op.get("value")
+            else:
+                parent[last] = op.get("value")
+        elif kind == "remove":
+            if isinstance(parent, list):
+                parent.pop(int(last))
+            else:
+                parent.pop(last, None)
+        elif kind == "test":
+            current = parent[int(last)] if isinstance(parent, list) else parent.get(last)
+            if current != op.get("value"):
+                raise ApiError(422, "Invalid", f"test operation failed at {op.get('path')}")
+        else:
+            raise ApiError(400, "BadRequest", f"unsupported JSON patch op {kind!r}")
+    return result
+
+
+def _apply_patch(current: Obj, req: SimRequest) -> Obj:
+    """Merge and strategic-merge (approximated as merge: lists are replaced) and JSON patch."""
+    content_type = req.headers.get("content-type", "").split(";")[0].strip()
+    try:
+        if content_type == "application/apply-patch+yaml":
+            patch = yaml.safe_load(req.body or b"{}")
+        else:
+            patch = json.loads(req.body or b"{}")
+    except (ValueError, yaml.YAMLError) as exc:
+        raise ApiError(400, "BadRequest", f"invalid patch: {exc}") from None
+    if content_type == "application/json-patch+json":
+        if not isinstance(patch, list):
+            raise ApiError(400, "BadRequest", "a JSON patch is a list of operations")
+        new = _json_patch(current, patch)
+    elif content_type in (
+        "application/merge-patch+json",
+        "application/strategic-merge-patch+json",
+        "application/apply-patch+yaml",
+    ):
+        new = _merge_patch(current, patch)
+    else:
+        raise ApiError(
+            415,
+            "UnsupportedMediaType",
+            f"the body of the request was in an unknown format - accepted media types "
+            f"include: application/json-patch+json, application/merge-patch+json, "
+            f"application/apply-patch+yaml (got {content_type!r})",
+        )
+    new.setdefault("metadata", {}).pop("resourceVersion", None)
+    return new

@@ -1,0 +1,98 @@
+"""The resource types the simulator serves, and the discovery documents describing them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ResourceType:
+    group: str
+    version: str
+    resource: str
+    kind: str
+    namespaced: bool
+    short_names: tuple[str, ...] = ()
+    subresources: tuple[str, ...] = ()
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+    @property
+    def singular(self) -> str:
+        return self.kind.lower()
+
+
+VERBS = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
+
+TYPES: tuple[ResourceType, ...] = (
+    ResourceType("", "v1", "pods", "Pod", True, ("po",), ("status", "log", "exec", "binding")),
+    ResourceType("", "v1", "configmaps", "ConfigMap", True, ("cm",)),
+    ResourceType("", "v1", "secrets", "Secret", True),
+    ResourceType("", "v1", "nodes", "Node", False, ("no",), ("status",)),
+    ResourceType("", "v1", "namespaces", "Namespace", False, ("ns",), ("status", "finalize")),
+    ResourceType("", "v1", "events", "Event", True, ("ev",)),
+    ResourceType("events.k8s.io", "v1", "events", "Event", True, ("ev",)),
+    ResourceType("coordination.k8s.io", "v1", "leases", "Lease", True),
+    ResourceType("apps", "v1", "deployments", "Deployment", True, ("deploy",), ("status", "scale")),
+)
+
+BY_GROUP_RESOURCE = {(t.group, t.resource): t for t in TYPES}
+GROUP_VERSIONS = {t.group: t.version for t in TYPES}
+
+
+def api_versions() -> dict:
+    return {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []}
+
+
+def api_group_list() -> dict:
+    groups = []
+    for group in sorted({t.group for t in TYPES if t.group}):
+        gv = {"groupVersion": f"{group}/{GROUP_VERSIONS[group]}", "version": GROUP_VERSIONS[group]}
+        groups.append({"name": group, "versions": [gv], "preferredVersion": gv})
+    return {"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}
+
+
+def api_resource_list(group: str, version: str) -> dict | None:
+    types = [t for t in TYPES if t.group == group and t.version == version]
+    if not types:
+        return None
+    resources = []
+    for t in types:
+        resources.append(
+            {
+                "name": t.resource,
+                "singularName": t.singular,
+                "namespaced": t.namespaced,
+                "kind": t.kind,
+                "verbs": VERBS,
+                "shortNames": list(t.short_names),
+            }
+        )
+        for sub in t.subresources:
+            verbs = {"log": ["get"], "exec": ["create", "get"], "binding": ["create"]}.get(
+                sub, ["get", "patch", "update"]
+            )
+            kind = {
+                "log": "Pod",
+                "exec": "PodExecOptions",
+                "binding": "Binding",
+                "scale": "Scale",
+            }.get(sub, t.kind)
+            resources.append(
+                {
+                    "name": f"{t.resource}/{sub}",
+                    "singularName": "",
+                    "namespaced": t.namespaced,
+                    "kind": kind,
+                    "verbs": verbs,
+                }
+            )
+    gv = f"{group}/{version}" if group else version
+    return {
+        "kind": "APIResourceList",
+        "apiVersion": "v1",
+        "groupVersion": gv,
+        "resources": resources,
+    }

@@ -1,0 +1,431 @@
+"""Serving simulated apiserver groups: one port per group, one shared store.
+
+Each group answers HTTP/2 (h2c) and HTTP/1.1 on its port, names itself in the
+`X-Kom-Sim-Group` response header, counts what it served, and has fault switches. A
+control API (JSON over HTTP on its own port) lets tests and the demo flip faults and
+read counters and the request log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+from collections import Counter, deque
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+from urllib.parse import parse_qsl
+
+from aiohttp import WSMsgType, web
+
+from kom_gateway.http.h2server import H2ServerStream
+from kom_gateway.http.listener import Listener
+from kom_gateway.http.stream import BodyTooLarge, ServerStream, StreamClosed
+from kom_gateway.requestinfo import parse_request
+from kom_gateway.sim.api import (
+    ExecReply,
+    LogReply,
+    Reply,
+    SimAPI,
+    SimRequest,
+    WatchReply,
+    status_reply,
+)
+from kom_gateway.sim.store import ApiError, Store, WatchEvent
+
+log = logging.getLogger(__name__)
+GROUP_HEADER = "x-kom-sim-group"
+MAX_BODY = 3 * 1024 * 1024
+MAX_WATCH_BACKLOG = 10000  # events queued for one slow watcher before it is dropped
+
+
+@dataclass
+class Faults:
+    latency: float = 0.0  # seconds before answering
+    throttle: float = 0.0  # share of requests answered 429 + Retry-After
+    retry_after: int = 1
+    goaway_chance: float = 0.0  # per HTTP/2 request: graceful GOAWAY of its connection
+    reset_mid_body: bool = False  # LIST/WATCH/log responses are reset after the first chunk
+    status_override: int = 0  # answer every resource request with this status
+
+    def update(self, values: dict[str, Any]) -> None:
+        known = {f.name: f.type for f in fields(self)}
+        for key, value in values.items():
+            if key not in known:
+                raise ValueError(f"unknown fault {key!r} (known: {', '.join(known)})")
+            setattr(self, key, type(getattr(self, key))(value))
+
+
+@dataclass
+class SimGroup:
+    name: str
+    host: str
+    port: int
+    listener: Listener | None = None
+    down: bool = False
+    faults: Faults = field(default_factory=Faults)
+    served: Counter[str] = field(default_factory=Counter)  # "verb resource" -> count
+
+
+class Simulator:
+    def __init__(self, store: Store | None = None, bookmark_interval: float = 1.0) -> None:
+        self.store = store or Store()
+        self.api = SimAPI(self.store, bookmark_interval)
+        self.groups: dict[str, SimGroup] = {}
+        self.requests: deque[dict[str, Any]] = deque(maxlen=5000)
+        self.request_count = 0
+        self._control: web.AppRunner | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def add_group(self, name: str, host: str, port: int) -> SimGroup:
+        group = SimGroup(name, host, port)
+        self.groups[name] = group
+        await self._listen(group)
+        return group
+
+    async def _listen(self, group: SimGroup) -> None:
+        listener = Listener(
+            lambda stream: self._spawn(group, stream), lambda request: self._upgrade(group, request)
+        )
+        group.port = await listener.start(group.host, group.port)
+        group.listener = listener
+        group.down = False
+
+    async def set_down(self, name: str, down: bool) -> None:
+        """Down: the port stops accepting and every connection is cut (a crashed apiserver)."""
+        group = self.groups[name]
+        if down and not group.down:
+            group.down = True
+            listener, group.listener = group.listener, None
+            if listener is not None:
+                if listener.server is not None:
+                    listener.server.close()
+                for protocol in list(listener.h2_connections):
+                    if protocol.transport is not None:
+                        protocol.transport.abort()
+                await listener.h1_server.shutdown(0)
+        elif not down and group.down:
+            await self._listen(group)
+
+    async def start_control(self, host: str, port: int) -> int:
+        app = web.Application()
+        app.router.add_get("/groups", self._ctl_groups)
+        app.router.add_put("/groups/{name}/faults", self._ctl_faults)
+        app.router.add_post("/groups/{name}/down", self._ctl_down)
+        app.router.add_post("/groups/{name}/up", self._ctl_up)
+        app.router.add_get("/requests", self._ctl_requests)
+        app.router.add_post("/reset", self._ctl_reset)
+        self._control = web.AppRunner(app, access_log=None)
+        await self._control.setup()
+        site = web.TCPSite(self._control, host, port)
+        await site.start()
+        return int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+
+    async def close(self) -> None:
+        for group in self.groups.values():
+            if group.listener is not None:
+                await group.listener.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._control is not None:
+            await self._control.cleanup()
+
+    # -- serving -------------------------------------------------------------------------
+    def _spawn(self, group: SimGroup, stream: ServerStream) -> None:
+        task = asyncio.get_running_loop().create_task(self._serve(group, stream))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _record(
+        self, group: SimGroup, method: str, target: str, headers: list[tuple[str, str]]
+    ) -> None:
+        self.request_count += 1
+        entry: dict[str, Any] = {
+            "seq": self.request_count,
+            "group": group.name,
+            "method": method,
+            "target": target,
+            "remoteGroups": [],
+        }
+        for name, value in headers:
+            if name == "user-agent":
+                entry["userAgent"] = value
+            elif name == "x-remote-user":
+                entry["remoteUser"] = value
+            elif name == "x-remote-group":
+                entry["remoteGroups"].append(value)
+            elif name == "authorization":
+                entry["authorization"] = value.split(" ")[0]
+            elif name.startswith("x-remote-extra-"):
+                entry.setdefault("remoteExtra", {})[name[len("x-remote-extra-") :]] = value
+            elif name.startswith("impersonate-"):
+                entry.setdefault("impersonate", {})[name] = value
+        self.requests.append(entry)
+
+    async def _serve(self, group: SimGroup, stream: ServerStream) -> None:
+        headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in stream.headers]
+        self._record(group, stream.method, stream.target, headers)
+        faults = group.faults
+        try:
+            if (
+                faults.goaway_chance
+                and isinstance(stream, H2ServerStream)
+                and random.random() < faults.goaway_chance
+            ):
+                stream.connection.goaway()
+            if faults.latency:
+                await asyncio.sleep(faults.latency)
+            try:
+                body = await stream.read_body(MAX_BODY)
+            except BodyTooLarge:
+                self._reply(
+                    group,
+                    stream,
+                    status_reply(413, "RequestEntityTooLarge", "request body too large"),
+                )
+                return
+            request = SimRequest(stream.method, stream.target, {}, body)
+            for name, value in headers:
+                request.headers.setdefault(name, value)
+                if name == "x-remote-group":
+                    request.remote_groups.append(value)
+            is_resource = stream.target.startswith(("/api/", "/apis/"))
+            if faults.status_override and is_resource:
+                reply: Any = status_reply(
+                    faults.status_override, "InternalError", "simulated failure (status override)"
+                )
+            elif faults.throttle and is_resource and random.random() < faults.throttle:
+                reply = status_reply(429, "TooManyRequests", "simulated overload")
+                reply.headers.append(("retry-after", str(faults.retry_after)))
+            else:
+                reply = self.api.handle(request)
+            await self._answer(group, stream, request, reply)
+        except StreamClosed:
+            pass
+        except Exception:
+            log.exception("simulator failed on %s %s", stream.method, stream.target)
+            stream.reset()
+
+    async def _answer(
+        self, group: SimGroup, stream: ServerStream, request: SimRequest, reply: Any
+    ) -> None:
+        info = parse_request(stream.method, stream.target)
+        group.served[f"{info.verb} {info.resource or info.path}"] += 1
+        if isinstance(reply, Reply):
+            self._reply(
+                group,
+                stream,
+                reply,
+                reset_after_half=group.faults.reset_mid_body and info.verb == "list",
+            )
+        elif isinstance(reply, WatchReply):
+            await self._watch(group, stream, reply)
+        elif isinstance(reply, LogReply):
+            await self._log(group, stream, reply)
+        elif isinstance(reply, ExecReply):
+            self._reply(
+                group,
+                stream,
+                status_reply(
+                    400,
+                    "BadRequest",
+                    "exec needs an HTTP/1.1 Upgrade (WebSocket v5.channel.k8s.io)",
+                ),
+            )
+
+    def _headers(
+        self, group: SimGroup, content_type: str, extra: list[tuple[str, str]]
+    ) -> list[tuple[bytes, bytes]]:
+        out = [
+            (b"content-type", content_type.encode()),
+            (GROUP_HEADER.encode(), group.name.encode()),
+            (b"cache-control", b"no-cache, private"),
+        ]
+        out += [(n.encode(), v.encode()) for n, v in extra]
+        return out
+
+    def _reply(
+        self, group: SimGroup, stream: ServerStream, reply: Reply, reset_after_half: bool = False
+    ) -> None:
+        headers = self._headers(group, reply.content_type, reply.headers)
+        headers.append((b"content-length", str(len(reply.body)).encode()))
+        if stream.method == "HEAD":
+            stream.start_response(reply.status, headers, end_stream=True)
+            return
+        stream.start_response(reply.status, headers)
+        if reset_after_half and len(reply.body) > 1:
+            stream.write(reply.body[: len(reply.body) // 2], stream.reset)
+            return
+        stream.write(reply.body)
+        stream.end()
+
+    async def _watch(self, group: SimGroup, stream: ServerStream, reply: WatchReply) -> None:
+        queue: deque[bytes] = deque()
+        wakeup = asyncio.Event()
+        overflow = False
+
+        def deliver(event: WatchEvent) -> None:
+            nonlocal overflow
+            if len(queue) >= MAX_WATCH_BACKLOG:
+                overflow = True  # kube-apiserver also drops watchers that cannot keep up
+            else:
+                line = (
+                    self.api.watch_event_line(event.type, event.obj, True)
+                    if reply.as_table
+                    else event.line
+                )
+                queue.append(line)
+            wakeup.set()
+
+        stream.start_response(200, self._headers(group, "application/json", []))
+        try:
+            watcher = self.store.watch(
+                reply.rt, reply.namespace, reply.since_rv, reply.predicate, deliver
+            )
+        except ApiError as exc:  # 410: still a 200, with one ERROR event (notes §8)
+            await stream.send(self.api.expired_line(exc.message))
+            stream.end()
+            return
+        stream.on_closed(wakeup.set)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + reply.timeout if reply.timeout else None
+        if reply.send_initial_events and reply.bookmarks:
+            queue.append(self.api.bookmark(reply.rt, initial_events_end=True))
+        first = True
+        try:
+            while not stream.closed and not overflow:
+                if queue:
+                    batch = b"".join(queue)
+                    queue.clear()
+                    await stream.send(batch)
+                    if first and group.faults.reset_mid_body:
+                        stream.reset()
+                        return
+                    first = False
+                    continue
+                wait = self.api.bookmark_interval if reply.bookmarks else 3600.0
+                if deadline is not None:
+                    wait = min(wait, deadline - loop.time())
+                    if wait <= 0:
+                        break
+                wakeup.clear()
+                try:
+                    async with asyncio.timeout(wait):
+                        await wakeup.wait()
+                except TimeoutError:
+                    if reply.bookmarks and not queue:
+                        queue.append(self.api.bookmark(reply.rt))
+            stream.end()
+        finally:
+            watcher.stop()
+
+    async def _log(self, group: SimGroup, stream: ServerStream, reply: LogReply) -> None:
+        name = reply.pod["metadata"]["name"]
+        stream.start_response(200, self._headers(group, "text/plain", []))
+        for i in range(3):
+            await stream.send(f"{name}: log line {i}\n".encode())
+            if group.faults.reset_mid_body:
+                stream.reset()
+                return
+        i = 3
+        while reply.follow and not stream.closed:
+            await asyncio.sleep(0.5)
+            await stream.send(f"{name}: log line {i}\n".encode())
+            i += 1
+        stream.end()
+
+    # -- exec over WebSocket (HTTP/1.1 upgrade) ------------------------------------------
+    async def _upgrade(self, group: SimGroup, request: web.BaseRequest) -> web.StreamResponse:
+        headers = [(k.lower(), v) for k, v in request.headers.items()]
+        self._record(group, request.method, request.raw_path, headers)
+        reply = self.api.handle(
+            SimRequest(request.method, request.raw_path, {k: v for k, v in reversed(headers)})
+        )
+        group.served[f"exec {request.path}"] += 1
+        if (
+            not isinstance(reply, ExecReply)
+            or request.headers.get("Upgrade", "").lower() != "websocket"
+        ):
+            status = (
+                reply
+                if isinstance(reply, Reply)
+                else status_reply(
+                    400, "BadRequest", "only WebSocket exec (v5.channel.k8s.io) is simulated"
+                )
+            )
+            return web.Response(
+                status=status.status,
+                body=status.body,
+                content_type="application/json",
+                headers={GROUP_HEADER: group.name},
+            )
+        ws = web.WebSocketResponse(
+            protocols=("v5.channel.k8s.io", "v4.channel.k8s.io"), headers={GROUP_HEADER: group.name}
+        )
+        await ws.prepare(request)
+        command = reply.command
+        if command[:1] == ["cat"] and reply.stdin:
+            async for message in ws:  # echo stdin (channel 0) to stdout (channel 1)
+                if message.type != WSMsgType.BINARY or not message.data:
+                    break
+                channel, payload = message.data[0], message.data[1:]
+                if channel == 0:
+                    await ws.send_bytes(b"\x01" + payload)
+                elif channel == 255:  # v5: the client closed stdin
+                    break
+        else:
+            text = " ".join(command[1:]) if command[:1] == ["echo"] else f"sim ran {command}"
+            await ws.send_bytes(b"\x01" + text.encode() + b"\n")
+        await ws.send_bytes(b"\x03" + json.dumps({"metadata": {}, "status": "Success"}).encode())
+        await ws.close()
+        return ws
+
+    # -- control API ---------------------------------------------------------------------
+    def _group(self, request: web.Request) -> SimGroup:
+        name = request.match_info["name"]
+        if name not in self.groups:
+            raise web.HTTPNotFound(text=f"no group {name!r}")
+        return self.groups[name]
+
+    async def _ctl_groups(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                name: {
+                    "port": g.port,
+                    "down": g.down,
+                    "faults": asdict(g.faults),
+                    "served": dict(g.served),
+                    "total": sum(g.served.values()),
+                }
+                for name, g in self.groups.items()
+            }
+        )
+
+    async def _ctl_faults(self, request: web.Request) -> web.Response:
+        group = self._group(request)
+        try:
+            group.faults.update(await request.json())
+        except (ValueError, TypeError) as exc:
+            raise web.HTTPBadRequest(text=str(exc)) from None
+        return web.json_response(asdict(group.faults))
+
+    async def _ctl_down(self, request: web.Request) -> web.Response:
+        await self.set_down(self._group(request).name, True)
+        return web.json_response({"down": True})
+
+    async def _ctl_up(self, request: web.Request) -> web.Response:
+        await self.set_down(self._group(request).name, False)
+        return web.json_response({"down": False})
+
+    async def _ctl_requests(self, request: web.Request) -> web.Response:
+        since = int(dict(parse_qsl(request.query_string)).get("since", "0"))
+        return web.json_response([r for r in self.requests if r["seq"] > since])
+
+    async def _ctl_reset(self, request: web.Request) -> web.Response:
+        self.requests.clear()
+        for group in self.groups.values():
+            group.served.clear()
+            group.faults = Faults()
+        return web.json_response({"reset": True})
