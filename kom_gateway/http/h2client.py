@@ -54,7 +54,13 @@ class StreamListener(Protocol):
     def on_response(self, status: int, headers: Headers) -> None: ...
     def on_data(self, data: bytes, flow_len: int) -> None: ...
     def on_end(self) -> None: ...
-    def on_reset(self, refused: bool, reason: str) -> None: ...
+    def on_reset(self, kind: str, reason: str) -> None:
+        """kind: RESET_GOAWAY / RESET_REFUSED (not processed) or RESET_BROKEN."""
+
+
+RESET_GOAWAY = "goaway"  # above the server's GOAWAY last-stream-id: not processed
+RESET_REFUSED = "refused"  # RST_STREAM(REFUSED_STREAM) before a response: not processed
+RESET_BROKEN = "broken"  # anything else: the request may have been processed
 
 
 class ConnectError(Exception):
@@ -172,7 +178,10 @@ class H2ClientConnection(asyncio.Protocol):
             self.close()
             return
         for event in events:
-            self._dispatch(event)
+            try:
+                self._dispatch(event)
+            except Exception:  # one listener's bug must not take the connection down
+                log.exception("handling %s failed", type(event).__name__)
         self._write_out()
 
     def pause_writing(self) -> None:
@@ -189,11 +198,12 @@ class H2ClientConnection(asyncio.Protocol):
         self.closed = True
         if not self.ready.done():
             self.ready.set_exception(ConnectionError(str(exc) if exc else "connection closed"))
+            self.ready.exception()  # connect() re-raises it; nobody else needs to
         if self._ping_task is not None:
             self._ping_task.cancel()
         streams, self.streams = self.streams, {}
         for stream in streams.values():
-            stream.listener.on_reset(False, "upstream connection lost")
+            stream.listener.on_reset(RESET_BROKEN, "upstream connection lost")
 
     # -- events --------------------------------------------------------------------------
     def _dispatch(self, event: h2.events.Event) -> None:
@@ -229,7 +239,10 @@ class H2ClientConnection(asyncio.Protocol):
             self._blocked.discard(event.stream_id)
             if stream is not None:
                 refused = event.error_code == ErrorCodes.REFUSED_STREAM and not stream.responded
-                stream.listener.on_reset(refused, f"upstream reset stream ({event.error_code!r})")
+                stream.listener.on_reset(
+                    RESET_REFUSED if refused else RESET_BROKEN,
+                    f"upstream reset stream ({event.error_code!r})",
+                )
             self._maybe_finish()
         elif isinstance(event, h2.events.WindowUpdated):
             targets = list(self._blocked) if event.stream_id == 0 else [event.stream_id]
@@ -251,7 +264,9 @@ class H2ClientConnection(asyncio.Protocol):
         for stream_id in [sid for sid in self.streams if sid > last_stream_id]:
             stream = self.streams.pop(stream_id)
             self._blocked.discard(stream_id)
-            stream.listener.on_reset(True, f"upstream GOAWAY ({error_code!r}) above last stream")
+            stream.listener.on_reset(
+                RESET_GOAWAY, f"upstream GOAWAY ({error_code!r}) above last stream"
+            )
         self._maybe_finish()
 
     def _ended(self, stream_id: int) -> None:

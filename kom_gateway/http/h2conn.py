@@ -12,19 +12,32 @@ import h2.events
 import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
+from hyperframe.frame import GoAwayFrame
 
 # What h2 raises when a stream is already gone (reset, ended, never existed).
 STREAM_GONE = (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError)
 
 
 class GracefulH2Connection(h2.connection.H2Connection):
-    """An H2Connection that keeps working after it *receives* GOAWAY.
+    """An H2Connection that keeps working after GOAWAY, received or sent.
 
     Stock h2 moves the connection to CLOSED and drops queued output on GOAWAY, so the
     streams the peer promised to finish (ids <= last_stream_id: watches, long LISTs)
     could no longer be read. The peer is still sending them; so do we. The caller stops
     opening streams and retries those above last_stream_id elsewhere.
     """
+
+    def send_graceful_goaway(self, last_stream_id: int | None = None) -> int:
+        """Send GOAWAY(NO_ERROR) but keep serving streams up to `last_stream_id`.
+
+        Stock `close_connection` also moves the state machine to CLOSED, after which
+        not even the announced streams could be finished. Returns the last stream id.
+        """
+        if last_stream_id is None:
+            last_stream_id = self.highest_inbound_stream_id
+        frame = GoAwayFrame(stream_id=0, last_stream_id=last_stream_id, error_code=0)
+        self._data_to_send += frame.serialize()
+        return last_stream_id
 
     def _receive_goaway_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
         event = h2.events.ConnectionTerminated()

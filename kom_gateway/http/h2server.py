@@ -40,6 +40,7 @@ class H2ServerSettings:
 
 
 StreamHandler = Callable[[ServerStream], None]
+GOAWAY_LINGER_SECONDS = 1.0  # golang.org/x/net/http2 goAwayTimeout
 
 
 class H2ServerStream(ServerStream):
@@ -132,6 +133,8 @@ class H2ServerProtocol(asyncio.Protocol):
         self.remote_addr = ""
         self.peer_cert: dict | None = None
         self.goaway_sent = False
+        self.goaway_last_stream_id = 0
+        self._linger: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -170,6 +173,8 @@ class H2ServerProtocol(asyncio.Protocol):
                 self.flush_stream(stream)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
         streams, self.streams = self.streams, {}
         for stream in streams.values():
             stream._mark_closed()
@@ -187,6 +192,10 @@ class H2ServerProtocol(asyncio.Protocol):
             if event.stream_ended is not None:
                 stream._deliver_body_end()
         elif isinstance(event, h2.events.RequestReceived):
+            if self.goaway_sent and event.stream_id > self.goaway_last_stream_id:
+                # after our GOAWAY: not processed, the client retries it elsewhere
+                self.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
+                return
             stream = H2ServerStream(self, event.stream_id, event.headers)
             self.streams[event.stream_id] = stream
             if event.stream_ended is not None:
@@ -265,10 +274,10 @@ class H2ServerProtocol(asyncio.Protocol):
         if self.goaway_sent:
             return
         self.goaway_sent = True
-        self.conn.close_connection(ErrorCodes.NO_ERROR, last_stream_id=last_stream_id)
+        self.goaway_last_stream_id = self.conn.send_graceful_goaway(last_stream_id)
         self._write_out()
         if not self.streams:
-            self._close_transport()
+            self._close_after_goaway()
 
     def _forget(self, stream_id: int) -> None:
         stream = self.streams.pop(stream_id, None)
@@ -276,7 +285,15 @@ class H2ServerProtocol(asyncio.Protocol):
         if stream is not None:
             stream._mark_closed()
         if self.goaway_sent and not self.streams:
-            self._close_transport()
+            self._close_after_goaway()
+
+    def _close_after_goaway(self) -> None:
+        """Linger before closing, as Go's server does: requests the client sent before
+        it saw our GOAWAY then get REFUSED_STREAM (safe to retry), not a dead socket."""
+        if self._linger is None and self.transport is not None:
+            self._linger = asyncio.get_running_loop().call_later(
+                GOAWAY_LINGER_SECONDS, self._close_transport
+            )
 
     def _write_out(self) -> None:
         data = self.conn.data_to_send()

@@ -18,7 +18,13 @@ from typing import TYPE_CHECKING
 import h2.exceptions
 
 from kom_gateway.config.holder import Active
-from kom_gateway.http.h2client import ClientStream, ConnectError
+from kom_gateway.http.h2client import (
+    RESET_BROKEN,
+    RESET_GOAWAY,
+    RESET_REFUSED,
+    ClientStream,
+    ConnectError,
+)
 from kom_gateway.http.stream import Headers, ServerStream
 from kom_gateway.proxy.fallback import Failure, after_failure
 from kom_gateway.proxy.headers import (
@@ -39,6 +45,13 @@ log = logging.getLogger(__name__)
 
 class _ClientGone(Exception):
     pass
+
+
+_FAILURE_OF_RESET = {
+    RESET_GOAWAY: Failure.GOAWAY,
+    RESET_REFUSED: Failure.REFUSED,
+    RESET_BROKEN: Failure.RESET_BEFORE_HEADERS,
+}
 
 
 class _Attempt:
@@ -89,9 +102,9 @@ class _Attempt:
         if not self.done.done():
             self.done.set_result(None)
 
-    def on_reset(self, refused: bool, reason: str) -> None:
+    def on_reset(self, kind: str, reason: str) -> None:
         if not self.headers.done():
-            self.headers.set_result(Failure.REFUSED if refused else Failure.RESET_BEFORE_HEADERS)
+            self.headers.set_result(_FAILURE_OF_RESET[kind])
             log.info(
                 "%s %s: %s on %s",
                 self.exchange.stream.method,
@@ -267,7 +280,8 @@ class Exchange:
                     attempt.upstream.end()
             outcome = await self._wait(attempt.headers)
             if isinstance(outcome, Failure):
-                endpoint.report_failure()
+                if not outcome.unsent:  # "not processed, try again" is not ill health
+                    endpoint.report_failure()
                 return outcome
             is_watch = self.info.verb == "watch"
             if is_watch:

@@ -3,8 +3,10 @@
 Every group shares etcd with `default`, so default can always serve a request correctly;
 the only question is whether retrying is *safe*:
 
+- the apiserver sent GOAWAY before taking the stream (routine: `--goaway-chance`):
+  retry once on a fresh connection to the same group, then as below;
 - nothing reached the apiserver (no healthy endpoint, connect/TLS error, REFUSED_STREAM,
-  GOAWAY above last-stream-id): retry on default, any verb;
+  GOAWAY again): retry on default, any verb;
 - the request was sent but no response headers came: reads are retried on default;
   writes may have been applied, so the client gets 503 + Retry-After (client-go retries);
 - default itself failed: try its other endpoints for unsent requests, else 503.
@@ -25,13 +27,19 @@ from kom_gateway.routing.router import DEFAULT_GROUP
 class Failure(Enum):
     NO_HEALTHY_ENDPOINT = "no-healthy-endpoint"
     CONNECT = "connect-error"
-    REFUSED = "refused"  # REFUSED_STREAM, GOAWAY above last-stream-id: not processed
+    GOAWAY = "goaway"  # above the upstream's GOAWAY last-stream-id: not processed
+    REFUSED = "refused"  # RST_STREAM(REFUSED_STREAM): not processed
     RESET_BEFORE_HEADERS = "reset-before-headers"  # sent; may have been processed
     TIMEOUT = "timeout"  # no response headers within the request timeout
 
     @property
     def unsent(self) -> bool:
-        return self in (Failure.NO_HEALTHY_ENDPOINT, Failure.CONNECT, Failure.REFUSED)
+        return self in (
+            Failure.NO_HEALTHY_ENDPOINT,
+            Failure.CONNECT,
+            Failure.REFUSED,
+            Failure.GOAWAY,
+        )
 
 
 class Next(NamedTuple):
@@ -50,9 +58,16 @@ def is_idempotent_read(info: RequestInfo, method: str) -> bool:
 
 
 def after_failure(
-    failure: Failure, info: RequestInfo, method: str, group: str, default_endpoints_left: bool
+    failure: Failure,
+    info: RequestInfo,
+    method: str,
+    group: str,
+    default_endpoints_left: bool,
+    first_goaway: bool = False,
 ) -> Next:
     """The next step after `failure` on `group`."""
+    if failure is Failure.GOAWAY and first_goaway:
+        return Next(group)
     if failure is Failure.TIMEOUT:
         return Next(
             None, 504, "Timeout", "Timeout: request did not complete within the allotted timeout", 1

@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 from kom_gateway.config.schema import Config, Endpoint
 from kom_gateway.http.h2client import (
+    RESET_GOAWAY,
     ClientStream,
     ConnectError,
     H2ClientConnection,
@@ -187,8 +188,10 @@ class UpstreamEndpoint:
 
 
 class _Probe:
+    """Result: True (200), False (anything else), None (GOAWAY'd: ask again)."""
+
     def __init__(self) -> None:
-        self.result: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.result: asyncio.Future[bool | None] = asyncio.get_running_loop().create_future()
         self.stream: ClientStream | None = None
 
     def on_response(self, status: int, headers: Headers) -> None:
@@ -203,9 +206,9 @@ class _Probe:
         if not self.result.done():
             self.result.set_result(False)
 
-    def on_reset(self, refused: bool, reason: str) -> None:
+    def on_reset(self, kind: str, reason: str) -> None:
         if not self.result.done():
-            self.result.set_result(False)
+            self.result.set_result(None if kind == RESET_GOAWAY else False)
 
 
 class Upstreams:

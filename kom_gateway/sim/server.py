@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from aiohttp import WSMsgType, web
+from h2.errors import ErrorCodes
 
 from kom_gateway.http.h2server import H2ServerStream
 from kom_gateway.http.listener import Listener
@@ -47,6 +48,8 @@ class Faults:
     retry_after: int = 1
     goaway_chance: float = 0.0  # per HTTP/2 request: graceful GOAWAY of its connection
     reset_mid_body: bool = False  # LIST/WATCH/log responses are reset after the first chunk
+    reset_before_headers: bool = False  # read the request, then reset without answering
+    refuse_streams: bool = False  # HTTP/2 RST_STREAM(REFUSED_STREAM): "not processed"
     status_override: int = 0  # answer every resource request with this status
 
     def update(self, values: dict[str, Any]) -> None:
@@ -175,6 +178,9 @@ class Simulator:
                 and random.random() < faults.goaway_chance
             ):
                 stream.connection.goaway()
+            if faults.refuse_streams and isinstance(stream, H2ServerStream):
+                stream.connection.reset_stream(stream.stream_id, ErrorCodes.REFUSED_STREAM)
+                return
             if faults.latency:
                 await asyncio.sleep(faults.latency)
             try:
@@ -185,6 +191,9 @@ class Simulator:
                     stream,
                     status_reply(413, "RequestEntityTooLarge", "request body too large"),
                 )
+                return
+            if faults.reset_before_headers:
+                stream.reset()
                 return
             request = SimRequest(stream.method, stream.target, {}, body)
             for name, value in headers:

@@ -1,0 +1,163 @@
+"""In-process test stack: simulated groups + the gateway on free 127.0.0.1 ports, and a
+small HTTP/2 client (the gateway's own upstream connection) to drive it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+
+from kom_gateway.config import ConfigHolder, load_config_text
+from kom_gateway.http.h2client import ClientStream, H2ClientConnection, H2ClientSettings
+from kom_gateway.http.listener import Listener
+from kom_gateway.proxy.gateway import Gateway
+from kom_gateway.sim.server import Simulator
+
+GROUPS = ("default", "pod", "config", "event")
+CLAIMS = {
+    "pod": ["pods", "bindings"],
+    "config": ["nodes", "configmaps", "secrets", "leases.coordination.k8s.io"],
+    "event": ["events", "events.events.k8s.io"],
+}
+
+
+def config_text(ports: dict[str, int], cutover: str, extra: str = "") -> str:
+    lines = ["groups:"]
+    for name, port in ports.items():
+        lines.append(f"  {name}:")
+        lines.append(f"    endpoints: [\"http://127.0.0.1:{port}\"]")
+        if name in CLAIMS:
+            lines.append(f"    resources: {json.dumps(CLAIMS[name])}")
+    return "\n".join(lines) + "\n" + cutover + extra
+
+
+EVERYONE_CUT_OVER = """cutover:
+  - match: {userAgent: "legacy/*"}
+  - percent: {pod: 100, config: 100, event: 100}
+"""
+FAST_HEALTH = "health: {intervalSeconds: 0.2, timeoutSeconds: 0.5, failureThreshold: 2}\n"
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[bytes, bytes]
+    body: bytes
+    reset: bool = False
+
+    @property
+    def group(self) -> str:
+        return self.headers.get(b"x-kom-sim-group", b"").decode()
+
+    def json(self) -> dict:
+        return json.loads(self.body)
+
+
+@dataclass
+class Collector:
+    """StreamListener that gathers a response; `auto_ack` False simulates a stalled reader."""
+
+    auto_ack: bool = True
+    status: int = 0
+    headers: dict[bytes, bytes] = field(default_factory=dict)
+    chunks: list[bytes] = field(default_factory=list)
+    unacked: int = 0
+    reset: bool = False
+    stream: ClientStream | None = None
+    done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    got_headers: asyncio.Event = field(default_factory=asyncio.Event)
+    got_data: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def on_response(self, status, headers):
+        self.status = status
+        self.headers = dict(headers)
+        self.got_headers.set()
+
+    def on_data(self, data, flow_len):
+        self.chunks.append(data)
+        self.got_data.set()
+        if self.auto_ack:
+            self.stream.ack(flow_len)
+        else:
+            self.unacked += flow_len
+
+    def on_end(self):
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def on_reset(self, kind, reason):
+        self.reset = True
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def response(self) -> Response:
+        return Response(self.status, self.headers, b"".join(self.chunks), self.reset)
+
+
+class Client:
+    def __init__(self, conn: H2ClientConnection, port: int) -> None:
+        self.conn = conn
+        self.port = port
+
+    def open(self, method: str, path: str, user_agent: str = "kubectl/v1.31.0", body: bytes = b"",
+             headers: list[tuple[bytes, bytes]] = (), collector: Collector | None = None) -> Collector:
+        collector = collector or Collector()
+        hdrs = [(b":method", method.encode()), (b":scheme", b"http"),
+                (b":authority", f"127.0.0.1:{self.port}".encode()), (b":path", path.encode()),
+                (b"user-agent", user_agent.encode()), *headers]
+        if body:
+            hdrs.append((b"content-type", b"application/json"))
+        collector.stream = self.conn.open_stream(hdrs, not body, collector)
+        if body:
+            collector.stream.send_data(body)
+            collector.stream.end()
+        return collector
+
+    async def request(self, method: str, path: str, timeout: float = 10, **kwargs) -> Response:
+        collector = self.open(method, path, **kwargs)
+        async with asyncio.timeout(timeout):
+            await collector.done
+        return collector.response()
+
+    async def close(self):
+        self.conn.close()
+
+
+class Stack:
+    def __init__(self) -> None:
+        self.sim = Simulator(bookmark_interval=0.2)
+        self.listener: Listener | None = None
+        self.gateway: Gateway | None = None
+        self.port = 0
+        self.clients: list[Client] = []
+
+    async def start(self, cutover: str = EVERYONE_CUT_OVER, extra: str = FAST_HEALTH) -> Stack:
+        for name in GROUPS:
+            await self.sim.add_group(name, "127.0.0.1", 0)
+        ports = {name: g.port for name, g in self.sim.groups.items()}
+        config = load_config_text(config_text(ports, cutover, extra))
+        self.gateway = Gateway(ConfigHolder(config))
+        self.listener = Listener(self.gateway.handle)
+        self.port = await self.listener.start("127.0.0.1", 0)
+        return self
+
+    async def client(self, stream_window: int = 256 * 1024) -> Client:
+        conn = await H2ClientConnection.connect(
+            "127.0.0.1", self.port, H2ClientSettings(stream_window=stream_window))
+        client = Client(conn, self.port)
+        self.clients.append(client)
+        return client
+
+    def served(self, group: str) -> int:
+        return sum(self.sim.groups[group].served.values())
+
+    async def close(self) -> None:
+        for client in self.clients:
+            await client.close()
+        if self.listener is not None:
+            await self.listener.close()
+        if self.gateway is not None:
+            for task in list(self.gateway.tasks):
+                task.cancel()
+            await self.gateway.close()
+        await self.sim.close()

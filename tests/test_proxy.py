@@ -1,0 +1,216 @@
+"""The data plane against simulated groups, in process, on real 127.0.0.1 sockets."""
+
+import asyncio
+import json
+
+import aiohttp
+import pytest
+from harness import FAST_HEALTH, Collector, Stack
+
+POD = json.dumps({"metadata": {"name": "p1"}, "spec": {"containers": [{"name": "c", "image": "x"}]}}).encode()
+
+
+@pytest.fixture
+async def stack():
+    s = await Stack().start()
+    yield s
+    await s.close()
+
+
+async def make_stack(cutover=None, extra=FAST_HEALTH):
+    s = Stack()
+    return await (s.start(extra=extra) if cutover is None else s.start(cutover, extra))
+
+
+async def test_requests_land_on_their_groups(stack):
+    c = await stack.client()
+    created = await c.request("POST", "/api/v1/namespaces/default/pods", body=POD)
+    assert (created.status, created.group) == (201, "pod")
+    cm = json.dumps({"metadata": {"name": "cm1"}, "data": {"a": "b"}}).encode()
+    assert (await c.request("POST", "/api/v1/namespaces/default/configmaps", body=cm)).group == "config"
+    ev = json.dumps({"metadata": {"name": "e1"}, "reason": "x"}).encode()
+    assert (await c.request("POST", "/apis/events.k8s.io/v1/namespaces/default/events", body=ev)).group == "event"
+    assert (await c.request("GET", "/api/v1/namespaces/default/events")).group == "event"
+    assert (await c.request("GET", "/apis/apps/v1/deployments")).group == "default"
+    assert (await c.request("GET", "/version")).group == "default"
+    # rule 0 pins legacy/* clients to default (no percent)
+    legacy = await c.request("GET", "/api/v1/namespaces/default/pods/p1", user_agent="legacy/1")
+    assert (legacy.status, legacy.group) == (200, "default")
+    assert legacy.json()["metadata"]["name"] == "p1"  # one shared store
+
+
+async def test_http11_clients_are_routed_and_streamed(stack):
+    async with aiohttp.ClientSession(headers={"User-Agent": "kubectl/v1.31"}) as session:
+        base = f"http://127.0.0.1:{stack.port}"
+        async with session.post(f"{base}/api/v1/namespaces/default/pods", data=POD,
+                                headers={"Content-Type": "application/json"}) as r:
+            assert (r.status, r.headers["X-Kom-Sim-Group"]) == (201, "pod")
+        async with session.get(f"{base}/api/v1/nodes") as r:
+            assert (r.status, r.headers["X-Kom-Sim-Group"]) == (200, "config")
+        async with session.get(f"{base}/api/v1/namespaces/default/pods?watch=1&timeoutSeconds=1") as r:
+            assert r.headers["X-Kom-Sim-Group"] == "pod"
+            first = json.loads(await r.content.readline())
+            assert (first["type"], first["object"]["metadata"]["name"]) == ("ADDED", "p1")
+
+
+async def test_group_down_falls_back_to_default_and_recovers(stack):
+    c = await stack.client()
+    await stack.sim.set_down("pod", True)
+    for _ in range(3):
+        r = await c.request("POST", "/api/v1/namespaces/default/pods",
+                            body=json.dumps({"metadata": {"generateName": "p-"}}).encode())
+        assert (r.status, r.group) == (201, "default")  # writes too: nothing reached pod
+    fallbacks = stack.gateway.metrics.fallbacks
+    assert fallbacks.labels("pod", "default", "connect-error")._value.get() >= 1
+    await stack.sim.set_down("pod", False)
+    for _ in range(50):
+        if stack.gateway.upstreams.groups["pod"][0].healthy:
+            break
+        await asyncio.sleep(0.1)
+    assert (await c.request("GET", "/api/v1/pods")).group == "pod"
+
+
+async def test_default_down_answers_503_with_retry_after(stack):
+    c = await stack.client()
+    await stack.sim.set_down("default", True)
+    r = await c.request("GET", "/apis/apps/v1/deployments")
+    assert (r.status, r.headers[b"retry-after"]) == (503, b"1")
+    assert r.json()["kind"] == "Status" and r.json()["code"] == 503
+
+
+async def test_refused_streams_are_retried_on_default_any_verb(stack):
+    c = await stack.client()
+    stack.sim.groups["pod"].faults.refuse_streams = True
+    r = await c.request("POST", "/api/v1/namespaces/default/pods", body=POD)
+    assert (r.status, r.group) == (201, "default")
+    assert stack.gateway.metrics.fallbacks.labels("pod", "default", "refused")._value.get() == 1
+
+
+async def test_failure_after_sending_retries_reads_but_not_writes(stack):
+    c = await stack.client()
+    stack.sim.groups["pod"].faults.reset_before_headers = True
+    read = await c.request("GET", "/api/v1/pods")
+    assert (read.status, read.group) == (200, "default")
+    write = await c.request("POST", "/api/v1/namespaces/default/pods", body=POD)
+    assert (write.status, write.headers[b"retry-after"]) == (503, b"1")
+    assert write.json()["reason"] == "ServiceUnavailable"
+    # the write was not replayed anywhere
+    assert stack.sim.groups["default"].served["create pods"] == 0
+    assert stack.sim.groups["pod"].served["create pods"] == 0  # reset before it was handled
+
+
+async def test_upstream_429_and_410_pass_through(stack):
+    c = await stack.client()
+    stack.sim.groups["pod"].faults.throttle = 1.0
+    stack.sim.groups["pod"].faults.retry_after = 7
+    r = await c.request("GET", "/api/v1/pods")
+    assert (r.status, r.group, r.headers[b"retry-after"]) == (429, "pod", b"7")
+    stack.sim.groups["pod"].faults.throttle = 0.0
+    watch = await c.request("GET", "/api/v1/pods?watch=1&resourceVersion=1")
+    assert (watch.status, watch.group) == (200, "pod")
+    event = json.loads(watch.body)
+    assert (event["type"], event["object"]["code"], event["object"]["reason"]) == ("ERROR", 410, "Expired")
+    assert not stack.gateway.metrics.fallbacks._metrics
+
+
+async def test_list_broken_mid_body_is_reset_not_truncated(stack):
+    c = await stack.client()
+    await c.request("POST", "/api/v1/namespaces/default/pods", body=POD)
+    stack.sim.groups["pod"].faults.reset_mid_body = True
+    r = await c.request("GET", "/api/v1/pods")
+    assert r.status == 200 and r.reset
+
+
+async def test_watch_ends_cleanly_when_its_group_dies_then_rewatch_lands_on_default(stack):
+    c = await stack.client()
+    watch = c.open("GET", "/api/v1/namespaces/default/pods?watch=1&allowWatchBookmarks=true")
+    await watch.got_headers.wait()
+    assert watch.headers[b"x-kom-sim-group"] == b"pod"
+    await stack.sim.set_down("pod", True)
+    async with asyncio.timeout(5):
+        await watch.done
+    assert not watch.reset  # clean end: the client re-watches
+    again = c.open("GET", "/api/v1/namespaces/default/pods?watch=1")
+    await again.got_headers.wait()
+    assert again.headers[b"x-kom-sim-group"] == b"default"
+    again.stream.cancel()
+
+
+async def test_upstream_goaway_lets_running_watch_finish(stack):
+    c = await stack.client()
+    watch = c.open("GET", "/api/v1/namespaces/default/pods?watch=1")
+    await watch.got_headers.wait()
+    for protocol in list(stack.sim.groups["pod"].listener.h2_connections):
+        protocol.goaway()  # graceful: last stream id = the watch's
+    await asyncio.sleep(0.1)
+    created = await c.request("POST", "/api/v1/namespaces/default/pods", body=POD)
+    assert (created.status, created.group) == (201, "pod")  # on a new upstream connection
+    for _ in range(50):
+        if watch.chunks:
+            break
+        await asyncio.sleep(0.05)
+    event = json.loads(b"".join(watch.chunks).splitlines()[0])
+    assert (event["type"], event["object"]["metadata"]["name"]) == ("ADDED", "p1")
+    assert not watch.done.done()
+    watch.stream.cancel()
+
+
+async def test_upstream_goaway_on_every_request_loses_nothing(stack):
+    c = await stack.client()
+    stack.sim.groups["config"].faults.goaway_chance = 1.0  # 50x kube-apiserver's maximum
+    for _ in range(3):
+        results = await asyncio.gather(*(c.request("GET", "/api/v1/nodes") for _ in range(20)))
+        assert {r.status for r in results} == {200}
+        # a GOAWAY'd stream is retried on a fresh connection to the same group; only a
+        # stream GOAWAY'd twice in a row falls back to default
+        assert sum(r.group == "config" for r in results) >= 10
+    assert stack.gateway.upstreams.groups["config"][0].healthy  # routine, not ill health
+    assert stack.gateway.metrics.fallbacks.labels("config", "default", "connect-error")._value.get() == 0
+
+
+async def test_timeout_and_body_limit():
+    stack = await make_stack(extra=FAST_HEALTH + "timeouts: {requestSeconds: 0.3}\n"
+                             "limits: {maxRequestBodyBytes: 1000}\n")
+    try:
+        c = await stack.client()
+        stack.sim.groups["config"].faults.latency = 2
+        slow = await c.request("GET", "/api/v1/nodes")
+        assert (slow.status, slow.json()["reason"]) == (504, "Timeout")
+        # long-running requests have no timeout
+        watch = c.open("GET", "/api/v1/nodes?watch=1")
+        await asyncio.sleep(0.6)
+        assert not watch.done.done()
+        watch.stream.cancel()
+        big = json.dumps({"metadata": {"name": "big"}, "data": {"x": "y" * 2000}}).encode()
+        tooBig = await c.request("POST", "/api/v1/namespaces/default/secrets", body=big)
+        assert (tooBig.status, tooBig.json()["reason"]) == (413, "RequestEntityTooLarge")
+    finally:
+        await stack.close()
+
+
+async def test_stalled_reader_stalls_only_itself_and_buffers_little(stack):
+    c = await stack.client()
+    blob = "x" * 400_000
+    for i in range(8):  # ~3.2 MB of configmaps in one LIST
+        body = json.dumps({"metadata": {"name": f"big{i}"}, "data": {"blob": blob}}).encode()
+        assert (await c.request("POST", "/api/v1/namespaces/default/configmaps", body=body)).status == 201
+    stalled = c.open("GET", "/api/v1/namespaces/default/configmaps", collector=Collector(auto_ack=False))
+    await stalled.got_data.wait()
+    await asyncio.sleep(0.3)
+    # other streams on the same client connection, and on the same upstream connection
+    other = await stack.client()
+    for client in (c, other):
+        async with asyncio.timeout(2):
+            r = await client.request("GET", "/api/v1/namespaces/default/configmaps/big0")
+        assert (r.status, r.group) == (200, "config")
+    # the gateway holds only what the upstream window let through for the stalled stream
+    buffered = sum(len(d) for p in stack.listener.h2_connections for s in p.streams.values()
+                   for d, _ in s.pending)
+    assert buffered <= 256 * 1024 + 16384
+    received = sum(map(len, stalled.chunks))
+    assert received <= 256 * 1024
+    stalled.auto_ack = True
+    stalled.stream.ack(stalled.unacked)
+    async with asyncio.timeout(10):
+        await stalled.done
+    assert len(stalled.response().json()["items"]) == 8
