@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from kom_gateway.proxy.fallback import Failure, after_failure
+from kom_gateway.proxy.fallback import GOAWAY_RETRIES, Failure, after_failure
 from kom_gateway.proxy.headers import (
     downstream_response_headers,
     status_body,
@@ -20,10 +20,11 @@ DELETE = ("DELETE", parse_request("DELETE", "/api/v1/namespaces/a/pods/p"))
 EXEC_POST = ("POST", parse_request("POST", "/api/v1/namespaces/a/pods/p/exec"))
 
 
-def test_first_goaway_retries_the_same_group_then_default():
+def test_goaway_retries_the_same_group_a_few_times_then_default():
     method, info = CREATE
-    assert after_failure(Failure.GOAWAY, info, method, "pod", True, first_goaway=True).retry_group == "pod"
-    assert after_failure(Failure.GOAWAY, info, method, "pod", True).retry_group == "default"
+    for goaways in range(1, GOAWAY_RETRIES + 1):
+        assert after_failure(Failure.GOAWAY, info, method, "pod", True, goaways).retry_group == "pod"
+    assert after_failure(Failure.GOAWAY, info, method, "pod", True, GOAWAY_RETRIES + 1).retry_group == "default"
 
 
 @pytest.mark.parametrize(
@@ -31,10 +32,10 @@ def test_first_goaway_retries_the_same_group_then_default():
 @pytest.mark.parametrize("request_", [GET_PODS, WATCH, CREATE, DELETE])
 def test_unsent_requests_of_any_verb_go_to_default(failure, request_):
     method, info = request_
-    assert after_failure(failure, info, method, "pod", True).retry_group == "default"
+    assert after_failure(failure, info, method, "pod", True, 9).retry_group == "default"
     # on default itself: another default endpoint if there is one, else 503
-    assert after_failure(failure, info, method, "default", True).retry_group == "default"
-    last = after_failure(failure, info, method, "default", False)
+    assert after_failure(failure, info, method, "default", True, 9).retry_group == "default"
+    last = after_failure(failure, info, method, "default", False, 9)
     assert (last.retry_group, last.status, last.retry_after) == (None, 503, 1)
 
 

@@ -155,17 +155,18 @@ async def test_upstream_goaway_lets_running_watch_finish(stack):
     watch.stream.cancel()
 
 
-async def test_upstream_goaway_on_every_request_loses_nothing(stack):
+async def test_upstream_goaway_chance_loses_nothing(stack):
     c = await stack.client()
-    stack.sim.groups["config"].faults.goaway_chance = 1.0  # 50x kube-apiserver's maximum
-    for _ in range(3):
-        results = await asyncio.gather(*(c.request("GET", "/api/v1/nodes") for _ in range(20)))
-        assert {r.status for r in results} == {200}
-        # a GOAWAY'd stream is retried on a fresh connection to the same group; only a
-        # stream GOAWAY'd twice in a row falls back to default
-        assert sum(r.group == "config" for r in results) >= 10
+    config = stack.sim.groups["config"]
+    config.faults.goaway_chance = 0.05  # kube-apiserver allows up to 0.02
+    results = []
+    for _ in range(10):
+        results += await asyncio.gather(*(c.request("GET", "/api/v1/nodes") for _ in range(20)))
+    assert {r.status for r in results} == {200}
+    # a GOAWAY'd stream is retried on fresh connections to the same group (as Go does);
+    # only one GOAWAY'd over and over falls back to default
+    assert sum(r.group == "config" for r in results) >= 190
     assert stack.gateway.upstreams.groups["config"][0].healthy  # routine, not ill health
-    assert stack.gateway.metrics.fallbacks.labels("config", "default", "connect-error")._value.get() == 0
 
 
 async def test_timeout_and_body_limit():

@@ -229,6 +229,7 @@ class Exchange:
         upstreams = self.gateway.upstreams
         group = self.decision.target
         tried: set[UpstreamEndpoint] = set()
+        goaways = 0
         while True:
             endpoint = upstreams.pick(group, tried)
             if endpoint is None:
@@ -238,23 +239,30 @@ class Exchange:
                 failure = await self._try(endpoint, group)
                 if failure is None:
                     return
+                if failure is Failure.GOAWAY:
+                    goaways += 1
+                    tried.discard(endpoint)  # routine: the same endpoint may take it again
             step = after_failure(
                 failure,
                 self.info,
                 self.stream.method,
                 group,
                 upstreams.has_candidates(DEFAULT_GROUP, tried),
+                goaways,
             )
             if step.retry_group is None:
                 self._respond(step.status, step.reason, step.message, step.retry_after)
                 return
-            self.gateway.metrics.fallbacks.labels(group, step.retry_group, failure.value).inc()
+            if not (failure is Failure.GOAWAY and step.retry_group == group):
+                self.gateway.metrics.fallbacks.labels(group, step.retry_group, failure.value).inc()
             group = step.retry_group
 
     async def _try(self, endpoint: UpstreamEndpoint, group: str) -> Failure | None:
         """One attempt; None when the response was carried (whatever its status)."""
         try:
             conn = await self._wait(endpoint.connection())
+            while not conn.has_capacity():  # it filled up, or got GOAWAY, while we waited
+                conn = await self._wait(endpoint.connection())
         except ConnectError as exc:
             log.info("connect to %s (%s) failed: %s", endpoint.name, group, exc)
             return Failure.CONNECT

@@ -4,7 +4,8 @@ Every group shares etcd with `default`, so default can always serve a request co
 the only question is whether retrying is *safe*:
 
 - the apiserver sent GOAWAY before taking the stream (routine: `--goaway-chance`):
-  retry once on a fresh connection to the same group, then as below;
+  retry on a fresh connection to the same group, up to GOAWAY_RETRIES times (as Go's
+  transport does), then as below;
 - nothing reached the apiserver (no healthy endpoint, connect/TLS error, REFUSED_STREAM,
   GOAWAY again): retry on default, any verb;
 - the request was sent but no response headers came: reads are retried on default;
@@ -50,6 +51,7 @@ class Next(NamedTuple):
     retry_after: int | None = None
 
 
+GOAWAY_RETRIES = 3
 READ_VERBS = frozenset({"get", "list", "watch"})
 
 
@@ -63,10 +65,10 @@ def after_failure(
     method: str,
     group: str,
     default_endpoints_left: bool,
-    first_goaway: bool = False,
+    goaways: int = 0,
 ) -> Next:
-    """The next step after `failure` on `group`."""
-    if failure is Failure.GOAWAY and first_goaway:
+    """The next step after `failure` on `group` (`goaways`: GOAWAYs met so far)."""
+    if failure is Failure.GOAWAY and goaways <= GOAWAY_RETRIES:
         return Next(group)
     if failure is Failure.TIMEOUT:
         return Next(

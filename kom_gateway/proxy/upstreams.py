@@ -104,6 +104,8 @@ class UpstreamEndpoint:
                 raise ConnectError(f"{self.name}: endpoint removed from the configuration")
             if self._connecting is None:
                 self._connecting = asyncio.get_running_loop().create_task(self._connect())
+                # waiters may all be gone (cancelled): the failure is still observed
+                self._connecting.add_done_callback(lambda t: t.cancelled() or t.exception())
             task = self._connecting
             try:
                 conn = await asyncio.shield(task)
@@ -150,8 +152,8 @@ class UpstreamEndpoint:
             ok = await self.probe(timeout)
             if ok:
                 self.report_success()
-            elif self.healthy:
-                self.report_failure(connect_error=True)
+            else:  # counts toward the threshold; a refused connection already ejected it
+                self.report_failure()
             self._probe_now.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(interval):
