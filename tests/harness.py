@@ -137,7 +137,7 @@ class Stack:
         ports = {name: g.port for name, g in self.sim.groups.items()}
         config = load_config_text(config_text(ports, cutover, extra))
         self.gateway = Gateway(ConfigHolder(config))
-        self.listener = Listener(self.gateway.handle)
+        self.listener = Listener(self.gateway.handle, self.gateway.upgrade)
         self.port = await self.listener.start("127.0.0.1", 0)
         return self
 

@@ -10,11 +10,14 @@ import asyncio
 import hashlib
 import logging
 
+from aiohttp import web
+
 from kom_gateway.config.holder import ConfigHolder, ReloadResult
-from kom_gateway.http.stream import ServerStream
+from kom_gateway.http.stream import Headers, ServerStream
 from kom_gateway.proxy.exchange import Exchange
 from kom_gateway.proxy.headers import status_body, status_headers
 from kom_gateway.proxy.metrics import Metrics
+from kom_gateway.proxy.upgrade import handle_upgrade
 from kom_gateway.proxy.upstreams import UpstreamEndpoint, Upstreams
 from kom_gateway.requestinfo import parse_request
 from kom_gateway.routing.cutover import Client, x509_identity
@@ -43,31 +46,35 @@ class Gateway:
             stream.end()
             self.metrics.requests.labels("none", info.verb, "", "400").inc()
             return
-        decision = active.router.decide(info, self.client_of(stream))
+        decision = active.router.decide(
+            info, self.client_for(stream.headers, stream.remote_addr, stream.peer_cert)
+        )
         exchange = Exchange(self, stream, info, decision, active)
         task = asyncio.get_running_loop().create_task(exchange.run())
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    def client_of(self, stream: ServerStream) -> Client:
+    def client_for(self, headers: Headers, remote_addr: str, peer_cert: dict | None) -> Client:
         """Who is asking, for the cut-over bucket; cached (its bucket and rule memoised)."""
         user_agent = b""
         authorization = b""
-        for name, value in stream.headers:
+        for name, value in headers:
             if name == b"user-agent":
                 user_agent = value
             elif name == b"authorization":
                 authorization = value
-        key = (authorization, stream.remote_addr if not stream.peer_cert else "", user_agent)
-        if stream.peer_cert:
-            key = (authorization, _subject_key(stream.peer_cert), user_agent)
+        who = _subject_key(peer_cert) if peer_cert else remote_addr
+        key = (authorization, who, user_agent)
         client = self._clients.get(key)
         if client is None:
-            client = _new_client(stream, user_agent, authorization)
+            client = _new_client(remote_addr, peer_cert, user_agent, authorization)
             if len(self._clients) >= CLIENT_CACHE_SIZE:
                 self._clients.clear()
             self._clients[key] = client
         return client
+
+    async def upgrade(self, request: web.BaseRequest) -> web.StreamResponse:
+        return await handle_upgrade(self, request)
 
     def reload(self, path: str) -> ReloadResult:
         result = self.holder.reload_file(path)
@@ -97,12 +104,14 @@ def _subject_key(cert: dict) -> str:
     return repr(cert.get("subject", ()))
 
 
-def _new_client(stream: ServerStream, user_agent: bytes, authorization: bytes) -> Client:
+def _new_client(
+    remote_addr: str, peer_cert: dict | None, user_agent: bytes, authorization: bytes
+) -> Client:
     ua = user_agent.decode("latin-1")
-    if stream.peer_cert:
+    if peer_cert:
         common_name = ""
         organizations: list[str] = []
-        for rdn in stream.peer_cert.get("subject", ()):
+        for rdn in peer_cert.get("subject", ()):
             for attr, value in rdn:
                 if attr == "commonName":
                     common_name = value
@@ -111,11 +120,11 @@ def _new_client(stream: ServerStream, user_agent: bytes, authorization: bytes) -
         return Client(
             ua,
             x509_identity(common_name, tuple(organizations)),
-            stream.remote_addr,
+            remote_addr,
             common_name,
             tuple(organizations),
         )
     if authorization[:7].lower() == b"bearer ":
         digest = hashlib.sha256(authorization[7:].strip()).hexdigest()[:32]
-        return Client(ua, f"token:{digest}", stream.remote_addr)
-    return Client(ua, "", stream.remote_addr)
+        return Client(ua, f"token:{digest}", remote_addr)
+    return Client(ua, "", remote_addr)

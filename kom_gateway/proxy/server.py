@@ -35,7 +35,7 @@ async def run_gateway(
     if config.listen_tls is not None:
         tls = config.listen_tls
         ssl_context = server_ssl_context(tls.cert_file, tls.key_file, tls.client_ca_file)
-    listener = Listener(gateway.handle, ssl_context=ssl_context)
+    listener = Listener(gateway.handle, gateway.upgrade, ssl_context=ssl_context)
     listen = options.listen or config.listen
     admin_address = options.admin or config.admin
     port = await listener.start(listen.host, listen.port)

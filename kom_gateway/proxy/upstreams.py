@@ -217,6 +217,7 @@ class Upstreams:
     """All groups' endpoints; kept in step with the configuration on reload."""
 
     def __init__(self, on_health: HealthListener) -> None:
+        self._upgrade_ssl: ssl.SSLContext | None = None
         self.groups: dict[str, list[UpstreamEndpoint]] = {}
         self._by_key: dict[tuple[str, str], UpstreamEndpoint] = {}
         self._on_health = on_health
@@ -224,7 +225,8 @@ class Upstreams:
     def sync(self, config: Config) -> None:
         """Create endpoints new in `config`, keep unchanged ones, close removed ones."""
         settings = H2ClientSettings(connect_timeout=config.timeouts.connect)
-        ssl_context = upstream_ssl_context(config)
+        ssl_context = upstream_ssl_context(config, "h2")
+        self._upgrade_ssl = upstream_ssl_context(config, "http/1.1")
         wanted: dict[tuple[str, str], UpstreamEndpoint] = {}
         groups: dict[str, list[UpstreamEndpoint]] = {}
         for group in config.groups.values():
@@ -251,6 +253,10 @@ class Upstreams:
         self._by_key = wanted
         self.groups = groups
 
+    def upgrade_ssl_context(self, spec: Endpoint) -> ssl.SSLContext | None:
+        """TLS for Upgrade connections: same trust and client cert, ALPN http/1.1."""
+        return self._upgrade_ssl if spec.scheme == "https" else None
+
     def pick(self, group: str, exclude: set[UpstreamEndpoint]) -> UpstreamEndpoint | None:
         """Healthy endpoint of `group` with the fewest requests in flight."""
         best: UpstreamEndpoint | None = None
@@ -269,13 +275,13 @@ class Upstreams:
             await endpoint.close()
 
 
-def upstream_ssl_context(config: Config) -> ssl.SSLContext | None:
+def upstream_ssl_context(config: Config, alpn: str) -> ssl.SSLContext | None:
     if not any(e.scheme == "https" for g in config.groups.values() for e in g.endpoints):
         return None
     tls = config.upstream_tls
     context = ssl.create_default_context(cafile=tls.ca_file)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.set_alpn_protocols(["h2"])
+    context.set_alpn_protocols([alpn])
     if tls.cert_file and tls.key_file:
         context.load_cert_chain(tls.cert_file, tls.key_file)
     return context

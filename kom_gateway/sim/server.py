@@ -370,9 +370,8 @@ class Simulator:
                 content_type="application/json",
                 headers={GROUP_HEADER: group.name},
             )
-        ws = web.WebSocketResponse(
-            protocols=("v5.channel.k8s.io", "v4.channel.k8s.io"), headers={GROUP_HEADER: group.name}
-        )
+        ws = web.WebSocketResponse(protocols=("v5.channel.k8s.io", "v4.channel.k8s.io"))
+        ws.headers[GROUP_HEADER] = group.name
         await ws.prepare(request)
         command = reply.command
         if command[:1] == ["cat"] and reply.stdin:
