@@ -122,6 +122,12 @@ class SimAPI:
             return _json(resources.api_versions())
         if path == "/apis":
             return _json(resources.api_group_list())
+        if path == "/openapi/v3":
+            return _json(resources.openapi_v3_root())
+        if path.startswith("/openapi/v3/"):
+            doc = resources.openapi_v3_document(path[len("/openapi/v3/") :])
+            if doc is not None:
+                return _json(doc)
         parts = path.strip("/").split("/")
         if parts[0] == "api" and len(parts) == 2:
             found = resources.api_resource_list("", parts[1])

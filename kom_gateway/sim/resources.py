@@ -96,3 +96,50 @@ def api_resource_list(group: str, version: str) -> dict | None:
         "groupVersion": gv,
         "resources": resources,
     }
+
+
+def _gv_path(group: str, version: str) -> str:
+    return f"apis/{group}/{version}" if group else f"api/{version}"
+
+
+def openapi_v3_root() -> dict:
+    """`GET /openapi/v3`: where each group-version's document lives."""
+    paths = {}
+    for group, version in sorted({(t.group, t.version) for t in TYPES}):
+        gv = _gv_path(group, version)
+        paths[gv] = {"serverRelativeURL": f"/openapi/v3/{gv}?hash=kom-sim"}
+    return {"paths": paths}
+
+
+def openapi_v3_document(gv_path: str) -> dict | None:
+    """A group-version's OpenAPI v3 document, enough for kubectl: each kind's PATCH
+    operation carries its GVK and the `fieldValidation` query parameter, so kubectl
+    leaves validation to the server (as with a real apiserver)."""
+    types = [t for t in TYPES if _gv_path(t.group, t.version) == gv_path]
+    if not types:
+        return None
+    field_validation = {
+        "name": "fieldValidation",
+        "in": "query",
+        "schema": {"type": "string"},
+        "uniqueItems": True,
+    }
+    paths = {}
+    for t in types:
+        scope = "/namespaces/{namespace}" if t.namespaced else ""
+        gvk = {"group": t.group, "version": t.version, "kind": t.kind}
+        paths[f"/{gv_path}{scope}/{t.resource}/{{name}}"] = {
+            "patch": {
+                "operationId": f"patch{t.kind}",
+                "x-kubernetes-action": "patch",
+                "x-kubernetes-group-version-kind": gvk,
+                "parameters": [field_validation],
+                "responses": {},
+            },
+        }
+    return {
+        "openapi": "3.0.0",
+        "info": {"title": "Kubernetes (kom-gateway sim)", "version": "v1.31.0"},
+        "paths": paths,
+        "components": {"schemas": {}},
+    }
