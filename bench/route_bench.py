@@ -37,16 +37,28 @@ MIX: list[tuple[str, str, str]] = [
     ("PUT", "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/node-17", KUBELET),
     ("PATCH", "/api/v1/nodes/node-17/status", KUBELET),
     ("PATCH", "/api/v1/namespaces/team-a/pods/web-7d9f-abcde/status", KUBELET),
-    ("GET", "/api/v1/pods?fieldSelector=spec.nodeName%3Dnode-17&resourceVersion=12345&"
-     "allowWatchBookmarks=true&timeoutSeconds=431&watch=true", KUBELET),
-    ("GET", "/api/v1/namespaces/team-a/configmaps?fieldSelector=metadata.name%3Dapp-config"
-     "&limit=500&resourceVersion=0", KUBELET),
+    (
+        "GET",
+        "/api/v1/pods?fieldSelector=spec.nodeName%3Dnode-17&resourceVersion=12345&"
+        "allowWatchBookmarks=true&timeoutSeconds=431&watch=true",
+        KUBELET,
+    ),
+    (
+        "GET",
+        "/api/v1/namespaces/team-a/configmaps?fieldSelector=metadata.name%3Dapp-config"
+        "&limit=500&resourceVersion=0",
+        KUBELET,
+    ),
     ("GET", "/api/v1/namespaces/team-a/secrets/db-password", KUBELET),
     ("POST", "/api/v1/namespaces/team-a/events", KUBELET),
     ("POST", "/api/v1/namespaces/team-a/pods/web-7d9f-abcde/binding", SCHEDULER),
     ("GET", "/api/v1/pods?limit=500&resourceVersion=0", SCHEDULER),
-    ("GET", "/apis/apps/v1/replicasets?allowWatchBookmarks=true&resourceVersion=991&"
-     "timeoutSeconds=350&watch=true", KCM),
+    (
+        "GET",
+        "/apis/apps/v1/replicasets?allowWatchBookmarks=true&resourceVersion=991&"
+        "timeoutSeconds=350&watch=true",
+        KCM,
+    ),
     ("PUT", "/apis/apps/v1/namespaces/team-a/deployments/web/status", KCM),
     ("POST", "/apis/events.k8s.io/v1/namespaces/team-a/events", KCM),
     ("GET", "/api/v1/namespaces/team-a/pods/web-7d9f-abcde/log?follow=true", KUBECTL),
@@ -74,8 +86,10 @@ def main() -> int:
     args = parser.parse_args()
 
     router = load_config_file(args.config).router()
-    clients = {ua: Client(ua, identity=f"x509:CN={ua.split('/')[0]}") for ua in
-               (KUBELET, SCHEDULER, KCM, KUBECTL)}
+    clients = {
+        ua: Client(ua, identity=f"x509:CN={ua.split('/')[0]}")
+        for ua in (KUBELET, SCHEDULER, KCM, KUBECTL)
+    }
     items = [(m, t, clients[ua]) for m, t, ua in MIX]
 
     def baseline(method: str, target: str, client: Client) -> None:
@@ -91,8 +105,12 @@ def main() -> int:
         fresh = Client(client.user_agent, client.identity)
         return router.decide(parse_request(method, target), fresh)
 
-    cases = {"baseline": baseline, "parse": parse, "route-warm": route_warm,
-             "route-cold": route_cold}
+    cases = {
+        "baseline": baseline,
+        "parse": parse,
+        "route-warm": route_warm,
+        "route-cold": route_cold,
+    }
     samples: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(args.repeats):  # interleave cases so machine noise hits all alike
         for name, fn in cases.items():
@@ -100,12 +118,16 @@ def main() -> int:
 
     medians = {name: statistics.median(values) for name, values in samples.items()}
     base = medians["baseline"]
-    print(f"python {platform.python_version()} on {platform.machine()}, "
-          f"{args.repeats} repeats x {args.iterations} calls, mix of {len(MIX)} requests")
+    print(
+        f"python {platform.python_version()} on {platform.machine()}, "
+        f"{args.repeats} repeats x {args.iterations} calls, mix of {len(MIX)} requests"
+    )
     print(f"{'case':<12} {'median ns':>10} {'min ns':>8} {'max ns':>8} {'x baseline':>11}")
     for name, values in samples.items():
-        print(f"{name:<12} {medians[name]:>10.0f} {min(values):>8.0f} {max(values):>8.0f} "
-              f"{medians[name] / base:>11.1f}")
+        print(
+            f"{name:<12} {medians[name]:>10.0f} {min(values):>8.0f} {max(values):>8.0f} "
+            f"{medians[name] / base:>11.1f}"
+        )
     print(json.dumps({"median_ns": {k: round(v) for k, v in medians.items()}}))
     return 0
 

@@ -89,6 +89,8 @@ Who served what (updates live; Ctrl-C to stop):""",
             await asyncio.sleep(1.0)
             for name, group in sim.groups.items():
                 for key, count in sorted(group.served.items()):
+                    if key == "get /readyz":  # the gateway's own health probes
+                        continue
                     seen = last.get(f"{name}|{key}", 0)
                     if count > seen:
                         print(f"  {name:<8} <- {key}  (+{count - seen}, total {count})", flush=True)

@@ -255,7 +255,7 @@ def test_watch_sees_every_event_while_its_group_is_killed_and_restarted(cluster)
     """An informer-style loop (re-watch from the last resourceVersion on a clean end)
     misses nothing: the gateway ends the broken watch cleanly, the re-watch falls back
     to default, which shares the store, so the resourceVersion is still valid."""
-    kubernetes, api = _kubernetes_client(cluster)
+    _kubernetes, api = _kubernetes_client(cluster)
     rv = api.list_namespaced_pod("default").metadata.resource_version
     seen: set[str] = set()
     groups: list[str] = []
