@@ -115,6 +115,9 @@ http {{
   client_body_temp_path {root}/tmp; proxy_temp_path {root}/tmp; fastcgi_temp_path {root}/tmp;
   uwsgi_temp_path {root}/tmp; scgi_temp_path {root}/tmp;
   http2_max_concurrent_streams 1000;
+  http2_max_requests 100000000;  # no periodic GOAWAY: keep the upstream neutral
+  http2_chunk_size 16k;  # Go's default DATA frame size
+  keepalive_requests 100000000;
   server {{
     listen 127.0.0.1:{port} http2;
     default_type application/json;
@@ -128,7 +131,7 @@ http {{
 HAPROXY = """
 global
   nbthread 1
-  maxconn 20000
+  maxconn 5000
 defaults
   mode http
   timeout connect 5s
@@ -270,6 +273,7 @@ def main() -> int:
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is needed: apt-get install nginx-light haproxy nghttp2-client curl")
     root = Path(tempfile.mkdtemp(prefix="kom-bench-"))
+    root.chmod(0o755)  # nginx workers run unprivileged and must read the canned files
     (root / "tmp").mkdir()
     write_upstream_files(root)
     up, hp, gp, ga = free_port(), free_port(), free_port(), free_port()

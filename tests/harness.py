@@ -148,6 +148,9 @@ class Stack:
         self.clients.append(client)
         return client
 
+    def store_watchers(self) -> int:
+        return len(self.sim.store.watchers)
+
     def served(self, group: str) -> int:
         return sum(self.sim.groups[group].served.values())
 

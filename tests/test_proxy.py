@@ -39,6 +39,32 @@ async def test_requests_land_on_their_groups(stack):
     assert legacy.json()["metadata"]["name"] == "p1"  # one shared store
 
 
+async def test_completed_requests_are_counted_with_their_status(stack):
+    c = await stack.client()
+    assert (await c.request("GET", "/api/v1/nodes")).status == 200
+    assert (await c.request("GET", "/api/v1/nodes/missing")).status == 404
+    await asyncio.sleep(0.05)
+    requests = stack.gateway.metrics.requests
+    assert requests.labels("config", "list", "nodes", "200")._value.get() == 1
+    assert requests.labels("config", "get", "nodes", "404")._value.get() == 1
+    assert requests.labels("config", "list", "nodes", "499")._value.get() == 0
+
+
+async def test_client_going_away_cancels_upstream(stack):
+    c = await stack.client()
+    watch = c.open("GET", "/api/v1/namespaces/default/pods?watch=1")
+    await watch.got_headers.wait()
+    assert stack.gateway.metrics.watches.labels("pod")._value.get() == 1
+    watch.stream.cancel()
+    for _ in range(50):
+        if not stack.store_watchers():
+            break
+        await asyncio.sleep(0.05)
+    assert not stack.store_watchers()  # the simulator's watch was cancelled too
+    assert stack.gateway.metrics.watches.labels("pod")._value.get() == 0
+    assert stack.gateway.metrics.requests.labels("pod", "watch", "pods", "200")._value.get() == 1
+
+
 async def test_http11_clients_are_routed_and_streamed(stack):
     async with aiohttp.ClientSession(headers={"User-Agent": "kubectl/v1.31"}) as session:
         base = f"http://127.0.0.1:{stack.port}"

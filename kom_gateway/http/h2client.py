@@ -30,6 +30,7 @@ from h2.errors import ErrorCodes
 
 from kom_gateway.http.h2conn import (
     STREAM_GONE,
+    CoalescedWrites,
     PendingData,
     make_connection,
     open_connection_window,
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 class H2ClientSettings:
     stream_window: int = 256 * 1024
     max_streams_assumed: int = 100  # kube-apiserver default; sizes the connection window
-    max_frame_size: int = 16384
+    max_frame_size: int = 256 * 1024  # as kube-apiserver advertises: fewer, larger frames
     connect_timeout: float = 5.0
     ping_interval: float = 30.0  # as client-go: PING after 30 s of silence
     ping_timeout: float = 15.0
@@ -95,7 +96,7 @@ class ClientStream:
         self._conn._cancel(self.stream_id)
 
 
-class H2ClientConnection(asyncio.Protocol):
+class H2ClientConnection(CoalescedWrites, asyncio.Protocol):
     def __init__(
         self,
         settings: H2ClientSettings,
@@ -107,6 +108,7 @@ class H2ClientConnection(asyncio.Protocol):
             max_concurrent_streams=1000,  # streams the server may push: none (push disabled)
             initial_window=settings.stream_window,
             max_frame_size=settings.max_frame_size,
+            validate_inbound=False,  # apiservers are trusted; clients are validated downstream
         )
         self.streams: dict[int, ClientStream] = {}
         self._blocked: set[int] = set()
@@ -355,10 +357,6 @@ class H2ClientConnection(asyncio.Protocol):
                 return
 
     def close(self) -> None:
+        self._flush_now()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
-
-    def _write_out(self) -> None:
-        data = self.conn.data_to_send()
-        if data and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)

@@ -22,6 +22,7 @@ from h2.errors import ErrorCodes
 
 from kom_gateway.http.h2conn import (
     STREAM_GONE,
+    CoalescedWrites,
     make_connection,
     open_connection_window,
     send_pending,
@@ -107,7 +108,7 @@ class H2ServerStream(ServerStream):
         self._conn.reset_stream(self.stream_id, ErrorCodes.INTERNAL_ERROR)
 
 
-class H2ServerProtocol(asyncio.Protocol):
+class H2ServerProtocol(CoalescedWrites, asyncio.Protocol):
     """One downstream HTTP/2 connection."""
 
     def __init__(
@@ -295,11 +296,7 @@ class H2ServerProtocol(asyncio.Protocol):
                 GOAWAY_LINGER_SECONDS, self._close_transport
             )
 
-    def _write_out(self) -> None:
-        data = self.conn.data_to_send()
-        if data and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
-
     def _close_transport(self) -> None:
+        self._flush_now()  # a GOAWAY or RST queued just before must still go out
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()

@@ -43,10 +43,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class _ClientGone(Exception):
-    pass
-
-
 _FAILURE_OF_RESET = {
     RESET_GOAWAY: Failure.GOAWAY,
     RESET_REFUSED: Failure.REFUSED,
@@ -67,7 +63,8 @@ class _Attempt:
         self.headers: asyncio.Future[tuple[int, Headers] | Failure] = loop.create_future()
         self.done: asyncio.Future[None] = loop.create_future()
         self.upstream: ClientStream | None = None
-        self.received = exchange.gateway.metrics.received_bytes.labels(group)
+        metrics = exchange.gateway.metrics
+        self.received = metrics.child(metrics.received_bytes, group)
 
     def send_chunk(self, chunk: list) -> None:
         """Forward a request-body chunk; acknowledge it to the client once sent upstream."""
@@ -96,6 +93,7 @@ class _Attempt:
         self.exchange.stream.write(data, lambda: upstream.ack(flow_len))
 
     def on_end(self) -> None:
+        self.exchange.completed = True
         self.exchange.stream.end()
         if not self.headers.done():  # ended without headers: treat as a reset
             self.headers.set_result(Failure.RESET_BEFORE_HEADERS)
@@ -116,6 +114,7 @@ class _Attempt:
         # The response had started: never write an error into a 200 stream. A watch ends
         # cleanly (the client re-watches and lands on a healthy group); anything else is
         # reset so the client sees the break instead of a truncated body.
+        self.exchange.completed = True
         if self.exchange.info.verb == "watch":
             self.exchange.stream.end()
         else:
@@ -145,7 +144,9 @@ class Exchange:
         self.attempt: _Attempt | None = None
         self.answered_by = decision.target
         self.status = 0
-        self._gone = asyncio.get_running_loop().create_future()
+        self.task: asyncio.Task[None] | None = None  # set by the gateway
+        self.completed = False  # the client's response has been ended (or reset) by us
+        self._finished = False
 
     # -- BodyConsumer ----------------------------------------------------------------------
     def on_body(self, data: bytes, flow_len: int) -> None:
@@ -169,6 +170,7 @@ class Exchange:
 
     def _fail_body_too_large(self) -> None:
         limit = self.active.config.limits.max_request_body_bytes
+        self.completed = True
         if not self.stream.response_started:
             self._respond(
                 413,
@@ -187,7 +189,7 @@ class Exchange:
         stream.set_body_consumer(self)
         metrics = self.gateway.metrics
         kind = "long-running" if self.info.is_long_running else "short"
-        in_flight = metrics.in_flight.labels(self.decision.target, kind)
+        in_flight = metrics.child(metrics.in_flight, self.decision.target, kind)
         in_flight.inc()
         started = time.monotonic()
         timeout = None if self.info.is_long_running else self.active.config.timeouts.request
@@ -195,6 +197,7 @@ class Exchange:
             async with asyncio.timeout(timeout):
                 await self._carry()
         except TimeoutError:
+            self.completed = True
             self._abort_upstream()
             if not stream.response_started:
                 self._respond(
@@ -205,7 +208,7 @@ class Exchange:
                 )
             else:
                 stream.reset()
-        except _ClientGone:
+        except asyncio.CancelledError:  # the client went away (or the gateway stops)
             self._abort_upstream()
             self.status = self.status or 499  # client closed the request
         except Exception:
@@ -216,12 +219,17 @@ class Exchange:
             else:
                 stream.reset()
         finally:
+            self._finished = True
             in_flight.dec()
-            metrics.requests.labels(
-                self.answered_by, self.info.verb, self.info.resource, str(self.status)
+            metrics.child(
+                metrics.requests,
+                self.answered_by,
+                self.info.verb,
+                self.info.resource,
+                str(self.status),
             ).inc()
             if not self.info.is_long_running:
-                metrics.duration.labels(self.answered_by, self.info.verb).observe(
+                metrics.child(metrics.duration, self.answered_by, self.info.verb).observe(
                     time.monotonic() - started
                 )
 
@@ -260,9 +268,9 @@ class Exchange:
     async def _try(self, endpoint: UpstreamEndpoint, group: str) -> Failure | None:
         """One attempt; None when the response was carried (whatever its status)."""
         try:
-            conn = await self._wait(endpoint.connection())
+            conn = await endpoint.connection()
             while not conn.has_capacity():  # it filled up, or got GOAWAY, while we waited
-                conn = await self._wait(endpoint.connection())
+                conn = await endpoint.connection()
         except ConnectError as exc:
             log.info("connect to %s (%s) failed: %s", endpoint.name, group, exc)
             return Failure.CONNECT
@@ -286,7 +294,7 @@ class Exchange:
                     attempt.send_chunk(chunk)
                 if self.body_ended:
                     attempt.upstream.end()
-            outcome = await self._wait(attempt.headers)
+            outcome = await attempt.headers
             if isinstance(outcome, Failure):
                 if not outcome.unsent:  # "not processed, try again" is not ill health
                     endpoint.report_failure()
@@ -295,7 +303,7 @@ class Exchange:
             if is_watch:
                 self.gateway.metrics.watches.labels(group).inc()
             try:
-                await self._wait(attempt.done)
+                await attempt.done
             finally:
                 if is_watch:
                     self.gateway.metrics.watches.labels(group).dec()
@@ -311,25 +319,22 @@ class Exchange:
         self.body = None  # no replay from here on
         self.stream.start_response(status, downstream_response_headers(headers))
 
-    async def _wait(self, awaitable: object) -> object:
-        """Await `awaitable` unless the client goes away first."""
-        task = asyncio.ensure_future(awaitable)  # type: ignore[arg-type]
-        await asyncio.wait((task, self._gone), return_when=asyncio.FIRST_COMPLETED)
-        if not task.done():
-            task.cancel()
-            raise _ClientGone()
-        return task.result()
-
     def _client_closed(self) -> None:
-        if not self._gone.done():
-            self._gone.set_result(None)
+        """The client went away: stop waiting on its behalf (and cancel upstream)."""
+        if self.completed or self._finished:
+            return
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
 
     def _abort_upstream(self) -> None:
+        """RST the upstream stream (a no-op if it already ended). Not keyed on
+        `attempt.done`: cancelling the task cancels that future too."""
         attempt = self.attempt
-        if attempt is not None and attempt.upstream is not None and not attempt.done.done():
+        if attempt is not None and attempt.upstream is not None:
             attempt.upstream.cancel()
 
     def _respond(self, status: int, reason: str, message: str, retry_after: int | None) -> None:
+        self.completed = True
         self.status = status
         body = status_body(status, reason, message)
         self.stream.start_response(status, status_headers(body, retry_after))

@@ -51,6 +51,7 @@ class Gateway:
         )
         exchange = Exchange(self, stream, info, decision, active)
         task = asyncio.get_running_loop().create_task(exchange.run())
+        exchange.task = task
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
