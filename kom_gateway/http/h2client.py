@@ -30,7 +30,7 @@ from h2.errors import ErrorCodes
 
 from kom_gateway.http.h2conn import (
     STREAM_GONE,
-    CoalescedWrites,
+    H2TransportMixin,
     PendingData,
     make_connection,
     open_connection_window,
@@ -83,11 +83,11 @@ class ClientStream:
 
     def send_data(self, data: bytes, on_flushed: Flushed | None = None) -> None:
         self.pending.append((data, on_flushed))
-        self._conn._flush(self)
+        self._conn.flush_stream(self)
 
     def end(self) -> None:
         self.end_when_flushed = True
-        self._conn._flush(self)
+        self._conn.flush_stream(self)
 
     def ack(self, flow_len: int) -> None:
         self._conn._ack(self.stream_id, flow_len)
@@ -96,7 +96,7 @@ class ClientStream:
         self._conn._cancel(self.stream_id)
 
 
-class H2ClientConnection(CoalescedWrites, asyncio.Protocol):
+class H2ClientConnection(H2TransportMixin, asyncio.Protocol):
     def __init__(
         self,
         settings: H2ClientSettings,
@@ -186,16 +186,6 @@ class H2ClientConnection(CoalescedWrites, asyncio.Protocol):
                 log.exception("handling %s failed", type(event).__name__)
         self._write_out()
 
-    def pause_writing(self) -> None:
-        self._paused = True
-
-    def resume_writing(self) -> None:
-        self._paused = False
-        for stream_id in list(self._blocked):
-            stream = self.streams.get(stream_id)
-            if stream is not None:
-                self._flush(stream)
-
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if not self.ready.done():
@@ -251,7 +241,7 @@ class H2ClientConnection(CoalescedWrites, asyncio.Protocol):
             for stream_id in targets:
                 stream = self.streams.get(stream_id)
                 if stream is not None and stream.pending:
-                    self._flush(stream)
+                    self.flush_stream(stream)
         elif isinstance(event, h2.events.RemoteSettingsChanged):
             if not self.ready.done():
                 self.ready.set_result(None)
@@ -296,7 +286,7 @@ class H2ClientConnection(CoalescedWrites, asyncio.Protocol):
         self._write_out()
         return stream
 
-    def _flush(self, stream: ClientStream) -> None:
+    def flush_stream(self, stream: ClientStream) -> None:
         if self._paused:
             self._blocked.add(stream.stream_id)
             return

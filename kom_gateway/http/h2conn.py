@@ -102,13 +102,34 @@ def make_connection(
     return conn
 
 
-class CoalescedWrites:
-    """Hands h2's output to the transport once per event-loop turn, so the frames that
-    one read produces (or many streams queue) leave in a single write."""
+class H2TransportMixin:
+    """Transport-side behaviour both HTTP/2 ends share.
+
+    h2's output goes to the transport once per event-loop turn, so the frames that one
+    read produces (or many streams queue) leave in a single write. While the transport
+    is paused (its buffer is full), streams with data wait in `_blocked` and are flushed
+    on resume.
+    """
 
     conn: h2.connection.H2Connection
     transport: Any
+    streams: dict[int, Any]
+    _blocked: set[int]
+    _paused: bool
     _flush_handle: asyncio.Handle | None = None
+
+    def flush_stream(self, stream: Any) -> None:
+        raise NotImplementedError
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        for stream_id in list(self._blocked):
+            stream = self.streams.get(stream_id)
+            if stream is not None:
+                self.flush_stream(stream)
 
     def _write_out(self) -> None:
         if self._flush_handle is None and self.transport is not None:

@@ -22,7 +22,7 @@ from h2.errors import ErrorCodes
 
 from kom_gateway.http.h2conn import (
     STREAM_GONE,
-    CoalescedWrites,
+    H2TransportMixin,
     make_connection,
     open_connection_window,
     send_pending,
@@ -108,7 +108,7 @@ class H2ServerStream(ServerStream):
         self._conn.reset_stream(self.stream_id, ErrorCodes.INTERNAL_ERROR)
 
 
-class H2ServerProtocol(CoalescedWrites, asyncio.Protocol):
+class H2ServerProtocol(H2TransportMixin, asyncio.Protocol):
     """One downstream HTTP/2 connection."""
 
     def __init__(
@@ -162,16 +162,6 @@ class H2ServerProtocol(CoalescedWrites, asyncio.Protocol):
         for event in events:
             self._dispatch(event)
         self._write_out()
-
-    def pause_writing(self) -> None:
-        self._paused = True
-
-    def resume_writing(self) -> None:
-        self._paused = False
-        for stream_id in list(self._blocked):
-            stream = self.streams.get(stream_id)
-            if stream is not None:
-                self.flush_stream(stream)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._linger is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from kom_gateway.http.stream import Headers
+from kom_gateway.kubestatus import status_object
 
 # RFC 9110 §7.6.1 connection-specific headers; HTTP/2 forbids them outright.
 HOP_BY_HOP = frozenset(
@@ -57,17 +58,7 @@ def downstream_response_headers(headers: Headers) -> Headers:
 
 def status_body(code: int, reason: str, message: str) -> bytes:
     """A metav1.Status, as kube-apiserver writes errors (clients parse these)."""
-    return json.dumps(
-        {
-            "kind": "Status",
-            "apiVersion": "v1",
-            "metadata": {},
-            "status": "Failure",
-            "message": message,
-            "reason": reason,
-            "code": code,
-        }
-    ).encode()
+    return json.dumps(status_object(code, reason, message)).encode()
 
 
 def status_headers(body: bytes, retry_after: int | None = None) -> Headers:

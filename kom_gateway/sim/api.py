@@ -15,6 +15,7 @@ from urllib.parse import parse_qsl
 
 import yaml
 
+from kom_gateway.kubestatus import status_object
 from kom_gateway.requestinfo import RequestInfo, parse_request
 from kom_gateway.sim import resources
 from kom_gateway.sim.resources import ResourceType
@@ -77,18 +78,7 @@ class ExecReply:
 
 
 def status_reply(code: int, reason: str, message: str, details: dict | None = None) -> Reply:
-    body: dict[str, Any] = {
-        "kind": "Status",
-        "apiVersion": "v1",
-        "metadata": {},
-        "status": "Failure",
-        "message": message,
-        "reason": reason,
-        "code": code,
-    }
-    if details:
-        body["details"] = details
-    return Reply(code, json.dumps(body).encode())
+    return Reply(code, json.dumps(status_object(code, reason, message, details)).encode())
 
 
 def _json(obj: Any, status: int = 200) -> Reply:
