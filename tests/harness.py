@@ -124,8 +124,8 @@ class Client:
 
 
 class Stack:
-    def __init__(self) -> None:
-        self.sim = Simulator(bookmark_interval=0.2)
+    def __init__(self, sim_h2_settings=None) -> None:
+        self.sim = Simulator(bookmark_interval=0.2, h2_settings=sim_h2_settings)
         self.listener: Listener | None = None
         self.gateway: Gateway | None = None
         self.port = 0

@@ -10,6 +10,12 @@ from harness import FAST_HEALTH, Collector, Stack
 POD = json.dumps({"metadata": {"name": "p1"}, "spec": {"containers": [{"name": "c", "image": "x"}]}}).encode()
 
 
+async def wait_for(event: asyncio.Event, seconds: float = 10) -> None:
+    """Every wait in these tests is bounded: a stall fails, it never hangs CI."""
+    async with asyncio.timeout(seconds):
+        await event.wait()
+
+
 @pytest.fixture
 async def stack():
     s = await Stack().start()
@@ -53,7 +59,7 @@ async def test_completed_requests_are_counted_with_their_status(stack):
 async def test_client_going_away_cancels_upstream(stack):
     c = await stack.client()
     watch = c.open("GET", "/api/v1/namespaces/default/pods?watch=1")
-    await watch.got_headers.wait()
+    await wait_for(watch.got_headers)
     assert stack.gateway.metrics.watches.labels("pod")._value.get() == 1
     watch.stream.cancel()
     for _ in range(50):
@@ -150,14 +156,14 @@ async def test_list_broken_mid_body_is_reset_not_truncated(stack):
 async def test_watch_ends_cleanly_when_its_group_dies_then_rewatch_lands_on_default(stack):
     c = await stack.client()
     watch = c.open("GET", "/api/v1/namespaces/default/pods?watch=1&allowWatchBookmarks=true")
-    await watch.got_headers.wait()
+    await wait_for(watch.got_headers)
     assert watch.headers[b"x-kom-sim-group"] == b"pod"
     await stack.sim.set_down("pod", True)
     async with asyncio.timeout(5):
         await watch.done
     assert not watch.reset  # clean end: the client re-watches
     again = c.open("GET", "/api/v1/namespaces/default/pods?watch=1")
-    await again.got_headers.wait()
+    await wait_for(again.got_headers)
     assert again.headers[b"x-kom-sim-group"] == b"default"
     again.stream.cancel()
 
@@ -165,7 +171,7 @@ async def test_watch_ends_cleanly_when_its_group_dies_then_rewatch_lands_on_defa
 async def test_upstream_goaway_lets_running_watch_finish(stack):
     c = await stack.client()
     watch = c.open("GET", "/api/v1/namespaces/default/pods?watch=1")
-    await watch.got_headers.wait()
+    await wait_for(watch.got_headers)
     for protocol in list(stack.sim.groups["pod"].listener.h2_connections):
         protocol.goaway()  # graceful: last stream id = the watch's
     await asyncio.sleep(0.1)
@@ -222,7 +228,7 @@ async def test_stalled_reader_stalls_only_itself_and_buffers_little(stack):
         body = json.dumps({"metadata": {"name": f"big{i}"}, "data": {"blob": blob}}).encode()
         assert (await c.request("POST", "/api/v1/namespaces/default/configmaps", body=body)).status == 201
     stalled = c.open("GET", "/api/v1/namespaces/default/configmaps", collector=Collector(auto_ack=False))
-    await stalled.got_data.wait()
+    await wait_for(stalled.got_data)
     await asyncio.sleep(0.3)
     # other streams on the same client connection, and on the same upstream connection
     other = await stack.client()

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 class H2ClientSettings:
     stream_window: int = 256 * 1024
     max_streams_assumed: int = 100  # kube-apiserver default; sizes the connection window
-    max_frame_size: int = 256 * 1024  # as kube-apiserver advertises: fewer, larger frames
+    max_frame_size: int = 16384
     connect_timeout: float = 5.0
     ping_interval: float = 30.0  # as client-go: PING after 30 s of silence
     ping_timeout: float = 15.0
@@ -117,9 +117,6 @@ class H2ClientConnection(H2TransportMixin, asyncio.Protocol):
         self.closed = False
         self.draining = False  # GOAWAY received (or sent): no new streams
         self._paused = False
-        self._last_read = time.monotonic()
-        self._ping_task: asyncio.Task[None] | None = None
-        self._ping_ack: asyncio.Future[None] | None = None
         self._on_idle = on_idle
 
     @classmethod
@@ -168,7 +165,7 @@ class H2ClientConnection(H2TransportMixin, asyncio.Protocol):
             self.conn, self.settings.stream_window * self.settings.max_streams_assumed
         )
         self._write_out()
-        self._ping_task = asyncio.get_running_loop().create_task(self._keepalive())
+        self._start_keepalive(self.settings.ping_interval, self.settings.ping_timeout, "upstream")
 
     def data_received(self, data: bytes) -> None:
         self._last_read = time.monotonic()
@@ -191,8 +188,7 @@ class H2ClientConnection(H2TransportMixin, asyncio.Protocol):
         if not self.ready.done():
             self.ready.set_exception(ConnectionError(str(exc) if exc else "connection closed"))
             self.ready.exception()  # connect() re-raises it; nobody else needs to
-        if self._ping_task is not None:
-            self._ping_task.cancel()
+        self._stop_keepalive()
         streams, self.streams = self.streams, {}
         for stream in streams.values():
             stream.listener.on_reset(RESET_BROKEN, "upstream connection lost")
@@ -246,8 +242,7 @@ class H2ClientConnection(H2TransportMixin, asyncio.Protocol):
             if not self.ready.done():
                 self.ready.set_result(None)
         elif isinstance(event, h2.events.PingAckReceived):
-            if self._ping_ack is not None and not self._ping_ack.done():
-                self._ping_ack.set_result(None)
+            self._ping_acked()
         elif isinstance(event, h2.events.ConnectionTerminated):
             self._goaway(event.last_stream_id or 0, event.error_code)
 
@@ -324,28 +319,6 @@ class H2ClientConnection(H2TransportMixin, asyncio.Protocol):
         self._maybe_finish()
 
     # -- lifecycle -----------------------------------------------------------------------
-    async def _keepalive(self) -> None:
-        interval, timeout = self.settings.ping_interval, self.settings.ping_timeout
-        loop = asyncio.get_running_loop()
-        while not self.closed:
-            idle = time.monotonic() - self._last_read
-            if idle < interval:
-                await asyncio.sleep(interval - idle)
-                continue
-            self._ping_ack = loop.create_future()
-            try:
-                self.conn.ping(b"komgw\x00\x00\x00")
-            except h2.exceptions.ProtocolError:
-                return
-            self._write_out()
-            try:
-                async with asyncio.timeout(timeout):
-                    await self._ping_ack
-            except TimeoutError:
-                log.warning("upstream did not answer PING within %ss: closing", timeout)
-                self.close()
-                return
-
     def close(self) -> None:
         self._flush_now()
         if self.transport is not None and not self.transport.is_closing():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +33,8 @@ def _memoize_huffman_decoding() -> None:
 
 
 _memoize_huffman_decoding()
+
+log = logging.getLogger(__name__)
 
 # What h2 raises when a stream is already gone (reset, ended, never existed).
 STREAM_GONE = (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError)
@@ -120,6 +124,52 @@ class H2TransportMixin:
 
     def flush_stream(self, stream: Any) -> None:
         raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    # -- PING keepalive: after `interval` s without a frame from the peer, PING it; no
+    # ACK within `timeout` s means the peer is gone (half-open TCP): close, which fails
+    # or cancels every stream on the connection.
+    _last_read: float = 0.0
+    _ping_ack: asyncio.Future[None] | None = None
+    _keepalive_task: asyncio.Task[None] | None = None
+
+    def _start_keepalive(self, interval: float, timeout: float, peer: str) -> None:
+        self._last_read = time.monotonic()
+        if interval > 0:
+            self._keepalive_task = asyncio.get_running_loop().create_task(
+                self._keepalive(interval, timeout, peer)
+            )
+
+    def _stop_keepalive(self) -> None:
+        if self._keepalive_task is not None:
+            self._keepalive_task.cancel()
+
+    def _ping_acked(self) -> None:
+        if self._ping_ack is not None and not self._ping_ack.done():
+            self._ping_ack.set_result(None)
+
+    async def _keepalive(self, interval: float, timeout: float, peer: str) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            idle = time.monotonic() - self._last_read
+            if idle < interval:
+                await asyncio.sleep(interval - idle)
+                continue
+            self._ping_ack = loop.create_future()
+            try:
+                self.conn.ping(b"komgw\x00\x00\x00")
+            except h2.exceptions.ProtocolError:
+                return
+            self._write_out()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._ping_ack
+            except TimeoutError:
+                log.warning("%s did not answer PING within %ss: closing", peer, timeout)
+                self.close()
+                return
 
     def pause_writing(self) -> None:
         self._paused = True

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ class H2ServerSettings:
     initial_window: int = 256 * 1024  # per stream, for request bodies
     max_frame_size: int = 16384
     max_header_list_size: int = 1 << 20  # kube-apiserver's 1 MiB
+    ping_interval: float = 30.0  # PING a client silent this long (0: never)
+    ping_timeout: float = 15.0  # ...and close its connection if it does not answer
 
 
 StreamHandler = Callable[[ServerStream], None]
@@ -145,6 +148,9 @@ class H2ServerProtocol(H2TransportMixin, asyncio.Protocol):
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
             self.peer_cert = ssl_object.getpeercert() or None
+        self._start_keepalive(
+            self.settings.ping_interval, self.settings.ping_timeout, f"client {self.remote_addr}"
+        )
         self.conn.initiate_connection()
         open_connection_window(
             self.conn, self.settings.initial_window * self.settings.max_concurrent_streams
@@ -152,6 +158,7 @@ class H2ServerProtocol(H2TransportMixin, asyncio.Protocol):
         self._write_out()
 
     def data_received(self, data: bytes) -> None:
+        self._last_read = time.monotonic()
         try:
             events = self.conn.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
@@ -164,6 +171,7 @@ class H2ServerProtocol(H2TransportMixin, asyncio.Protocol):
         self._write_out()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_keepalive()
         if self._linger is not None:
             self._linger.cancel()
         streams, self.streams = self.streams, {}
@@ -212,6 +220,8 @@ class H2ServerProtocol(H2TransportMixin, asyncio.Protocol):
                     self.flush_stream(stream)
         elif isinstance(event, h2.events.StreamReset):
             self._forget(event.stream_id)
+        elif isinstance(event, h2.events.PingAckReceived):
+            self._ping_acked()
         elif isinstance(event, h2.events.ConnectionTerminated):
             self._close_transport()
 
@@ -285,6 +295,9 @@ class H2ServerProtocol(H2TransportMixin, asyncio.Protocol):
             self._linger = asyncio.get_running_loop().call_later(
                 GOAWAY_LINGER_SECONDS, self._close_transport
             )
+
+    def close(self) -> None:
+        self._close_transport()
 
     def _close_transport(self) -> None:
         self._flush_now()  # a GOAWAY or RST queued just before must still go out

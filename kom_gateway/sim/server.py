@@ -20,7 +20,7 @@ from urllib.parse import parse_qsl
 from aiohttp import WSMsgType, web
 from h2.errors import ErrorCodes
 
-from kom_gateway.http.h2server import H2ServerStream
+from kom_gateway.http.h2server import H2ServerSettings, H2ServerStream
 from kom_gateway.http.listener import Listener
 from kom_gateway.http.stream import BodyTooLarge, ServerStream, StreamClosed
 from kom_gateway.requestinfo import parse_request
@@ -72,7 +72,13 @@ class SimGroup:
 
 
 class Simulator:
-    def __init__(self, store: Store | None = None, bookmark_interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        store: Store | None = None,
+        bookmark_interval: float = 1.0,
+        h2_settings: H2ServerSettings | None = None,
+    ) -> None:
+        self.h2_settings = h2_settings  # e.g. a small MAX_CONCURRENT_STREAMS
         self.store = store or Store()
         self.api = SimAPI(self.store, bookmark_interval)
         self.groups: dict[str, SimGroup] = {}
@@ -90,7 +96,9 @@ class Simulator:
 
     async def _listen(self, group: SimGroup) -> None:
         listener = Listener(
-            lambda stream: self._spawn(group, stream), lambda request: self._upgrade(group, request)
+            lambda stream: self._spawn(group, stream),
+            lambda request: self._upgrade(group, request),
+            self.h2_settings,
         )
         group.port = await listener.start(group.host, group.port)
         group.listener = listener

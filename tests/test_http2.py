@@ -1,0 +1,56 @@
+"""HTTP/2 connection behaviour: keepalive PINGs and upstream pool growth."""
+
+import asyncio
+import socket
+
+import h2.config
+import h2.connection
+from harness import Stack
+
+from kom_gateway.http.h2client import H2ClientConnection, H2ClientSettings
+from kom_gateway.http.h2server import H2ServerSettings
+from kom_gateway.http.listener import Listener
+
+
+async def test_server_pings_silent_clients_and_closes_dead_ones():
+    listener = Listener(lambda stream: stream.end(),
+                        h2_settings=H2ServerSettings(ping_interval=0.2, ping_timeout=0.3))
+    port = await listener.start("127.0.0.1", 0)
+    try:
+        # a live client: h2 answers PINGs, so its connection stays open
+        live = await H2ClientConnection.connect("127.0.0.1", port, H2ClientSettings(ping_interval=3600))
+        # a dead one: speaks the preface, then never reads (a half-open peer)
+        dead = socket.create_connection(("127.0.0.1", port))
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        dead.sendall(conn.data_to_send())
+        await asyncio.sleep(1.2)
+        assert not live.closed
+        dead.settimeout(2)
+        received = b""
+        while chunk := await asyncio.to_thread(dead.recv, 65536):
+            received += chunk  # settings, PING ... then EOF: the gateway closed it
+        assert b"komgw" in received  # our PING payload went out before it gave up
+        live.close()
+        dead.close()
+    finally:
+        await listener.close()
+
+
+async def test_pool_opens_connections_as_upstream_stream_limit_is_reached():
+    stack = await Stack(sim_h2_settings=H2ServerSettings(max_concurrent_streams=4)).start()
+    try:
+        c = await stack.client()
+        watches = [c.open("GET", "/api/v1/namespaces/default/pods?watch=1") for _ in range(10)]
+        async with asyncio.timeout(10):
+            for w in watches:
+                await w.got_headers.wait()
+        assert {w.status for w in watches} == {200}
+        pod = stack.gateway.upstreams.groups["pod"][0]
+        open_conns = [conn for conn in pod.connections if not conn.closed]
+        assert len(open_conns) >= 3  # 10 watches, at most 4 streams per connection
+        assert all(len(conn.streams) <= 4 for conn in open_conns)
+        for w in watches:
+            w.stream.cancel()
+    finally:
+        await stack.close()
