@@ -255,7 +255,7 @@ def test_watch_sees_every_event_while_its_group_is_killed_and_restarted(cluster)
     """An informer-style loop (re-watch from the last resourceVersion on a clean end)
     misses nothing: the gateway ends the broken watch cleanly, the re-watch falls back
     to default, which shares the store, so the resourceVersion is still valid."""
-    _kubernetes, api = _kubernetes_client(cluster)
+    kubernetes, api = _kubernetes_client(cluster)
     rv = api.list_namespaced_pod("default").metadata.resource_version
     seen: set[str] = set()
     groups: list[str] = []
@@ -284,10 +284,21 @@ def test_watch_sees_every_event_while_its_group_is_killed_and_restarted(cluster)
     created = []
 
     def create(n: int) -> None:
+        """As client-go does: retry a 503 that carries Retry-After. A retried create may
+        meet 409 AlreadyExists, since the gateway said the first one may have applied."""
         for _ in range(n):
             name = f"churn-{len(created)}"
-            api.create_namespaced_pod("default", {"metadata": {"name": name},
-                                                  "spec": {"containers": [{"name": "c", "image": "x"}]}})
+            body = {"metadata": {"name": name}, "spec": {"containers": [{"name": "c", "image": "x"}]}}
+            for attempt in range(10):
+                try:
+                    api.create_namespaced_pod("default", body)
+                    break
+                except kubernetes.client.exceptions.ApiException as exc:
+                    if exc.status == 409 and attempt > 0:
+                        break
+                    if exc.status != 503 or "retry-after" not in {k.lower() for k in exc.headers}:
+                        raise
+                    time.sleep(0.2)
             created.append(name)
             time.sleep(0.05)
 
