@@ -37,6 +37,13 @@ class RequestInfo(NamedTuple):
     is_long_running: bool = False
     malformed: str = ""
 
+    @property
+    def bad_target(self) -> bool:
+        """The target itself is broken (bad escape, invalid UTF-8, control character):
+        what Go's net/http answers with 400 before any handler. Resolver errors
+        (`/api/v1/watch`) are not: kube-apiserver answers those itself."""
+        return bool(self.malformed) and not self.malformed.startswith(_RESOLVER_ERROR)
+
     def as_json(self) -> dict[str, object]:
         """camelCase dict, as the CLI and access log print it."""
         return {
@@ -55,6 +62,7 @@ class RequestInfo(NamedTuple):
         }
 
 
+_RESOLVER_ERROR = "nothing after"
 _new_info = tuple.__new__  # skips NamedTuple's Python-level __new__ on the hot path
 _API_PREFIXES = frozenset({"api", "apis"})
 _GROUPLESS_PREFIXES = frozenset({"api"})
@@ -117,7 +125,7 @@ def parse_request(method: str, target: str) -> RequestInfo:
     if verb in _SPECIAL_VERBS:
         if n - i < 2:
             # kube-apiserver: "unable to determine kind and namespace from url" (500)
-            return RequestInfo(method.lower(), path, False, malformed=f"nothing after {verb!r}")
+            return RequestInfo(method.lower(), path, False, malformed=f"{_RESOLVER_ERROR} {verb!r}")
         i += 1
     else:
         verb = _METHOD_VERBS.get(method, "")
@@ -140,7 +148,7 @@ def parse_request(method: str, target: str) -> RequestInfo:
 
     if not name:
         if verb == "get":
-            verb, name = _list_verb_and_name(query) if query else ("list", "")
+            verb, name = _list_verb_and_name(query) if _query_may_matter(query) else ("list", "")
         elif verb == "delete":
             verb = "deletecollection"
 
@@ -226,6 +234,14 @@ def _query_unescape(value: str) -> str | None:
 
 
 _RELEVANT_KEYS = frozenset({"watch", "fieldSelector", "limit", "timeoutSeconds"})
+
+
+def _query_may_matter(query: str) -> bool:
+    """False when no pair can be `watch` or `fieldSelector` (nothing escaped, neither
+    name present): then a nameless GET is a plain list, whatever else the query says."""
+    return bool(query) and (
+        "watch" in query or "fieldSelector" in query or "%" in query or "+" in query
+    )
 
 
 def _relevant_pairs(query: str) -> list[tuple[str, str]]:

@@ -39,7 +39,7 @@ class Gateway:
     def handle(self, stream: ServerStream) -> None:
         active = self.holder.current
         info = parse_request(stream.method, stream.target)
-        if info.malformed and not info.malformed.startswith("nothing after"):
+        if info.bad_target:
             body = status_body(400, "BadRequest", f"malformed request target: {info.malformed}")
             stream.start_response(400, status_headers(body))
             stream.write(body)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -55,7 +55,7 @@ async def handle_upgrade(gateway: Gateway, request: web.BaseRequest) -> web.Stre
             if endpoint is None:
                 raise UpgradeFailed(Failure.NO_HEALTHY_ENDPOINT)
             tried.add(endpoint)
-            reader, writer, status, head, rest = await _open(gateway, endpoint, request, headers)
+            reader, writer, status, head = await _open(gateway, endpoint, request, headers)
             break
         except UpgradeFailed as exc:
             step = after_failure(
@@ -78,15 +78,15 @@ async def handle_upgrade(gateway: Gateway, request: web.BaseRequest) -> web.Stre
             group = step.retry_group
     metrics.requests.labels(group, info.verb, info.resource, str(status)).inc()
     if status != 101:
-        return await _relay_plain(reader, writer, status, head, rest)
+        return await _relay_plain(reader, writer, status, head)
     return await _splice(
-        request, reader, writer, head, rest, metrics.in_flight.labels(group, "upgrade")
+        request, reader, writer, head, metrics.child(metrics.in_flight, group, "upgrade")
     )
 
 
 async def _open(
     gateway: Gateway, endpoint: UpstreamEndpoint, request: web.BaseRequest, headers: list
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int, CIMultiDict[str], bytes]:
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int, CIMultiDict[str]]:
     spec = endpoint.spec
     try:
         async with asyncio.timeout(gateway.holder.current.config.timeouts.connect):
@@ -122,7 +122,7 @@ async def _open(
         if ":" in line:
             name, _, value = line.partition(":")
             head.add(name.strip(), value.strip())
-    return reader, writer, status, head, b""
+    return reader, writer, status, head
 
 
 async def _relay_plain(
@@ -130,7 +130,6 @@ async def _relay_plain(
     writer: asyncio.StreamWriter,
     status: int,
     head: CIMultiDict[str],
-    rest: bytes,
 ) -> web.Response:
     """A non-101 answer, relayed unchanged (bodies of refusals are small)."""
     try:
@@ -196,8 +195,7 @@ async def _splice(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
     head: CIMultiDict[str],
-    rest: bytes,
-    in_flight: object,
+    in_flight: Any,
 ) -> web.StreamResponse:
     response = web.StreamResponse(status=101, reason="Switching Protocols")
     for name, value in head.items():
@@ -208,7 +206,7 @@ async def _splice(
     assert transport is not None
     to_upstream = _ToUpstream(writer, transport)
     request.protocol.set_parser(to_upstream)  # type: ignore[arg-type]
-    in_flight.inc()  # type: ignore[attr-defined]
+    in_flight.inc()
     try:
         while True:
             chunk = await reader.read(65536)
@@ -220,7 +218,7 @@ async def _splice(
     except (OSError, asyncio.CancelledError):
         pass
     finally:
-        in_flight.dec()  # type: ignore[attr-defined]
+        in_flight.dec()
         writer.close()
         if not transport.is_closing():
             transport.close()
