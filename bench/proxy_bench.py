@@ -80,6 +80,25 @@ class Proc:
         self.out.close()
 
 
+def start_gateway(config: Path, port: int, admin: int, log: Path) -> Proc:
+    """`kom-gateway run`, one process, as deployed."""
+    args = [
+        sys.executable,
+        "-m",
+        "kom_gateway",
+        "run",
+        "--config",
+        str(config),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--admin",
+        f"127.0.0.1:{admin}",
+        "--log-level",
+        "warning",
+    ]
+    return Proc(args, log, ready="kom-gateway listening")
+
+
 def write_upstream_files(root: Path) -> None:
     pod = {
         "kind": "Pod",
@@ -294,24 +313,7 @@ def main() -> int:
         procs.append(
             Proc(["haproxy", "-f", str(root / "haproxy.cfg")], root / "haproxy.out", wait_port=hp)
         )
-        gateway = Proc(
-            [
-                sys.executable,
-                "-m",
-                "kom_gateway",
-                "run",
-                "--config",
-                str(root / "gateway.yaml"),
-                "--listen",
-                f"127.0.0.1:{gp}",
-                "--admin",
-                f"127.0.0.1:{ga}",
-                "--log-level",
-                "warning",
-            ],
-            root / "gateway.out",
-            ready="kom-gateway listening",
-        )
+        gateway = start_gateway(root / "gateway.yaml", gp, ga, root / "gateway.out")
         procs.append(gateway)
         targets = {"direct": up, "haproxy": hp, "kom-gateway": gp}
         results: dict = {"small_get_rps": {}, "half_load": {}, "list_mb_s": {}}
@@ -393,24 +395,7 @@ def main() -> int:
                 ready="kom-gateway sim serving",
             )
         )
-        gateway = Proc(
-            [
-                sys.executable,
-                "-m",
-                "kom_gateway",
-                "run",
-                "--config",
-                str(root / "watch.yaml"),
-                "--listen",
-                f"127.0.0.1:{gp}",
-                "--admin",
-                f"127.0.0.1:{ga}",
-                "--log-level",
-                "warning",
-            ],
-            root / "gateway2.out",
-            ready="kom-gateway listening",
-        )
+        gateway = start_gateway(root / "watch.yaml", gp, ga, root / "gateway2.out")
         procs.append(gateway)
         time.sleep(1)
         idle = rss_kib(gateway.p.pid)
