@@ -217,6 +217,8 @@ async def test_timeout_and_body_limit():
         big = json.dumps({"metadata": {"name": "big"}, "data": {"x": "y" * 2000}}).encode()
         tooBig = await c.request("POST", "/api/v1/namespaces/default/secrets", body=big)
         assert (tooBig.status, tooBig.json()["reason"]) == (413, "RequestEntityTooLarge")
+        await asyncio.sleep(0.1)
+        assert not stack.gateway.tasks  # the refused exchange does not linger
     finally:
         await stack.close()
 

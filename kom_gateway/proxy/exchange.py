@@ -150,6 +150,9 @@ class Exchange:
 
     # -- BodyConsumer ----------------------------------------------------------------------
     def on_body(self, data: bytes, flow_len: int) -> None:
+        if self.completed:  # already answered (413): the rest of the body is dropped
+            self.stream.ack_body(flow_len)
+            return
         self.body_size += len(data)
         if self.body_size > self.active.config.limits.max_request_body_bytes:
             self._fail_body_too_large()
@@ -160,7 +163,8 @@ class Exchange:
         attempt = self.attempt
         if attempt is not None and attempt.upstream is not None:
             attempt.send_chunk(chunk)
-            self.gateway.metrics.sent_bytes.labels(attempt.group).inc(len(data))
+            metrics = self.gateway.metrics
+            metrics.child(metrics.sent_bytes, attempt.group).inc(len(data))
 
     def on_body_end(self) -> None:
         self.body_ended = True
@@ -181,6 +185,8 @@ class Exchange:
         else:
             self.stream.reset()
         self._abort_upstream()
+        if self.task is not None and not self.task.done():
+            self.task.cancel()  # nothing left to wait for upstream
 
     # -- the request's life ----------------------------------------------------------------
     async def run(self) -> None:
