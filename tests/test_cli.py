@@ -117,3 +117,13 @@ def test_console_script_runs_as_a_process():
         capture_output=True, text=True, timeout=60, check=False,
     )
     assert json.loads(proc.stdout)["homeGroup"] == "event"
+
+
+def test_run_with_unusable_tls_files_exits_1_with_a_clear_error(tmp_path, capsys):
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text("listen: {address: '127.0.0.1:18999', tls: {certFile: missing.crt, keyFile: missing.key}}\n"
+                   "groups: {default: {endpoints: ['http://127.0.0.1:1']}}\n")
+    assert main(["run", "--config", str(cfg), "--admin", "127.0.0.1:0"]) == 1
+    err = capsys.readouterr().err
+    assert "listen.tls: cannot load the TLS files" in err
+    assert "Traceback" not in err

@@ -61,6 +61,10 @@ class ConfigHolder:
             return self._refuse(exc)
         return self.apply(config)
 
+    def refuse(self, error: ConfigError) -> ReloadResult:
+        """Count a configuration that failed checks made outside this holder (TLS files)."""
+        return self._refuse(error)
+
     def _refuse(self, error: ConfigError) -> ReloadResult:
         self.rejected += 1
         return ReloadResult(False, self._active.generation, error)

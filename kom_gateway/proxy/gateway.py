@@ -12,6 +12,7 @@ import logging
 
 from aiohttp import web
 
+from kom_gateway.config import ConfigError, load_config_file
 from kom_gateway.config.holder import ConfigHolder, ReloadResult
 from kom_gateway.http.stream import Headers, ServerStream
 from kom_gateway.proxy.exchange import Exchange
@@ -78,9 +79,16 @@ class Gateway:
         return await handle_upgrade(self, request)
 
     def reload(self, path: str) -> ReloadResult:
-        result = self.holder.reload_file(path)
+        """Re-read `path`; a config that fails validation, or whose TLS files cannot be
+        loaded, is refused and the last good one keeps serving."""
+        try:
+            config = load_config_file(path)
+            self.upstreams.sync(config)  # raises before changing anything
+        except ConfigError as exc:
+            result = self.holder.refuse(exc)
+        else:
+            result = self.holder.apply(config)
         if result.applied:
-            self.upstreams.sync(self.holder.current.config)
             self.metrics.config_reloads.labels("applied").inc()
             self.metrics.config_generation.set(result.generation)
             log.info("configuration generation %d applied from %s", result.generation, path)

@@ -6,9 +6,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 from dataclasses import dataclass
 
-from kom_gateway.config import ConfigHolder, load_config_file
+from kom_gateway.config import ConfigError, ConfigHolder, ConfigIssue, load_config_file
 from kom_gateway.config.schema import Address
 from kom_gateway.http.listener import Listener, server_ssl_context
 from kom_gateway.proxy.admin import start_admin
@@ -34,7 +35,13 @@ async def run_gateway(
     ssl_context = None
     if config.listen_tls is not None:
         tls = config.listen_tls
-        ssl_context = server_ssl_context(tls.cert_file, tls.key_file, tls.client_ca_file)
+        try:
+            ssl_context = server_ssl_context(tls.cert_file, tls.key_file, tls.client_ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                [ConfigIssue("listen.tls", 0, f"cannot load the TLS files: {exc}")],
+                options.config_path,
+            ) from None
     listener = Listener(gateway.handle, gateway.upgrade, ssl_context=ssl_context)
     listen = options.listen or config.listen
     admin_address = options.admin or config.admin

@@ -18,7 +18,7 @@ import random
 import ssl
 from collections.abc import Callable
 
-from kom_gateway.config.schema import Config, Endpoint
+from kom_gateway.config.schema import Config, ConfigError, ConfigIssue, Endpoint
 from kom_gateway.http.h2client import (
     RESET_GOAWAY,
     ClientStream,
@@ -224,9 +224,11 @@ class Upstreams:
 
     def sync(self, config: Config) -> None:
         """Create endpoints new in `config`, keep unchanged ones, close removed ones."""
-        settings = H2ClientSettings(connect_timeout=config.timeouts.connect)
+        # TLS first: a config whose files cannot be loaded raises before anything changes
         ssl_context = upstream_ssl_context(config, "h2")
-        self._upgrade_ssl = upstream_ssl_context(config, "http/1.1")
+        upgrade_ssl = upstream_ssl_context(config, "http/1.1")
+        settings = H2ClientSettings(connect_timeout=config.timeouts.connect)
+        self._upgrade_ssl = upgrade_ssl
         wanted: dict[tuple[str, str], UpstreamEndpoint] = {}
         groups: dict[str, list[UpstreamEndpoint]] = {}
         for group in config.groups.values():
@@ -276,12 +278,18 @@ class Upstreams:
 
 
 def upstream_ssl_context(config: Config, alpn: str) -> ssl.SSLContext | None:
+    """Client TLS for https:// endpoints; ConfigError if its files cannot be used."""
     if not any(e.scheme == "https" for g in config.groups.values() for e in g.endpoints):
         return None
     tls = config.upstream_tls
-    context = ssl.create_default_context(cafile=tls.ca_file)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.set_alpn_protocols([alpn])
-    if tls.cert_file and tls.key_file:
-        context.load_cert_chain(tls.cert_file, tls.key_file)
+    try:
+        context = ssl.create_default_context(cafile=tls.ca_file)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.set_alpn_protocols([alpn])
+        if tls.cert_file and tls.key_file:
+            context.load_cert_chain(tls.cert_file, tls.key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            [ConfigIssue("upstream.tls", 0, f"cannot load the TLS files: {exc}")], config.source
+        ) from None
     return context

@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import random
+import ssl
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -77,8 +78,10 @@ class Simulator:
         store: Store | None = None,
         bookmark_interval: float = 1.0,
         h2_settings: H2ServerSettings | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.h2_settings = h2_settings  # e.g. a small MAX_CONCURRENT_STREAMS
+        self.ssl_context = ssl_context  # serve the groups over TLS (ALPN h2, http/1.1)
         self.store = store or Store()
         self.api = SimAPI(self.store, bookmark_interval)
         self.groups: dict[str, SimGroup] = {}
@@ -99,6 +102,7 @@ class Simulator:
             lambda stream: self._spawn(group, stream),
             lambda request: self._upgrade(group, request),
             self.h2_settings,
+            self.ssl_context,
         )
         group.port = await listener.start(group.host, group.port)
         group.listener = listener

@@ -1,0 +1,97 @@
+"""TLS on both sides: clients reach the gateway over TLS (ALPN picks h2 or http/1.1), and
+the gateway reaches TLS apiservers, verifying them against the configured CA, for
+HTTP/2 requests and for Upgrade (exec) connections alike."""
+
+import asyncio
+import json
+import shutil
+import ssl
+import subprocess
+
+import aiohttp
+import pytest
+from harness import GROUPS, config_text
+
+from kom_gateway.config import ConfigHolder, load_config_text
+from kom_gateway.http.listener import Listener, server_ssl_context
+from kom_gateway.proxy.gateway import Gateway
+from kom_gateway.sim.server import Simulator
+
+
+def make_certs(tmp_path):
+    """A CA and a server certificate for 127.0.0.1, made with the openssl CLI."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+
+    def run(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=tmp_path)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
+        "-days", "2", "-subj", "/CN=kom-test-ca")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+        "-subj", "/CN=apiserver")
+    (tmp_path / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+        "-CAcreateserial", "-out", "server.crt", "-days", "2", "-extfile", "san.ext")
+    return tmp_path / "ca.crt", tmp_path / "server.crt", tmp_path / "server.key"
+
+
+CUTOVER = "cutover:\n  - percent: {pod: 100, config: 100, event: 100}\n"
+
+
+async def test_tls_downstream_and_upstream(tmp_path):
+    ca, cert, key = make_certs(tmp_path)
+    sim = Simulator(ssl_context=server_ssl_context(str(cert), str(key), None))
+    for name in GROUPS:
+        await sim.add_group(name, "127.0.0.1", 0)
+    ports = {name: g.port for name, g in sim.groups.items()}
+    text = config_text(ports, CUTOVER, f"upstream: {{tls: {{caFile: {ca}}}}}\n")
+    config = load_config_text(text.replace("http://", "https://"))
+    gateway = Gateway(ConfigHolder(config))
+    listener = Listener(gateway.handle, gateway.upgrade,
+                        ssl_context=server_ssl_context(str(cert), str(key), None))
+    port = await listener.start("127.0.0.1", 0)
+    try:
+        # HTTP/2 over TLS (ALPN h2), routed to the pod group over TLS upstream
+        curl = shutil.which("curl")
+        if curl:
+            out = await asyncio.to_thread(subprocess.run, [
+                curl, "-s", "--http2", "--cacert", str(ca), "-w", "\\n%{http_version}", "-D", "-",
+                f"https://127.0.0.1:{port}/api/v1/namespaces/default/pods"],
+                capture_output=True, text=True, timeout=30, check=True)
+            assert out.stdout.rstrip().endswith("\n2")
+            assert "x-kom-sim-group: pod" in out.stdout
+        # HTTP/1.1 over TLS (ALPN http/1.1) and a WebSocket exec through the Upgrade path
+        context = ssl.create_default_context(cafile=str(ca))
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session:
+            base = f"https://127.0.0.1:{port}"
+            pod = {"metadata": {"name": "tls"}, "spec": {"containers": [{"name": "c", "image": "x"}]}}
+            async with session.post(f"{base}/api/v1/namespaces/default/pods", json=pod) as r:
+                assert (r.status, r.version.minor, r.headers["X-Kom-Sim-Group"]) == (201, 1, "pod")
+            async with session.ws_connect(
+                f"{base}/api/v1/namespaces/default/pods/tls/exec?command=echo&command=over-tls"
+                "&stdout=true", protocols=("v5.channel.k8s.io",)) as ws:
+                stdout = await ws.receive_bytes(timeout=10)
+                status = await ws.receive_bytes(timeout=10)
+            assert stdout == b"\x01over-tls\n"
+            assert json.loads(status[1:])["status"] == "Success"
+        # the upstream really was verified: trusting another CA, the probe fails
+        other = tmp_path / "other"
+        other.mkdir()
+        other_ca, _, _ = make_certs(other)
+        bad = Gateway(ConfigHolder(load_config_text(
+            text.replace("http://", "https://").replace(f"caFile: {ca}", f"caFile: {other_ca}"))))
+        assert await bad.upstreams.groups["pod"][0].probe(2) is False
+        await bad.close()
+        # and a reload naming an unusable CA file is refused; the last good keeps serving
+        reloaded = tmp_path / "reload.yaml"
+        reloaded.write_text(text.replace("http://", "https://").replace(f"caFile: {ca}", "caFile: /dev/null"))
+        result = gateway.reload(str(reloaded))
+        assert not result.applied and "upstream.tls: cannot load the TLS files" in result.error.render()
+        assert gateway.holder.current.generation == 1
+    finally:
+        await listener.close()
+        for task in list(gateway.tasks):
+            task.cancel()
+        await gateway.close()
+        await sim.close()
