@@ -54,3 +54,24 @@ async def test_pool_opens_connections_as_upstream_stream_limit_is_reached():
             w.stream.cancel()
     finally:
         await stack.close()
+
+
+def test_advertised_limits_are_applied_to_our_own_parser():
+    from kom_gateway.http.h2conn import make_connection
+
+    conn = make_connection(client_side=True, max_concurrent_streams=10, initial_window=65535,
+                           max_frame_size=256 * 1024, max_header_list_size=1 << 20)
+    assert conn.local_settings.max_frame_size == 256 * 1024
+    assert conn.max_inbound_frame_size == 256 * 1024  # h2 alone would keep 16 KiB
+    assert conn.decoder.max_header_list_size == 1 << 20  # ...and 64 KiB here
+
+
+async def test_large_header_blocks_up_to_the_advertised_limit_pass():
+    stack = await Stack().start()
+    try:
+        c = await stack.client()
+        big = [(b"x-large-extra", b"v" * 100_000)]  # over h2's 64 KiB default, under 1 MiB
+        r = await c.request("GET", "/api/v1/nodes", headers=big)
+        assert (r.status, r.group) == (200, "config")
+    finally:
+        await stack.close()

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 class H2ClientSettings:
     stream_window: int = 256 * 1024
     max_streams_assumed: int = 100  # kube-apiserver default; sizes the connection window
-    max_frame_size: int = 16384
+    max_frame_size: int = 256 * 1024
     connect_timeout: float = 5.0
     ping_interval: float = 30.0  # as client-go: PING after 30 s of silence
     ping_timeout: float = 15.0

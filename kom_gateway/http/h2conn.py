@@ -103,6 +103,11 @@ def make_connection(
             h2.settings.SettingCodes.ENABLE_PUSH: 0,
         },
     )
+    # h2 derives these from local settings only in __init__ and when an ACK *changes* a
+    # value; installed as initial values they never change, so apply them here, or the
+    # peer honours limits we advertise and our own parser rejects its frames / headers.
+    conn.max_inbound_frame_size = max_frame_size
+    conn.decoder.max_header_list_size = max_header_list_size
     return conn
 
 
