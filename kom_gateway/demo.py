@@ -7,7 +7,6 @@ writes a kubeconfig, and prints which group served what as traffic arrives.
 from __future__ import annotations
 
 import asyncio
-import os
 import tempfile
 from pathlib import Path
 
@@ -99,7 +98,3 @@ Who served what (updates live; Ctrl-C to stop):""",
         gateway.cancel()
         await sim.close()
     return 0
-
-
-def kubeconfig_path() -> str:
-    return os.path.join(tempfile.gettempdir(), "kom-gateway-demo.kubeconfig")

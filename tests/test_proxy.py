@@ -165,6 +165,8 @@ async def test_list_broken_mid_body_is_reset_not_truncated(stack):
     stack.sim.groups["pod"].faults.reset_mid_body = True
     r = await c.request("GET", "/api/v1/pods")
     assert r.status == 200 and r.reset
+    assert stack.gateway.metrics.broken_responses.labels("pod", "list")._value.get() == 1
+    assert not stack.gateway.metrics.fallbacks._metrics  # nothing moved to another group
 
 
 async def test_watch_ends_cleanly_when_its_group_dies_then_rewatch_lands_on_default(stack):
@@ -176,6 +178,7 @@ async def test_watch_ends_cleanly_when_its_group_dies_then_rewatch_lands_on_defa
     async with asyncio.timeout(5):
         await watch.done
     assert not watch.reset  # clean end: the client re-watches
+    assert stack.gateway.metrics.broken_responses.labels("pod", "watch")._value.get() == 1
     again = c.open("GET", "/api/v1/namespaces/default/pods?watch=1")
     await wait_for(again.got_headers)
     assert again.headers[b"x-kom-sim-group"] == b"default"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from collections.abc import Callable
 from typing import cast
 
 from aiohttp import web
@@ -77,13 +76,10 @@ class Listener:
         self.h1_server: web.Server = aiohttp_server(handler, upgrade_handler)
         self.h2_connections: set[H2ServerProtocol] = set()
         self.server: asyncio.Server | None = None
-        self.on_h2_connection: Callable[[H2ServerProtocol], None] | None = None
 
     def new_h2_protocol(self) -> H2ServerProtocol:
         protocol = H2ServerProtocol(self.handler, self.h2_settings, self.h2_connections.discard)
         self.h2_connections.add(protocol)
-        if self.on_h2_connection is not None:
-            self.on_h2_connection(protocol)
         return protocol
 
     async def start(self, host: str, port: int, reuse_port: bool = False) -> int:

@@ -124,12 +124,6 @@ class ServerStream(ABC):
         if not flushed.done():
             raise StreamClosed()
 
-    def header(self, name: bytes) -> bytes | None:
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return None
-
 
 class _BodyCollector:
     def __init__(self, stream: ServerStream, limit: int) -> None:

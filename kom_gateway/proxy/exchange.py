@@ -119,7 +119,8 @@ class _Attempt:
             self.exchange.stream.end()
         else:
             self.exchange.stream.reset()
-        self.exchange.gateway.metrics.fallbacks.labels(self.group, "", "reset-mid-response").inc()
+        metrics = self.exchange.gateway.metrics
+        metrics.child(metrics.broken_responses, self.group, self.exchange.info.verb).inc()
         if not self.done.done():
             self.done.set_result(None)
 

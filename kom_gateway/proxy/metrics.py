@@ -54,6 +54,13 @@ class Metrics:
             ["from_group", "to_group", "reason"],
             registry=r,
         )
+        self.broken_responses = Counter(
+            "kom_gateway_broken_responses",
+            "Responses whose upstream failed after they started (watches ended cleanly, "
+            "others reset).",
+            ["group", "verb"],
+            registry=r,
+        )
         self.endpoint_healthy = Gauge(
             "kom_gateway_upstream_endpoint_healthy",
             "1 if the apiserver endpoint takes traffic.",

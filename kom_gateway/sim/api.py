@@ -90,8 +90,12 @@ class SimAPI:
         self.store = store
         self.bookmark_interval = bookmark_interval
 
-    def handle(self, req: SimRequest) -> Reply | WatchReply | LogReply | ExecReply:
-        info = parse_request(req.method, req.target)
+    def handle(
+        self, req: SimRequest, info: RequestInfo | None = None
+    ) -> Reply | WatchReply | LogReply | ExecReply:
+        """`info`: the request already resolved by the caller, if it did."""
+        if info is None:
+            info = parse_request(req.method, req.target)
         try:
             if not info.is_resource_request:
                 return self._non_resource(info)

@@ -24,7 +24,7 @@ from h2.errors import ErrorCodes
 from kom_gateway.http.h2server import H2ServerSettings, H2ServerStream
 from kom_gateway.http.listener import Listener
 from kom_gateway.http.stream import BodyTooLarge, ServerStream, StreamClosed
-from kom_gateway.requestinfo import parse_request
+from kom_gateway.requestinfo import RequestInfo, parse_request
 from kom_gateway.sim.api import (
     ExecReply,
     LogReply,
@@ -212,7 +212,8 @@ class Simulator:
                 request.headers.setdefault(name, value)
                 if name == "x-remote-group":
                     request.remote_groups.append(value)
-            is_resource = stream.target.startswith(("/api/", "/apis/"))
+            info = parse_request(stream.method, stream.target)
+            is_resource = info.is_resource_request
             if faults.status_override and is_resource:
                 reply: Any = status_reply(
                     faults.status_override, "InternalError", "simulated failure (status override)"
@@ -221,8 +222,8 @@ class Simulator:
                 reply = status_reply(429, "TooManyRequests", "simulated overload")
                 reply.headers.append(("retry-after", str(faults.retry_after)))
             else:
-                reply = self.api.handle(request)
-            await self._answer(group, stream, request, reply)
+                reply = self.api.handle(request, info)
+            await self._answer(group, stream, info, reply)
         except StreamClosed:
             pass
         except Exception:
@@ -230,9 +231,8 @@ class Simulator:
             stream.reset()
 
     async def _answer(
-        self, group: SimGroup, stream: ServerStream, request: SimRequest, reply: Any
+        self, group: SimGroup, stream: ServerStream, info: RequestInfo, reply: Any
     ) -> None:
-        info = parse_request(stream.method, stream.target)
         group.served[f"{info.verb} {info.resource or info.path}"] += 1
         if isinstance(reply, Reply):
             self._reply(
