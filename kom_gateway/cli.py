@@ -87,6 +87,13 @@ def _parser() -> argparse.ArgumentParser:
         default=5.0,
         help="on SIGTERM, how long requests in flight may take (default 5)",
     )
+    run.add_argument(
+        "--watch-interval",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how often certificate files are checked for rotation (default 5)",
+    )
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.set_defaults(func=cmd_run)
 
@@ -99,6 +106,23 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--config", metavar="CONFIG", help="default: config/demo.yaml")
     sim.add_argument("--control-port", type=int, default=16440, metavar="PORT")
     sim.add_argument("--bookmark-interval", type=float, default=5.0, metavar="SECONDS")
+    for flag, what in (
+        ("--tls-cert-file", "serve https:// endpoints with this certificate"),
+        ("--tls-private-key-file", "its key"),
+        ("--client-ca-file", "authenticate client certificates of this CA (user=CN, groups=O)"),
+        (
+            "--requestheader-client-ca-file",
+            "trust X-Remote-* headers from front proxies of this CA",
+        ),
+        ("--token-auth-file", 'static bearer tokens: CSV token,user,uid,"group1,group2"'),
+    ):
+        sim.add_argument(flag, metavar="FILE", help=what)
+    sim.add_argument(
+        "--requestheader-allowed-names",
+        default="",
+        metavar="NAMES",
+        help="comma-separated front-proxy certificate CNs (empty: any)",
+    )
     sim.set_defaults(func=cmd_sim)
 
     demo = sub.add_parser("demo", help="simulated groups + the gateway, with live routing output")
@@ -133,7 +157,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     try:
         options = RunOptions(
-            args.config, _address(args.listen), _address(args.admin), args.drain_seconds
+            args.config,
+            _address(args.listen),
+            _address(args.admin),
+            args.drain_seconds,
+            args.watch_interval,
         )
         return _run_async(run_gateway(options))
     except ConfigError as exc:
@@ -143,12 +171,24 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_sim(args: argparse.Namespace) -> int:
     from kom_gateway.demo import find_demo_config, start_simulator
+    from kom_gateway.sim.auth import SimSecurity
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     async def serve() -> int:
+        security = SimSecurity(
+            args.tls_cert_file,
+            args.tls_private_key_file,
+            args.client_ca_file,
+            args.requestheader_client_ca_file,
+            tuple(n for n in args.requestheader_allowed_names.split(",") if n),
+            args.token_auth_file,
+        )
         sim = await start_simulator(
-            args.config or find_demo_config(), args.control_port, args.bookmark_interval
+            args.config or find_demo_config(),
+            args.control_port,
+            args.bookmark_interval,
+            security,
         )
         groups = ", ".join(f"{name}=127.0.0.1:{g.port}" for name, g in sim.groups.items())
         print(

@@ -13,6 +13,7 @@ from pathlib import Path
 from kom_gateway.config import load_config_file
 from kom_gateway.config.schema import Address
 from kom_gateway.proxy.server import RunOptions, run_gateway
+from kom_gateway.sim.auth import SimSecurity
 from kom_gateway.sim.server import Simulator
 
 KUBECONFIG = """apiVersion: v1
@@ -39,15 +40,29 @@ def find_demo_config() -> str:
 
 
 async def start_simulator(
-    config_path: str, control_port: int, bookmark_interval: float = 5.0
+    config_path: str,
+    control_port: int,
+    bookmark_interval: float = 5.0,
+    security: SimSecurity | None = None,
 ) -> Simulator:
-    """Simulated groups on the ports of the config's http:// endpoints."""
+    """Simulated groups on the ports of the config's endpoints: https:// ones when
+    `security` names a serving certificate, http:// (h2c) ones otherwise."""
     config = load_config_file(config_path)
-    sim = Simulator(bookmark_interval=bookmark_interval)
+    security = security or SimSecurity()
+    ssl_context = security.ssl_context()
+    scheme = "https" if ssl_context is not None else "http"
+    sim = Simulator(
+        bookmark_interval=bookmark_interval,
+        ssl_context=ssl_context,
+        authenticator=security.authenticator(),
+    )
     for group in config.groups.values():
         for i, endpoint in enumerate(group.endpoints):
-            if endpoint.scheme != "http":
-                raise SystemExit(f"{endpoint}: the simulator serves plaintext h2c (http://) only")
+            if endpoint.scheme != scheme:
+                raise SystemExit(
+                    f"{endpoint}: the simulator serves {scheme}:// here"
+                    + (" (give it --tls-cert-file for https)" if scheme == "http" else "")
+                )
             name = group.name if i == 0 else f"{group.name}-{i}"
             await sim.add_group(name, endpoint.host, endpoint.port)
     if control_port:

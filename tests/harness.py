@@ -11,6 +11,7 @@ from kom_gateway.config import ConfigHolder, load_config_text
 from kom_gateway.http.h2client import ClientStream, H2ClientConnection, H2ClientSettings
 from kom_gateway.http.listener import Listener
 from kom_gateway.proxy.gateway import Gateway
+from kom_gateway.proxy.server import new_listener
 from kom_gateway.sim.server import Simulator
 
 GROUPS = ("default", "pod", "config", "event")
@@ -137,7 +138,7 @@ class Stack:
         ports = {name: g.port for name, g in self.sim.groups.items()}
         config = load_config_text(config_text(ports, cutover, extra))
         self.gateway = Gateway(ConfigHolder(config))
-        self.listener = Listener(self.gateway.handle, self.gateway.upgrade)
+        self.listener = new_listener(self.gateway, None)
         self.port = await self.listener.start("127.0.0.1", 0)
         return self
 

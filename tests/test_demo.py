@@ -8,7 +8,7 @@ import sys
 import time
 import urllib.request
 
-from test_e2e_clients import free_port
+from e2e import free_port
 
 DEMO = """
 listen: {{address: "127.0.0.1:{gw}"}}

@@ -1,11 +1,12 @@
 """HTTP/2 connection behaviour: keepalive PINGs and upstream pool growth."""
 
 import asyncio
+import json
 import socket
 
 import h2.config
 import h2.connection
-from harness import Stack
+from harness import Collector, Stack
 
 from kom_gateway.http.h2client import H2ClientConnection, H2ClientSettings
 from kom_gateway.http.h2server import H2ServerSettings
@@ -73,5 +74,38 @@ async def test_large_header_blocks_up_to_the_advertised_limit_pass():
         big = [(b"x-large-extra", b"v" * 100_000)]  # over h2's 64 KiB default, under 1 MiB
         r = await c.request("GET", "/api/v1/nodes", headers=big)
         assert (r.status, r.group) == (200, "config")
+    finally:
+        await stack.close()
+
+
+async def test_a_client_leaving_with_data_queued_returns_the_upstream_window():
+    """Data queued for a client that then leaves is never sent, but the credit it holds
+    on the shared upstream connection must come back; otherwise every such client
+    shrinks that connection's window for good until all its streams stall (found by the
+    abuse test: stalled readers cut off one after another)."""
+    stack = await Stack().start()
+    try:
+        client = await stack.client()
+        body = json.dumps({"metadata": {"name": "big"}, "data": {"k": "v" * 1_500_000}}).encode()
+        assert (await client.request("POST", "/api/v1/namespaces/default/configmaps",
+                                     body=body)).status == 201
+        for leave in ("reset", "disconnect"):
+            reader = await stack.client()
+            stalled = reader.open("GET", "/api/v1/namespaces/default/configmaps",
+                                  collector=Collector(auto_ack=False))
+            async with asyncio.timeout(10):
+                await stalled.got_data.wait()
+            await asyncio.sleep(0.3)  # upstream has sent a window's worth; most of it waits
+            if leave == "reset":
+                stalled.stream.cancel()
+            else:
+                await reader.close()
+            await asyncio.sleep(0.3)
+            for endpoint in stack.gateway.upstreams.groups["config"]:
+                for conn in endpoint.connections:
+                    window = conn.conn._inbound_flow_control_window_manager
+                    outstanding = window.max_window_size - window.current_window_size
+                    assert outstanding == window._bytes_processed, leave  # nothing unaccounted
+        assert (await client.request("GET", "/api/v1/namespaces/default/configmaps")).status == 200
     finally:
         await stack.close()

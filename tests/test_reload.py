@@ -7,7 +7,7 @@ import sys
 import time
 import urllib.request
 
-from test_e2e_clients import Process, free_port
+from e2e import Process, free_port
 
 CONFIG = """
 groups:

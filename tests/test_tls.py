@@ -9,38 +9,19 @@ import ssl
 import subprocess
 
 import aiohttp
-import pytest
 from harness import GROUPS, config_text
 
 from kom_gateway.config import ConfigHolder, load_config_text
-from kom_gateway.http.listener import Listener, server_ssl_context
+from kom_gateway.http.listener import Listener
+from kom_gateway.http.tlsfiles import server_ssl_context
 from kom_gateway.proxy.gateway import Gateway
 from kom_gateway.sim.server import Simulator
-
-
-def make_certs(tmp_path):
-    """A CA and a server certificate for 127.0.0.1, made with the openssl CLI."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl not installed")
-
-    def run(*args):
-        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=tmp_path)
-
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
-        "-days", "2", "-subj", "/CN=kom-test-ca")
-    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
-        "-subj", "/CN=apiserver")
-    (tmp_path / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-        "-CAcreateserial", "-out", "server.crt", "-days", "2", "-extfile", "san.ext")
-    return tmp_path / "ca.crt", tmp_path / "server.crt", tmp_path / "server.key"
-
 
 CUTOVER = "cutover:\n  - percent: {pod: 100, config: 100, event: 100}\n"
 
 
-async def test_tls_downstream_and_upstream(tmp_path):
-    ca, cert, key = make_certs(tmp_path)
+async def test_tls_downstream_and_upstream(tmp_path, pki):
+    ca, cert, key = pki.ca, pki.server_cert, pki.server_key
     sim = Simulator(ssl_context=server_ssl_context(str(cert), str(key), None))
     for name in GROUPS:
         await sim.add_group(name, "127.0.0.1", 0)
@@ -76,9 +57,7 @@ async def test_tls_downstream_and_upstream(tmp_path):
             assert stdout == b"\x01over-tls\n"
             assert json.loads(status[1:])["status"] == "Success"
         # the upstream really was verified: trusting another CA, the probe fails
-        other = tmp_path / "other"
-        other.mkdir()
-        other_ca, _, _ = make_certs(other)
+        other_ca = pki.file("foreign-ca.crt")
         bad = Gateway(ConfigHolder(load_config_text(
             text.replace("http://", "https://").replace(f"caFile: {ca}", f"caFile: {other_ca}"))))
         assert await bad.upstreams.groups["pod"][0].probe(2) is False

@@ -107,7 +107,29 @@ class Health:
 
 @dataclass(frozen=True)
 class Limits:
+    """What one client may take; defaults are kube-apiserver's where it has one."""
+
     max_request_body_bytes: int = 3 * 1024 * 1024  # kube-apiserver's own cap
+    max_header_bytes: int = 1 << 20  # Go's MaxHeaderBytes as kube-apiserver sets it
+    max_streams_per_connection: int = 100  # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS
+    max_connections_per_address: int = 0  # 0: no limit (addresses behind NAT/LB are shared)
+    tls_handshake_timeout: float = 10.0
+    header_read_timeout: float = 32.0  # kube-apiserver's ReadHeaderTimeout
+    idle_timeout: float = 90.0  # kube-apiserver's IdleTimeout (HTTP/1.1 and HTTP/2)
+    stalled_write_timeout: float = 120.0  # data waiting on a client that opens no window
+
+
+# YAML key -> (Limits field, whole number?, 0 allowed?)
+LIMIT_KEYS: dict[str, tuple[str, bool, bool]] = {
+    "maxRequestBodyBytes": ("max_request_body_bytes", True, False),
+    "maxHeaderBytes": ("max_header_bytes", True, False),
+    "maxStreamsPerConnection": ("max_streams_per_connection", True, False),
+    "maxConnectionsPerAddress": ("max_connections_per_address", True, True),
+    "tlsHandshakeTimeoutSeconds": ("tls_handshake_timeout", False, False),
+    "headerReadTimeoutSeconds": ("header_read_timeout", False, False),
+    "idleTimeoutSeconds": ("idle_timeout", False, True),
+    "stalledWriteTimeoutSeconds": ("stalled_write_timeout", False, True),
+}
 
 
 @dataclass(frozen=True)
@@ -211,13 +233,22 @@ class _Builder:
         return os.path.abspath(os.path.join(self.base_dir, text))
 
     def number(
-        self, section: dict[str, Any], path: YamlPath, key: str, default: float, whole: bool = False
+        self,
+        section: dict[str, Any],
+        path: YamlPath,
+        key: str,
+        default: float,
+        whole: bool = False,
+        zero: bool = False,
     ) -> float:
-        """A positive number (a positive integer when `whole`) or the default."""
+        """A positive number (a positive integer when `whole`; 0 too when `zero`) or the
+        default."""
         value = section.get(key)
         if value is None:
             return default
         kind = "a positive whole number" if whole else "a positive number"
+        if zero:
+            kind += " or 0 (off)"
         if (
             isinstance(value, bool)
             or not isinstance(value, int | float)
@@ -225,7 +256,7 @@ class _Builder:
         ):
             self.error((*path, key), f"must be {kind}, got {_kind(value)}")
             return default
-        if not (math.isfinite(value) and value > 0):
+        if not (math.isfinite(value) and (value > 0 or (zero and value == 0))):
             self.error((*path, key), f"must be {kind}, got {value}")
             return default
         return value
@@ -281,18 +312,12 @@ class _Builder:
                 )
             ),
         )
-        lim = self.mapping(top.get("limits"), ("limits",), ("maxRequestBodyBytes",)) or {}
-        limits = Limits(
-            int(
-                self.number(
-                    lim,
-                    ("limits",),
-                    "maxRequestBodyBytes",
-                    Limits.max_request_body_bytes,
-                    whole=True,
-                )
-            )
-        )
+        lim = self.mapping(top.get("limits"), ("limits",), tuple(LIMIT_KEYS)) or {}
+        limit_values: dict[str, float] = {}
+        for key, (attr, whole, zero) in LIMIT_KEYS.items():
+            value = self.number(lim, ("limits",), key, getattr(Limits, attr), whole, zero)
+            limit_values[attr] = int(value) if whole else value
+        limits = Limits(**limit_values)  # type: ignore[arg-type]
         if self.errors:
             raise ConfigError(self.errors, source)
         assert groups is not None

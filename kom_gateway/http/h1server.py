@@ -8,15 +8,25 @@ back-pressure comes from awaiting aiohttp's drain, and `on_flushed` fires after 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
+from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict
 
 from kom_gateway.http.stream import Flushed, Headers, ServerStream
+from kom_gateway.identity import PeerIdentity, identity_of_ssl
+from kom_gateway.kubestatus import status_object
 
+log = logging.getLogger(__name__)
 StreamHandler = Callable[[ServerStream], None]
+MAX_FIELD_BYTES = 64 * 1024  # one header line
+MAX_HEADERS = 100  # header lines: with MAX_FIELD_BYTES, bounds what one request can buffer
 UpgradeHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 # Framing is aiohttp's job on this side; these must not be copied from upstream.
@@ -34,8 +44,8 @@ class H1ServerStream(ServerStream):
         self.headers = [(name.lower(), value) for name, value in request.raw_headers]
         self.remote_addr = request.remote or ""
         transport = request.transport
-        ssl_object = transport.get_extra_info("ssl_object") if transport else None
-        self.peer_cert = (ssl_object.getpeercert() or None) if ssl_object else None
+        self.ssl_object = transport.get_extra_info("ssl_object") if transport else None
+        self.peer = identity_of_ssl(self.ssl_object)
         self._ops: deque[tuple] = deque()
         self._wakeup = asyncio.Event()
         self._content_length: bytes | None = None
@@ -115,6 +125,17 @@ class H1ServerStream(ServerStream):
                     raise ConnectionResetError("response aborted")
         finally:
             self._mark_closed()
+            # data never written is still done with: its producer gets its credit back
+            ops, self._ops = self._ops, deque()
+            for op in ops:
+                if op[0] == "data" and op[2] is not None:
+                    op[2]()
+
+
+def request_peer(request: web.BaseRequest) -> PeerIdentity | None:
+    """The verified client identity of an HTTP/1.1 request's connection."""
+    transport = request.transport
+    return identity_of_ssl(transport.get_extra_info("ssl_object")) if transport else None
 
 
 def _response(status: int, headers: Headers) -> web.StreamResponse:
@@ -131,14 +152,100 @@ def _response(status: int, headers: Headers) -> web.StreamResponse:
     return response
 
 
+class _RequestHandler(RequestHandler):
+    """aiohttp's connection handler, plus what a gateway owes its clients: parse errors
+    answered as Kubernetes Status JSON (no tracebacks, no parser internals), a deadline
+    for the first request's headers (slowloris), and a hook when the connection ends."""
+
+    header_timeout: float = 0.0
+    on_lost: Callable[[asyncio.BaseTransport], None] | None = None
+    _header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self.header_timeout > 0:
+            self._header_timer = asyncio.get_running_loop().call_later(
+                self.header_timeout, self._header_deadline, transport
+            )
+
+    def _header_deadline(self, transport: asyncio.BaseTransport) -> None:
+        if self._request_count == 0 and not transport.is_closing():
+            log.info("no request headers within %ss: closing", self.header_timeout)
+            transport.close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        transport = self.transport
+        super().connection_lost(exc)
+        if self.on_lost is not None and transport is not None:
+            self.on_lost(transport)
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if isinstance(exc, LineTooLong):
+            status, reason = 431, "RequestHeaderFieldsTooLarge"
+            text = "request headers too large"
+        elif isinstance(exc, ConnectionError):  # the client left mid-response
+            log.debug("HTTP/1.1 client went away: %s", exc)
+            reason, text = "InternalError", "connection lost"
+        elif status == 500:
+            log.error("HTTP/1.1 request failed", exc_info=exc)
+            reason, text = "InternalError", "the gateway failed to handle the request"
+        else:
+            reason = "BadRequest"
+            first = (message or "").splitlines()[0] if message else ""
+            text = f"malformed HTTP/1.1 request: {first[:200]}".rstrip(": ")
+            log.debug("bad HTTP/1.1 request from %s: %s", request.remote, message)
+        body = json.dumps(status_object(status, reason, text)).encode()
+        response = web.Response(status=status, body=body, content_type="application/json")
+        response.force_close()
+        return response
+
+
+class _Server(web.Server):
+    """aiohttp's low-level server, making `_RequestHandler`s."""
+
+    def __init__(
+        self,
+        handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
+        header_timeout: float,
+        on_lost: Callable[[asyncio.BaseTransport], None] | None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(handler, **kwargs)
+        self._header_timeout = header_timeout
+        self._on_lost = on_lost
+
+    def __call__(self) -> RequestHandler:
+        protocol = _RequestHandler(self, loop=self._loop, **self._kwargs)
+        protocol.header_timeout = self._header_timeout
+        protocol.on_lost = self._on_lost
+        return protocol
+
+
 def aiohttp_server(
     handler: StreamHandler,
     upgrade_handler: UpgradeHandler | None = None,
-    **kwargs: object,
+    max_header_bytes: int = 1 << 20,
+    header_timeout: float = 32.0,
+    idle_timeout: float = 90.0,
+    on_lost: Callable[[asyncio.BaseTransport], None] | None = None,
 ) -> web.Server:
     """An aiohttp low-level server that hands every request to `handler` as a stream."""
 
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        size = len(request.raw_path) + sum(len(n) + len(v) + 4 for n, v in request.raw_headers)
+        if size > max_header_bytes:
+            body = json.dumps(
+                status_object(431, "RequestHeaderFieldsTooLarge", "request headers too large")
+            ).encode()
+            return web.Response(status=431, body=body, content_type="application/json")
         if upgrade_handler is not None and request.headers.get("Upgrade"):
             return await upgrade_handler(request)
         stream = H1ServerStream(request)
@@ -149,6 +256,16 @@ def aiohttp_server(
         finally:
             body_task.cancel()
 
-    kwargs.setdefault("max_line_size", 64 * 1024)
-    kwargs.setdefault("max_field_size", 64 * 1024)
-    return web.Server(handle, handler_cancellation=True, access_log=None, **kwargs)
+    return _Server(
+        handle,
+        header_timeout,
+        on_lost,
+        handler_cancellation=True,
+        access_log=None,
+        keepalive_timeout=idle_timeout,
+        # the request line may carry a long query; single headers (tokens, certificates)
+        # stay far smaller; `handle` then holds the whole header list to max_header_bytes
+        max_line_size=max_header_bytes,
+        max_field_size=min(max_header_bytes, MAX_FIELD_BYTES),
+        max_headers=MAX_HEADERS,
+    )

@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 import h2.events
@@ -28,22 +29,35 @@ from kom_gateway.http.h2conn import (
     open_connection_window,
     send_pending,
 )
+from kom_gateway.http.h2guard import (
+    STALLED_READER,
+    WRITE_BACKLOG,
+    GuardLimits,
+    H2Guard,
+    protocol_error_kind,
+)
 from kom_gateway.http.stream import Flushed, Headers, ServerStream
+from kom_gateway.identity import PeerIdentity, identity_of_ssl
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class H2ServerSettings:
-    max_concurrent_streams: int = 250
+    max_concurrent_streams: int = 100  # kube-apiserver's default since the rapid-reset fixes
     initial_window: int = 256 * 1024  # per stream, for request bodies
     max_frame_size: int = 16384
     max_header_list_size: int = 1 << 20  # kube-apiserver's 1 MiB
     ping_interval: float = 30.0  # PING a client silent this long (0: never)
     ping_timeout: float = 15.0  # ...and close its connection if it does not answer
+    idle_timeout: float = 90.0  # no open stream this long: GOAWAY and close (kube-apiserver's)
+    stalled_write_timeout: float = 120.0  # data waits, client opens no window: close
+    max_write_backlog: int = 4 << 20  # bytes queued while paused (ACKs, RSTs: no DATA)
+    guard: GuardLimits = field(default_factory=GuardLimits)
 
 
 StreamHandler = Callable[[ServerStream], None]
+AbuseListener = Callable[[str], None]  # told the kind when a client is cut off for abuse
 GOAWAY_LINGER_SECONDS = 1.0  # golang.org/x/net/http2 goAwayTimeout
 
 
@@ -54,7 +68,8 @@ class H2ServerStream(ServerStream):
         self.stream_id = stream_id
         self.http_version = "2"
         self.remote_addr = conn.remote_addr
-        self.peer_cert = conn.peer_cert
+        self.peer = conn.peer
+        self.ssl_object = conn.ssl_object
         self.method = ""
         self.target = ""
         self.authority = ""
@@ -76,6 +91,15 @@ class H2ServerStream(ServerStream):
     @property
     def connection(self) -> H2ServerProtocol:
         return self._conn
+
+    def release_pending(self) -> None:
+        """The stream is gone: data still queued will never be sent, but its producer
+        must hear that it is done with (upstream, that returns the flow-control credit
+        of a shared connection; forgetting would shrink its window for good)."""
+        pending, self.pending = self.pending, deque()
+        for _, on_flushed in pending:
+            if on_flushed is not None:
+                on_flushed()
 
     def ack_body(self, flow_len: int) -> None:
         self._conn.ack(self.stream_id, flow_len)
@@ -119,10 +143,19 @@ class H2ServerProtocol(H2TransportMixin, asyncio.Protocol):
         handler: StreamHandler,
         settings: H2ServerSettings | None = None,
         on_close: Callable[[H2ServerProtocol], None] | None = None,
+        on_abuse: AbuseListener | None = None,
     ) -> None:
         self.settings = settings or H2ServerSettings()
         self._handler = handler
         self._on_close = on_close
+        self._on_abuse = on_abuse
+        now = time.monotonic()
+        self._guard = H2Guard(self.settings.guard, now)
+        self._idle_since = now  # when the last stream closed (or the connection opened)
+        self._progress_at = now  # last sign the client is taking our data
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._cut_off = False
+        self._paused_backlog = 0  # bytes buffered when the transport paused us
         self.conn = make_connection(
             client_side=False,
             max_concurrent_streams=self.settings.max_concurrent_streams,
@@ -135,7 +168,8 @@ class H2ServerProtocol(H2TransportMixin, asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._paused = False
         self.remote_addr = ""
-        self.peer_cert: dict | None = None
+        self.peer: PeerIdentity | None = None
+        self.ssl_object: ssl.SSLObject | None = None
         self.goaway_sent = False
         self.goaway_last_stream_id = 0
         self._linger: asyncio.TimerHandle | None = None
@@ -145,12 +179,12 @@ class H2ServerProtocol(H2TransportMixin, asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         peer = transport.get_extra_info("peername")
         self.remote_addr = peer[0] if peer else ""
-        ssl_object = transport.get_extra_info("ssl_object")
-        if ssl_object is not None:
-            self.peer_cert = ssl_object.getpeercert() or None
+        self.ssl_object = transport.get_extra_info("ssl_object")
+        self.peer = identity_of_ssl(self.ssl_object)
         self._start_keepalive(
             self.settings.ping_interval, self.settings.ping_timeout, f"client {self.remote_addr}"
         )
+        self._arm_watchdog()
         self.conn.initiate_connection()
         open_connection_window(
             self.conn, self.settings.initial_window * self.settings.max_concurrent_streams
@@ -162,27 +196,39 @@ class H2ServerProtocol(H2TransportMixin, asyncio.Protocol):
         try:
             events = self.conn.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
-            log.debug("h2 protocol error from %s: %s", self.remote_addr, exc)
-            self._write_out()
+            # h2 has queued GOAWAY (PROTOCOL_ERROR, or FRAME_SIZE/COMPRESSION) already
+            log.info("HTTP/2 protocol error from %s: %s", self.remote_addr, exc)
+            self._report(protocol_error_kind(str(exc)))
             self._close_transport()
             return
         for event in events:
             self._dispatch(event)
+            if self.transport is None or self.transport.is_closing():
+                return  # cut off for abuse
         self._write_out()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_keepalive()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if self._linger is not None:
             self._linger.cancel()
         streams, self.streams = self.streams, {}
         for stream in streams.values():
             stream._mark_closed()
+            stream.release_pending()
         if self._on_close is not None:
             self._on_close(self)
 
     # -- events ------------------------------------------------------------------------
     def _dispatch(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.DataReceived):
+            if (
+                not event.data
+                and event.stream_ended is None
+                and self._over(self._guard.on_empty_data(self._last_read))
+            ):
+                return
             stream = self.streams.get(event.stream_id)
             if stream is None:
                 self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
@@ -209,6 +255,9 @@ class H2ServerProtocol(H2TransportMixin, asyncio.Protocol):
             if stream is not None and not stream.body_done:
                 stream._deliver_body_end()
         elif isinstance(event, h2.events.WindowUpdated):
+            self._progress_at = self._last_read
+            if self._over(self._guard.on_control(self._last_read)):
+                return
             if event.stream_id == 0:
                 for stream_id in list(self._blocked):
                     stream = self.streams.get(stream_id)
@@ -220,6 +269,14 @@ class H2ServerProtocol(H2TransportMixin, asyncio.Protocol):
                     self.flush_stream(stream)
         elif isinstance(event, h2.events.StreamReset):
             self._forget(event.stream_id)
+            if event.remote_reset:
+                self._over(self._guard.on_reset(self._last_read))
+        elif isinstance(event, h2.events.PingReceived):
+            self._over(self._guard.on_ping(self._last_read))
+        elif isinstance(event, h2.events.RemoteSettingsChanged):
+            self._over(self._guard.on_settings(self._last_read))
+        elif isinstance(event, h2.events.PriorityUpdated):
+            self._over(self._guard.on_control(self._last_read))
         elif isinstance(event, h2.events.PingAckReceived):
             self._ping_acked()
         elif isinstance(event, h2.events.ConnectionTerminated):
@@ -250,6 +307,8 @@ class H2ServerProtocol(H2TransportMixin, asyncio.Protocol):
         except STREAM_GONE:
             self._forget(sid)
         if pending and sid in self.streams:
+            if not self._blocked:
+                self._progress_at = time.monotonic()  # a wait for the client starts now
             self._blocked.add(sid)
         else:
             self._blocked.discard(sid)
@@ -285,6 +344,9 @@ class H2ServerProtocol(H2TransportMixin, asyncio.Protocol):
         self._blocked.discard(stream_id)
         if stream is not None:
             stream._mark_closed()
+            stream.release_pending()
+            if not self.streams:
+                self._idle_since = time.monotonic()
         if self.goaway_sent and not self.streams:
             self._close_after_goaway()
 
@@ -298,6 +360,75 @@ class H2ServerProtocol(H2TransportMixin, asyncio.Protocol):
 
     def close(self) -> None:
         self._close_transport()
+
+    # -- limits ------------------------------------------------------------------------
+    def _over(self, kind: str | None) -> bool:
+        """Cut the client off if it just went over a budget (`kind` is not None)."""
+        if kind is None:
+            return False
+        if self._cut_off:
+            return True
+        self._cut_off = True
+        log.warning("HTTP/2 client %s cut off: %s", self.remote_addr, kind)
+        self._report(kind)
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self.conn.close_connection(ErrorCodes.ENHANCE_YOUR_CALM, kind.encode())
+        self._close_transport()
+        return True
+
+    def _report(self, kind: str) -> None:
+        if self._on_abuse is not None:
+            self._on_abuse(kind)
+
+    def _arm_watchdog(self) -> None:
+        s = self.settings
+        period = min(t for t in (s.idle_timeout, s.stalled_write_timeout, 30.0) if t > 0) / 4
+        self._watchdog = asyncio.get_running_loop().call_later(period, self._check_timeouts)
+
+    def _check_timeouts(self) -> None:
+        """Idle connections are closed politely; a client that leaves our data waiting
+        (zero window, or not reading TCP) for too long is cut off."""
+        self._watchdog = None
+        if self.transport is None or self.transport.is_closing():
+            return
+        now = time.monotonic()
+        s = self.settings
+        waiting = self._blocked or self._paused
+        if waiting and 0 < s.stalled_write_timeout <= now - self._progress_at:
+            self._over(STALLED_READER)
+            return
+        if (
+            not waiting
+            and not self.streams
+            and not self.goaway_sent
+            and 0 < s.idle_timeout <= now - self._idle_since
+        ):
+            log.debug("closing idle HTTP/2 connection from %s", self.remote_addr)
+            self.goaway()
+        self._arm_watchdog()
+
+    def pause_writing(self) -> None:
+        if not self._paused:
+            self._progress_at = time.monotonic()
+            if self.transport is not None:
+                self._paused_backlog = self.transport.get_write_buffer_size()
+        super().pause_writing()
+
+    def resume_writing(self) -> None:
+        self._progress_at = time.monotonic()
+        super().resume_writing()
+
+    def _flush_now(self) -> None:
+        super()._flush_now()
+        transport = self.transport
+        if (
+            self._paused
+            and transport is not None
+            and not transport.is_closing()
+            and transport.get_write_buffer_size() - self._paused_backlog
+            > self.settings.max_write_backlog
+        ):
+            self._over(WRITE_BACKLOG)
 
     def _close_transport(self) -> None:
         self._flush_now()  # a GOAWAY or RST queued just before must still go out

@@ -7,16 +7,35 @@ the HTTP/2 client preface is h2c (prior knowledge); anything else is HTTP/1.1.
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import socket
 import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import cast
 
+import h2.config
+import h2.connection
 from aiohttp import web
+from h2.errors import ErrorCodes
 
 from kom_gateway.http.h1server import StreamHandler, UpgradeHandler, aiohttp_server
 from kom_gateway.http.h2server import H2ServerProtocol, H2ServerSettings
+from kom_gateway.kubestatus import status_object
+
+log = logging.getLogger(__name__)
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    max_connections_per_address: int = 0  # 0: no limit
+    tls_handshake_timeout: float = 10.0
+    header_read_timeout: float = 32.0  # first bytes / first request headers
+    idle_timeout: float = 90.0  # HTTP/1.1 keep-alive; HTTP/2 in H2ServerSettings
+    max_header_bytes: int = 1 << 20
 
 
 class _Sniffer(asyncio.Protocol):
@@ -26,12 +45,23 @@ class _Sniffer(asyncio.Protocol):
         self._listener = listener
         self._transport: asyncio.Transport | None = None
         self._buffer = b""
+        self._deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
             self._hand_over(ssl_object.selected_alpn_protocol() == "h2")
+        else:
+            self._deadline = asyncio.get_running_loop().call_later(
+                self._listener.limits.header_read_timeout, self._too_slow
+            )
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if self._transport is not None:
+            self._listener.rejected("header-timeout")
+            self._transport.close()
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
@@ -46,12 +76,24 @@ class _Sniffer(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+        if self._deadline is not None:
+            self._deadline.cancel()
 
     def _hand_over(self, is_h2: bool) -> None:
         transport = self._transport
         assert transport is not None
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        listener = self._listener
+        address = _address(transport)
+        if not listener.admit(address):
+            listener.rejected("per-address-limit")
+            transport.write(_refusal_h2() if is_h2 else _refusal_h1())
+            transport.close()
+            return
         protocol: asyncio.Protocol = (
-            self._listener.new_h2_protocol() if is_h2 else self._listener.h1_server()
+            listener.new_h2_protocol() if is_h2 else listener.new_h1_protocol()
         )
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
@@ -61,7 +103,12 @@ class _Sniffer(asyncio.Protocol):
 
 
 class Listener:
-    """Serves `handler` on host:port over HTTP/2 and HTTP/1.1."""
+    """Serves `handler` on host:port over HTTP/2 and HTTP/1.1.
+
+    `limits` and `h2_settings` may be replaced (config reload): new connections get the
+    new values. `on_reject(reason)` and `on_abuse(kind)` are told when a client is
+    turned away or cut off (for metrics).
+    """
 
     def __init__(
         self,
@@ -69,18 +116,80 @@ class Listener:
         upgrade_handler: UpgradeHandler | None = None,
         h2_settings: H2ServerSettings | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        limits: ConnectionLimits | None = None,
+        on_reject: Callable[[str], None] | None = None,
+        on_abuse: Callable[[str], None] | None = None,
     ) -> None:
         self.handler = handler
+        self.upgrade_handler = upgrade_handler
         self.h2_settings = h2_settings or H2ServerSettings()
         self.ssl_context = ssl_context
-        self.h1_server: web.Server = aiohttp_server(handler, upgrade_handler)
+        self.limits = limits or ConnectionLimits()
+        self._on_reject = on_reject
+        self._on_abuse = on_abuse
+        self.h1_server: web.Server = self._new_h1_server()
+        self._retired_h1: list[web.Server] = []
         self.h2_connections: set[H2ServerProtocol] = set()
+        self.h1_connections = 0
+        self.per_address: dict[str, int] = {}
         self.server: asyncio.Server | None = None
 
+    def _new_h1_server(self) -> web.Server:
+        return aiohttp_server(
+            self.handler,
+            self.upgrade_handler,
+            self.limits.max_header_bytes,
+            self.limits.header_read_timeout,
+            self.limits.idle_timeout,
+            self._h1_lost,
+        )
+
+    def set_limits(self, limits: ConnectionLimits, h2_settings: H2ServerSettings) -> None:
+        """Apply reloaded limits to connections accepted from now on."""
+        if limits != self.limits:
+            self.limits = limits
+            old, self.h1_server = self.h1_server, self._new_h1_server()
+            self._retired_h1.append(old)  # its connections live on; shut down with ours
+        self.h2_settings = h2_settings
+
+    # -- accounting ----------------------------------------------------------------------
+    def admit(self, address: str) -> bool:
+        """Count a new connection from `address`, unless it already has its share."""
+        count = self.per_address.get(address, 0)
+        limit = self.limits.max_connections_per_address
+        if limit and count >= limit:
+            return False
+        self.per_address[address] = count + 1
+        return True
+
+    def _release(self, address: str) -> None:
+        count = self.per_address.get(address, 0) - 1
+        if count > 0:
+            self.per_address[address] = count
+        else:
+            self.per_address.pop(address, None)
+
+    def _h1_lost(self, transport: asyncio.BaseTransport) -> None:
+        self.h1_connections -= 1
+        self._release(_address(transport))
+
+    def _h2_lost(self, protocol: H2ServerProtocol) -> None:
+        self.h2_connections.discard(protocol)
+        self._release(protocol.remote_addr)
+
+    def rejected(self, reason: str) -> None:
+        log.info("client connection turned away: %s", reason)
+        if self._on_reject is not None:
+            self._on_reject(reason)
+
     def new_h2_protocol(self) -> H2ServerProtocol:
-        protocol = H2ServerProtocol(self.handler, self.h2_settings, self.h2_connections.discard)
+        protocol = H2ServerProtocol(self.handler, self.h2_settings, self._h2_lost, self._on_abuse)
         self.h2_connections.add(protocol)
         return protocol
+
+    def new_h1_protocol(self) -> asyncio.Protocol:
+        self.h1_connections += 1
+        return self.h1_server()
 
     async def start(self, host: str, port: int, reuse_port: bool = False) -> int:
         """Bind and serve; returns the bound port (useful with port 0)."""
@@ -90,6 +199,7 @@ class Listener:
             host,
             port,
             ssl=self.ssl_context,
+            ssl_handshake_timeout=self.limits.tls_handshake_timeout if self.ssl_context else None,
             reuse_address=True,
             reuse_port=reuse_port or None,
             backlog=4096,
@@ -107,7 +217,8 @@ class Listener:
         if self.server is not None:
             self.server.close()
         self.goaway_all()
-        await self.h1_server.shutdown(grace)
+        for server in (*self._retired_h1, self.h1_server):
+            await server.shutdown(grace)
         if grace > 0:
             deadline = asyncio.get_running_loop().time() + grace
             while self.h2_connections and asyncio.get_running_loop().time() < deadline:
@@ -117,12 +228,28 @@ class Listener:
                 protocol.transport.close()
 
 
-def server_ssl_context(cert_file: str, key_file: str, client_ca_file: str | None) -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(cert_file, key_file)
-    context.set_alpn_protocols(["h2", "http/1.1"])
-    if client_ca_file:
-        context.load_verify_locations(client_ca_file)
-        context.verify_mode = ssl.CERT_OPTIONAL  # anonymous and token clients still allowed
-    return context
+def _address(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
+    return peer[0] if peer else ""
+
+
+_REFUSAL = json.dumps(
+    status_object(429, "TooManyRequests", "too many connections from this address")
+).encode()
+
+
+def _refusal_h1() -> bytes:
+    """429 with a Status body, then close: what an HTTP/1.1 client over its share reads."""
+    head = (
+        "HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(_REFUSAL)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + _REFUSAL
+
+
+def _refusal_h2() -> bytes:
+    """Server preface, then GOAWAY(ENHANCE_YOUR_CALM) with the reason as debug data."""
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    conn.initiate_connection()
+    conn.close_connection(ErrorCodes.ENHANCE_YOUR_CALM, b"too many connections from this address")
+    return conn.data_to_send()

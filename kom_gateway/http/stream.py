@@ -9,9 +9,12 @@ control with no per-frame task).
 from __future__ import annotations
 
 import asyncio
+import ssl
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Protocol
+
+from kom_gateway.identity import PeerIdentity
 
 Headers = list[tuple[bytes, bytes]]  # lower-case names; values as received
 Flushed = Callable[[], None]
@@ -35,7 +38,8 @@ class ServerStream(ABC):
     headers: Headers
     remote_addr: str
     http_version: str  # "2" or "1.1"
-    peer_cert: dict | None  # verified client certificate (ssl.getpeercert()), if any
+    peer: PeerIdentity | None  # from a verified client certificate, if any
+    ssl_object: ssl.SSLObject | None  # the connection's TLS, if any
 
     def __init__(self) -> None:
         self._consumer: BodyConsumer | None = None

@@ -286,7 +286,12 @@ class Exchange:
         self.answered_by = group
         stream = self.stream
         headers = upstream_request_headers(
-            stream.method, endpoint.spec.scheme, endpoint.authority, stream.target, stream.headers
+            stream.method,
+            endpoint.spec.scheme,
+            endpoint.authority,
+            stream.target,
+            stream.headers,
+            stream.peer.headers if stream.peer is not None else (),
         )
         no_body = self.body_ended and not self.body
         endpoint.in_flight += 1

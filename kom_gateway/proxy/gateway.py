@@ -15,13 +15,14 @@ from aiohttp import web
 from kom_gateway.config import ConfigError, load_config_file
 from kom_gateway.config.holder import ConfigHolder, ReloadResult
 from kom_gateway.http.stream import Headers, ServerStream
+from kom_gateway.identity import PeerIdentity
 from kom_gateway.proxy.exchange import Exchange
 from kom_gateway.proxy.headers import status_body, status_headers
 from kom_gateway.proxy.metrics import Metrics
 from kom_gateway.proxy.upgrade import handle_upgrade
 from kom_gateway.proxy.upstreams import UpstreamEndpoint, Upstreams
 from kom_gateway.requestinfo import parse_request
-from kom_gateway.routing.cutover import Client, x509_identity
+from kom_gateway.routing.cutover import Client
 
 log = logging.getLogger(__name__)
 CLIENT_CACHE_SIZE = 16384
@@ -48,7 +49,7 @@ class Gateway:
             self.metrics.requests.labels("none", info.verb, "", "400").inc()
             return
         decision = active.router.decide(
-            info, self.client_for(stream.headers, stream.remote_addr, stream.peer_cert)
+            info, self.client_for(stream.headers, stream.remote_addr, stream.peer)
         )
         exchange = Exchange(self, stream, info, decision, active)
         task = asyncio.get_running_loop().create_task(exchange.run())
@@ -56,7 +57,7 @@ class Gateway:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    def client_for(self, headers: Headers, remote_addr: str, peer_cert: dict | None) -> Client:
+    def client_for(self, headers: Headers, remote_addr: str, peer: PeerIdentity | None) -> Client:
         """Who is asking, for the cut-over bucket; cached (its bucket and rule memoised)."""
         user_agent = b""
         authorization = b""
@@ -65,11 +66,10 @@ class Gateway:
                 user_agent = value
             elif name == b"authorization":
                 authorization = value
-        who = _subject_key(peer_cert) if peer_cert else remote_addr
-        key = (authorization, who, user_agent)
+        key = (authorization, peer.key if peer else remote_addr, user_agent)
         client = self._clients.get(key)
         if client is None:
-            client = _new_client(remote_addr, peer_cert, user_agent, authorization)
+            client = _new_client(remote_addr, peer, user_agent, authorization)
             if len(self._clients) >= CLIENT_CACHE_SIZE:
                 self._clients.clear()
             self._clients[key] = client
@@ -109,30 +109,14 @@ class Gateway:
         await self.upstreams.close()
 
 
-def _subject_key(cert: dict) -> str:
-    return repr(cert.get("subject", ()))
-
-
 def _new_client(
-    remote_addr: str, peer_cert: dict | None, user_agent: bytes, authorization: bytes
+    remote_addr: str, peer: PeerIdentity | None, user_agent: bytes, authorization: bytes
 ) -> Client:
+    """The cut-over key: the verified certificate's identity (what the apiserver will
+    authenticate), else a digest of the bearer token, else the address."""
     ua = user_agent.decode("latin-1")
-    if peer_cert:
-        common_name = ""
-        organizations: list[str] = []
-        for rdn in peer_cert.get("subject", ()):
-            for attr, value in rdn:
-                if attr == "commonName":
-                    common_name = value
-                elif attr == "organizationName":
-                    organizations.append(value)
-        return Client(
-            ua,
-            x509_identity(common_name, tuple(organizations)),
-            remote_addr,
-            common_name,
-            tuple(organizations),
-        )
+    if peer is not None:
+        return Client(ua, peer.key, remote_addr, peer.user, peer.groups)
     if authorization[:7].lower() == b"bearer ":
         digest = hashlib.sha256(authorization[7:].strip()).hexdigest()[:32]
         return Client(ua, f"token:{digest}", remote_addr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
 from kom_gateway.http.stream import Headers
 from kom_gateway.kubestatus import status_object
@@ -27,13 +28,19 @@ IDENTITY_PREFIX = b"x-remote-"  # front-proxy identity: only the gateway may set
 
 
 def upstream_request_headers(
-    method: str, scheme: str, authority: str, target: str, headers: Headers
+    method: str,
+    scheme: str,
+    authority: str,
+    target: str,
+    headers: Headers,
+    identity: Sequence[tuple[bytes, bytes]] = (),
 ) -> Headers:
     """Client request headers as the apiserver must see them.
 
     Hop-by-hop headers (and any the client listed in Connection) are dropped, and so is
     every incoming X-Remote-* header, always: otherwise anyone could claim any identity
-    to an apiserver that trusts the gateway's front-proxy certificate.
+    to an apiserver that trusts the gateway's front-proxy certificate. Then `identity`,
+    the front-proxy headers of a verified client certificate, is added.
     """
     listed: set[bytes] = set()
     for name, value in headers:
@@ -49,6 +56,7 @@ def upstream_request_headers(
         if name in HOP_BY_HOP or name in listed or name.startswith(IDENTITY_PREFIX):
             continue
         out.append((name, value))
+    out.extend(identity)
     return out
 
 

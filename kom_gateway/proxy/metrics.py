@@ -85,6 +85,31 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.tls_reloads = Counter(
+            "kom_gateway_tls_reloads",
+            "Certificate files re-read after they changed, by side and result.",
+            ["side", "result"],
+            registry=r,
+        )
+        self.client_connections = Gauge(
+            "kom_gateway_client_connections",
+            "Client connections open, by protocol.",
+            ["protocol"],
+            registry=r,
+        )
+        self.connections_rejected = Counter(
+            "kom_gateway_client_connections_rejected",
+            "Client connections turned away before a request, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.http2_abuse = Counter(
+            "kom_gateway_http2_abuse",
+            "HTTP/2 client connections cut off (GOAWAY ENHANCE_YOUR_CALM or protocol error), "
+            "by kind.",
+            ["kind"],
+            registry=r,
+        )
         self.config_generation = Gauge(
             "kom_gateway_config_generation",
             "Generation of the configuration being served.",

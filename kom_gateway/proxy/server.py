@@ -10,8 +10,10 @@ import ssl
 from dataclasses import dataclass
 
 from kom_gateway.config import ConfigError, ConfigHolder, ConfigIssue, load_config_file
-from kom_gateway.config.schema import Address
-from kom_gateway.http.listener import Listener, server_ssl_context
+from kom_gateway.config.schema import Address, Config
+from kom_gateway.http.h2server import H2ServerSettings
+from kom_gateway.http.listener import ConnectionLimits, Listener
+from kom_gateway.http.tlsfiles import ServerTLSContext
 from kom_gateway.proxy.admin import start_admin
 from kom_gateway.proxy.gateway import Gateway
 
@@ -24,6 +26,7 @@ class RunOptions:
     listen: Address | None = None  # overrides listen.address (port 0: any free port)
     admin: Address | None = None
     drain_seconds: float = 5.0
+    watch_seconds: float = 5.0  # how often certificate files are checked for rotation
 
 
 async def run_gateway(
@@ -32,17 +35,17 @@ async def run_gateway(
     config = load_config_file(options.config_path)
     holder = ConfigHolder(config)
     gateway = Gateway(holder)
-    ssl_context = None
+    serving_tls = None
     if config.listen_tls is not None:
         tls = config.listen_tls
         try:
-            ssl_context = server_ssl_context(tls.cert_file, tls.key_file, tls.client_ca_file)
+            serving_tls = ServerTLSContext(tls.cert_file, tls.key_file, tls.client_ca_file)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(
                 [ConfigIssue("listen.tls", 0, f"cannot load the TLS files: {exc}")],
                 options.config_path,
             ) from None
-    listener = Listener(gateway.handle, gateway.upgrade, ssl_context=ssl_context)
+    listener = new_listener(gateway, serving_tls.listening if serving_tls else None)
     listen = options.listen or config.listen
     admin_address = options.admin or config.admin
     port = await listener.start(listen.host, listen.port)
@@ -54,7 +57,7 @@ async def run_gateway(
     runner, admin_port = await start_admin(
         gateway.metrics, admin_address.host, admin_address.port, is_ready
     )
-    scheme = "https (h2 + http/1.1 via ALPN)" if ssl_context else "h2c + http/1.1"
+    scheme = "https (h2 + http/1.1 via ALPN)" if serving_tls else "h2c + http/1.1"
     print(
         f"kom-gateway listening on {listen.host}:{port} ({scheme}); admin on "
         f"{admin_address.host}:{admin_port}; config {options.config_path} "
@@ -66,12 +69,19 @@ async def run_gateway(
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGHUP, lambda: gateway.reload(options.config_path))
+
+    def reload() -> None:
+        if gateway.reload(options.config_path).applied:
+            listener.set_limits(*listener_settings(gateway.holder.current.config))
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
+    watcher = loop.create_task(_watch_files(gateway, serving_tls, options.watch_seconds))
     try:
         await stop.wait()
     finally:
+        watcher.cancel()
         draining = True
         log.info(
             "draining: GOAWAY to HTTP/2 clients, %.0fs for requests in flight",
@@ -83,3 +93,55 @@ async def run_gateway(
         await gateway.close()
         await runner.cleanup()
     return 0
+
+
+def listener_settings(config: Config) -> tuple[ConnectionLimits, H2ServerSettings]:
+    """The client-facing limits of `config`, as the HTTP layer takes them."""
+    limits = config.limits
+    return (
+        ConnectionLimits(
+            limits.max_connections_per_address,
+            limits.tls_handshake_timeout,
+            limits.header_read_timeout,
+            limits.idle_timeout,
+            limits.max_header_bytes,
+        ),
+        H2ServerSettings(
+            max_concurrent_streams=limits.max_streams_per_connection,
+            max_header_list_size=limits.max_header_bytes,
+            idle_timeout=limits.idle_timeout,
+            stalled_write_timeout=limits.stalled_write_timeout,
+        ),
+    )
+
+
+def new_listener(gateway: Gateway, ssl_context: ssl.SSLContext | None) -> Listener:
+    """The client-facing listener of `gateway`, its limits and metrics wired."""
+    limits, h2_settings = listener_settings(gateway.holder.current.config)
+    metrics = gateway.metrics
+    listener = Listener(
+        gateway.handle,
+        gateway.upgrade,
+        h2_settings,
+        ssl_context,
+        limits,
+        on_reject=lambda reason: metrics.connections_rejected.labels(reason).inc(),
+        on_abuse=lambda kind: metrics.http2_abuse.labels(kind).inc(),
+    )
+    metrics.client_connections.labels("h2").set_function(lambda: len(listener.h2_connections))
+    metrics.client_connections.labels("http/1.1").set_function(lambda: listener.h1_connections)
+    return listener
+
+
+async def _watch_files(
+    gateway: Gateway, serving_tls: ServerTLSContext | None, interval: float
+) -> None:
+    """Certificate rotation: re-read serving and upstream TLS files when they change."""
+    while True:
+        await asyncio.sleep(interval)
+        for outcome, side in (
+            (serving_tls.refresh() if serving_tls else None, "listen"),
+            (gateway.upstreams.tls.refresh(), "upstream"),
+        ):
+            if outcome is not None:
+                gateway.metrics.tls_reloads.labels(side, "applied" if outcome else "rejected").inc()

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from multidict import CIMultiDict
 
+from kom_gateway.http.h1server import request_peer
+from kom_gateway.identity import PeerIdentity
 from kom_gateway.proxy.fallback import Failure, after_failure
 from kom_gateway.proxy.headers import HOP_BY_HOP, IDENTITY_PREFIX, status_body
 from kom_gateway.requestinfo import parse_request
@@ -41,10 +43,8 @@ class UpgradeFailed(Exception):
 async def handle_upgrade(gateway: Gateway, request: web.BaseRequest) -> web.StreamResponse:
     info = parse_request(request.method, request.raw_path)
     headers = [(k.lower(), v) for k, v in request.raw_headers]
-    transport = request.transport
-    ssl_object = transport.get_extra_info("ssl_object") if transport else None
-    peer_cert = (ssl_object.getpeercert() or None) if ssl_object else None
-    client = gateway.client_for(headers, request.remote or "", peer_cert)
+    peer = request_peer(request)
+    client = gateway.client_for(headers, request.remote or "", peer)
     decision = gateway.holder.current.router.decide(info, client)
     metrics = gateway.metrics
     group = decision.target
@@ -55,7 +55,7 @@ async def handle_upgrade(gateway: Gateway, request: web.BaseRequest) -> web.Stre
             if endpoint is None:
                 raise UpgradeFailed(Failure.NO_HEALTHY_ENDPOINT)
             tried.add(endpoint)
-            reader, writer, status, head = await _open(gateway, endpoint, request, headers)
+            reader, writer, status, head = await _open(gateway, endpoint, request, headers, peer)
             break
         except UpgradeFailed as exc:
             step = after_failure(
@@ -85,7 +85,11 @@ async def handle_upgrade(gateway: Gateway, request: web.BaseRequest) -> web.Stre
 
 
 async def _open(
-    gateway: Gateway, endpoint: UpstreamEndpoint, request: web.BaseRequest, headers: list
+    gateway: Gateway,
+    endpoint: UpstreamEndpoint,
+    request: web.BaseRequest,
+    headers: list,
+    peer: PeerIdentity | None,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int, CIMultiDict[str]]:
     spec = endpoint.spec
     try:
@@ -105,6 +109,8 @@ async def _open(
     for name, value in headers:
         if name.startswith(IDENTITY_PREFIX) or (name in HOP_BY_HOP and name not in _UPGRADE_KEEPS):
             continue
+        lines.append(f"{name.decode('latin-1')}: {value.decode('latin-1')}")
+    for name, value in peer.headers if peer is not None else ():
         lines.append(f"{name.decode('latin-1')}: {value.decode('latin-1')}")
     writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
     try:

@@ -19,6 +19,7 @@ import ssl
 from collections.abc import Callable
 
 from kom_gateway.config.schema import Config, ConfigError, ConfigIssue, Endpoint
+from kom_gateway.config.schema import UpstreamTLS as UpstreamTLSConfig
 from kom_gateway.http.h2client import (
     RESET_GOAWAY,
     ClientStream,
@@ -27,6 +28,7 @@ from kom_gateway.http.h2client import (
     H2ClientSettings,
 )
 from kom_gateway.http.stream import Headers
+from kom_gateway.http.tlsfiles import ReloadingContext
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +67,7 @@ class UpstreamEndpoint:
         group: str,
         spec: Endpoint,
         settings: H2ClientSettings,
-        ssl_context: ssl.SSLContext | None,
+        tls: UpstreamTLS,
         server_name: str | None,
         health_threshold: int,
         on_health: HealthListener,
@@ -74,7 +76,7 @@ class UpstreamEndpoint:
         self.spec = spec
         self.name = str(spec)
         self.settings = settings
-        self.ssl_context = ssl_context if spec.scheme == "https" else None
+        self.tls = tls
         self.server_name = server_name or spec.host
         self.authority = (
             f"{spec.host}:{spec.port}" if ":" not in spec.host else f"[{spec.host}]:{spec.port}"
@@ -118,7 +120,11 @@ class UpstreamEndpoint:
     async def _connect(self) -> H2ClientConnection:
         try:
             conn = await H2ClientConnection.connect(
-                self.spec.host, self.spec.port, self.settings, self.ssl_context, self.server_name
+                self.spec.host,
+                self.spec.port,
+                self.settings,
+                self.tls.h2 if self.spec.scheme == "https" else None,
+                self.server_name,
             )
             self.connections.append(conn)
             return conn
@@ -217,7 +223,7 @@ class Upstreams:
     """All groups' endpoints; kept in step with the configuration on reload."""
 
     def __init__(self, on_health: HealthListener) -> None:
-        self._upgrade_ssl: ssl.SSLContext | None = None
+        self.tls = UpstreamTLS()
         self.groups: dict[str, list[UpstreamEndpoint]] = {}
         self._by_key: dict[tuple[str, str], UpstreamEndpoint] = {}
         self._on_health = on_health
@@ -225,10 +231,8 @@ class Upstreams:
     def sync(self, config: Config) -> None:
         """Create endpoints new in `config`, keep unchanged ones, close removed ones."""
         # TLS first: a config whose files cannot be loaded raises before anything changes
-        ssl_context = upstream_ssl_context(config, "h2")
-        upgrade_ssl = upstream_ssl_context(config, "http/1.1")
+        self.tls.load(config)
         settings = H2ClientSettings(connect_timeout=config.timeouts.connect)
-        self._upgrade_ssl = upgrade_ssl
         wanted: dict[tuple[str, str], UpstreamEndpoint] = {}
         groups: dict[str, list[UpstreamEndpoint]] = {}
         for group in config.groups.values():
@@ -240,7 +244,7 @@ class Upstreams:
                         group.name,
                         spec,
                         settings,
-                        ssl_context,
+                        self.tls,
                         config.upstream_tls.server_name,
                         config.health.failure_threshold,
                         self._on_health,
@@ -257,7 +261,7 @@ class Upstreams:
 
     def upgrade_ssl_context(self, spec: Endpoint) -> ssl.SSLContext | None:
         """TLS for Upgrade connections: same trust and client cert, ALPN http/1.1."""
-        return self._upgrade_ssl if spec.scheme == "https" else None
+        return self.tls.http1 if spec.scheme == "https" else None
 
     def pick(self, group: str, exclude: set[UpstreamEndpoint]) -> UpstreamEndpoint | None:
         """Healthy endpoint of `group` with the fewest requests in flight."""
@@ -277,19 +281,54 @@ class Upstreams:
             await endpoint.close()
 
 
-def upstream_ssl_context(config: Config, alpn: str) -> ssl.SSLContext | None:
-    """Client TLS for https:// endpoints; ConfigError if its files cannot be used."""
-    if not any(e.scheme == "https" for g in config.groups.values() for e in g.endpoints):
-        return None
-    tls = config.upstream_tls
-    try:
-        context = ssl.create_default_context(cafile=tls.ca_file)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.set_alpn_protocols([alpn])
-        if tls.cert_file and tls.key_file:
-            context.load_cert_chain(tls.cert_file, tls.key_file)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(
-            [ConfigIssue("upstream.tls", 0, f"cannot load the TLS files: {exc}")], config.source
-        ) from None
+class UpstreamTLS:
+    """Client TLS for https:// endpoints (ALPN h2 for the pools, http/1.1 for Upgrade):
+    the CA that verifies the apiservers and the front-proxy client certificate, re-read
+    when their files change. New connections use the newest; open ones keep theirs."""
+
+    def __init__(self) -> None:
+        self._pools: ReloadingContext | None = None
+        self._upgrades: ReloadingContext | None = None
+
+    @property
+    def h2(self) -> ssl.SSLContext | None:
+        return self._pools.current if self._pools else None
+
+    @property
+    def http1(self) -> ssl.SSLContext | None:
+        return self._upgrades.current if self._upgrades else None
+
+    def load(self, config: Config) -> None:
+        """Build from `config`; ConfigError (and nothing changed) if its files are unusable."""
+        if not any(e.scheme == "https" for g in config.groups.values() for e in g.endpoints):
+            self._pools = self._upgrades = None
+            return
+        tls = config.upstream_tls
+        paths = (tls.ca_file or "", tls.cert_file or "", tls.key_file or "")
+        try:
+            pools = ReloadingContext("upstream.tls", paths, lambda: _client_context(tls, "h2"))
+            upgrades = ReloadingContext(
+                "upstream.tls", paths, lambda: _client_context(tls, "http/1.1")
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                [ConfigIssue("upstream.tls", 0, f"cannot load the TLS files: {exc}")],
+                config.source,
+            ) from None
+        self._pools, self._upgrades = pools, upgrades
+
+    def refresh(self) -> bool | None:
+        """Certificate rotation: see `ReloadingContext.refresh`."""
+        if self._pools is None or self._upgrades is None:
+            return None
+        self._upgrades.refresh()
+        return self._pools.refresh()
+
+
+def _client_context(tls: UpstreamTLSConfig, alpn: str) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=tls.ca_file)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols([alpn])
+    if tls.cert_file and tls.key_file:
+        context.load_cert_chain(tls.cert_file, tls.key_file)
     return context

@@ -18,6 +18,7 @@ import yaml
 from kom_gateway.kubestatus import status_object
 from kom_gateway.requestinfo import RequestInfo, parse_request
 from kom_gateway.sim import resources
+from kom_gateway.sim.auth import ANONYMOUS, UNAUTHENTICATED, UserInfo
 from kom_gateway.sim.resources import ResourceType
 from kom_gateway.sim.selectors import SelectorError, field_predicate, label_predicate
 from kom_gateway.sim.store import ApiError, Obj, Store
@@ -43,6 +44,7 @@ class SimRequest:
     headers: dict[str, str]  # lower-case names, first value
     body: bytes = b""
     remote_groups: list[str] = field(default_factory=list)  # every X-Remote-Group value
+    user: UserInfo | None = None  # who the request authenticated as
 
 
 @dataclass
@@ -144,6 +146,10 @@ class SimAPI:
             return status_reply(404, "NotFound", "the server could not find the requested resource")
         if rt.namespaced and info.namespace == "" and info.verb not in ("list", "watch"):
             return status_reply(404, "NotFound", "the server could not find the requested resource")
+        if rt.verbs and info.verb not in rt.verbs:
+            return status_reply(405, "MethodNotAllowed", f"{info.verb} is not supported")
+        if rt.resource == "selfsubjectreviews":
+            return self._self_subject_review(req)
         namespace = info.namespace if rt.namespaced else ""
         if rt.resource == "namespaces":
             namespace = ""
@@ -196,6 +202,16 @@ class SimAPI:
             ]
             return _json(_list_object(rt, deleted, self.store.rv))
         return status_reply(405, "MethodNotAllowed", f"{verb} is not supported")
+
+    def _self_subject_review(self, req: SimRequest) -> Reply:
+        user = req.user or UserInfo(ANONYMOUS, (UNAUTHENTICATED,))
+        review = {
+            "kind": "SelfSubjectReview",
+            "apiVersion": "authentication.k8s.io/v1",
+            "metadata": {"creationTimestamp": None},
+            "status": {"userInfo": user.as_json()},
+        }
+        return _json(review, 201)
 
     def _list_or_watch(
         self, rt: ResourceType, namespace: str, info: RequestInfo, query: _Query, req: SimRequest

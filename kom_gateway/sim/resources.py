@@ -14,6 +14,7 @@ class ResourceType:
     namespaced: bool
     short_names: tuple[str, ...] = ()
     subresources: tuple[str, ...] = ()
+    verbs: tuple[str, ...] = ()  # empty: the usual eight (VERBS)
 
     @property
     def api_version(self) -> str:
@@ -36,6 +37,15 @@ TYPES: tuple[ResourceType, ...] = (
     ResourceType("events.k8s.io", "v1", "events", "Event", True, ("ev",)),
     ResourceType("coordination.k8s.io", "v1", "leases", "Lease", True),
     ResourceType("apps", "v1", "deployments", "Deployment", True, ("deploy",), ("status", "scale")),
+    # `kubectl auth whoami`: answers with the user the request authenticated as
+    ResourceType(
+        "authentication.k8s.io",
+        "v1",
+        "selfsubjectreviews",
+        "SelfSubjectReview",
+        False,
+        verbs=("create",),
+    ),
 )
 
 BY_GROUP_RESOURCE = {(t.group, t.resource): t for t in TYPES}
@@ -66,7 +76,7 @@ def api_resource_list(group: str, version: str) -> dict | None:
                 "singularName": t.singular,
                 "namespaced": t.namespaced,
                 "kind": t.kind,
-                "verbs": VERBS,
+                "verbs": list(t.verbs) or VERBS,
                 "shortNames": list(t.short_names),
             }
         )
@@ -126,6 +136,8 @@ def openapi_v3_document(gv_path: str) -> dict | None:
     }
     paths = {}
     for t in types:
+        if t.verbs and "patch" not in t.verbs:
+            continue
         scope = "/namespaces/{namespace}" if t.namespaced else ""
         gvk = {"group": t.group, "version": t.version, "kind": t.kind}
         paths[f"/{gv_path}{scope}/{t.resource}/{{name}}"] = {

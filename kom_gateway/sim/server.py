@@ -14,13 +14,14 @@ import logging
 import random
 import ssl
 from collections import Counter, deque
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 from urllib.parse import parse_qsl
 
 from aiohttp import WSMsgType, web
 from h2.errors import ErrorCodes
 
+from kom_gateway.http.h2guard import UNGUARDED
 from kom_gateway.http.h2server import H2ServerSettings, H2ServerStream
 from kom_gateway.http.listener import Listener
 from kom_gateway.http.stream import BodyTooLarge, ServerStream, StreamClosed
@@ -34,6 +35,7 @@ from kom_gateway.sim.api import (
     WatchReply,
     status_reply,
 )
+from kom_gateway.sim.auth import ANONYMOUS, UNAUTHENTICATED, Authenticator, Unauthorized, UserInfo
 from kom_gateway.sim.store import ApiError, Store, WatchEvent
 
 log = logging.getLogger(__name__)
@@ -79,8 +81,15 @@ class Simulator:
         bookmark_interval: float = 1.0,
         h2_settings: H2ServerSettings | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        authenticator: Authenticator | None = None,
     ) -> None:
-        self.h2_settings = h2_settings  # e.g. a small MAX_CONCURRENT_STREAMS
+        self.authenticator = authenticator  # None: everyone is anonymous (plaintext demo)
+        # e.g. a small MAX_CONCURRENT_STREAMS. Like kube-apiserver (Go's server), no
+        # frame-rate budgets and no stalled-reader cut-off: the gateway's upstream
+        # connections carry many clients' resets and slow readers.
+        self.h2_settings = replace(
+            h2_settings or H2ServerSettings(), guard=UNGUARDED, stalled_write_timeout=0
+        )
         self.ssl_context = ssl_context  # serve the groups over TLS (ALPN h2, http/1.1)
         self.store = store or Store()
         self.api = SimAPI(self.store, bookmark_interval)
@@ -153,8 +162,27 @@ class Simulator:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _authenticate(
+        self, ssl_object: ssl.SSLObject | None, headers: list[tuple[str, str]]
+    ) -> UserInfo | Reply:
+        """Who the request is, as kube-apiserver would decide; a 401 reply if nobody."""
+        if self.authenticator is None:
+            return UserInfo(ANONYMOUS, (UNAUTHENTICATED,), authenticator="anonymous")
+        cert = (ssl_object.getpeercert() or None) if ssl_object is not None else None
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        try:
+            return self.authenticator.authenticate(cert, der, headers)
+        except Unauthorized as exc:
+            log.info("401: %s", exc)
+            return status_reply(401, "Unauthorized", "Unauthorized")
+
     def _record(
-        self, group: SimGroup, method: str, target: str, headers: list[tuple[str, str]]
+        self,
+        group: SimGroup,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        user: UserInfo | Reply,
     ) -> None:
         self.request_count += 1
         entry: dict[str, Any] = {
@@ -164,6 +192,11 @@ class Simulator:
             "target": target,
             "remoteGroups": [],
         }
+        if isinstance(user, UserInfo):
+            entry["user"] = user.as_json()
+            entry["authenticator"] = user.authenticator
+        else:
+            entry["unauthorized"] = True
         for name, value in headers:
             if name == "user-agent":
                 entry["userAgent"] = value
@@ -180,10 +213,14 @@ class Simulator:
         self.requests.append(entry)
 
     async def _serve(self, group: SimGroup, stream: ServerStream) -> None:
-        headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in stream.headers]
-        self._record(group, stream.method, stream.target, headers)
+        headers = [(n.decode("latin-1"), v.decode("utf-8", "replace")) for n, v in stream.headers]
+        user = self._authenticate(stream.ssl_object, headers)
+        self._record(group, stream.method, stream.target, headers, user)
         faults = group.faults
         try:
+            if isinstance(user, Reply):
+                self._reply(group, stream, user)
+                return
             if (
                 faults.goaway_chance
                 and isinstance(stream, H2ServerStream)
@@ -207,7 +244,7 @@ class Simulator:
             if faults.reset_before_headers:
                 stream.reset()
                 return
-            request = SimRequest(stream.method, stream.target, {}, body)
+            request = SimRequest(stream.method, stream.target, {}, body, user=user)
             for name, value in headers:
                 request.headers.setdefault(name, value)
                 if name == "x-remote-group":
@@ -360,9 +397,22 @@ class Simulator:
     # -- exec over WebSocket (HTTP/1.1 upgrade) ------------------------------------------
     async def _upgrade(self, group: SimGroup, request: web.BaseRequest) -> web.StreamResponse:
         headers = [(k.lower(), v) for k, v in request.headers.items()]
-        self._record(group, request.method, request.raw_path, headers)
-        reply = self.api.handle(
-            SimRequest(request.method, request.raw_path, {k: v for k, v in reversed(headers)})
+        transport = request.transport
+        user = self._authenticate(
+            transport.get_extra_info("ssl_object") if transport else None, headers
+        )
+        self._record(group, request.method, request.raw_path, headers, user)
+        reply = (
+            user
+            if isinstance(user, Reply)
+            else self.api.handle(
+                SimRequest(
+                    request.method,
+                    request.raw_path,
+                    {k: v for k, v in reversed(headers)},
+                    user=user,
+                )
+            )
         )
         group.served[f"exec {request.path}"] += 1
         if (

@@ -1,0 +1,174 @@
+"""Real processes for end-to-end tests: `kom-gateway sim` and `kom-gateway run` on free
+127.0.0.1 ports, optionally over TLS with a kubeadm-shaped PKI, always cleaned up."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from pki import PKI
+
+REQUIRE = os.environ.get("KOM_REQUIRE_CLIENTS") == "1"  # CI: a missing client is a failure
+
+
+def need(binary: str) -> str:
+    path = shutil.which(binary)
+    if path is None:
+        if REQUIRE:
+            pytest.fail(f"{binary} is required (KOM_REQUIRE_CLIENTS=1) but not installed")
+        pytest.skip(f"{binary} not installed")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+CONFIG = """
+groups:
+  default: {{endpoints: ["{scheme}://127.0.0.1:{default}"]}}
+  pod:     {{endpoints: ["{scheme}://127.0.0.1:{pod}"], resources: [pods, bindings]}}
+  config:  {{endpoints: ["{scheme}://127.0.0.1:{config}"], resources: [nodes, configmaps, secrets, namespaces, leases.coordination.k8s.io]}}
+  event:   {{endpoints: ["{scheme}://127.0.0.1:{event}"], resources: [events, events.events.k8s.io]}}
+health: {{intervalSeconds: 0.3, timeoutSeconds: 1, failureThreshold: 2}}
+cutover:
+  - match: {{userAgent: "kubectl/*"}}
+    percent: {{pod: 100, config: 100, event: 100}}
+  - match: {{userAgent: "OpenAPI-Generator/*"}}
+    percent: {{pod: 100, config: 100, event: 100}}
+  - match: {{userAgent: "curl/*"}}
+    percent: {{config: 100}}
+"""
+
+TLS_CONFIG = """
+listen:
+  tls: {{certFile: {pki.server_cert}, keyFile: {pki.server_key}, clientCAFile: {pki.ca}}}
+upstream:
+  tls: {{caFile: {pki.ca}, certFile: {pki.front_proxy_cert}, keyFile: {pki.front_proxy_key}}}
+"""
+
+KUBECONFIG = """apiVersion: v1
+kind: Config
+clusters:
+- {{name: e2e, cluster: {{server: "{scheme}://127.0.0.1:{port}"{ca}}}}}
+users:
+- {{name: e2e, user: {user}}}
+contexts:
+- {{name: e2e, context: {{cluster: e2e, user: e2e, namespace: default}}}}
+current-context: e2e
+"""
+
+
+class Process:
+    def __init__(self, args: list[str], ready: str, log: Path) -> None:
+        self.log = log
+        self.handle = open(log, "w")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(args, stdout=self.handle, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.monotonic() + 20
+        while ready not in log.read_text():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{args[1:3]} did not start:\n{log.read_text()}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.handle.close()
+
+
+class Cluster:
+    """Simulated groups and a gateway in front of them, as processes.
+
+    With `pki`, everything is TLS as in a kubeadm cluster: clients verify the gateway
+    against the cluster CA and may present client certificates; the gateway verifies the
+    groups and presents its front-proxy certificate; the groups authenticate like
+    kube-apiserver (client CA, request-header CA with allowed name front-proxy-client,
+    a static token file). Without, plaintext h2c and anonymous.
+    """
+
+    def __init__(self, tmp: Path, pki: PKI | None = None, user: str = "{token: e2e-token}",
+                 extra: str = "", gateway_args: tuple[str, ...] = ()) -> None:
+        self.pki = pki
+        self.scheme = "https" if pki else "http"
+        self.ports = {g: free_port() for g in ("default", "pod", "config", "event")}
+        self.control = free_port()
+        self.config = tmp / "gw.yaml"
+        text = CONFIG.format(scheme=self.scheme, **self.ports) + extra
+        sim_flags: list[str] = []
+        if pki is not None:
+            text += TLS_CONFIG.format(pki=pki)
+            sim_flags = ["--tls-cert-file", str(pki.server_cert), "--tls-private-key-file",
+                         str(pki.server_key), "--client-ca-file", str(pki.ca),
+                         "--requestheader-client-ca-file", str(pki.front_proxy_ca),
+                         "--requestheader-allowed-names", "front-proxy-client",
+                         "--token-auth-file", str(pki.tokens)]
+        self.config.write_text(text)
+        exe = [sys.executable, "-m", "kom_gateway"]
+        self.sim = Process([*exe, "sim", "--config", str(self.config), "--control-port",
+                            str(self.control), "--bookmark-interval", "0.5", *sim_flags],
+                           "kom-gateway sim serving", tmp / "sim.log")
+        self.gateway = Process([*exe, "run", "--config", str(self.config), "--listen",
+                                "127.0.0.1:0", "--admin", "127.0.0.1:0", "--drain-seconds", "1",
+                                *gateway_args],
+                               "kom-gateway listening", tmp / "gateway.log")
+        line = self.gateway.log.read_text().splitlines()[0]
+        self.port = int(line.split("listening on 127.0.0.1:")[1].split(" ")[0])
+        self.admin = int(line.split("admin on 127.0.0.1:")[1].split(";")[0])
+        self.kubeconfig = tmp / "kubeconfig"
+        self.write_kubeconfig(self.kubeconfig, user)
+
+    def write_kubeconfig(self, path: Path, user: str) -> Path:
+        """`user`: a kubeconfig user as flow YAML, e.g. {token: x} or client-certificate/-key."""
+        ca = f", certificate-authority: {self.pki.ca}" if self.pki else ""
+        path.write_text(KUBECONFIG.format(scheme=self.scheme, port=self.port, ca=ca, user=user))
+        return path
+
+    def control_call(self, method: str, path: str) -> object:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.control}{path}", method=method)
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
+
+    def requests_since(self, seq: int) -> list[dict]:
+        return self.control_call("GET", f"/requests?since={seq}")  # type: ignore[return-value]
+
+    def last_seq(self) -> int:
+        entries = self.requests_since(0)
+        return entries[-1]["seq"] if entries else 0
+
+    def kubectl(self, *args: str, stdin: str | None = None, check: bool = True,
+                kubeconfig: Path | None = None) -> str:
+        proc = subprocess.run(
+            [need("kubectl"), "--kubeconfig", str(kubeconfig or self.kubeconfig), *args],
+            input=stdin, capture_output=True, text=True, timeout=60, check=False)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed:\n{proc.stderr}")
+        return proc.stdout
+
+    def gateway_rss(self) -> int:
+        """Resident memory of the gateway process, in bytes."""
+        status = Path(f"/proc/{self.gateway.proc.pid}/status").read_text()
+        return int(next(x for x in status.splitlines() if x.startswith("VmRSS:")).split()[1]) * 1024
+
+    def stop(self) -> None:
+        self.gateway.stop()
+        self.sim.stop()
+
+
