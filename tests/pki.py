@@ -7,6 +7,7 @@ a foreign CA: a client nobody should trust.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ class PKI:
 
 def make_pki(directory: Path) -> PKI:
     if shutil.which("openssl") is None:
+        if os.environ.get("KOM_REQUIRE_CLIENTS") == "1":
+            pytest.fail("openssl is required (KOM_REQUIRE_CLIENTS=1) but not installed")
         pytest.skip("openssl not installed")
     d = directory
 
