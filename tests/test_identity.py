@@ -357,3 +357,13 @@ async def test_a_client_that_never_finishes_the_tls_handshake_is_dropped(pki):
         conn.close()
     finally:
         await s.close()
+
+
+async def test_health_probes_pass_a_front_proxy_authenticating_apiserver(stack):
+    """Sent bare with the front-proxy certificate, a probe would get kube-apiserver's 401
+    and every endpoint would look down; it says it is anonymous instead."""
+    for endpoint in stack.gateway.upstreams.groups["default"]:
+        assert await endpoint.probe(5) is True
+    entry = stack.last("/readyz")
+    assert entry["authenticator"] == "requestheader"
+    assert entry["user"] == {"username": "system:anonymous", "groups": ["system:unauthenticated"]}

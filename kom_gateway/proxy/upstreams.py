@@ -29,6 +29,7 @@ from kom_gateway.http.h2client import (
 )
 from kom_gateway.http.stream import Headers
 from kom_gateway.http.tlsfiles import ReloadingContext
+from kom_gateway.identity import identity_headers
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,9 @@ class EndpointHealth:
             self.healthy = False
             return True
         return False
+
+
+PROBE_IDENTITY = identity_headers("system:anonymous", ("system:unauthenticated",), {})
 
 
 class UpstreamEndpoint:
@@ -167,7 +171,13 @@ class UpstreamEndpoint:
                     await asyncio.sleep(0.1)  # coalesce a burst of connect failures
 
     async def probe(self, timeout: float) -> bool:
-        """GET /readyz; healthy on 200."""
+        """GET /readyz; healthy on 200.
+
+        The probe says it is anonymous, in front-proxy headers: sent bare over a
+        connection with the front-proxy certificate, kube-apiserver would answer 401 (that
+        certificate fails its x509 authenticator) and every endpoint would look down.
+        Anonymous may read /readyz (system:public-info-viewer), and claims nothing more.
+        """
         try:
             async with asyncio.timeout(timeout):
                 conn = await self.connection()
@@ -178,6 +188,7 @@ class UpstreamEndpoint:
                     (b":authority", self.authority.encode()),
                     (b":path", b"/readyz"),
                     (b"user-agent", b"kom-gateway-health"),
+                    *PROBE_IDENTITY,
                 ]
                 probe.stream = conn.open_stream(headers, True, probe)
                 return await probe.result

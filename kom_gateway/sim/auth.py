@@ -95,7 +95,12 @@ class Authenticator:
                 errors.append(str(exc))
                 continue
             if user is not None:
-                if AUTHENTICATED not in user.groups:
+                # kube-apiserver's AuthenticatedGroupAdder: not for anonymous
+                if (
+                    user.username != ANONYMOUS
+                    and AUTHENTICATED not in user.groups
+                    and UNAUTHENTICATED not in user.groups
+                ):
                     user = UserInfo(
                         user.username,
                         (*user.groups, AUTHENTICATED),
