@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 
@@ -19,3 +20,8 @@ def status_object(code: int, reason: str, message: str, details: dict | None = N
     if details:
         body["details"] = details
     return body
+
+
+def status_body(code: int, reason: str, message: str, details: dict | None = None) -> bytes:
+    """A Failure Status as the JSON bytes of a response body."""
+    return json.dumps(status_object(code, reason, message, details)).encode()

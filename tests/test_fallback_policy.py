@@ -4,10 +4,10 @@ import json
 
 import pytest
 
+from kom_gateway.kubestatus import status_body
 from kom_gateway.proxy.fallback import GOAWAY_RETRIES, Failure, after_failure
 from kom_gateway.proxy.headers import (
     downstream_response_headers,
-    status_body,
     status_headers,
     upstream_request_headers,
 )

@@ -8,7 +8,6 @@ back-pressure comes from awaiting aiohttp's drain, and `on_flushed` fires after 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -21,7 +20,7 @@ from multidict import CIMultiDict
 
 from kom_gateway.http.stream import Flushed, Headers, ServerStream
 from kom_gateway.identity import PeerIdentity, identity_of_ssl
-from kom_gateway.kubestatus import status_object
+from kom_gateway.kubestatus import status_body
 
 log = logging.getLogger(__name__)
 StreamHandler = Callable[[ServerStream], None]
@@ -138,6 +137,12 @@ def request_peer(request: web.BaseRequest) -> PeerIdentity | None:
     return identity_of_ssl(transport.get_extra_info("ssl_object")) if transport else None
 
 
+def _status_response(status: int, reason: str, message: str) -> web.Response:
+    return web.Response(
+        status=status, body=status_body(status, reason, message), content_type="application/json"
+    )
+
+
 def _response(status: int, headers: Headers) -> web.StreamResponse:
     out: CIMultiDict[str] = CIMultiDict()
     length = None
@@ -202,8 +207,7 @@ class _RequestHandler(RequestHandler):
             first = (message or "").splitlines()[0] if message else ""
             text = f"malformed HTTP/1.1 request: {first[:200]}".rstrip(": ")
             log.debug("bad HTTP/1.1 request from %s: %s", request.remote, message)
-        body = json.dumps(status_object(status, reason, text)).encode()
-        response = web.Response(status=status, body=body, content_type="application/json")
+        response = _status_response(status, reason, text)
         response.force_close()
         return response
 
@@ -242,10 +246,7 @@ def aiohttp_server(
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
         size = len(request.raw_path) + sum(len(n) + len(v) + 4 for n, v in request.raw_headers)
         if size > max_header_bytes:
-            body = json.dumps(
-                status_object(431, "RequestHeaderFieldsTooLarge", "request headers too large")
-            ).encode()
-            return web.Response(status=431, body=body, content_type="application/json")
+            return _status_response(431, "RequestHeaderFieldsTooLarge", "request headers too large")
         if upgrade_handler is not None and request.headers.get("Upgrade"):
             return await upgrade_handler(request)
         stream = H1ServerStream(request)

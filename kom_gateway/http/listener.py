@@ -7,7 +7,6 @@ the HTTP/2 client preface is h2c (prior knowledge); anything else is HTTP/1.1.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import socket
 import ssl
@@ -22,7 +21,7 @@ from h2.errors import ErrorCodes
 
 from kom_gateway.http.h1server import StreamHandler, UpgradeHandler, aiohttp_server
 from kom_gateway.http.h2server import H2ServerProtocol, H2ServerSettings
-from kom_gateway.kubestatus import status_object
+from kom_gateway.kubestatus import status_body
 
 log = logging.getLogger(__name__)
 
@@ -233,9 +232,7 @@ def _address(transport: asyncio.BaseTransport) -> str:
     return peer[0] if peer else ""
 
 
-_REFUSAL = json.dumps(
-    status_object(429, "TooManyRequests", "too many connections from this address")
-).encode()
+_REFUSAL = status_body(429, "TooManyRequests", "too many connections from this address")
 
 
 def _refusal_h1() -> bytes:

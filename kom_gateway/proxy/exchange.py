@@ -26,10 +26,10 @@ from kom_gateway.http.h2client import (
     ConnectError,
 )
 from kom_gateway.http.stream import Headers, ServerStream
+from kom_gateway.kubestatus import status_body
 from kom_gateway.proxy.fallback import Failure, after_failure
 from kom_gateway.proxy.headers import (
     downstream_response_headers,
-    status_body,
     status_headers,
     upstream_request_headers,
 )

@@ -16,8 +16,9 @@ from kom_gateway.config import ConfigError, load_config_file
 from kom_gateway.config.holder import ConfigHolder, ReloadResult
 from kom_gateway.http.stream import Headers, ServerStream
 from kom_gateway.identity import PeerIdentity
+from kom_gateway.kubestatus import status_body
 from kom_gateway.proxy.exchange import Exchange
-from kom_gateway.proxy.headers import status_body, status_headers
+from kom_gateway.proxy.headers import status_headers
 from kom_gateway.proxy.metrics import Metrics
 from kom_gateway.proxy.upgrade import handle_upgrade
 from kom_gateway.proxy.upstreams import UpstreamEndpoint, Upstreams

@@ -1,12 +1,10 @@
-"""Header rewriting between client and apiserver, and Kubernetes Status bodies (pure)."""
+"""Header rewriting between client and apiserver, and the headers of Status answers (pure)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 
 from kom_gateway.http.stream import Headers
-from kom_gateway.kubestatus import status_object
 
 # RFC 9110 §7.6.1 connection-specific headers; HTTP/2 forbids them outright.
 HOP_BY_HOP = frozenset(
@@ -62,11 +60,6 @@ def upstream_request_headers(
 
 def downstream_response_headers(headers: Headers) -> Headers:
     return [(n, v) for n, v in headers if n not in HOP_BY_HOP]
-
-
-def status_body(code: int, reason: str, message: str) -> bytes:
-    """A metav1.Status, as kube-apiserver writes errors (clients parse these)."""
-    return json.dumps(status_object(code, reason, message)).encode()
 
 
 def status_headers(body: bytes, retry_after: int | None = None) -> Headers:

@@ -17,8 +17,9 @@ from multidict import CIMultiDict
 
 from kom_gateway.http.h1server import request_peer
 from kom_gateway.identity import PeerIdentity
+from kom_gateway.kubestatus import status_body
 from kom_gateway.proxy.fallback import Failure, after_failure
-from kom_gateway.proxy.headers import HOP_BY_HOP, IDENTITY_PREFIX, status_body
+from kom_gateway.proxy.headers import HOP_BY_HOP, IDENTITY_PREFIX
 from kom_gateway.requestinfo import parse_request
 from kom_gateway.routing.router import DEFAULT_GROUP
 

@@ -15,7 +15,7 @@ from urllib.parse import parse_qsl
 
 import yaml
 
-from kom_gateway.kubestatus import status_object
+from kom_gateway.kubestatus import status_body
 from kom_gateway.requestinfo import RequestInfo, parse_request
 from kom_gateway.sim import resources
 from kom_gateway.sim.auth import ANONYMOUS, UNAUTHENTICATED, UserInfo
@@ -80,7 +80,7 @@ class ExecReply:
 
 
 def status_reply(code: int, reason: str, message: str, details: dict | None = None) -> Reply:
-    return Reply(code, json.dumps(status_object(code, reason, message, details)).encode())
+    return Reply(code, status_body(code, reason, message, details))
 
 
 def _json(obj: Any, status: int = 200) -> Reply:
