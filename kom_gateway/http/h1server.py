@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -42,9 +43,7 @@ class H1ServerStream(ServerStream):
         self.authority = request.host
         self.headers = [(name.lower(), value) for name, value in request.raw_headers]
         self.remote_addr = request.remote or ""
-        transport = request.transport
-        self.ssl_object = transport.get_extra_info("ssl_object") if transport else None
-        self.peer = identity_of_ssl(self.ssl_object)
+        self.ssl_object, self.peer = request_tls(request)
         self._ops: deque[tuple] = deque()
         self._wakeup = asyncio.Event()
         self._content_length: bytes | None = None
@@ -131,10 +130,15 @@ class H1ServerStream(ServerStream):
                     op[2]()
 
 
-def request_peer(request: web.BaseRequest) -> PeerIdentity | None:
-    """The verified client identity of an HTTP/1.1 request's connection."""
+def request_tls(request: web.BaseRequest) -> tuple[ssl.SSLObject | None, PeerIdentity | None]:
+    """The TLS of an HTTP/1.1 request's connection and the client's verified identity,
+    worked out once per connection (not per keep-alive request)."""
+    protocol = request.protocol
+    if isinstance(protocol, _RequestHandler):
+        return protocol.ssl_object, protocol.peer
     transport = request.transport
-    return identity_of_ssl(transport.get_extra_info("ssl_object")) if transport else None
+    ssl_object = transport.get_extra_info("ssl_object") if transport else None
+    return ssl_object, identity_of_ssl(ssl_object)
 
 
 def _status_response(status: int, reason: str, message: str) -> web.Response:
@@ -164,10 +168,14 @@ class _RequestHandler(RequestHandler):
 
     header_timeout: float = 0.0
     on_lost: Callable[[asyncio.BaseTransport], None] | None = None
+    ssl_object: ssl.SSLObject | None = None
+    peer: PeerIdentity | None = None
     _header_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        self.ssl_object = transport.get_extra_info("ssl_object")
+        self.peer = identity_of_ssl(self.ssl_object)
         if self.header_timeout > 0:
             self._header_timer = asyncio.get_running_loop().call_later(
                 self.header_timeout, self._header_deadline, transport

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from multidict import CIMultiDict
 
-from kom_gateway.http.h1server import request_peer
+from kom_gateway.http.h1server import request_tls
 from kom_gateway.identity import PeerIdentity
 from kom_gateway.kubestatus import status_body
 from kom_gateway.proxy.fallback import Failure, after_failure
@@ -44,7 +44,7 @@ class UpgradeFailed(Exception):
 async def handle_upgrade(gateway: Gateway, request: web.BaseRequest) -> web.StreamResponse:
     info = parse_request(request.method, request.raw_path)
     headers = [(k.lower(), v) for k, v in request.raw_headers]
-    peer = request_peer(request)
+    _, peer = request_tls(request)
     client = gateway.client_for(headers, request.remote or "", peer)
     decision = gateway.holder.current.router.decide(info, client)
     metrics = gateway.metrics

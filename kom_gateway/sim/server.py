@@ -21,6 +21,7 @@ from urllib.parse import parse_qsl
 from aiohttp import WSMsgType, web
 from h2.errors import ErrorCodes
 
+from kom_gateway.http.h1server import request_tls
 from kom_gateway.http.h2guard import UNGUARDED
 from kom_gateway.http.h2server import H2ServerSettings, H2ServerStream
 from kom_gateway.http.listener import Listener
@@ -397,10 +398,7 @@ class Simulator:
     # -- exec over WebSocket (HTTP/1.1 upgrade) ------------------------------------------
     async def _upgrade(self, group: SimGroup, request: web.BaseRequest) -> web.StreamResponse:
         headers = [(k.lower(), v) for k, v in request.headers.items()]
-        transport = request.transport
-        user = self._authenticate(
-            transport.get_extra_info("ssl_object") if transport else None, headers
-        )
+        user = self._authenticate(request_tls(request)[0], headers)
         self._record(group, request.method, request.raw_path, headers, user)
         reply = (
             user
