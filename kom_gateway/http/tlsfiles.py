@@ -16,8 +16,10 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import Callable
+from typing import Generic, TypeVar
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class FileSet:
@@ -46,12 +48,11 @@ class FileSet:
         return True
 
 
-class ReloadingContext:
-    """A context rebuilt by `build` whenever its files change; see `refresh`."""
+class ReloadingContext(Generic[T]):
+    """A TLS context (or several made from the same files) rebuilt by `build` whenever
+    its files change; see `refresh`."""
 
-    def __init__(
-        self, name: str, paths: tuple[str, ...], build: Callable[[], ssl.SSLContext]
-    ) -> None:
+    def __init__(self, name: str, paths: tuple[str, ...], build: Callable[[], T]) -> None:
         self.name = name
         self._build = build
         self._files = FileSet(paths)
@@ -76,7 +77,7 @@ class ReloadingContext:
         return True
 
 
-class ServerTLSContext(ReloadingContext):
+class ServerTLSContext(ReloadingContext[ssl.SSLContext]):
     """Serving TLS: `listening` is given to the server once; each handshake switches to
     the newest context in its SNI callback (which OpenSSL runs for every ClientHello,
     with or without SNI)."""

@@ -298,42 +298,40 @@ class UpstreamTLS:
     when their files change. New connections use the newest; open ones keep theirs."""
 
     def __init__(self) -> None:
-        self._pools: ReloadingContext | None = None
-        self._upgrades: ReloadingContext | None = None
+        # (pools, upgrades): built together from the same files, re-read once per check
+        self._contexts: ReloadingContext[tuple[ssl.SSLContext, ssl.SSLContext]] | None = None
 
     @property
     def h2(self) -> ssl.SSLContext | None:
-        return self._pools.current if self._pools else None
+        return self._contexts.current[0] if self._contexts else None
 
     @property
     def http1(self) -> ssl.SSLContext | None:
-        return self._upgrades.current if self._upgrades else None
+        return self._contexts.current[1] if self._contexts else None
 
     def load(self, config: Config) -> None:
         """Build from `config`; ConfigError (and nothing changed) if its files are unusable."""
         if not any(e.scheme == "https" for g in config.groups.values() for e in g.endpoints):
-            self._pools = self._upgrades = None
+            self._contexts = None
             return
         tls = config.upstream_tls
         paths = (tls.ca_file or "", tls.cert_file or "", tls.key_file or "")
         try:
-            pools = ReloadingContext("upstream.tls", paths, lambda: _client_context(tls, "h2"))
-            upgrades = ReloadingContext(
-                "upstream.tls", paths, lambda: _client_context(tls, "http/1.1")
+            contexts = ReloadingContext(
+                "upstream.tls",
+                paths,
+                lambda: (_client_context(tls, "h2"), _client_context(tls, "http/1.1")),
             )
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(
                 [ConfigIssue("upstream.tls", 0, f"cannot load the TLS files: {exc}")],
                 config.source,
             ) from None
-        self._pools, self._upgrades = pools, upgrades
+        self._contexts = contexts
 
     def refresh(self) -> bool | None:
         """Certificate rotation: see `ReloadingContext.refresh`."""
-        if self._pools is None or self._upgrades is None:
-            return None
-        self._upgrades.refresh()
-        return self._pools.refresh()
+        return self._contexts.refresh() if self._contexts else None
 
 
 def _client_context(tls: UpstreamTLSConfig, alpn: str) -> ssl.SSLContext:
