@@ -19,6 +19,8 @@ import ssl
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
+from kom_gateway.http.tlsfiles import server_ssl_context
+
 ANONYMOUS = "system:anonymous"
 UNAUTHENTICATED = "system:unauthenticated"
 AUTHENTICATED = "system:authenticated"
@@ -201,14 +203,12 @@ class SimSecurity:
         sorted out by the authenticators."""
         if not self.tls_cert_file or not self.tls_private_key_file:
             return None
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(self.tls_cert_file, self.tls_private_key_file)
-        context.set_alpn_protocols(["h2", "http/1.1"])
-        for ca in (self.client_ca_file, self.requestheader_client_ca_file):
-            if ca:
-                context.load_verify_locations(ca)
-                context.verify_mode = ssl.CERT_OPTIONAL
+        context = server_ssl_context(
+            self.tls_cert_file, self.tls_private_key_file, self.client_ca_file
+        )
+        if self.requestheader_client_ca_file:
+            context.load_verify_locations(self.requestheader_client_ca_file)
+            context.verify_mode = ssl.CERT_OPTIONAL
         return context
 
     def authenticator(self) -> Authenticator | None:
