@@ -203,8 +203,8 @@ class H2ServerProtocol(H2TransportMixin, asyncio.Protocol):
             return
         for event in events:
             self._dispatch(event)
-            if self.transport is None or self.transport.is_closing():
-                return  # cut off for abuse
+            if self._cut_off:  # for abuse: the rest of what it sent is not served
+                return
         self._write_out()
 
     def connection_lost(self, exc: Exception | None) -> None:
