@@ -8,6 +8,7 @@ them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -17,6 +18,15 @@ from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 from kom_gateway.config.yamldoc import YamlDocument, YamlPath
+from kom_gateway.overload.load import GoawayPolicy
+from kom_gateway.overload.policy import (
+    DEFAULT_EXEMPT,
+    DEFAULT_PROTECTED,
+    GroupLimits,
+    OverloadPolicy,
+    RateLimitRule,
+    RequestMatch,
+)
 from kom_gateway.routing.claims import ResourceClaim, parse_claim
 from kom_gateway.routing.cutover import CutoverRule, Match
 from kom_gateway.routing.glob import Glob
@@ -119,17 +129,90 @@ class Limits:
     stalled_write_timeout: float = 120.0  # data waiting on a client that opens no window
 
 
-# YAML key -> (Limits field, whole number?, 0 allowed?)
-LIMIT_KEYS: dict[str, tuple[str, bool, bool]] = {
-    "maxRequestBodyBytes": ("max_request_body_bytes", True, False),
-    "maxHeaderBytes": ("max_header_bytes", True, False),
-    "maxStreamsPerConnection": ("max_streams_per_connection", True, False),
-    "maxConnectionsPerAddress": ("max_connections_per_address", True, True),
-    "tlsHandshakeTimeoutSeconds": ("tls_handshake_timeout", False, False),
-    "headerReadTimeoutSeconds": ("header_read_timeout", False, False),
-    "idleTimeoutSeconds": ("idle_timeout", False, True),
-    "stalledWriteTimeoutSeconds": ("stalled_write_timeout", False, True),
+class Field(NamedTuple):
+    """How one numeric YAML key becomes one dataclass field."""
+
+    attr: str
+    whole: bool = False  # a whole number
+    zero: bool = False  # 0 allowed (meaning "off")
+    minimum: float | None = None
+    maximum: float | None = None
+
+
+LIMIT_KEYS: dict[str, Field] = {
+    "maxRequestBodyBytes": Field("max_request_body_bytes", whole=True),
+    "maxHeaderBytes": Field("max_header_bytes", whole=True),
+    "maxStreamsPerConnection": Field("max_streams_per_connection", whole=True),
+    "maxConnectionsPerAddress": Field("max_connections_per_address", whole=True, zero=True),
+    "tlsHandshakeTimeoutSeconds": Field("tls_handshake_timeout"),
+    "headerReadTimeoutSeconds": Field("header_read_timeout"),
+    "idleTimeoutSeconds": Field("idle_timeout", zero=True),
+    "stalledWriteTimeoutSeconds": Field("stalled_write_timeout", zero=True),
 }
+
+_WINDOW = (65535, 2**31 - 1)  # RFC 9113 flow-control window bounds
+_FRAME = (16384, 2**24 - 1)  # RFC 9113 SETTINGS_MAX_FRAME_SIZE bounds
+
+
+@dataclass(frozen=True)
+class Http2Downstream:
+    """HTTP/2 towards clients (streams per connection and idle time are in `limits`)."""
+
+    ping_interval: float = 30.0  # PING a client silent this long (0: never)
+    ping_timeout: float = 15.0  # ...and close it if no ACK comes (client-go's values)
+    initial_stream_window: int = 256 * 1024  # request bodies, per stream (kube-apiserver's)
+    connection_window: int = 0  # 0: streams x stream window, so no stream starves others
+    max_frame_size: int = 256 * 1024  # largest frame we accept (kube-apiserver's)
+    write_buffer_bytes: int = 256 * 1024  # socket buffer above which producers pause
+    max_write_backlog_bytes: int = 4 << 20  # growth while paused that cuts a client off
+
+
+@dataclass(frozen=True)
+class Http2Upstream:
+    """HTTP/2 towards apiservers."""
+
+    ping_interval: float = 30.0
+    ping_timeout: float = 15.0
+    max_concurrent_streams: int = 100  # ours per connection, also capped by the server's
+    initial_stream_window: int = 256 * 1024  # response bytes in flight per stream
+    connection_window: int = 0  # 0: streams x stream window
+    max_frame_size: int = 256 * 1024
+    write_buffer_bytes: int = 256 * 1024
+
+
+_HTTP2_COMMON: dict[str, Field] = {
+    "pingIntervalSeconds": Field("ping_interval", zero=True),
+    "pingTimeoutSeconds": Field("ping_timeout"),
+    "initialStreamWindowBytes": Field("initial_stream_window", True, False, *_WINDOW),
+    "connectionWindowBytes": Field("connection_window", True, True, _WINDOW[0], _WINDOW[1]),
+    "maxFrameSizeBytes": Field("max_frame_size", True, False, *_FRAME),
+    "writeBufferBytes": Field("write_buffer_bytes", True, False, 4096),
+}
+HTTP2_DOWNSTREAM_KEYS: dict[str, Field] = {
+    **_HTTP2_COMMON,
+    "maxWriteBacklogBytes": Field("max_write_backlog_bytes", True, False, 65536),
+}
+HTTP2_UPSTREAM_KEYS: dict[str, Field] = {
+    **_HTTP2_COMMON,
+    "maxConcurrentStreams": Field("max_concurrent_streams", True, False, 1, 2**31 - 1),
+}
+
+OVERLOAD_GROUP_KEYS: dict[str, Field] = {
+    "maxInflight": Field("max_inflight", whole=True, zero=True),
+    "maxWatches": Field("max_watches", whole=True, zero=True),
+}
+GOAWAY_KEYS: dict[str, Field] = {
+    "chance": Field("chance", zero=True, maximum=1.0),
+    "maxChance": Field("max_chance", zero=True, maximum=1.0),
+    "softLoad": Field("soft_load", maximum=0.99),
+    "maxConnectionAgeSeconds": Field("max_connection_age", zero=True),
+    "maxConnectionAgeJitter": Field("max_connection_age_jitter", zero=True, maximum=1.0),
+    "lagBudgetSeconds": Field("lag_budget", zero=True),
+    "streamBudget": Field("stream_budget", whole=True, zero=True),
+}
+VERBS = frozenset(
+    {"get", "list", "watch", "create", "update", "patch", "delete", "deletecollection", "proxy"}
+)
 
 
 @dataclass(frozen=True)
@@ -143,6 +226,10 @@ class Config:
     timeouts: Timeouts = field(default_factory=Timeouts)
     health: Health = field(default_factory=Health)
     limits: Limits = field(default_factory=Limits)
+    http2_downstream: Http2Downstream = field(default_factory=Http2Downstream)
+    http2_upstream: Http2Upstream = field(default_factory=Http2Upstream)
+    overload: OverloadPolicy = field(default_factory=OverloadPolicy)
+    goaway: GoawayPolicy = field(default_factory=GoawayPolicy)
     warnings: tuple[ConfigIssue, ...] = ()
     source: str = ""
 
@@ -240,9 +327,11 @@ class _Builder:
         default: float,
         whole: bool = False,
         zero: bool = False,
+        minimum: float | None = None,
+        maximum: float | None = None,
     ) -> float:
-        """A positive number (a positive integer when `whole`; 0 too when `zero`) or the
-        default."""
+        """A positive number (a positive integer when `whole`; 0 too when `zero`), within
+        [minimum, maximum] unless 0, or the default."""
         value = section.get(key)
         if value is None:
             return default
@@ -259,7 +348,31 @@ class _Builder:
         if not (math.isfinite(value) and (value > 0 or (zero and value == 0))):
             self.error((*path, key), f"must be {kind}, got {value}")
             return default
+        if value != 0 and (
+            (minimum is not None and value < minimum) or (maximum is not None and value > maximum)
+        ):
+            if minimum is not None and maximum is not None:
+                bounds = f"from {_plain(minimum)} to {_plain(maximum)}"
+            elif minimum is not None:
+                bounds = f"at least {_plain(minimum)}"
+            else:
+                bounds = f"at most {_plain(maximum)}"
+            self.error((*path, key), f"must be {bounds}, got {value}")
+            return default
         return value
+
+    def fields(self, value: Any, path: YamlPath, table: dict[str, Field], cls: type) -> Any:
+        """An instance of dataclass `cls` from the numeric keys of `table` (defaults for
+        the keys not given)."""
+        section = self.mapping(value, path, tuple(table)) or {}
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        values: dict[str, float] = {}
+        for key, f in table.items():
+            got = self.number(
+                section, path, key, defaults[f.attr], f.whole, f.zero, f.minimum, f.maximum
+            )
+            values[f.attr] = int(got) if f.whole else got
+        return cls(**values)
 
     def address(self, value: Any, path: YamlPath, default: str) -> Address:
         text = default if value is None else self.string(value, path)
@@ -276,7 +389,19 @@ class _Builder:
         top = self.mapping(
             self.doc.data,
             (),
-            ("listen", "admin", "upstream", "groups", "cutover", "timeouts", "health", "limits"),
+            (
+                "listen",
+                "admin",
+                "upstream",
+                "groups",
+                "cutover",
+                "timeouts",
+                "health",
+                "limits",
+                "http2",
+                "overload",
+                "goaway",
+            ),
             ("groups",),
         )
         if top is None:
@@ -312,12 +437,16 @@ class _Builder:
                 )
             ),
         )
-        lim = self.mapping(top.get("limits"), ("limits",), tuple(LIMIT_KEYS)) or {}
-        limit_values: dict[str, float] = {}
-        for key, (attr, whole, zero) in LIMIT_KEYS.items():
-            value = self.number(lim, ("limits",), key, getattr(Limits, attr), whole, zero)
-            limit_values[attr] = int(value) if whole else value
-        limits = Limits(**limit_values)  # type: ignore[arg-type]
+        limits = self.fields(top.get("limits"), ("limits",), LIMIT_KEYS, Limits)
+        h2 = self.mapping(top.get("http2"), ("http2",), ("downstream", "upstream")) or {}
+        http2_downstream = self.fields(
+            h2.get("downstream"), ("http2", "downstream"), HTTP2_DOWNSTREAM_KEYS, Http2Downstream
+        )
+        http2_upstream = self.fields(
+            h2.get("upstream"), ("http2", "upstream"), HTTP2_UPSTREAM_KEYS, Http2Upstream
+        )
+        overload = self.overload(top.get("overload"), groups or {})
+        goaway = self.goaway(top.get("goaway"))
         if self.errors:
             raise ConfigError(self.errors, source)
         assert groups is not None
@@ -331,9 +460,158 @@ class _Builder:
             timeouts=timeouts,
             health=health,
             limits=limits,
+            http2_downstream=http2_downstream,
+            http2_upstream=http2_upstream,
+            overload=overload,
+            goaway=goaway,
             warnings=tuple(self.warnings),
             source=source,
         )
+
+    def overload(self, value: Any, groups: Mapping[str, Group]) -> OverloadPolicy:
+        path: YamlPath = ("overload",)
+        keys = (*OVERLOAD_GROUP_KEYS, "reservedPercent", "groups", "retryAfter")
+        o = self.mapping(value, path, (*keys, "protected", "exempt", "rateLimits")) or {}
+        limits = self.fields(
+            {k: o[k] for k in OVERLOAD_GROUP_KEYS if k in o}, path, OVERLOAD_GROUP_KEYS, GroupLimits
+        )
+        per_group: dict[str, GroupLimits] = {}
+        g = self.mapping(o.get("groups"), (*path, "groups"), tuple(groups)) or {}
+        for name, spec in g.items():
+            if name in groups:
+                given = self.mapping(spec, (*path, "groups", name), tuple(OVERLOAD_GROUP_KEYS))
+                merged = {
+                    "maxInflight": limits.max_inflight,
+                    "maxWatches": limits.max_watches,
+                    **(given or {}),
+                }
+                per_group[name] = self.fields(
+                    merged, (*path, "groups", name), OVERLOAD_GROUP_KEYS, GroupLimits
+                )
+        reserved = self.number(
+            o, path, "reservedPercent", OverloadPolicy.reserved_percent, zero=True, maximum=100
+        )
+        r = self.mapping(o.get("retryAfter"), (*path, "retryAfter"), ("minSeconds", "maxSeconds"))
+        r = r or {}
+        low = int(self.number(r, (*path, "retryAfter"), "minSeconds", 1, whole=True))
+        high = int(self.number(r, (*path, "retryAfter"), "maxSeconds", 32, whole=True))
+        if high < low:
+            self.error((*path, "retryAfter"), f"maxSeconds ({high}) is below minSeconds ({low})")
+        protected = self.request_matches(o, (*path, "protected"), groups, DEFAULT_PROTECTED)
+        exempt = self.request_matches(o, (*path, "exempt"), groups, DEFAULT_EXEMPT)
+        return OverloadPolicy(
+            limits,
+            per_group,
+            reserved,
+            protected,
+            exempt,
+            self.rate_limits(o.get("rateLimits"), (*path, "rateLimits"), groups),
+            low,
+            high,
+        )
+
+    def request_matches(
+        self,
+        section: dict[str, Any],
+        path: YamlPath,
+        groups: Mapping[str, Group],
+        default: tuple[RequestMatch, ...],
+    ) -> tuple[RequestMatch, ...]:
+        """A list of request matches; absent keeps the default, [] means none."""
+        value = section.get(path[-1])
+        if value is None:
+            return default
+        if not isinstance(value, list):
+            self.error(path, f"must be a list of request matches, got {_kind(value)}")
+            return default
+        out = []
+        for i, item in enumerate(value):
+            match = self.request_match(item, (*path, i), groups)
+            if match is not None:
+                out.append(match)
+        return tuple(out)
+
+    def request_match(
+        self, value: Any, path: YamlPath, groups: Mapping[str, Group]
+    ) -> RequestMatch | None:
+        keys = ("userAgent", "user", "userGroup", "verbs", "resources", "groups", "namespaces")
+        m = self.mapping(value, path, keys)
+        if m is None:
+            return None
+        errors = len(self.errors)
+        clients = self.match({k: m[k] for k in keys[:3] if k in m}, path) or Match()
+        verbs = []
+        for item_path, verb in self.string_list(m.get("verbs", []), (*path, "verbs")):
+            if verb not in VERBS:
+                self.error(item_path, f"unknown verb {verb!r} (verbs: {', '.join(sorted(VERBS))})")
+            verbs.append(verb)
+        resources = []
+        for item_path, text in self.string_list(m.get("resources", []), (*path, "resources")):
+            try:
+                resources.append(parse_claim(text))
+            except ValueError as exc:
+                self.error(item_path, str(exc))
+        names = []
+        for item_path, name in self.string_list(m.get("groups", []), (*path, "groups")):
+            if name not in groups:
+                self.error(item_path, f"no group named {name!r} (groups: {', '.join(groups)})")
+            names.append(name)
+        namespaces = []
+        for item_path, text in self.string_list(m.get("namespaces", []), (*path, "namespaces")):
+            try:
+                namespaces.append(Glob(text))
+            except ValueError as exc:
+                self.error(item_path, f"bad glob {text!r}: {exc}")
+        if len(self.errors) > errors:
+            return None
+        return RequestMatch(
+            clients, frozenset(verbs), tuple(resources), frozenset(names), tuple(namespaces)
+        )
+
+    def rate_limits(
+        self, value: Any, path: YamlPath, groups: Mapping[str, Group]
+    ) -> tuple[RateLimitRule, ...]:
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            self.error(path, f"must be a list of rules, got {_kind(value)}")
+            return ()
+        rules: list[RateLimitRule] = []
+        names: set[str] = set()
+        for i, item in enumerate(value):
+            item_path: YamlPath = (*path, i)
+            r = self.mapping(item, item_path, ("name", "match", "qps", "burst", "per"), ("name",))
+            if r is None:
+                continue
+            name = self.string(r.get("name"), (*item_path, "name")) if "name" in r else None
+            if name in names:
+                self.error((*item_path, "name"), f"rule name {name!r} is used twice")
+            qps = self.number(r, item_path, "qps", 0.0) if "qps" in r else None
+            if qps is None:
+                self.error(item_path, "missing required key 'qps'")
+            burst = int(self.number(r, item_path, "burst", max(1, math.ceil(qps or 1)), True))
+            per = r.get("per", "rule")
+            if per not in ("rule", "client"):
+                self.error((*item_path, "per"), f"must be 'rule' or 'client', got {per!r}")
+            match = self.request_match(r.get("match"), (*item_path, "match"), groups)
+            if name is None or not qps or match is None:
+                continue
+            names.add(name)
+            rules.append(RateLimitRule(name, match, qps, burst, per == "client"))
+        return tuple(rules)
+
+    def goaway(self, value: Any) -> GoawayPolicy:
+        path: YamlPath = ("goaway",)
+        policy = self.fields(value, path, GOAWAY_KEYS, GoawayPolicy)
+        if policy.chance > policy.max_chance:
+            self.error(path, f"chance ({policy.chance}) is above maxChance ({policy.max_chance})")
+        if policy.max_chance > 0.02:
+            self.warn(
+                (*path, "maxChance"),
+                "above 0.02, kube-apiserver's own cap for --goaway-chance: clients reconnect "
+                "very often",
+            )
+        return policy
 
     def listen(self, value: Any) -> tuple[Address, ServerTLS | None]:
         section = self.mapping(value, ("listen",), ("address", "tls")) or {}
@@ -547,6 +825,10 @@ def _parse_endpoint(text: str) -> Endpoint:
     if port == 0:
         raise ValueError(f"bad port in endpoint {text!r}: must be 1-65535")
     return Endpoint(parts.scheme, parts.hostname, port or (443 if parts.scheme == "https" else 80))
+
+
+def _plain(number: float | None) -> str:
+    return str(int(number)) if number is not None and float(number).is_integer() else f"{number}"
 
 
 def _kind(value: Any) -> str:

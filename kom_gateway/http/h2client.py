@@ -44,11 +44,13 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class H2ClientSettings:
     stream_window: int = 256 * 1024
-    max_streams_assumed: int = 100  # kube-apiserver default; sizes the connection window
+    max_concurrent_streams: int = 100  # ours per connection (kube-apiserver allows 100)
     max_frame_size: int = 256 * 1024
     connect_timeout: float = 5.0
     ping_interval: float = 30.0  # as client-go: PING after 30 s of silence
     ping_timeout: float = 15.0
+    connection_window: int = 0  # 0: streams x stream window, so no stream starves others
+    write_buffer_bytes: int = 256 * 1024
 
 
 class StreamListener(Protocol):
@@ -155,14 +157,18 @@ class H2ClientConnection(H2TransportMixin, asyncio.Protocol):
         return not self.closed and not self.draining and self.ready.done()
 
     def has_capacity(self) -> bool:
-        return self.usable and len(self.streams) < self.conn.remote_settings.max_concurrent_streams
+        return self.usable and len(self.streams) < min(
+            self.conn.remote_settings.max_concurrent_streams, self.settings.max_concurrent_streams
+        )
 
     # -- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        s = self.settings
+        self.transport.set_write_buffer_limits(high=s.write_buffer_bytes)
         self.conn.initiate_connection()
         open_connection_window(
-            self.conn, self.settings.stream_window * self.settings.max_streams_assumed
+            self.conn, s.connection_window or s.stream_window * s.max_concurrent_streams
         )
         self._write_out()
         self._start_keepalive(self.settings.ping_interval, self.settings.ping_timeout, "upstream")

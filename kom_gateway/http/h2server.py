@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import ssl
 import time
 from collections import deque
@@ -38,6 +39,7 @@ from kom_gateway.http.h2guard import (
 )
 from kom_gateway.http.stream import Flushed, Headers, ServerStream
 from kom_gateway.identity import PeerIdentity, identity_of_ssl
+from kom_gateway.overload.load import connection_deadline
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +55,20 @@ class H2ServerSettings:
     idle_timeout: float = 90.0  # no open stream this long: GOAWAY and close (kube-apiserver's)
     stalled_write_timeout: float = 120.0  # data waits, client opens no window: close
     max_write_backlog: int = 4 << 20  # bytes queued while paused (ACKs, RSTs: no DATA)
+    connection_window: int = 0  # 0: streams x stream window
+    write_buffer_bytes: int = 256 * 1024  # transport buffer above which producers pause
+    max_connection_age: float = 0.0  # GOAWAY a connection this old (0: never)
+    max_connection_age_jitter: float = 0.1  # +/- share, so connections do not expire together
     guard: GuardLimits = field(default_factory=GuardLimits)
 
 
 StreamHandler = Callable[[ServerStream], None]
 AbuseListener = Callable[[str], None]  # told the kind when a client is cut off for abuse
+GoawayListener = Callable[[str], None]  # told the reason of every GOAWAY sent
 GOAWAY_LINGER_SECONDS = 1.0  # golang.org/x/net/http2 goAwayTimeout
+GOAWAY_PING = b"kgoaway1"  # PING payload of the two-phase GOAWAY's round trip
+GOAWAY_PING_WAIT = 2.0  # send the final GOAWAY after this long even without the PING ACK
+MAX_STREAM_ID = 2**31 - 1
 
 
 class H2ServerStream(ServerStream):
@@ -134,6 +144,9 @@ class H2ServerStream(ServerStream):
             return
         self._conn.reset_stream(self.stream_id, ErrorCodes.INTERNAL_ERROR)
 
+    def goaway_connection(self, reason: str) -> None:
+        self._conn.goaway(reason)
+
 
 class H2ServerProtocol(H2TransportMixin, asyncio.Protocol):
     """One downstream HTTP/2 connection."""
@@ -144,12 +157,20 @@ class H2ServerProtocol(H2TransportMixin, asyncio.Protocol):
         settings: H2ServerSettings | None = None,
         on_close: Callable[[H2ServerProtocol], None] | None = None,
         on_abuse: AbuseListener | None = None,
+        on_goaway: GoawayListener | None = None,
     ) -> None:
         self.settings = settings or H2ServerSettings()
         self._handler = handler
         self._on_close = on_close
         self._on_abuse = on_abuse
+        self._on_goaway = on_goaway
         now = time.monotonic()
+        self._expires_at = connection_deadline(
+            now,
+            self.settings.max_connection_age,
+            self.settings.max_connection_age_jitter,
+            random.random(),
+        )
         self._guard = H2Guard(self.settings.guard, now)
         self._idle_since = now  # when the last stream closed (or the connection opened)
         self._progress_at = now  # last sign the client is taking our data
@@ -170,13 +191,16 @@ class H2ServerProtocol(H2TransportMixin, asyncio.Protocol):
         self.remote_addr = ""
         self.peer: PeerIdentity | None = None
         self.ssl_object: ssl.SSLObject | None = None
-        self.goaway_sent = False
+        self.goaway_sent = False  # no more than one (two-phase) GOAWAY per connection
+        self.goaway_final = False  # the GOAWAY with the real last stream id has gone out
         self.goaway_last_stream_id = 0
         self._linger: asyncio.TimerHandle | None = None
+        self._goaway_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.transport.set_write_buffer_limits(high=self.settings.write_buffer_bytes)
         peer = transport.get_extra_info("peername")
         self.remote_addr = peer[0] if peer else ""
         self.ssl_object = transport.get_extra_info("ssl_object")
@@ -186,8 +210,9 @@ class H2ServerProtocol(H2TransportMixin, asyncio.Protocol):
         )
         self._arm_watchdog()
         self.conn.initiate_connection()
+        s = self.settings
         open_connection_window(
-            self.conn, self.settings.initial_window * self.settings.max_concurrent_streams
+            self.conn, s.connection_window or s.initial_window * s.max_concurrent_streams
         )
         self._write_out()
 
@@ -211,8 +236,9 @@ class H2ServerProtocol(H2TransportMixin, asyncio.Protocol):
         self._stop_keepalive()
         if self._watchdog is not None:
             self._watchdog.cancel()
-        if self._linger is not None:
-            self._linger.cancel()
+        for timer in (self._linger, self._goaway_timer):
+            if timer is not None:
+                timer.cancel()
         streams, self.streams = self.streams, {}
         for stream in streams.values():
             stream._mark_closed()
@@ -278,7 +304,10 @@ class H2ServerProtocol(H2TransportMixin, asyncio.Protocol):
         elif isinstance(event, h2.events.PriorityUpdated):
             self._over(self._guard.on_control(self._last_read))
         elif isinstance(event, h2.events.PingAckReceived):
-            self._ping_acked()
+            if event.ping_data == GOAWAY_PING:
+                self._final_goaway()
+            else:
+                self._ping_acked()
         elif isinstance(event, h2.events.ConnectionTerminated):
             self._close_transport()
 
@@ -329,12 +358,36 @@ class H2ServerProtocol(H2TransportMixin, asyncio.Protocol):
         self._forget(stream_id)
         self._write_out()
 
-    def goaway(self, last_stream_id: int | None = None) -> None:
-        """Graceful GOAWAY: accepted streams finish, the client reconnects for new ones."""
+    def goaway(self, reason: str = "", two_phase: bool = True) -> None:
+        """Graceful GOAWAY: accepted streams finish, the client reconnects for new ones.
+
+        Two-phase (RFC 9113 6.8): GOAWAY with the largest stream id and a PING first, so
+        requests already on the wire are still served; on the PING's ACK (the client has
+        read the first GOAWAY), GOAWAY with the real last stream id. One phase (as Go's
+        server does): the last stream id at once, later requests are refused."""
         if self.goaway_sent:
             return
         self.goaway_sent = True
-        self.goaway_last_stream_id = self.conn.send_graceful_goaway(last_stream_id)
+        if self._on_goaway is not None:
+            self._on_goaway(reason)
+        if not two_phase:
+            self._final_goaway()
+            return
+        self.goaway_last_stream_id = self.conn.send_graceful_goaway(MAX_STREAM_ID)
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self.conn.ping(GOAWAY_PING)
+        self._write_out()
+        self._goaway_timer = asyncio.get_running_loop().call_later(
+            GOAWAY_PING_WAIT, self._final_goaway
+        )
+
+    def _final_goaway(self) -> None:
+        if self.goaway_final:
+            return
+        self.goaway_final = True
+        if self._goaway_timer is not None:
+            self._goaway_timer.cancel()
+        self.goaway_last_stream_id = self.conn.send_graceful_goaway()
         self._write_out()
         if not self.streams:
             self._close_after_goaway()
@@ -347,7 +400,7 @@ class H2ServerProtocol(H2TransportMixin, asyncio.Protocol):
             stream.release_pending()
             if not self.streams:
                 self._idle_since = time.monotonic()
-        if self.goaway_sent and not self.streams:
+        if self.goaway_final and not self.streams:
             self._close_after_goaway()
 
     def _close_after_goaway(self) -> None:
@@ -382,7 +435,8 @@ class H2ServerProtocol(H2TransportMixin, asyncio.Protocol):
 
     def _arm_watchdog(self) -> None:
         s = self.settings
-        period = min(t for t in (s.idle_timeout, s.stalled_write_timeout, 30.0) if t > 0) / 4
+        timeouts = (s.idle_timeout, s.stalled_write_timeout, s.max_connection_age, 30.0)
+        period = min(t for t in timeouts if t > 0) / 4
         self._watchdog = asyncio.get_running_loop().call_later(period, self._check_timeouts)
 
     def _check_timeouts(self) -> None:
@@ -404,7 +458,9 @@ class H2ServerProtocol(H2TransportMixin, asyncio.Protocol):
             and 0 < s.idle_timeout <= now - self._idle_since
         ):
             log.debug("closing idle HTTP/2 connection from %s", self.remote_addr)
-            self.goaway()
+            self.goaway("idle")
+        elif self._expires_at is not None and now >= self._expires_at:
+            self.goaway("max-age")
         self._arm_watchdog()
 
     def pause_writing(self) -> None:

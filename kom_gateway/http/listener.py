@@ -118,6 +118,7 @@ class Listener:
         limits: ConnectionLimits | None = None,
         on_reject: Callable[[str], None] | None = None,
         on_abuse: Callable[[str], None] | None = None,
+        on_goaway: Callable[[str], None] | None = None,
     ) -> None:
         self.handler = handler
         self.upgrade_handler = upgrade_handler
@@ -126,6 +127,8 @@ class Listener:
         self.limits = limits or ConnectionLimits()
         self._on_reject = on_reject
         self._on_abuse = on_abuse
+        self._on_goaway = on_goaway
+        self.on_connections: Callable[[], None] = lambda: None  # the counts below changed
         self.h1_server: web.Server = self._new_h1_server()
         self._retired_h1: list[web.Server] = []
         self.h2_connections: set[H2ServerProtocol] = set()
@@ -171,10 +174,16 @@ class Listener:
     def _h1_lost(self, transport: asyncio.BaseTransport) -> None:
         self.h1_connections -= 1
         self._release(_address(transport))
+        self.on_connections()
 
     def _h2_lost(self, protocol: H2ServerProtocol) -> None:
         self.h2_connections.discard(protocol)
         self._release(protocol.remote_addr)
+        self.on_connections()
+
+    def open_streams(self) -> int:
+        """HTTP/2 streams open now, over all client connections."""
+        return sum(len(protocol.streams) for protocol in self.h2_connections)
 
     def rejected(self, reason: str) -> None:
         log.info("client connection turned away: %s", reason)
@@ -182,12 +191,16 @@ class Listener:
             self._on_reject(reason)
 
     def new_h2_protocol(self) -> H2ServerProtocol:
-        protocol = H2ServerProtocol(self.handler, self.h2_settings, self._h2_lost, self._on_abuse)
+        protocol = H2ServerProtocol(
+            self.handler, self.h2_settings, self._h2_lost, self._on_abuse, self._on_goaway
+        )
         self.h2_connections.add(protocol)
+        self.on_connections()
         return protocol
 
     def new_h1_protocol(self) -> asyncio.Protocol:
         self.h1_connections += 1
+        self.on_connections()
         return self.h1_server()
 
     async def start(self, host: str, port: int, reuse_port: bool = False) -> int:
@@ -207,24 +220,30 @@ class Listener:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return int(sock.getsockname()[1])
 
-    def goaway_all(self) -> None:
-        for protocol in list(self.h2_connections):
-            protocol.goaway()
-
-    async def close(self, grace: float = 0.0) -> None:
-        """Stop accepting; GOAWAY HTTP/2 clients; give requests `grace` seconds."""
+    def stop_accepting(self) -> None:
+        """Close the listening socket: with SO_REUSEPORT, the kernel sends new
+        connections to the other instances from now on."""
         if self.server is not None:
             self.server.close()
-        self.goaway_all()
-        for server in (*self._retired_h1, self.h1_server):
-            await server.shutdown(grace)
-        if grace > 0:
-            deadline = asyncio.get_running_loop().time() + grace
-            while self.h2_connections and asyncio.get_running_loop().time() < deadline:
-                await asyncio.sleep(0.05)
+
+    def goaway_all(self, reason: str = "drain") -> None:
         for protocol in list(self.h2_connections):
-            if protocol.transport is not None:
-                protocol.transport.close()
+            protocol.goaway(reason)
+
+    async def close(self, grace: float = 0.0) -> None:
+        """Stop accepting; GOAWAY HTTP/2 clients; give open connections `grace`
+        seconds to finish, then close what is left."""
+        self.stop_accepting()
+        self.goaway_all()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        await asyncio.gather(
+            *(server.shutdown(grace) for server in (*self._retired_h1, self.h1_server))
+        )
+        while self.h2_connections and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for protocol in list(self.h2_connections):
+            protocol.close()
 
 
 def _address(transport: asyncio.BaseTransport) -> str:

@@ -49,6 +49,11 @@ class ServerStream(ABC):
         self.closed = False
         self.response_started = False
 
+    def goaway_connection(self, reason: str) -> None:  # noqa: B027 (a no-op by default)
+        """Ask the client to take its next requests to a new connection, gracefully
+        (HTTP/2: GOAWAY; this request and the others in flight finish). HTTP/1.1
+        connections are left alone: the clients that use them hold them briefly."""
+
     # -- request body ------------------------------------------------------------------
     def set_body_consumer(self, consumer: BodyConsumer) -> None:
         """Deliver the body to `consumer`, starting with anything already received."""

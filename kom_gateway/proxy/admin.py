@@ -5,16 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-from kom_gateway.proxy.metrics import Metrics
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 
 async def start_admin(
-    metrics: Metrics, host: str, port: int, is_ready: Callable[[], tuple[bool, str]]
+    registry: CollectorRegistry, host: str, port: int, is_ready: Callable[[], tuple[bool, str]]
 ) -> tuple[web.AppRunner, int]:
     async def metrics_handler(request: web.Request) -> web.Response:
-        body = generate_latest(metrics.registry)
+        body = generate_latest(registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def healthz(request: web.Request) -> web.Response:

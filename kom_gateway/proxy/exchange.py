@@ -348,7 +348,31 @@ class Exchange:
     def _respond(self, status: int, reason: str, message: str, retry_after: int | None) -> None:
         self.completed = True
         self.status = status
-        body = status_body(status, reason, message)
-        self.stream.start_response(status, status_headers(body, retry_after))
-        self.stream.write(body)
-        self.stream.end()
+        answer_status(self.stream, status, reason, message, retry_after)
+
+    def end_cleanly(self) -> None:
+        """Shutdown: end the client's response here (a watch ends as if the apiserver
+        closed it, so the client re-watches) and stop the upstream side."""
+        if self.completed:
+            return
+        self.completed = True
+        self._abort_upstream()
+        if self.stream.response_started:
+            if self.info.is_long_running:
+                self.stream.end()
+            else:
+                self.stream.reset()  # a body cut short must not look complete
+        else:
+            self._respond(503, "ServiceUnavailable", "the gateway is shutting down", 1)
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+
+def answer_status(
+    stream: ServerStream, status: int, reason: str, message: str, retry_after: int | None = None
+) -> None:
+    """Answer with a Kubernetes Status body (what client-go understands and retries)."""
+    body = status_body(status, reason, message)
+    stream.start_response(status, status_headers(body, retry_after))
+    stream.write(body)
+    stream.end()

@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import random
+import time
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -16,9 +19,9 @@ from kom_gateway.config import ConfigError, load_config_file
 from kom_gateway.config.holder import ConfigHolder, ReloadResult
 from kom_gateway.http.stream import Headers, ServerStream
 from kom_gateway.identity import PeerIdentity
-from kom_gateway.kubestatus import status_body
-from kom_gateway.proxy.exchange import Exchange
-from kom_gateway.proxy.headers import status_headers
+from kom_gateway.overload.admission import Admission, Rejection
+from kom_gateway.overload.load import LoadMeter, goaway_chance
+from kom_gateway.proxy.exchange import Exchange, answer_status
 from kom_gateway.proxy.metrics import Metrics
 from kom_gateway.proxy.upgrade import handle_upgrade
 from kom_gateway.proxy.upstreams import UpstreamEndpoint, Upstreams
@@ -27,6 +30,7 @@ from kom_gateway.routing.cutover import Client
 
 log = logging.getLogger(__name__)
 CLIENT_CACHE_SIZE = 16384
+LOAD_SAMPLE_SECONDS = 0.25
 
 
 class Gateway:
@@ -37,26 +41,77 @@ class Gateway:
         self.upstreams.sync(holder.current.config)
         self.metrics.config_generation.set(holder.current.generation)
         self._clients: dict[tuple[bytes, str, bytes], Client] = {}
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.tasks: dict[asyncio.Task[None], Exchange] = {}
+        self.admission = Admission(holder.current.config.overload)
+        self.load_meter = LoadMeter()
+        self.load = 0.0
+        self._goaway_p = 0.0  # chance that an HTTP/2 request triggers GOAWAY, per request
+        self.open_streams: Callable[[], int] = lambda: 0  # set by whoever serves us
+        self._sampler: asyncio.TimerHandle | None = None
+
+    # -- load --------------------------------------------------------------------------
+    def start_load_sampling(self, interval: float = LOAD_SAMPLE_SECONDS) -> None:
+        """Measure event-loop lag with a timer every `interval`, and from it and the
+        rest of the load work out the GOAWAY chance once per interval (not per request)."""
+        loop = asyncio.get_running_loop()
+        due = loop.time() + interval
+
+        def sample() -> None:
+            nonlocal due
+            now = loop.time()
+            self.load_meter.observe_lag(now - due, interval)
+            self.update_load()
+            due = now + interval
+            self._sampler = loop.call_at(due, sample)
+
+        self._sampler = loop.call_at(due, sample)
+
+    def update_load(self) -> None:
+        policy = self.holder.current.config.goaway
+        self.load = self.load_meter.load(self.admission.load(), self.open_streams(), policy)
+        self._goaway_p = goaway_chance(self.load, policy)
+        self.metrics.load.set(self.load)
+        self.metrics.loop_lag.set(self.load_meter.lag)
+
+    async def drain(self, timeout: float) -> None:
+        """Shutdown: let requests other than watches finish (up to `timeout`), then end
+        the watches cleanly, so their clients re-watch on another replica."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline and any(
+            not e.info.is_long_running for e in self.tasks.values()
+        ):
+            await asyncio.sleep(0.05)
+        for exchange in list(self.tasks.values()):
+            exchange.end_cleanly()
 
     def handle(self, stream: ServerStream) -> None:
         active = self.holder.current
         info = parse_request(stream.method, stream.target)
         if info.bad_target:
-            body = status_body(400, "BadRequest", f"malformed request target: {info.malformed}")
-            stream.start_response(400, status_headers(body))
-            stream.write(body)
-            stream.end()
+            answer_status(stream, 400, "BadRequest", f"malformed request target: {info.malformed}")
             self.metrics.requests.labels("none", info.verb, "", "400").inc()
             return
-        decision = active.router.decide(
-            info, self.client_for(stream.headers, stream.remote_addr, stream.peer)
-        )
-        exchange = Exchange(self, stream, info, decision, active)
-        task = asyncio.get_running_loop().create_task(exchange.run())
-        exchange.task = task
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        client = self.client_for(stream.headers, stream.remote_addr, stream.peer)
+        decision = active.router.decide(info, client)
+        verdict = self.admission.admit(info, client, decision.target, time.monotonic())
+        if isinstance(verdict, Rejection):
+            answer_status(stream, 429, "TooManyRequests", verdict.message, verdict.retry_after)
+            m = self.metrics
+            m.child(m.shed, decision.target, verdict.reason).inc()
+            m.child(m.requests, decision.target, info.verb, info.resource, "429").inc()
+        else:
+            exchange = Exchange(self, stream, info, decision, active)
+            task = asyncio.get_running_loop().create_task(exchange.run())
+            exchange.task = task
+            self.tasks[task] = exchange
+            task.add_done_callback(self._finished)
+            task.add_done_callback(lambda _: verdict.release())
+        if self._goaway_p and stream.http_version == "2" and random.random() < self._goaway_p:
+            stream.goaway_connection("load")
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        del self.tasks[task]
 
     def client_for(self, headers: Headers, remote_addr: str, peer: PeerIdentity | None) -> Client:
         """Who is asking, for the cut-over bucket; cached (its bucket and rule memoised)."""
@@ -89,6 +144,7 @@ class Gateway:
             result = self.holder.refuse(exc)
         else:
             result = self.holder.apply(config)
+            self.admission.configure(config.overload)
         if result.applied:
             self.metrics.config_reloads.labels("applied").inc()
             self.metrics.config_generation.set(result.generation)
@@ -107,6 +163,8 @@ class Gateway:
         self.metrics.endpoint_healthy.labels(endpoint.group, endpoint.name).set(1 if healthy else 0)
 
     async def close(self) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
         await self.upstreams.close()
 
 

@@ -1,4 +1,8 @@
-"""Prometheus metrics of the data plane (prometheus-client, Prometheus naming rules)."""
+"""Prometheus metrics of the data plane (prometheus-client, Prometheus naming rules).
+
+With `--workers N` every worker writes its samples to files (prometheus-client's
+multiprocess mode) and the supervisor serves the sum; each gauge says how workers'
+values combine (`multiprocess_mode`), so nothing here may be a callback gauge."""
 
 from __future__ import annotations
 
@@ -41,12 +45,14 @@ class Metrics:
             "Requests in flight by target group and kind.",
             ["group", "kind"],
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.watches = Gauge(
             "kom_gateway_open_watches",
             "Watch streams currently open, by group.",
             ["group"],
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.fallbacks = Counter(
             "kom_gateway_fallbacks",
@@ -66,6 +72,7 @@ class Metrics:
             "1 if the apiserver endpoint takes traffic.",
             ["group", "endpoint"],
             registry=r,
+            multiprocess_mode="livemin",
         )
         self.received_bytes = Counter(
             "kom_gateway_received_bytes",
@@ -96,6 +103,7 @@ class Metrics:
             "Client connections open, by protocol.",
             ["protocol"],
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.connections_rejected = Counter(
             "kom_gateway_client_connections_rejected",
@@ -110,8 +118,35 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.shed = Counter(
+            "kom_gateway_shed_requests",
+            "Requests answered 429 + Retry-After by the gateway itself, by target group and "
+            "reason (inflight, watches, rate-limit).",
+            ["group", "reason"],
+            registry=r,
+        )
+        self.goaways = Counter(
+            "kom_gateway_goaways_sent",
+            "Graceful GOAWAYs sent to HTTP/2 clients, by reason (load, max-age, idle, drain).",
+            ["reason"],
+            registry=r,
+        )
+        self.load = Gauge(
+            "kom_gateway_load",
+            "This replica's load (1 = at capacity): the largest of the fullest group's share "
+            "of its in-flight limit, event-loop lag and open streams against their budgets.",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.loop_lag = Gauge(
+            "kom_gateway_event_loop_lag_seconds",
+            "Event-loop lag, smoothed over about 2 seconds.",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.config_generation = Gauge(
             "kom_gateway_config_generation",
             "Generation of the configuration being served.",
             registry=r,
+            multiprocess_mode="livemin",
         )

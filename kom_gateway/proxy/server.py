@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from kom_gateway.config import ConfigError, ConfigHolder, ConfigIssue, load_config_file
 from kom_gateway.config.schema import Address, Config
-from kom_gateway.http.h2server import H2ServerSettings
+from kom_gateway.http.h2server import GOAWAY_LINGER_SECONDS, H2ServerSettings
 from kom_gateway.http.listener import ConnectionLimits, Listener
 from kom_gateway.http.tlsfiles import ServerTLSContext
 from kom_gateway.proxy.admin import start_admin
@@ -25,8 +25,11 @@ class RunOptions:
     config_path: str
     listen: Address | None = None  # overrides listen.address (port 0: any free port)
     admin: Address | None = None
-    drain_seconds: float = 5.0
+    drain_seconds: float = 5.0  # SIGTERM: how long requests in flight may take to finish
+    shutdown_delay: float = 0.0  # SIGTERM: report unready this long before draining
     watch_seconds: float = 5.0  # how often certificate files are checked for rotation
+    reuse_port: bool = False  # SO_REUSEPORT: several instances or workers on one port
+    serve_admin: bool = True  # False in workers: the supervisor serves /metrics
 
 
 async def run_gateway(
@@ -47,21 +50,26 @@ async def run_gateway(
             ) from None
     listener = new_listener(gateway, serving_tls.listening if serving_tls else None)
     listen = options.listen or config.listen
-    admin_address = options.admin or config.admin
-    port = await listener.start(listen.host, listen.port)
+    port = await listener.start(listen.host, listen.port, options.reuse_port)
+    gateway.start_load_sampling()
     draining = False
 
     def is_ready() -> tuple[bool, str]:
         return (not draining, "draining" if draining else "ok")
 
-    runner, admin_port = await start_admin(
-        gateway.metrics, admin_address.host, admin_address.port, is_ready
-    )
+    runner = None
+    admin_text = "no admin port (a worker)"
+    admin_port = 0
+    if options.serve_admin:
+        admin_address = options.admin or config.admin
+        runner, admin_port = await start_admin(
+            gateway.metrics.registry, admin_address.host, admin_address.port, is_ready
+        )
+        admin_text = f"admin on {admin_address.host}:{admin_port}"
     scheme = "https (h2 + http/1.1 via ALPN)" if serving_tls else "h2c + http/1.1"
     print(
-        f"kom-gateway listening on {listen.host}:{port} ({scheme}); admin on "
-        f"{admin_address.host}:{admin_port}; config {options.config_path} "
-        f"generation {holder.current.generation}",
+        f"kom-gateway listening on {listen.host}:{port} ({scheme}); {admin_text}; "
+        f"config {options.config_path} generation {holder.current.generation}",
         flush=True,
     )
     if started is not None:
@@ -83,21 +91,36 @@ async def run_gateway(
     finally:
         watcher.cancel()
         draining = True
-        log.info(
-            "draining: GOAWAY to HTTP/2 clients, %.0fs for requests in flight",
-            options.drain_seconds,
-        )
-        await listener.close(options.drain_seconds)
+        await drain(gateway, listener, options)
         for task in list(gateway.tasks):
             task.cancel()
         await gateway.close()
-        await runner.cleanup()
+        if runner is not None:
+            await runner.cleanup()
     return 0
+
+
+async def drain(gateway: Gateway, listener: Listener, options: RunOptions) -> None:
+    """SIGTERM, in order: unready for `shutdown_delay` (load balancers take the replica
+    out); stop accepting (SO_REUSEPORT peers get the new connections); graceful GOAWAY to
+    every HTTP/2 client; requests in flight get `drain_seconds` to finish; watches are
+    ended cleanly (clients re-watch elsewhere); connections close once empty."""
+    if options.shutdown_delay > 0:
+        log.info("shutting down: unready for %.0fs before draining", options.shutdown_delay)
+        await asyncio.sleep(options.shutdown_delay)
+    log.info(
+        "draining: GOAWAY to HTTP/2 clients, %.0fs for requests in flight", options.drain_seconds
+    )
+    listener.stop_accepting()
+    listener.goaway_all("drain")
+    await gateway.drain(options.drain_seconds)
+    await listener.close(GOAWAY_LINGER_SECONDS + 1.0)
 
 
 def listener_settings(config: Config) -> tuple[ConnectionLimits, H2ServerSettings]:
     """The client-facing limits of `config`, as the HTTP layer takes them."""
     limits = config.limits
+    h2 = config.http2_downstream
     return (
         ConnectionLimits(
             limits.max_connections_per_address,
@@ -108,9 +131,18 @@ def listener_settings(config: Config) -> tuple[ConnectionLimits, H2ServerSetting
         ),
         H2ServerSettings(
             max_concurrent_streams=limits.max_streams_per_connection,
+            initial_window=h2.initial_stream_window,
+            max_frame_size=h2.max_frame_size,
             max_header_list_size=limits.max_header_bytes,
+            ping_interval=h2.ping_interval,
+            ping_timeout=h2.ping_timeout,
             idle_timeout=limits.idle_timeout,
             stalled_write_timeout=limits.stalled_write_timeout,
+            max_write_backlog=h2.max_write_backlog_bytes,
+            connection_window=h2.connection_window,
+            write_buffer_bytes=h2.write_buffer_bytes,
+            max_connection_age=config.goaway.max_connection_age,
+            max_connection_age_jitter=config.goaway.max_connection_age_jitter,
         ),
     )
 
@@ -127,9 +159,17 @@ def new_listener(gateway: Gateway, ssl_context: ssl.SSLContext | None) -> Listen
         limits,
         on_reject=lambda reason: metrics.connections_rejected.labels(reason).inc(),
         on_abuse=lambda kind: metrics.http2_abuse.labels(kind).inc(),
+        on_goaway=lambda reason: metrics.goaways.labels(reason).inc(),
     )
-    metrics.client_connections.labels("h2").set_function(lambda: len(listener.h2_connections))
-    metrics.client_connections.labels("http/1.1").set_function(lambda: listener.h1_connections)
+    gateway.open_streams = listener.open_streams
+    h2 = metrics.client_connections.labels("h2")
+    h1 = metrics.client_connections.labels("http/1.1")
+
+    def count_connections() -> None:
+        h2.set(len(listener.h2_connections))
+        h1.set(listener.h1_connections)
+
+    listener.on_connections = count_connections
     return listener
 
 

@@ -243,7 +243,17 @@ class Upstreams:
         """Create endpoints new in `config`, keep unchanged ones, close removed ones."""
         # TLS first: a config whose files cannot be loaded raises before anything changes
         self.tls.load(config)
-        settings = H2ClientSettings(connect_timeout=config.timeouts.connect)
+        h2 = config.http2_upstream
+        settings = H2ClientSettings(
+            stream_window=h2.initial_stream_window,
+            max_concurrent_streams=h2.max_concurrent_streams,
+            max_frame_size=h2.max_frame_size,
+            connect_timeout=config.timeouts.connect,
+            ping_interval=h2.ping_interval,
+            ping_timeout=h2.ping_timeout,
+            connection_window=h2.connection_window,
+            write_buffer_bytes=h2.write_buffer_bytes,
+        )
         wanted: dict[tuple[str, str], UpstreamEndpoint] = {}
         groups: dict[str, list[UpstreamEndpoint]] = {}
         for group in config.groups.values():
@@ -262,6 +272,8 @@ class Upstreams:
                     )
                     endpoint.start_probing(config.health.interval, config.health.timeout)
                     self._on_health(endpoint, True)
+                else:
+                    endpoint.settings = settings  # for connections opened from now on
                 wanted[key] = endpoint
                 groups.setdefault(group.name, []).append(endpoint)
         for key, endpoint in self._by_key.items():

@@ -227,7 +227,7 @@ class Simulator:
                 and isinstance(stream, H2ServerStream)
                 and random.random() < faults.goaway_chance
             ):
-                stream.connection.goaway()
+                stream.connection.goaway(two_phase=False)  # as Go's server does
             if faults.refuse_streams and isinstance(stream, H2ServerStream):
                 stream.connection.reset_stream(stream.stream_id, ErrorCodes.REFUSED_STREAM)
                 return

@@ -1,0 +1,5 @@
+"""Overload protection, pure: who is admitted, what Retry-After says, when to GOAWAY.
+
+Nothing here touches a socket or the event loop; time is passed in. The gateway asks
+`Admission` before proxying and `LoadPolicy` after accepting an HTTP/2 request.
+"""

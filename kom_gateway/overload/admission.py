@@ -1,0 +1,152 @@
+"""Admission: admit a request (a `Ticket` to give back when it ends) or shed it with
+the Retry-After to send. Pure: counts and buckets in memory, time passed in.
+
+Order of decision, cheapest and most important first:
+1. exempt requests are always admitted (and counted, so load stays visible);
+2. rate-limit rules apply to requests that are neither exempt nor protected;
+3. watches are held to the group's `max_watches`;
+4. other non-long-running requests are held to the group's `max_inflight`, less a reserve
+   only protected requests (leases: node heartbeats, leader election) may use, so they
+   are the last thing shed. Other long-running requests (exec, logs -f, proxy) are not
+   limited, as in kube-apiserver's max-in-flight filter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kom_gateway.overload.policy import OverloadPolicy, RateLimitRule
+from kom_gateway.overload.ratelimit import BucketSet, whole_seconds
+from kom_gateway.overload.retryafter import RetryAfter
+from kom_gateway.requestinfo import RequestInfo
+from kom_gateway.routing.cutover import Client
+
+SHORT = "short"
+WATCH = "watch"
+OTHER = "long-running"
+
+
+class Ticket:
+    """An admitted request's place; `release()` exactly once when it ends."""
+
+    __slots__ = ("_counts", "group", "kind", "released")
+
+    def __init__(self, counts: dict[str, int] | None, group: str, kind: str) -> None:
+        self._counts = counts
+        self.group = group
+        self.kind = kind
+        self.released = False
+        if counts is not None:
+            counts[group] = counts.get(group, 0) + 1
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        if self._counts is not None:
+            self._counts[self.group] -= 1
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    reason: str  # "inflight", "watches" or "rate-limit"
+    detail: str  # the rule name for rate limits, else the group
+    retry_after: int
+    message: str
+
+
+class Admission:
+    """Counts survive a policy change (requests in flight keep their tickets)."""
+
+    def __init__(self, policy: OverloadPolicy | None = None) -> None:
+        self.inflight: dict[str, int] = {}
+        self.watches: dict[str, int] = {}
+        self.long_running: dict[str, int] = {}
+        self._retry: dict[str, RetryAfter] = {}
+        self._buckets: dict[RateLimitRule, BucketSet] = {}
+        self.policy = OverloadPolicy()
+        self.configure(policy or OverloadPolicy())
+
+    def configure(self, policy: OverloadPolicy) -> None:
+        """Apply a (reloaded) policy; a rule whose qps, burst and match are unchanged
+        keeps its buckets."""
+        old, self.policy = self.policy, policy
+        self._buckets = {
+            rule: self._buckets.get(rule) or BucketSet(rule.qps, rule.burst)
+            for rule in policy.rate_limits
+        }
+        if (old.retry_after_min, old.retry_after_max) != (
+            policy.retry_after_min,
+            policy.retry_after_max,
+        ):
+            self._retry = {}
+
+    def admit(
+        self, info: RequestInfo, client: Client, group: str, now: float
+    ) -> Ticket | Rejection:
+        policy = self.policy
+        kind = SHORT
+        if info.is_long_running:
+            kind = WATCH if info.verb == "watch" else OTHER
+        counts = (
+            self.inflight if kind is SHORT else self.watches if kind is WATCH else self.long_running
+        )
+        if any(m.matches(info, client, group) for m in policy.exempt):
+            return Ticket(counts, group, kind)
+        protected = any(m.matches(info, client, group) for m in policy.protected)
+        if not protected:
+            for rule in policy.rate_limits:
+                if not rule.match.matches(info, client, group):
+                    continue
+                wait = self._buckets[rule].take(client.key if rule.per_client else "", now)
+                if wait:
+                    retry = max(whole_seconds(wait), self._shed(f"rule:{rule.name}", now))
+                    return Rejection(
+                        "rate-limit",
+                        rule.name,
+                        retry,
+                        f"Too many requests, please try again later "
+                        f"(rate limit {rule.name!r}: {rule.qps:g} qps, burst {rule.burst})",
+                    )
+        limits = policy.limits_for(group)
+        if kind is WATCH:
+            if limits.max_watches and self.watches.get(group, 0) >= limits.max_watches:
+                return Rejection(
+                    "watches",
+                    group,
+                    self._shed(f"watch:{group}", now),
+                    f"Too many requests, please try again later "
+                    f"(group {group!r} holds its limit of {limits.max_watches} watches)",
+                )
+        elif kind is SHORT and limits.max_inflight:
+            limit = limits.max_inflight
+            if not protected:
+                limit -= int(limit * policy.reserved_percent / 100)
+            if self.inflight.get(group, 0) >= limit:
+                return Rejection(
+                    "inflight",
+                    group,
+                    self._shed(f"inflight:{group}", now),
+                    f"Too many requests, please try again later "
+                    f"(group {group!r} has {limit} requests in flight)",
+                )
+        return Ticket(counts, group, kind)
+
+    def _shed(self, key: str, now: float) -> int:
+        tracker = self._retry.get(key)
+        if tracker is None:
+            policy = self.policy
+            tracker = self._retry[key] = RetryAfter(policy.retry_after_min, policy.retry_after_max)
+        return tracker.shed(now)
+
+    def load(self) -> float:
+        """The fullest group's share of its in-flight limit (0 when none is limited):
+        the in-flight part of this replica's load. Limits are per replica, so a client
+        moved to another replica by GOAWAY finds room there."""
+        worst = 0.0
+        limits_for = self.policy.limits_for
+        for group, count in self.inflight.items():
+            limit = limits_for(group).max_inflight
+            if limit and count / limit > worst:
+                worst = count / limit
+        return worst

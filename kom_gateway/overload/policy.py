@@ -1,0 +1,86 @@
+"""What the overload YAML becomes: limits per group, who is protected or exempt, rate
+limits. Plain data, built by the config schema and read by `Admission`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from kom_gateway.requestinfo import RequestInfo
+from kom_gateway.routing.claims import ResourceClaim
+from kom_gateway.routing.cutover import Client, Match
+from kom_gateway.routing.glob import Glob
+
+
+@dataclass(frozen=True, slots=True)
+class RequestMatch:
+    """All given conditions must hold; an empty match matches every request.
+
+    `resources` use the claim syntax of the groups section; `groups` are the gateway's
+    groups (the request's target); user and userGroup are known only for clients with a
+    verified certificate (the gateway does not see who a bearer token belongs to).
+    """
+
+    clients: Match = field(default_factory=Match)
+    verbs: frozenset[str] = frozenset()
+    resources: tuple[ResourceClaim, ...] = ()
+    groups: frozenset[str] = frozenset()
+    namespaces: tuple[Glob, ...] = ()
+
+    def matches(self, info: RequestInfo, client: Client, group: str) -> bool:
+        if self.verbs and info.verb not in self.verbs:
+            return False
+        if self.groups and group not in self.groups:
+            return False
+        if self.resources and not any(_covers(c, info) for c in self.resources):
+            return False
+        if self.namespaces and not any(g.matches(info.namespace) for g in self.namespaces):
+            return False
+        return self.clients.matches(client)
+
+
+def _covers(claim: ResourceClaim, info: RequestInfo) -> bool:
+    if not info.is_resource_request or claim.api_group != info.api_group:
+        return False
+    if claim.resource == "*":
+        return True
+    return claim.resource == info.resource and (
+        not claim.subresource or claim.subresource == info.subresource
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class GroupLimits:
+    max_inflight: int = 1000  # non-long-running requests in flight (0: no limit)
+    max_watches: int = 0  # open watches (0: no limit)
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitRule:
+    name: str
+    match: RequestMatch
+    qps: float
+    burst: int
+    per_client: bool = False  # one bucket per client key, else one for the whole rule
+
+
+LEASES = ResourceClaim("coordination.k8s.io", "leases")
+# Node heartbeats and leader election: shed last (they may use the reserve).
+DEFAULT_PROTECTED = (RequestMatch(resources=(LEASES,)),)
+# Break-glass access: cluster admins are never shed by the gateway.
+DEFAULT_EXEMPT = (RequestMatch(clients=Match(user_group=Glob("system:masters"))),)
+
+
+@dataclass(frozen=True)
+class OverloadPolicy:
+    limits: GroupLimits = field(default_factory=GroupLimits)  # every group not listed
+    group_limits: Mapping[str, GroupLimits] = field(default_factory=dict)
+    reserved_percent: float = 10.0  # of max_inflight, usable by protected requests only
+    protected: tuple[RequestMatch, ...] = DEFAULT_PROTECTED
+    exempt: tuple[RequestMatch, ...] = DEFAULT_EXEMPT
+    rate_limits: tuple[RateLimitRule, ...] = ()
+    retry_after_min: int = 1
+    retry_after_max: int = 32  # APF's cap
+
+    def limits_for(self, group: str) -> GroupLimits:
+        return self.group_limits.get(group, self.limits)

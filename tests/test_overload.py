@@ -1,0 +1,355 @@
+"""Overload cores, without sockets: Retry-After, token buckets, admission, load and
+GOAWAY chance, and the YAML that configures them."""
+
+import textwrap
+
+import pytest
+
+from kom_gateway.config import ConfigError, load_config_text
+from kom_gateway.overload.admission import Admission, Rejection, Ticket
+from kom_gateway.overload.load import (
+    GoawayPolicy,
+    LoadMeter,
+    connection_deadline,
+    goaway_chance,
+)
+from kom_gateway.overload.policy import GroupLimits, OverloadPolicy, RateLimitRule, RequestMatch
+from kom_gateway.overload.ratelimit import BucketSet, TokenBucket, whole_seconds
+from kom_gateway.overload.retryafter import RetryAfter
+from kom_gateway.requestinfo import parse_request
+from kom_gateway.routing.claims import parse_claim
+from kom_gateway.routing.cutover import Client, Match
+from kom_gateway.routing.glob import Glob
+
+KUBELET = Client("kubelet/v1.31.0", "x509:CN=system:node:n1,O=system:nodes", "10.0.0.1",
+                 "system:node:n1", ("system:nodes",))  # fmt: skip
+OPERATOR = Client("my-operator/v2", "token:abc", "10.0.0.2")
+ADMIN = Client("kubectl/v1.31", "x509:CN=admin,O=system:masters", "10.0.0.3", "admin",
+               ("system:masters",))  # fmt: skip
+
+LIST_PODS = parse_request("GET", "/api/v1/pods")
+WATCH_PODS = parse_request("GET", "/api/v1/pods?watch=1")
+LEASE_UPDATE = parse_request(
+    "PUT", "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/n1"
+)
+LOGS = parse_request("GET", "/api/v1/namespaces/a/pods/p/log?follow=true")
+
+
+# -- Retry-After -------------------------------------------------------------------------
+def test_retry_after_doubles_under_sustained_shedding_up_to_the_cap_then_shrinks():
+    tracker = RetryAfter(1, 32)
+    seen = []
+    for second in range(40):
+        for i in range(100):  # far above 3 x value every second
+            value = tracker.shed(second + i / 100)
+        seen.append(value)
+    assert seen[0] == 1
+    assert seen == sorted(seen)  # never shrinks while overload persists
+    assert set(seen) == {1, 2, 4, 8, 16, 32}
+    assert seen[-1] == 32
+    # quiet: one down per second, back at the floor within 32 s
+    assert tracker.current(41) == 31
+    assert tracker.current(45) == 27
+    assert tracker.current(100) == 1
+
+
+def test_retry_after_raises_at_most_once_per_value_seconds_and_ignores_a_trickle():
+    tracker = RetryAfter(1, 32)
+    for second in range(10):
+        assert tracker.shed(second) == 1  # one a second: never 3 x value
+    bursty = RetryAfter(1, 32)
+    for _ in range(50):
+        bursty.shed(0.5)
+    assert bursty.current(1) == 2  # raised at the next second ...
+    for _ in range(50):
+        bursty.shed(1.5)
+    assert bursty.current(2) == 2  # ... but not again before 2 s have passed
+    assert bursty.current(3) == 4
+
+
+# -- token buckets -----------------------------------------------------------------------
+def test_token_bucket_grants_the_burst_then_the_rate():
+    bucket = TokenBucket(qps=2, burst=3, now=0)
+    assert [bucket.take(0) for _ in range(3)] == [0, 0, 0]
+    assert bucket.take(0) == pytest.approx(0.5)
+    assert bucket.take(0.5) == 0
+    assert bucket.take(0.5) == pytest.approx(0.5)
+    assert bucket.take(100) == 0  # refills to the burst, no more
+    assert [bucket.take(100) for _ in range(3)][-1] > 0
+
+
+def test_bucket_set_is_bounded_and_evicts_least_recently_used():
+    buckets = BucketSet(qps=1, burst=1, capacity=3)
+    for key in "abc":
+        assert buckets.take(key, 0) == 0
+    assert buckets.take("a", 0) > 0  # a is now most recent
+    assert buckets.take("d", 0) == 0  # evicts b
+    assert len(buckets) == 3
+    assert buckets.take("b", 0) == 0  # came back with a fresh burst
+    assert whole_seconds(0.01) == 1 and whole_seconds(2.2) == 3
+
+
+# -- admission ---------------------------------------------------------------------------
+def admission(**kwargs) -> Admission:
+    return Admission(OverloadPolicy(**kwargs))
+
+
+def test_inflight_limit_sheds_with_429_material_and_a_release_makes_room():
+    adm = admission(limits=GroupLimits(max_inflight=10), reserved_percent=20)
+    tickets = [adm.admit(LIST_PODS, OPERATOR, "pod", 0) for _ in range(8)]
+    assert all(isinstance(t, Ticket) for t in tickets)
+    shed = adm.admit(LIST_PODS, OPERATOR, "pod", 0)
+    assert isinstance(shed, Rejection)
+    assert (shed.reason, shed.detail, shed.retry_after) == ("inflight", "pod", 1)
+    assert "Too many requests" in shed.message
+    assert isinstance(adm.admit(LIST_PODS, OPERATOR, "config", 0), Ticket)  # per group
+    tickets[0].release()
+    tickets[0].release()  # idempotent
+    assert isinstance(adm.admit(LIST_PODS, OPERATOR, "pod", 0), Ticket)
+    assert adm.inflight["pod"] == 8
+
+
+def test_lease_updates_use_the_reserve_and_are_shed_last():
+    adm = admission(limits=GroupLimits(max_inflight=10), reserved_percent=20)
+    for _ in range(8):
+        adm.admit(LIST_PODS, OPERATOR, "config", 0)
+    assert isinstance(adm.admit(LIST_PODS, OPERATOR, "config", 0), Rejection)
+    leases = [adm.admit(LEASE_UPDATE, KUBELET, "config", 0) for _ in range(2)]
+    assert all(isinstance(t, Ticket) for t in leases)
+    assert isinstance(adm.admit(LEASE_UPDATE, KUBELET, "config", 0), Rejection)  # full limit
+
+
+def test_exempt_clients_are_admitted_and_counted():
+    adm = admission(limits=GroupLimits(max_inflight=1))
+    adm.admit(LIST_PODS, OPERATOR, "pod", 0)
+    assert isinstance(adm.admit(LIST_PODS, OPERATOR, "pod", 0), Rejection)
+    assert isinstance(adm.admit(LIST_PODS, ADMIN, "pod", 0), Ticket)  # system:masters
+    assert adm.inflight["pod"] == 2
+    assert adm.load() == 2.0
+
+
+def test_watch_limit_and_other_long_running_requests_are_not_in_flight():
+    adm = admission(limits=GroupLimits(max_inflight=1, max_watches=2))
+    for _ in range(2):
+        assert isinstance(adm.admit(WATCH_PODS, KUBELET, "pod", 0), Ticket)
+    shed = adm.admit(WATCH_PODS, KUBELET, "pod", 0)
+    assert isinstance(shed, Rejection) and shed.reason == "watches"
+    for _ in range(5):  # logs -f: long-running, not limited
+        assert isinstance(adm.admit(LOGS, KUBELET, "pod", 0), Ticket)
+    assert isinstance(adm.admit(LIST_PODS, KUBELET, "pod", 0), Ticket)
+    assert adm.load() == 1.0
+
+
+def test_rate_limit_rule_per_rule_and_per_client():
+    lists = RequestMatch(clients=Match(user_agent=Glob("my-operator/*")), verbs=frozenset({"list"}))
+    shared = RateLimitRule("operator-lists", lists, qps=1, burst=2)
+    adm = admission(rate_limits=(shared,))
+    other = Client("my-operator/v2", "token:other", "10.0.0.9")
+    assert isinstance(adm.admit(LIST_PODS, OPERATOR, "pod", 0), Ticket)
+    assert isinstance(adm.admit(LIST_PODS, other, "pod", 0), Ticket)
+    shed = adm.admit(LIST_PODS, OPERATOR, "pod", 0)
+    assert isinstance(shed, Rejection)
+    assert (shed.reason, shed.detail, shed.retry_after) == ("rate-limit", "operator-lists", 1)
+    assert "1 qps, burst 2" in shed.message
+    assert isinstance(adm.admit(WATCH_PODS, OPERATOR, "pod", 0), Ticket)  # not a list
+    assert isinstance(adm.admit(LIST_PODS, KUBELET, "pod", 0), Ticket)  # not matched
+    assert isinstance(adm.admit(LIST_PODS, OPERATOR, "pod", 1.0), Ticket)  # refilled
+
+    per_client = admission(rate_limits=(RateLimitRule("each", lists, 1, 1, per_client=True),))
+    assert isinstance(per_client.admit(LIST_PODS, OPERATOR, "pod", 0), Ticket)
+    assert isinstance(per_client.admit(LIST_PODS, other, "pod", 0), Ticket)
+    assert isinstance(per_client.admit(LIST_PODS, OPERATOR, "pod", 0), Rejection)
+
+
+def test_rate_limits_spare_protected_and_exempt_requests():
+    everyone = RateLimitRule("everyone", RequestMatch(), qps=1, burst=1)
+    adm = admission(rate_limits=(everyone,))
+    adm.admit(LIST_PODS, OPERATOR, "pod", 0)
+    assert isinstance(adm.admit(LIST_PODS, OPERATOR, "pod", 0), Rejection)
+    assert isinstance(adm.admit(LEASE_UPDATE, KUBELET, "config", 0), Ticket)
+    assert isinstance(adm.admit(LIST_PODS, ADMIN, "pod", 0), Ticket)
+
+
+def test_request_match_conditions():
+    match = RequestMatch(
+        verbs=frozenset({"update"}),
+        resources=(parse_claim("leases.coordination.k8s.io"),),
+        groups=frozenset({"config"}),
+        namespaces=(Glob("kube-node-*"),),
+    )
+    assert match.matches(LEASE_UPDATE, KUBELET, "config")
+    assert not match.matches(LEASE_UPDATE, KUBELET, "default")
+    assert not match.matches(parse_request("GET", LEASE_UPDATE.path), KUBELET, "config")
+    other_ns = parse_request("PUT", "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/x")
+    assert not match.matches(other_ns, KUBELET, "config")
+    assert not RequestMatch(resources=(parse_claim("pods"),)).matches(
+        parse_request("GET", "/healthz"), KUBELET, "default"
+    )
+    assert RequestMatch(resources=(parse_claim("pods"),)).matches(LOGS, KUBELET, "pod")
+    assert not RequestMatch(resources=(parse_claim("pods/status"),)).matches(LOGS, KUBELET, "pod")
+
+
+def test_retry_after_grows_for_a_group_that_stays_overloaded():
+    adm = admission(limits=GroupLimits(max_inflight=1))
+    adm.admit(LIST_PODS, OPERATOR, "pod", 0)
+    values = []
+    for second in range(12):
+        for i in range(20):
+            shed = adm.admit(LIST_PODS, OPERATOR, "pod", second + i / 20)
+            assert isinstance(shed, Rejection)
+        values.append(shed.retry_after)
+    assert values[0] == 1 and values[-1] >= 8 and values == sorted(values)
+
+
+def test_reconfigure_keeps_counts_and_unchanged_buckets():
+    rule = RateLimitRule("r", RequestMatch(), qps=1, burst=1)
+    adm = admission(rate_limits=(rule,), limits=GroupLimits(max_inflight=5))
+    ticket = adm.admit(LIST_PODS, OPERATOR, "pod", 0)
+    adm.configure(OverloadPolicy(rate_limits=(rule,), limits=GroupLimits(max_inflight=1)))
+    assert isinstance(adm.admit(LIST_PODS, OPERATOR, "pod", 0), Rejection)  # bucket kept
+    adm.configure(OverloadPolicy(limits=GroupLimits(max_inflight=1)))
+    assert isinstance(adm.admit(LIST_PODS, OPERATOR, "pod", 0), Rejection)  # count kept
+    assert isinstance(ticket, Ticket)
+    ticket.release()
+    assert isinstance(adm.admit(LIST_PODS, OPERATOR, "pod", 0), Ticket)
+
+
+# -- load and GOAWAY ---------------------------------------------------------------------
+def test_goaway_chance_is_the_base_below_soft_load_and_rises_to_the_max():
+    policy = GoawayPolicy(chance=0.001, max_chance=0.02, soft_load=0.6)
+    assert goaway_chance(0.0, policy) == 0.001
+    assert goaway_chance(0.6, policy) == 0.001
+    assert goaway_chance(0.8, policy) == pytest.approx(0.001 + 0.019 / 2)
+    assert goaway_chance(1.0, policy) == pytest.approx(0.02)
+    assert goaway_chance(5.0, policy) == pytest.approx(0.02)
+    rising = [goaway_chance(x / 10, policy) for x in range(12)]
+    assert rising == sorted(rising)
+
+
+def test_connection_deadline_spreads_within_the_jitter():
+    assert connection_deadline(10, 0, 0.1, 0.5) is None
+    assert connection_deadline(10, 100, 0.1, 0.0) == pytest.approx(100)
+    assert connection_deadline(10, 100, 0.1, 0.5) == pytest.approx(110)
+    assert connection_deadline(10, 100, 0.1, 0.999999) == pytest.approx(120)
+
+
+def test_load_meter_combines_inflight_lag_and_streams():
+    meter = LoadMeter(window=1.0)
+    policy = GoawayPolicy(lag_budget=0.1, stream_budget=1000)
+    assert meter.load(0.3, 100, policy) == 0.3
+    assert meter.load(0.3, 800, policy) == 0.8
+    for _ in range(20):
+        meter.observe_lag(0.2, 0.25)  # the loop is 200 ms late, again and again
+    assert meter.lag == pytest.approx(0.2, rel=0.01)
+    assert meter.load(0.3, 100, policy) == pytest.approx(2.0, rel=0.01)
+    for _ in range(20):
+        meter.observe_lag(0.0, 0.25)
+    assert meter.lag < 0.01
+    assert meter.load(0.0, 0, GoawayPolicy(lag_budget=0, stream_budget=0)) == 0.0
+
+
+# -- YAML --------------------------------------------------------------------------------
+GROUPS = """\
+groups:
+  default: {endpoints: ["https://10.0.0.10:6443"]}
+  event: {endpoints: ["https://10.0.3.10:6443"], resources: [events]}
+"""
+
+
+def load(extra: str):
+    return load_config_text(GROUPS + textwrap.dedent(extra), "test.yaml")
+
+
+def errors_of(extra: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load(extra)
+    return [str(issue) for issue in info.value.issues]
+
+
+def test_overload_goaway_and_http2_sections():
+    config = load("""\
+        overload:
+          maxInflight: 600
+          maxWatches: 5000
+          reservedPercent: 5
+          groups:
+            event: {maxInflight: 100}
+          retryAfter: {minSeconds: 2, maxSeconds: 16}
+          exempt: []
+          protected:
+            - {resources: [leases.coordination.k8s.io], namespaces: [kube-node-lease]}
+          rateLimits:
+            - name: operator-lists
+              match: {userAgent: "my-operator/*", verbs: [list], groups: [default]}
+              qps: 5
+              burst: 10
+              per: client
+        goaway:
+          chance: 0.001
+          maxChance: 0.02
+          softLoad: 0.5
+          maxConnectionAgeSeconds: 600
+          maxConnectionAgeJitter: 0.2
+        http2:
+          downstream: {pingIntervalSeconds: 0, maxFrameSizeBytes: 16384, connectionWindowBytes: 0}
+          upstream: {maxConcurrentStreams: 250, initialStreamWindowBytes: 1048576}
+        """)
+    o = config.overload
+    assert o.limits_for("default") == GroupLimits(600, 5000)
+    assert o.limits_for("event") == GroupLimits(100, 5000)
+    assert (o.reserved_percent, o.retry_after_min, o.retry_after_max) == (5, 2, 16)
+    assert o.exempt == ()
+    assert o.protected[0].namespaces[0].pattern == "kube-node-lease"
+    (rule,) = o.rate_limits
+    assert (rule.name, rule.qps, rule.burst, rule.per_client) == ("operator-lists", 5, 10, True)
+    assert rule.match.verbs == {"list"} and rule.match.groups == {"default"}
+    g = config.goaway
+    assert (g.chance, g.soft_load, g.max_connection_age, g.max_connection_age_jitter) == (
+        0.001, 0.5, 600, 0.2)  # fmt: skip
+    assert config.http2_downstream.ping_interval == 0
+    assert config.http2_downstream.max_frame_size == 16384
+    assert config.http2_upstream.max_concurrent_streams == 250
+    assert config.http2_upstream.initial_stream_window == 1 << 20
+
+
+def test_overload_defaults_protect_leases_and_exempt_masters():
+    o = load("").overload
+    assert o.limits_for("event") == GroupLimits(1000, 0)
+    assert o.protected[0].matches(LEASE_UPDATE, KUBELET, "config")
+    assert o.exempt[0].matches(LIST_PODS, ADMIN, "pod")
+    assert not o.exempt[0].matches(LIST_PODS, KUBELET, "pod")
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ("overload: {groups: {nope: {maxInflight: 1}}}", "overload.groups.nope: unknown key"),
+        ("overload: {maxInflight: -1}", "overload.maxInflight: must be a positive whole"),
+        ("overload: {retryAfter: {minSeconds: 8, maxSeconds: 2}}", "maxSeconds (2) is below"),
+        ("overload: {protected: [{verbs: [fly]}]}", "unknown verb 'fly'"),
+        ("overload: {exempt: [{groups: [pod]}]}", "no group named 'pod'"),
+        ("overload: {exempt: [{resources: ['a/b/c']}]}", "overload.exempt[0].resources[0]"),
+        ("overload: {rateLimits: [{name: x}]}", "missing required key 'qps'"),
+        ("overload: {rateLimits: [{qps: 1}]}", "missing required key 'name'"),
+        ("overload: {rateLimits: [{name: x, qps: 1, per: node}]}", "must be 'rule' or 'client'"),
+        (
+            "overload: {rateLimits: [{name: x, qps: 1}, {name: x, qps: 2}]}",
+            "rule name 'x' is used twice",
+        ),
+        ("goaway: {chance: 0.5, maxChance: 0.02}", "chance (0.5) is above maxChance"),
+        ("goaway: {softLoad: 1.5}", "goaway.softLoad: must be at most 0.99"),
+        ("http2: {downstream: {maxFrameSizeBytes: 1000}}", "must be from 16384 to 16777215"),
+        (
+            "http2: {upstream: {initialStreamWindowBytes: 4294967296}}",
+            "must be from 65535 to 2147483647",
+        ),
+        ("http2: {upstream: {bogus: 1}}", "http2.upstream.bogus: unknown key"),
+    ],
+)
+def test_overload_errors(extra, expected):
+    assert any(expected in e for e in errors_of(extra)), errors_of(extra)
+
+
+def test_high_goaway_chance_warns():
+    config = load("goaway: {maxChance: 0.1}")
+    assert any("kube-apiserver's own cap" in w.message for w in config.warnings)
