@@ -94,6 +94,29 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how often certificate files are checked for rotation (default 5)",
     )
+    run.add_argument(
+        "--shutdown-delay",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="on SIGTERM, report unready this long before draining, so load balancers "
+        "take the replica out first (default 0)",
+    )
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="serve with N processes sharing the port (SO_REUSEPORT); the supervisor "
+        "serves the admin port with every worker's metrics (default 1: one process)",
+    )
+    run.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="bind with SO_REUSEPORT, so another instance can share the port (for "
+        "restarts without a gap)",
+    )
+    run.add_argument("--no-admin", action="store_true", help=argparse.SUPPRESS)  # workers
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.set_defaults(func=cmd_run)
 
@@ -151,18 +174,27 @@ def _run_async(main: Coroutine[Any, Any, int]) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from kom_gateway.proxy.server import RunOptions, run_gateway
+    from kom_gateway.proxy.workers import run_workers
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.workers < 1:
+        print("--workers must be at least 1", file=sys.stderr)
+        return 2
     try:
         options = RunOptions(
             args.config,
-            _address(args.listen),
-            _address(args.admin),
-            args.drain_seconds,
-            args.watch_interval,
+            listen=_address(args.listen),
+            admin=_address(args.admin),
+            drain_seconds=args.drain_seconds,
+            shutdown_delay=args.shutdown_delay,
+            watch_seconds=args.watch_interval,
+            reuse_port=args.reuse_port,
+            serve_admin=not args.no_admin,
         )
+        if args.workers > 1:
+            return _run_async(run_workers(options, args.workers, args.log_level))
         return _run_async(run_gateway(options))
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)

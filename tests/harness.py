@@ -7,8 +7,14 @@ import asyncio
 import json
 from dataclasses import dataclass, field
 
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+
 from kom_gateway.config import ConfigHolder, load_config_text
 from kom_gateway.http.h2client import ClientStream, H2ClientConnection, H2ClientSettings
+from kom_gateway.http.h2conn import GracefulH2Connection
 from kom_gateway.http.listener import Listener
 from kom_gateway.proxy.gateway import Gateway
 from kom_gateway.proxy.server import new_listener
@@ -37,6 +43,81 @@ EVERYONE_CUT_OVER = """cutover:
   - percent: {pod: 100, config: 100, event: 100}
 """
 FAST_HEALTH = "health: {intervalSeconds: 0.2, timeoutSeconds: 0.5, failureThreshold: 2}\n"
+
+
+REQUEST = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"gw"),
+           (b":path", b"/api/v1/namespaces/default/configmaps"), (b"user-agent", b"raw/1.0")]
+
+
+class RawH2:
+    """A bare h2 client: frames are sent exactly as a test says, however rude."""
+
+    def __init__(self, reader, writer) -> None:
+        self.reader, self.writer = reader, writer
+        # h2 reads nothing after a GOAWAY; a real client (Go, nghttp2) still reads the
+        # streams the server promised to finish, so this one does too
+        self.conn = GracefulH2Connection(h2.config.H2Configuration(client_side=True))
+        self.conn.initiate_connection()
+        self.flush()
+
+    @classmethod
+    async def connect(cls, port: int) -> RawH2:
+        return cls(*await asyncio.open_connection("127.0.0.1", port))
+
+    def flush(self) -> None:
+        self.writer.write(self.conn.data_to_send())
+
+    def rapid_reset(self, count: int) -> None:
+        """Open `count` streams and cancel each at once (CVE-2023-44487)."""
+        for _ in range(count):
+            stream_id = self.conn.get_next_available_stream_id()
+            self.conn.send_headers(stream_id, REQUEST, end_stream=True)
+            self.conn.reset_stream(stream_id)
+        self.flush()
+
+    def send(self, path: str, method: str = "GET", user_agent: bytes = b"raw/1.0") -> int:
+        """Open a request stream (no body); its stream id."""
+        stream_id = self.conn.get_next_available_stream_id()
+        headers = [(b":method", method.encode()), (b":scheme", b"http"), (b":authority", b"gw"),
+                   (b":path", path.encode()), (b"user-agent", user_agent)]
+        self.conn.send_headers(stream_id, headers, end_stream=True)
+        self.flush()
+        return stream_id
+
+    async def events(self, timeout: float = 5) -> list[h2.events.Event]:
+        """The events of the next read ([] when the server closed); answers PINGs and
+        opens windows as a well-behaved client does."""
+        async with asyncio.timeout(timeout):
+            data = await self.reader.read(65536)
+        if not data:
+            return []
+        events = self.conn.receive_data(data)
+        for event in events:
+            if isinstance(event, h2.events.DataReceived):
+                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        self.flush()  # h2 queued the PING ACKs
+        return events
+
+    async def until_closed(self, timeout: float = 10) -> h2.events.ConnectionTerminated | None:
+        """Read until the server closes; its GOAWAY, if it sent one."""
+        goaway = None
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    data = await self.reader.read(65536)
+                except ConnectionResetError:  # closed with our flood still unread: RST
+                    break
+                if not data:
+                    break
+                try:
+                    events = self.conn.receive_data(data)
+                except h2.exceptions.ProtocolError:
+                    continue
+                for event in events:
+                    if isinstance(event, h2.events.ConnectionTerminated):
+                        goaway = event
+        self.writer.close()
+        return goaway
 
 
 @dataclass

@@ -16,57 +16,8 @@ import h2.exceptions
 import h2.settings
 import pytest
 from e2e import Cluster
-from harness import FAST_HEALTH, Stack
+from harness import FAST_HEALTH, REQUEST, RawH2, Stack
 from hyperframe.frame import ContinuationFrame, HeadersFrame
-
-REQUEST = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"gw"),
-           (b":path", b"/api/v1/namespaces/default/configmaps"), (b"user-agent", b"raw/1.0")]
-
-
-class RawH2:
-    """A bare h2 client: frames are sent exactly as a test says, however rude."""
-
-    def __init__(self, reader, writer) -> None:
-        self.reader, self.writer = reader, writer
-        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        self.conn.initiate_connection()
-        self.flush()
-
-    @classmethod
-    async def connect(cls, port: int) -> RawH2:
-        return cls(*await asyncio.open_connection("127.0.0.1", port))
-
-    def flush(self) -> None:
-        self.writer.write(self.conn.data_to_send())
-
-    def rapid_reset(self, count: int) -> None:
-        """Open `count` streams and cancel each at once (CVE-2023-44487)."""
-        for _ in range(count):
-            stream_id = self.conn.get_next_available_stream_id()
-            self.conn.send_headers(stream_id, REQUEST, end_stream=True)
-            self.conn.reset_stream(stream_id)
-        self.flush()
-
-    async def until_closed(self, timeout: float = 10) -> h2.events.ConnectionTerminated | None:
-        """Read until the server closes; its GOAWAY, if it sent one."""
-        goaway = None
-        async with asyncio.timeout(timeout):
-            while True:
-                try:
-                    data = await self.reader.read(65536)
-                except ConnectionResetError:  # closed with our flood still unread: RST
-                    break
-                if not data:
-                    break
-                try:
-                    events = self.conn.receive_data(data)
-                except h2.exceptions.ProtocolError:
-                    continue
-                for event in events:
-                    if isinstance(event, h2.events.ConnectionTerminated):
-                        goaway = event
-        self.writer.close()
-        return goaway
 
 
 def abuse(stack: Stack, kind: str) -> float:

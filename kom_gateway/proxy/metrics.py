@@ -103,7 +103,7 @@ class Metrics:
             "Client connections open, by protocol.",
             ["protocol"],
             registry=r,
-            multiprocess_mode="livesum",
+            multiprocess_mode="liveall",  # per worker (pid label): shows how they share
         )
         self.connections_rejected = Counter(
             "kom_gateway_client_connections_rejected",

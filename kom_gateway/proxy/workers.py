@@ -1,0 +1,186 @@
+"""`kom-gateway run --workers N`: N gateway processes on one port, and a supervisor.
+
+Each worker is an ordinary `kom-gateway run` with the same config, bound with
+SO_REUSEPORT, so the kernel spreads new connections over the workers. Workers write
+their metrics to files (prometheus-client's multiprocess mode) and the supervisor's
+admin port serves them combined. SIGHUP and SIGTERM are passed on to every worker (each
+reloads or drains itself); a worker that dies is restarted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+from kom_gateway.config import load_config_file
+from kom_gateway.proxy.admin import start_admin
+from kom_gateway.proxy.server import RunOptions
+
+log = logging.getLogger("kom_gateway.workers")
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+READY_LINE = "kom-gateway listening on"
+START_TIMEOUT = 30.0
+RESTART_PAUSE = 1.0
+
+
+class Worker:
+    def __init__(self, index: int, argv: list[str], env: dict[str, str]) -> None:
+        self.index = index
+        self.argv = argv
+        self.env = env
+        self.proc: asyncio.subprocess.Process | None = None
+        self.scheme = ""
+
+    async def start(self) -> None:
+        """Start the process and wait until it listens."""
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.argv, stdout=asyncio.subprocess.PIPE, env=self.env
+        )
+        assert self.proc.stdout is not None
+        async with asyncio.timeout(START_TIMEOUT):
+            while True:
+                line = (await self.proc.stdout.readline()).decode()
+                if not line:
+                    raise RuntimeError(f"worker {self.index} exited before listening")
+                if READY_LINE in line:
+                    self.scheme = line.split("(", 1)[1].split(")", 1)[0] if "(" in line else ""
+                    break
+                print(f"[worker {self.index}] {line}", end="", flush=True)
+        asyncio.get_running_loop().create_task(self._forward_output())
+
+    async def _forward_output(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        async for line in self.proc.stdout:
+            print(f"[worker {self.index}] {line.decode()}", end="", flush=True)
+
+    def signal(self, signum: int) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signum)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+
+async def run_workers(options: RunOptions, count: int, log_level: str = "info") -> int:
+    config = load_config_file(options.config_path)  # a bad config fails here, once
+    listen = options.listen or config.listen
+    admin = options.admin or config.admin
+    metrics_dir = tempfile.mkdtemp(prefix="kom-gateway-metrics-")
+    reservation = None
+    port = listen.port
+    if port == 0:  # pick one port for all workers; hold it (bound, not listening) meanwhile
+        reservation = _reserve_port(listen.host)
+        port = reservation.getsockname()[1]
+    host = f"[{listen.host}]" if ":" in listen.host else listen.host
+    argv = [
+        sys.executable,
+        "-m",
+        "kom_gateway",
+        "run",
+        "--config",
+        options.config_path,
+        "--listen",
+        f"{host}:{port}",
+        "--reuse-port",
+        "--no-admin",
+        "--drain-seconds",
+        str(options.drain_seconds),
+        "--shutdown-delay",
+        str(options.shutdown_delay),
+        "--watch-interval",
+        str(options.watch_seconds),
+        "--log-level",
+        log_level,
+    ]
+    env = {**os.environ, MULTIPROC_ENV: metrics_dir}
+    workers = [Worker(i, argv, env) for i in range(count)]
+    runner = None
+    try:
+        await asyncio.gather(*(w.start() for w in workers))
+        if reservation is not None:
+            reservation.close()
+        stopping = False
+
+        def is_ready() -> tuple[bool, str]:
+            if stopping:
+                return False, "draining"
+            alive = sum(w.alive for w in workers)
+            return alive == count, f"{alive}/{count} workers"
+
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=metrics_dir)
+        runner, admin_port = await start_admin(registry, admin.host, admin.port, is_ready)
+        print(
+            f"{READY_LINE} {host}:{port} ({workers[0].scheme}, {count} workers); admin on "
+            f"{admin.host}:{admin_port}; config {options.config_path}",
+            flush=True,
+        )
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGHUP, lambda: [w.signal(signal.SIGHUP) for w in workers])
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        supervisors = [loop.create_task(_supervise(w, metrics_dir)) for w in workers]
+        await stop.wait()
+        stopping = True
+        for task in supervisors:
+            task.cancel()
+        for worker in workers:
+            worker.signal(signal.SIGTERM)
+        grace = options.shutdown_delay + options.drain_seconds + 10.0
+        await _wait_all(workers, grace)
+        return 0
+    finally:
+        for worker in workers:
+            worker.signal(signal.SIGKILL)
+        await _wait_all(workers, 5.0)
+        if runner is not None:
+            await runner.cleanup()
+        if reservation is not None:
+            reservation.close()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+async def _supervise(worker: Worker, metrics_dir: str) -> None:
+    """Restart the worker whenever it exits (we are cancelled on shutdown first)."""
+    while True:
+        assert worker.proc is not None
+        code = await worker.proc.wait()
+        mark_process_dead(worker.proc.pid, metrics_dir)
+        log.error("worker %d (pid %d) exited with %s: restarting", worker.index,
+                  worker.proc.pid, code)  # fmt: skip
+        await asyncio.sleep(RESTART_PAUSE)
+        try:
+            await worker.start()
+        except (RuntimeError, TimeoutError, OSError) as exc:
+            log.error("worker %d did not restart: %s", worker.index, exc)
+
+
+async def _wait_all(workers: list[Worker], timeout: float) -> None:
+    procs = [w.proc for w in workers if w.proc is not None and w.proc.returncode is None]
+    if procs:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await asyncio.gather(*(p.wait() for p in procs))
+
+
+def _reserve_port(host: str) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, 0))
+    return sock

@@ -1,0 +1,215 @@
+"""Overload through the running proxy: 429 + Retry-After + Status instead of timeouts,
+rate limits, leases shed last, load-aware and max-age GOAWAY seen by a bare h2 client,
+and a drain that lets requests finish and ends watches cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+
+import h2.events
+import pytest
+from harness import FAST_HEALTH, RawH2, Stack
+
+from kom_gateway.http.h2server import GOAWAY_PING, MAX_STREAM_ID
+from kom_gateway.proxy.server import RunOptions, drain
+
+LEASE = "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/node-1"
+
+
+async def started(extra: str) -> Stack:
+    return await Stack().start(extra=FAST_HEALTH + extra)
+
+
+def shed(stack: Stack, group: str, reason: str) -> float:
+    return stack.gateway.metrics.registry.get_sample_value(
+        "kom_gateway_shed_requests_total", {"group": group, "reason": reason}) or 0
+
+
+def assert_too_many_requests(response) -> None:
+    assert response.status == 429
+    assert int(response.headers[b"retry-after"]) >= 1  # an integer: client-go retries
+    status = response.json()
+    assert (status["kind"], status["reason"], status["code"]) == ("Status", "TooManyRequests", 429)
+
+
+async def test_over_the_inflight_limit_clients_get_429_not_timeouts():
+    stack = await started("overload: {maxInflight: 4, reservedPercent: 0, exempt: []}\n")
+    try:
+        stack.sim.groups["pod"].faults.latency = 0.5
+        client = await stack.client()
+        responses = await asyncio.gather(
+            *(client.request("GET", "/api/v1/pods", timeout=5) for _ in range(20)))
+        ok = [r for r in responses if r.status == 200]
+        assert len(ok) == 4 and all(r.group == "pod" for r in ok)
+        for response in responses:
+            if response.status != 200:
+                assert_too_many_requests(response)
+        assert shed(stack, "pod", "inflight") == 16
+        assert stack.gateway.admission.inflight["pod"] == 0  # every ticket came back
+        # other groups have their own limit
+        assert (await client.request("GET", "/api/v1/nodes")).status == 200
+    finally:
+        await stack.close()
+
+
+async def test_leases_are_shed_last():
+    stack = await started("overload: {maxInflight: 5, reservedPercent: 40, exempt: []}\n")
+    try:
+        stack.sim.groups["config"].faults.latency = 0.5
+        client = await stack.client()
+        slow = [client.open("GET", "/api/v1/nodes") for _ in range(3)]  # fills 5 - 40%
+        await asyncio.sleep(0.1)
+        assert_too_many_requests(await client.request("GET", "/api/v1/configmaps"))
+        lease = await client.request("GET", LEASE, user_agent="kubelet/v1.31.0")
+        assert (lease.status, lease.group) == (404, "config")  # admitted, from the reserve
+        for collector in slow:
+            await collector.done
+    finally:
+        await stack.close()
+
+
+async def test_rate_limit_rule_answers_429_with_the_wait():
+    stack = await started("""overload:
+  rateLimits:
+    - name: operator-lists
+      match: {userAgent: "my-operator/*", verbs: [list]}
+      qps: 0.5
+      burst: 2
+""")
+    try:
+        client = await stack.client()
+        statuses = []
+        for _ in range(3):
+            r = await client.request("GET", "/api/v1/configmaps", user_agent="my-operator/v1")
+            statuses.append(r.status)
+        assert statuses == [200, 200, 429]
+        assert int(r.headers[b"retry-after"]) == 2  # 1 token at 0.5 qps
+        assert "operator-lists" in r.json()["message"]
+        other = await client.request("GET", "/api/v1/configmaps", user_agent="kubectl/v1.31")
+        assert other.status == 200
+        assert shed(stack, "config", "rate-limit") == 1
+    finally:
+        await stack.close()
+
+
+async def test_watch_limit():
+    stack = await started("overload: {maxWatches: 1}\n")
+    try:
+        client = await stack.client()
+        first = client.open("GET", "/api/v1/pods?watch=1")
+        await first.got_headers.wait()
+        assert_too_many_requests(await client.request("GET", "/api/v1/pods?watch=1"))
+        first.stream.cancel()
+        await asyncio.sleep(0.1)
+        again = client.open("GET", "/api/v1/pods?watch=1")
+        await again.got_headers.wait()
+        assert again.status == 200
+        again.stream.cancel()
+    finally:
+        await stack.close()
+
+
+async def read_until(raw: RawH2, wanted, timeout: float = 5) -> list[h2.events.Event]:
+    """Events until `wanted(events so far)` is true."""
+    seen: list[h2.events.Event] = []
+    async with asyncio.timeout(timeout):
+        while not wanted(seen):
+            got = await raw.events()
+            if not got:
+                break
+            seen += got
+    return seen
+
+
+def goaways(events) -> list[int]:
+    return [e.last_stream_id for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+
+
+def ended(events) -> set[int]:
+    return {e.stream_id for e in events if isinstance(e, h2.events.StreamEnded)}
+
+
+async def test_load_goaway_is_two_phase_and_loses_nothing():
+    """At full load every HTTP/2 request triggers GOAWAY (chance 1): the client sees
+    GOAWAY(max id) + PING, then GOAWAY(real last id); every stream it opened before that
+    is answered; it reconnects for the rest."""
+    stack = await started("goaway: {chance: 1, maxChance: 1}\n")
+    try:
+        stack.gateway.update_load()
+        raw = await RawH2.connect(stack.port)
+        ids = [raw.send("/api/v1/nodes") for _ in range(5)]
+        events = await read_until(raw, lambda ev: len(goaways(ev)) == 2 and ended(ev) >= set(ids))
+        first, final = goaways(events)
+        assert first == MAX_STREAM_ID and final == ids[-1]
+        assert any(isinstance(e, h2.events.PingReceived) and e.ping_data == GOAWAY_PING
+                   for e in events)
+        statuses = {e.stream_id: dict(e.headers)[b":status"] for e in events
+                    if isinstance(e, h2.events.ResponseReceived)}
+        assert statuses == dict.fromkeys(ids, b"200")
+        assert await read_until(raw, lambda ev: False) == []  # then the server closes
+        again = await RawH2.connect(stack.port)
+        sid = again.send("/api/v1/nodes")
+        assert sid in ended(await read_until(again, lambda ev: sid in ended(ev)))
+        sample = stack.gateway.metrics.registry.get_sample_value
+        assert sample("kom_gateway_goaways_sent_total", {"reason": "load"}) == 2
+    finally:
+        await stack.close()
+
+
+async def test_goaway_chance_rises_with_inflight_load():
+    stack = await started("overload: {maxInflight: 4, reservedPercent: 0}\n"
+                          "goaway: {chance: 0.001, maxChance: 0.02, softLoad: 0.5}\n")
+    try:
+        stack.gateway.update_load()
+        assert stack.gateway.load == 0 and stack.gateway._goaway_p == 0.001
+        stack.sim.groups["pod"].faults.latency = 0.5
+        client = await stack.client()
+        slow = [client.open("GET", "/api/v1/pods") for _ in range(3)]
+        await asyncio.sleep(0.1)
+        stack.gateway.update_load()
+        assert stack.gateway.load == 0.75
+        assert stack.gateway._goaway_p == pytest.approx(0.001 + 0.019 * 0.5)
+        for collector in slow:
+            await collector.done
+        stack.gateway.update_load()
+        assert stack.gateway._goaway_p == 0.001
+    finally:
+        await stack.close()
+
+
+async def test_max_connection_age_goaway_keeps_the_running_watch():
+    stack = await started("goaway: {maxConnectionAgeSeconds: 0.5, maxConnectionAgeJitter: 0}\n")
+    try:
+        raw = await RawH2.connect(stack.port)
+        watch = raw.send("/api/v1/namespaces/default/configmaps?watch=1")
+        events = await read_until(raw, lambda ev: len(goaways(ev)) == 2)
+        assert goaways(events) == [MAX_STREAM_ID, watch]
+        assert watch not in ended(events)
+        client = await stack.client()  # an event after the GOAWAY still reaches the watch
+        body = b'{"metadata": {"name": "after-goaway"}}'
+        created = await client.request("POST", "/api/v1/namespaces/default/configmaps", body=body)
+        assert created.status == 201
+        events = await read_until(raw, lambda ev: any(
+            isinstance(e, h2.events.DataReceived) and b"after-goaway" in e.data for e in ev))
+        assert not goaways(events)  # never a second GOAWAY
+    finally:
+        await stack.close()
+
+
+async def test_drain_lets_requests_finish_and_ends_watches_cleanly():
+    stack = await started("")
+    try:
+        stack.sim.groups["pod"].faults.latency = 0.5
+        client = await stack.client()
+        watch = client.open("GET", "/api/v1/namespaces/default/configmaps?watch=1")
+        await watch.got_headers.wait()
+        slow = client.open("GET", "/api/v1/pods")
+        await asyncio.sleep(0.1)
+        await drain(stack.gateway, stack.listener, RunOptions("unused", drain_seconds=3))
+        assert slow.status == 200 and not slow.reset and slow.done.done()
+        assert watch.done.done() and not watch.reset  # ended, not broken: clients re-watch
+        assert client.conn.closed  # GOAWAY, then closed once empty
+        sample = stack.gateway.metrics.registry.get_sample_value
+        assert sample("kom_gateway_goaways_sent_total", {"reason": "drain"}) == 1
+    finally:
+        await stack.close()
