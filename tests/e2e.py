@@ -141,8 +141,10 @@ class Cluster:
         path.write_text(KUBECONFIG.format(scheme=self.scheme, port=self.port, ca=ca, user=user))
         return path
 
-    def control_call(self, method: str, path: str) -> object:
-        req = urllib.request.Request(f"http://127.0.0.1:{self.control}{path}", method=method)
+    def control_call(self, method: str, path: str, body: object = None) -> object:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{self.control}{path}", data=data,
+                                     method=method)
         with urllib.request.urlopen(req, timeout=10) as r:
             return json.loads(r.read())
 
