@@ -78,6 +78,7 @@ class GoawayClient:
     def __init__(self, port: int) -> None:
         self.port = port
         self.connection: _Connection | None = None
+        self._all: list[_Connection] = []
         self.outcomes: Counter[object] = Counter()
         self.connections = 0
         self.retries = 0
@@ -87,6 +88,8 @@ class GoawayClient:
         if c is None or c.goaway or c.closed:
             reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
             c = self.connection = _Connection(reader, writer)
+            self._all = [old for old in self._all if not old.closed]
+            self._all.append(c)
             self.connections += 1
         return c
 
@@ -104,7 +107,7 @@ class GoawayClient:
         return "refused 10 times"
 
     async def close(self) -> None:
-        if self.connection is not None:
-            self.connection.writer.close()
-            self.connection.task.cancel()
-            await asyncio.gather(self.connection.task, return_exceptions=True)
+        for c in self._all:
+            c.writer.close()
+            c.task.cancel()
+        await asyncio.gather(*(c.task for c in self._all), return_exceptions=True)

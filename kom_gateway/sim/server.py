@@ -48,6 +48,7 @@ MAX_WATCH_BACKLOG = 10000  # events queued for one slow watcher before it is dro
 @dataclass
 class Faults:
     latency: float = 0.0  # seconds before answering
+    capacity: int = 0  # with latency: requests in that wait at once, the rest queue (0: no cap)
     throttle: float = 0.0  # share of requests answered 429 + Retry-After
     retry_after: int = 1
     goaway_chance: float = 0.0  # per HTTP/2 request: graceful GOAWAY of its connection
@@ -73,6 +74,19 @@ class SimGroup:
     down: bool = False
     faults: Faults = field(default_factory=Faults)
     served: Counter[str] = field(default_factory=Counter)  # "verb resource" -> count
+    _slots: tuple[int, asyncio.Semaphore] | None = None
+
+    async def wait_latency(self) -> None:
+        """The answer's latency; with `capacity`, only that many requests are in it at
+        once and the rest queue, so latency grows with load as on a saturated apiserver."""
+        faults = self.faults
+        if not faults.capacity:
+            await asyncio.sleep(faults.latency)
+            return
+        if self._slots is None or self._slots[0] != faults.capacity:
+            self._slots = (faults.capacity, asyncio.Semaphore(faults.capacity))
+        async with self._slots[1]:
+            await asyncio.sleep(faults.latency)
 
 
 class Simulator:
@@ -232,7 +246,7 @@ class Simulator:
                 stream.connection.reset_stream(stream.stream_id, ErrorCodes.REFUSED_STREAM)
                 return
             if faults.latency:
-                await asyncio.sleep(faults.latency)
+                await group.wait_latency()
             try:
                 body = await stream.read_body(MAX_BODY)
             except BodyTooLarge:
