@@ -93,6 +93,9 @@ def offered(url: str, rps: int, seconds: float, log: Path) -> dict:
 def overload_run(root: Path, seconds: float, repeats: int) -> dict:
     sim_port, control = free_port(), free_port()
     groups = f'groups:\n  default: {{endpoints: ["http://127.0.0.1:{sim_port}"]}}\n'
+    # h2load does not reconnect after a GOAWAY (the rest of that client's requests would
+    # never be sent), so load-aware GOAWAY is off here; the rebalancing run measures it
+    groups += "goaway: {maxChance: 0}\n"
     configs = {
         "limited": groups + f"overload: {{maxInflight: {LIMIT}, reservedPercent: 0, exempt: []}}\n",
         "unlimited": groups + "overload: {maxInflight: 0}\n",

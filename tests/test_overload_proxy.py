@@ -8,7 +8,7 @@ import asyncio
 
 import h2.events
 import pytest
-from harness import FAST_HEALTH, RawH2, Stack
+from harness import EVERYONE_CUT_OVER, FAST_HEALTH, RawH2, Stack, config_text
 
 from kom_gateway.http.h2server import GOAWAY_PING, MAX_STREAM_ID
 from kom_gateway.proxy.server import RunOptions, drain
@@ -211,5 +211,48 @@ async def test_drain_lets_requests_finish_and_ends_watches_cleanly():
         assert client.conn.closed  # GOAWAY, then closed once empty
         sample = stack.gateway.metrics.registry.get_sample_value
         assert sample("kom_gateway_goaways_sent_total", {"reason": "drain"}) == 1
+    finally:
+        await stack.close()
+
+
+async def test_reload_applies_new_limits_to_the_next_request(tmp_path):
+    stack = await started("overload: {maxInflight: 1, reservedPercent: 0, exempt: []}\n")
+    try:
+        stack.sim.groups["pod"].faults.latency = 0.5
+        client = await stack.client()
+        slow = client.open("GET", "/api/v1/pods")
+        await asyncio.sleep(0.1)
+        assert_too_many_requests(await client.request("GET", "/api/v1/pods"))
+        ports = {name: g.port for name, g in stack.sim.groups.items()}
+        path = tmp_path / "gw.yaml"
+        path.write_text(config_text(ports, EVERYONE_CUT_OVER, "overload: {maxInflight: 5}\n"))
+        assert stack.gateway.reload(str(path)).applied
+        assert (await client.request("GET", "/api/v1/pods")).status == 200
+        await slow.done
+        assert stack.gateway.admission.inflight["pod"] == 0
+    finally:
+        await stack.close()
+
+
+async def test_simulated_capacity_queues_requests():
+    """The simulator's `capacity` fault: with latency L and capacity 1, three requests at
+    once take about L, 2L and 3L (a saturated apiserver), which the benchmark relies on."""
+    stack = await started("")
+    try:
+        faults = stack.sim.groups["config"].faults
+        faults.latency, faults.capacity = 0.2, 1
+        client = await stack.client()
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        finished = []
+
+        async def one() -> None:
+            assert (await client.request("GET", "/api/v1/nodes")).status == 200
+            finished.append(loop.time() - start)
+
+        await asyncio.gather(one(), one(), one())
+        first, second, third = sorted(finished)
+        assert first >= 0.2 and second >= 0.4 and third >= 0.6  # one at a time
+        assert first < 0.4  # the first did not queue
     finally:
         await stack.close()
