@@ -10,8 +10,10 @@ import h2.events
 import pytest
 from harness import EVERYONE_CUT_OVER, FAST_HEALTH, RawH2, Stack, config_text
 
+from kom_gateway.config import ConfigHolder, load_config_text
 from kom_gateway.http.h2server import GOAWAY_PING, MAX_STREAM_ID
-from kom_gateway.proxy.server import RunOptions, drain
+from kom_gateway.proxy.gateway import Gateway
+from kom_gateway.proxy.server import RunOptions, drain, new_listener
 
 LEASE = "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/node-1"
 
@@ -254,5 +256,49 @@ async def test_simulated_capacity_queues_requests():
         first, second, third = sorted(finished)
         assert first >= 0.2 and second >= 0.4 and third >= 0.6  # one at a time
         assert first < 0.4  # the first did not queue
+    finally:
+        await stack.close()
+
+
+async def test_least_in_flight_and_a_returning_endpoint_gets_traffic_at_once():
+    """A group of two apiservers: requests spread by in-flight count; one taken down
+    leaves all traffic on the other (watches included); when it comes back it gets the
+    new requests at once, instead of everything staying on the survivor."""
+    stack = Stack()
+    try:
+        for name in ("default", "pod-a", "pod-b"):
+            await stack.sim.add_group(name, "127.0.0.1", 0)
+        port = {name: g.port for name, g in stack.sim.groups.items()}
+        text = (f'groups:\n  default: {{endpoints: ["http://127.0.0.1:{port["default"]}"]}}\n'
+                f'  pod:\n    endpoints: ["http://127.0.0.1:{port["pod-a"]}", '
+                f'"http://127.0.0.1:{port["pod-b"]}"]\n    resources: [pods]\n'
+                + 'cutover:\n  - percent: {pod: 100}\n' + FAST_HEALTH)
+        stack.gateway = Gateway(ConfigHolder(load_config_text(text)))
+        stack.listener = new_listener(stack.gateway, None)
+        stack.port = await stack.listener.start("127.0.0.1", 0)
+        client = await stack.client()
+
+        async def groups_of(count: int) -> list[str]:
+            return [(await client.request("GET", "/api/v1/pods")).group for _ in range(count)]
+
+        assert sorted(await groups_of(4)) == ["pod-a", "pod-a", "pod-b", "pod-b"]  # in turn
+        for name in ("pod-a", "pod-b"):
+            stack.sim.groups[name].faults.latency = 0.3
+        burst = await asyncio.gather(*(client.request("GET", "/api/v1/pods") for _ in range(10)))
+        assert sorted(r.group for r in burst) == ["pod-a"] * 5 + ["pod-b"] * 5
+
+        await stack.sim.set_down("pod-b", True)
+        await asyncio.sleep(0.8)  # probes eject it
+        watches = [client.open("GET", "/api/v1/pods?watch=1") for _ in range(4)]
+        for watch in watches:
+            await watch.got_headers.wait()
+        assert {w.headers[b"x-kom-sim-group"] for w in watches} == {b"pod-a"}
+        assert set(await groups_of(3)) == {"pod-a"}
+
+        await stack.sim.set_down("pod-b", False)
+        await asyncio.sleep(0.8)  # a probe passes
+        assert set(await groups_of(3)) == {"pod-b"}  # at once: pod-a still holds 4 watches
+        for watch in watches:
+            watch.stream.cancel()
     finally:
         await stack.close()

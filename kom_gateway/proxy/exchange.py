@@ -273,7 +273,16 @@ class Exchange:
             group = step.retry_group
 
     async def _try(self, endpoint: UpstreamEndpoint, group: str) -> Failure | None:
-        """One attempt; None when the response was carried (whatever its status)."""
+        """One attempt; None when the response was carried (whatever its status).
+        Counted in the endpoint's in-flight from the moment it was picked, so requests
+        picking while a connection opens see each other."""
+        endpoint.in_flight += 1
+        try:
+            return await self._try_counted(endpoint, group)
+        finally:
+            endpoint.in_flight -= 1
+
+    async def _try_counted(self, endpoint: UpstreamEndpoint, group: str) -> Failure | None:
         try:
             conn = await endpoint.connection()
             while not conn.has_capacity():  # it filled up, or got GOAWAY, while we waited
@@ -294,34 +303,30 @@ class Exchange:
             stream.peer.headers if stream.peer is not None else (),
         )
         no_body = self.body_ended and not self.body
-        endpoint.in_flight += 1
         try:
-            try:
-                attempt.upstream = conn.open_stream(headers, no_body, attempt)
-            except (h2.exceptions.ProtocolError, h2.exceptions.StreamClosedError) as exc:
-                log.info("could not open a stream on %s: %s", endpoint.name, exc)
-                return Failure.REFUSED
-            if not no_body:
-                for chunk in self.body or ():
-                    attempt.send_chunk(chunk)
-                if self.body_ended:
-                    attempt.upstream.end()
-            outcome = await attempt.headers
-            if isinstance(outcome, Failure):
-                if not outcome.unsent:  # "not processed, try again" is not ill health
-                    endpoint.report_failure()
-                return outcome
-            is_watch = self.info.verb == "watch"
-            if is_watch:
-                self.gateway.metrics.watches.labels(group).inc()
-            try:
-                await attempt.done
-            finally:
-                if is_watch:
-                    self.gateway.metrics.watches.labels(group).dec()
-            return None
+            attempt.upstream = conn.open_stream(headers, no_body, attempt)
+        except (h2.exceptions.ProtocolError, h2.exceptions.StreamClosedError) as exc:
+            log.info("could not open a stream on %s: %s", endpoint.name, exc)
+            return Failure.REFUSED
+        if not no_body:
+            for chunk in self.body or ():
+                attempt.send_chunk(chunk)
+            if self.body_ended:
+                attempt.upstream.end()
+        outcome = await attempt.headers
+        if isinstance(outcome, Failure):
+            if not outcome.unsent:  # "not processed, try again" is not ill health
+                endpoint.report_failure()
+            return outcome
+        is_watch = self.info.verb == "watch"
+        if is_watch:
+            self.gateway.metrics.watches.labels(group).inc()
+        try:
+            await attempt.done
         finally:
-            endpoint.in_flight -= 1
+            if is_watch:
+                self.gateway.metrics.watches.labels(group).dec()
+        return None
 
     def on_upstream_response(self, attempt: _Attempt, status: int, headers: Headers) -> None:
         """Response headers arrived: this attempt answers the request, whatever its status

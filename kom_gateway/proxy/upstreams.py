@@ -6,7 +6,8 @@
   once when a connection cannot be made (which also triggers an immediate probe); an
   active `GET /readyz` every `interval` brings it back. An endpoint that comes back
   receives new requests at once, because the choice is per request.
-- Choice within a group: the healthy endpoint with the fewest requests in flight.
+- Choice within a group: the healthy endpoint with the fewest requests in flight (ties
+  in turn).
 """
 
 from __future__ import annotations
@@ -238,6 +239,7 @@ class Upstreams:
         self.groups: dict[str, list[UpstreamEndpoint]] = {}
         self._by_key: dict[tuple[str, str], UpstreamEndpoint] = {}
         self._on_health = on_health
+        self._turn = 0
 
     def sync(self, config: Config) -> None:
         """Create endpoints new in `config`, keep unchanged ones, close removed ones."""
@@ -287,9 +289,17 @@ class Upstreams:
         return self.tls.http1 if spec.scheme == "https" else None
 
     def pick(self, group: str, exclude: set[UpstreamEndpoint]) -> UpstreamEndpoint | None:
-        """Healthy endpoint of `group` with the fewest requests in flight."""
+        """Healthy endpoint of `group` with the fewest requests in flight; ties go round
+        the group in turn (else sequential requests would all land on the first)."""
+        endpoints = self.groups.get(group, ())
+        count = len(endpoints)
+        if count <= 1:
+            only = endpoints[0] if endpoints else None
+            return only if only is not None and only.healthy and only not in exclude else None
+        self._turn += 1
         best: UpstreamEndpoint | None = None
-        for endpoint in self.groups.get(group, ()):
+        for i in range(count):
+            endpoint = endpoints[(self._turn + i) % count]
             if not endpoint.healthy or endpoint in exclude:
                 continue
             if best is None or endpoint.in_flight < best.in_flight:
