@@ -227,8 +227,12 @@ class Listener:
             self.server.close()
 
     def goaway_all(self, reason: str = "drain") -> None:
+        """Ask every client to go: HTTP/2 gets a graceful GOAWAY; HTTP/1.1 connections
+        close once their current response is done (idle ones at once)."""
         for protocol in list(self.h2_connections):
             protocol.goaway(reason)
+        for server in (*self._retired_h1, self.h1_server):
+            server.pre_shutdown()
 
     async def close(self, grace: float = 0.0) -> None:
         """Stop accepting; GOAWAY HTTP/2 clients; give open connections `grace`

@@ -27,6 +27,7 @@ from kom_gateway.http.h2client import (
 )
 from kom_gateway.http.stream import Headers, ServerStream
 from kom_gateway.kubestatus import status_body
+from kom_gateway.overload.admission import Ticket
 from kom_gateway.proxy.fallback import Failure, after_failure
 from kom_gateway.proxy.headers import (
     downstream_response_headers,
@@ -133,8 +134,10 @@ class Exchange:
         info: RequestInfo,
         decision: Decision,
         active: Active,
+        ticket: Ticket,
     ) -> None:
         self.gateway = gateway
+        self.ticket = ticket  # its admission; released by the gateway when the task ends
         self.stream = stream
         self.info = info
         self.decision = decision

@@ -101,17 +101,18 @@ class Gateway:
             m.child(m.shed, decision.target, verdict.reason).inc()
             m.child(m.requests, decision.target, info.verb, info.resource, "429").inc()
         else:
-            exchange = Exchange(self, stream, info, decision, active)
+            exchange = Exchange(self, stream, info, decision, active, verdict)
             task = asyncio.get_running_loop().create_task(exchange.run())
             exchange.task = task
             self.tasks[task] = exchange
             task.add_done_callback(self._finished)
-            task.add_done_callback(lambda _: verdict.release())
         if self._goaway_p and stream.http_version == "2" and random.random() < self._goaway_p:
             stream.goaway_connection("load")
 
     def _finished(self, task: asyncio.Task[None]) -> None:
-        del self.tasks[task]
+        """Whatever way the exchange ended (even cancelled before it ran), its place
+        in the admission counts is given back."""
+        self.tasks.pop(task).ticket.release()
 
     def client_for(self, headers: Headers, remote_addr: str, peer: PeerIdentity | None) -> Client:
         """Who is asking, for the cut-over bucket; cached (its bucket and rule memoised)."""
