@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import h2.events
+import h2.settings
 import pytest
 from harness import EVERYONE_CUT_OVER, FAST_HEALTH, RawH2, Stack, config_text
 
@@ -300,5 +301,36 @@ async def test_least_in_flight_and_a_returning_endpoint_gets_traffic_at_once():
         assert set(await groups_of(3)) == {"pod-b"}  # at once: pod-a still holds 4 watches
         for watch in watches:
             watch.stream.cancel()
+    finally:
+        await stack.close()
+
+
+async def test_http2_settings_from_the_yaml_reach_both_sides():
+    stack = await started("""http2:
+  downstream: {initialStreamWindowBytes: 100000, maxFrameSizeBytes: 32768,
+               connectionWindowBytes: 10000000, pingIntervalSeconds: 0.3}
+  upstream: {initialStreamWindowBytes: 131072, maxConcurrentStreams: 2,
+             connectionWindowBytes: 5000000}
+""")
+    try:
+        raw = await RawH2.connect(stack.port)
+        events = await read_until(raw, lambda ev: any(
+            isinstance(e, h2.events.PingReceived) for e in ev), timeout=3)
+        (settings,) = [e for e in events if isinstance(e, h2.events.RemoteSettingsChanged)]
+        advertised = {code: c.new_value for code, c in settings.changed_settings.items()}
+        assert advertised[h2.settings.SettingCodes.INITIAL_WINDOW_SIZE] == 100000
+        assert advertised[h2.settings.SettingCodes.MAX_FRAME_SIZE] == 32768
+        assert raw.conn.outbound_flow_control_window == 10000000
+        # the PING came after 0.3 s of silence (raw answered it, so the link stays up)
+
+        client = await stack.client()
+        slow = stack.sim.groups["pod"].faults
+        slow.latency = 0.3
+        await asyncio.gather(*(client.request("GET", "/api/v1/pods") for _ in range(5)))
+        (endpoint,) = stack.gateway.upstreams.groups["pod"]
+        assert len(endpoint.connections) >= 3  # at most 2 streams each: 5 at once need 3
+        upstream = endpoint.connections[0].conn
+        assert upstream.local_settings.initial_window_size == 131072
+        assert upstream.inbound_flow_control_window >= 5000000 - 131072 * 2
     finally:
         await stack.close()
