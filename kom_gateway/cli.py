@@ -302,6 +302,22 @@ def describe_config(config: Config) -> str:
     for rule in config.cutover:
         shares = ", ".join(f"{g} {_pct(p)}" for g, p in rule.percent.items()) or "nothing moved"
         lines.append(f"  [{rule.index}] {rule.match.describe()}  ->  {shares}")
+    lines += ["", "OVERLOAD (429 + Retry-After past these, per gateway process)"]
+    o = config.overload
+    for name in config.groups:
+        limits = o.limits_for(name)
+        inflight = limits.max_inflight or "no limit"
+        watches = limits.max_watches or "no limit"
+        lines.append(f"  {name:<{width}}  in flight: {inflight}, watches: {watches}")
+    lines.append(f"  protected (shed last, {_pct(o.reserved_percent)} reserve): "
+                 + ("; ".join(m.describe() for m in o.protected) or "none"))  # fmt: skip
+    lines.append("  exempt (never shed): " + ("; ".join(m.describe() for m in o.exempt) or "none"))
+    for rule in o.rate_limits:
+        per = "per client" if rule.per_client else "shared"
+        lines.append(
+            f"  rate limit {rule.name!r}: {rule.match.describe()}  ->  {rule.qps:g} qps, "
+            f"burst {rule.burst}, {per}"
+        )
     return "\n".join(lines)
 
 

@@ -38,6 +38,18 @@ class RequestMatch:
             return False
         return self.clients.matches(client)
 
+    def describe(self) -> str:
+        parts = [self.clients.describe()] if self.clients != Match() else []
+        for label, values in (
+            ("verbs", sorted(self.verbs)),
+            ("resources", [str(c) for c in self.resources]),
+            ("groups", sorted(self.groups)),
+            ("namespaces", [g.pattern for g in self.namespaces]),
+        ):
+            if values:
+                parts.append(f"{label}={','.join(values)}")
+        return " ".join(parts) or "(every request)"
+
 
 def _covers(claim: ResourceClaim, info: RequestInfo) -> bool:
     if not info.is_resource_request or claim.api_group != info.api_group:
