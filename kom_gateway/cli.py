@@ -19,7 +19,7 @@ from kom_gateway.config import Config, ConfigError, load_config_file
 from kom_gateway.config.schema import Address
 from kom_gateway.requestinfo import parse_request
 from kom_gateway.routing import DEFAULT_GROUP, Client, Decision
-from kom_gateway.routing.cutover import parse_x509_identity
+from kom_gateway.routing.cutover import format_percent, parse_x509_identity
 from kom_gateway.routing.router import (
     REASON_CUT_OVER,
     REASON_HOME_IS_DEFAULT,
@@ -92,7 +92,8 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=5.0,
         metavar="SECONDS",
-        help="how often certificate files are checked for rotation (default 5)",
+        help="how often the config file (live reload) and certificate files (rotation) "
+        "are checked (default 5)",
     )
     run.add_argument(
         "--shutdown-delay",
@@ -300,7 +301,10 @@ def describe_config(config: Config) -> str:
     if not config.cutover:
         lines.append("  (no rules: all traffic goes to default)")
     for rule in config.cutover:
-        shares = ", ".join(f"{g} {_pct(p)}" for g, p in rule.percent.items()) or "nothing moved"
+        shares = (
+            ", ".join(f"{g} {format_percent(p)}" for g, p in rule.percent.items())
+            or "nothing moved"
+        )
         lines.append(f"  [{rule.index}] {rule.match.describe()}  ->  {shares}")
     lines += ["", "OVERLOAD (429 + Retry-After past these, per gateway process)"]
     o = config.overload
@@ -309,7 +313,7 @@ def describe_config(config: Config) -> str:
         inflight = limits.max_inflight or "no limit"
         watches = limits.max_watches or "no limit"
         lines.append(f"  {name:<{width}}  in flight: {inflight}, watches: {watches}")
-    lines.append(f"  protected (shed last, {_pct(o.reserved_percent)} reserve): "
+    lines.append(f"  protected (shed last, {format_percent(o.reserved_percent)} reserve): "
                  + ("; ".join(m.describe() for m in o.protected) or "none"))  # fmt: skip
     lines.append("  exempt (never shed): " + ("; ".join(m.describe() for m in o.exempt) or "none"))
     for rule in o.rate_limits:
@@ -383,7 +387,7 @@ def explain(decision: Decision, client: Client) -> str:
             f"{decision.home} claims it, but no cut-over rule matches this client, "
             "so it stays on default"
         )
-    pct = _pct(decision.percent or 0.0)
+    pct = format_percent(decision.percent or 0.0)
     if decision.reason == REASON_CUT_OVER:
         return (
             f"{decision.home} claims it; rule [{decision.rule}] moves {pct} of its clients "
@@ -396,10 +400,6 @@ def explain(decision: Decision, client: Client) -> str:
         f"this client's bucket {client.bucket:.2f} is not below that, so it stays on "
         f"default until the percent exceeds {client.bucket:.2f}"
     )
-
-
-def _pct(value: float) -> str:
-    return f"{value:g}%"
 
 
 def _looks_like_address(key: str) -> bool:

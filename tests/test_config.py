@@ -340,3 +340,31 @@ def test_fuzz_config_structure_never_raises_anything_but_config_error(data):
         load_config_text(yaml.safe_dump(data))
     except ConfigError as exc:
         assert exc.issues
+
+
+def test_describe_changes_in_plain_words():
+    from kom_gateway.config.diff import describe_changes
+
+    text = (ROOT / "config" / "example.yaml").read_text()
+    before = load_config_file(str(ROOT / "config" / "example.yaml"))
+    edited = (text.replace("percent: {pod: 25, config: 100, event: 100}",
+                           "percent: {pod: 50, config: 100, event: 100}")
+              .replace("maxInflight: 300", "maxInflight: 200")
+              .replace('"https://10.0.3.11:6443"', '"https://10.0.3.12:6443"')
+              .replace("      - events.events.k8s.io\n", "")
+              .replace("  - match: {userAgent: \"kube-controller-manager/*\"}\n"
+                       "    percent: {event: 100}\n", "")
+              .replace("idleTimeoutSeconds: 90", "idleTimeoutSeconds: 60")
+              .replace('address: "0.0.0.0:8443"', 'address: "0.0.0.0:9443"'))
+    after = load_config_text(edited, "x", str(ROOT / "config"))
+    assert describe_changes(before, after) == [
+        "group event endpoints: +https://10.0.3.12:6443, -https://10.0.3.11:6443",
+        "group event no longer claims events.events.k8s.io",
+        "cutover userAgent=kubelet/* userGroup=system:nodes: pod 25% -> 50%",
+        "cutover userAgent=kube-controller-manager/* removed (was event 100%): "
+        "its clients go back to default",
+        "overload event: maxInflight 300 -> 200",
+        "limits.idleTimeoutSeconds: 90 -> 60",
+        "listen.address: 0.0.0.0:8443 -> 0.0.0.0:9443 (takes effect on restart)",
+    ]
+    assert describe_changes(before, before) == ["no changes"]

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from kom_gateway.config import ConfigError, load_config_file
+from kom_gateway.config.diff import describe_changes
 from kom_gateway.config.holder import ConfigHolder, ReloadResult
 from kom_gateway.http.stream import Headers, ServerStream
 from kom_gateway.identity import PeerIdentity
@@ -138,6 +139,7 @@ class Gateway:
     def reload(self, path: str) -> ReloadResult:
         """Re-read `path`; a config that fails validation, or whose TLS files cannot be
         loaded, is refused and the last good one keeps serving."""
+        old = self.holder.current.config
         try:
             config = load_config_file(path)
             self.upstreams.sync(config)  # raises before changing anything
@@ -149,7 +151,12 @@ class Gateway:
         if result.applied:
             self.metrics.config_reloads.labels("applied").inc()
             self.metrics.config_generation.set(result.generation)
-            log.info("configuration generation %d applied from %s", result.generation, path)
+            log.info(
+                "configuration generation %d applied from %s:\n  %s",
+                result.generation,
+                path,
+                "\n  ".join(describe_changes(old, config)),
+            )
         else:
             self.metrics.config_reloads.labels("rejected").inc()
             assert result.error is not None

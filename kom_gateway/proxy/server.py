@@ -1,5 +1,5 @@
-"""`kom-gateway run`: wire config, gateway, listener and admin; reload on SIGHUP;
-drain on SIGTERM."""
+"""`kom-gateway run`: wire config, gateway, listener and admin; reload on SIGHUP and
+when the config file changes; drain on SIGTERM."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import asyncio
 import logging
 import signal
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kom_gateway.config import ConfigError, ConfigHolder, ConfigIssue, load_config_file
 from kom_gateway.config.schema import Address, Config
+from kom_gateway.filewatch import FileSet
 from kom_gateway.http.h2server import GOAWAY_LINGER_SECONDS, H2ServerSettings
 from kom_gateway.http.listener import ConnectionLimits, Listener
 from kom_gateway.http.tlsfiles import ServerTLSContext
@@ -27,7 +29,7 @@ class RunOptions:
     admin: Address | None = None
     drain_seconds: float = 5.0  # SIGTERM: how long requests in flight may take to finish
     shutdown_delay: float = 0.0  # SIGTERM: report unready this long before draining
-    watch_seconds: float = 5.0  # how often certificate files are checked for rotation
+    watch_seconds: float = 5.0  # how often the config and certificate files are checked
     reuse_port: bool = False  # SO_REUSEPORT: several instances or workers on one port
     serve_admin: bool = True  # False in workers: the supervisor serves /metrics
 
@@ -78,14 +80,19 @@ async def run_gateway(
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
+    config_file = FileSet((options.config_path,))
+
     def reload() -> None:
+        config_file.changed()  # this read is the one applied: the watcher need not repeat it
         if gateway.reload(options.config_path).applied:
             listener.set_limits(*listener_settings(gateway.holder.current.config))
 
     loop.add_signal_handler(signal.SIGHUP, reload)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    watcher = loop.create_task(_watch_files(gateway, serving_tls, options.watch_seconds))
+    watcher = loop.create_task(
+        _watch_files(gateway, serving_tls, config_file, reload, options.watch_seconds)
+    )
     try:
         await stop.wait()
     finally:
@@ -174,11 +181,19 @@ def new_listener(gateway: Gateway, ssl_context: ssl.SSLContext | None) -> Listen
 
 
 async def _watch_files(
-    gateway: Gateway, serving_tls: ServerTLSContext | None, interval: float
+    gateway: Gateway,
+    serving_tls: ServerTLSContext | None,
+    config_file: FileSet,
+    reload: Callable[[], None],
+    interval: float,
 ) -> None:
-    """Certificate rotation: re-read serving and upstream TLS files when they change."""
+    """Every `interval`: reload the config if its file changed (an edit, or a ConfigMap
+    volume's symlink swap), and re-read serving and upstream TLS files that changed."""
     while True:
         await asyncio.sleep(interval)
+        if config_file.changed():
+            log.info("%s changed on disk: reloading", config_file.paths[0])
+            reload()
         for outcome, side in (
             (serving_tls.refresh() if serving_tls else None, "listen"),
             (gateway.upstreams.tls.refresh(), "upstream"),

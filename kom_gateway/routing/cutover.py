@@ -51,6 +51,11 @@ def parse_x509_identity(identity: str) -> tuple[str, tuple[str, ...]] | None:
     return user, tuple(groups)
 
 
+def format_percent(value: float) -> str:
+    """25.0 -> "25%", 12.5 -> "12.5%": how percents are shown to operators."""
+    return f"{value:g}%"
+
+
 def bucket_of(key: str) -> float:
     """Stable position of a client key in [0, 100)."""
     digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
