@@ -216,6 +216,14 @@ VERBS = frozenset(
 
 
 @dataclass(frozen=True)
+class AccessLogSettings:
+    enabled: bool = False
+    path: str = "-"  # "-": standard output
+    sample_rate: float = 1.0  # share of requests logged
+    always_log_errors: bool = True  # 5xx, 429 and fallbacks whatever the sampling
+
+
+@dataclass(frozen=True)
 class Config:
     groups: Mapping[str, Group]
     cutover: tuple[CutoverRule, ...] = ()
@@ -230,6 +238,7 @@ class Config:
     http2_upstream: Http2Upstream = field(default_factory=Http2Upstream)
     overload: OverloadPolicy = field(default_factory=OverloadPolicy)
     goaway: GoawayPolicy = field(default_factory=GoawayPolicy)
+    access_log: AccessLogSettings = field(default_factory=AccessLogSettings)
     warnings: tuple[ConfigIssue, ...] = ()
     source: str = ""
 
@@ -401,6 +410,7 @@ class _Builder:
                 "http2",
                 "overload",
                 "goaway",
+                "accessLog",
             ),
             ("groups",),
         )
@@ -447,6 +457,7 @@ class _Builder:
         )
         overload = self.overload(top.get("overload"), groups or {})
         goaway = self.goaway(top.get("goaway"))
+        access_log = self.access_log(top.get("accessLog"))
         if self.errors:
             raise ConfigError(self.errors, source)
         assert groups is not None
@@ -464,6 +475,7 @@ class _Builder:
             http2_upstream=http2_upstream,
             overload=overload,
             goaway=goaway,
+            access_log=access_log,
             warnings=tuple(self.warnings),
             source=source,
         )
@@ -612,6 +624,22 @@ class _Builder:
                 "very often",
             )
         return policy
+
+    def access_log(self, value: Any) -> AccessLogSettings:
+        path: YamlPath = ("accessLog",)
+        keys = ("enabled", "path", "sampleRate", "alwaysLogErrors")
+        a = self.mapping(value, path, keys) or {}
+        flags = {}
+        for key in ("enabled", "alwaysLogErrors"):
+            flag = a.get(key, key == "alwaysLogErrors")
+            if not isinstance(flag, bool):
+                self.error((*path, key), f"must be true or false, got {_kind(flag)}")
+            flags[key] = flag is True
+        file = "-"
+        if a.get("path") not in (None, "-"):
+            file = self.file_path(a["path"], (*path, "path")) or "-"
+        rate = self.number(a, path, "sampleRate", 1.0, zero=True, maximum=1.0)
+        return AccessLogSettings(flags["enabled"], file, rate, flags["alwaysLogErrors"])
 
     def listen(self, value: Any) -> tuple[Address, ServerTLS | None]:
         section = self.mapping(value, ("listen",), ("address", "tls")) or {}

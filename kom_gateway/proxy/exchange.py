@@ -28,6 +28,7 @@ from kom_gateway.http.h2client import (
 from kom_gateway.http.stream import Headers, ServerStream
 from kom_gateway.kubestatus import status_body
 from kom_gateway.overload.admission import Ticket
+from kom_gateway.proxy.accesslog import access_record
 from kom_gateway.proxy.fallback import Failure, after_failure
 from kom_gateway.proxy.headers import (
     downstream_response_headers,
@@ -36,6 +37,7 @@ from kom_gateway.proxy.headers import (
 )
 from kom_gateway.proxy.upstreams import UpstreamEndpoint
 from kom_gateway.requestinfo import RequestInfo
+from kom_gateway.routing.cutover import Client
 from kom_gateway.routing.router import DEFAULT_GROUP, Decision
 
 if TYPE_CHECKING:
@@ -91,6 +93,7 @@ class _Attempt:
         upstream = self.upstream
         assert upstream is not None
         self.received.inc(len(data))
+        self.exchange.bytes_out += len(data)
         self.exchange.stream.write(data, lambda: upstream.ack(flow_len))
 
     def on_end(self) -> None:
@@ -132,6 +135,7 @@ class Exchange:
         gateway: Gateway,
         stream: ServerStream,
         info: RequestInfo,
+        client: Client,
         decision: Decision,
         active: Active,
         ticket: Ticket,
@@ -140,6 +144,9 @@ class Exchange:
         self.ticket = ticket  # its admission; released by the gateway when the task ends
         self.stream = stream
         self.info = info
+        self.client = client
+        self.bytes_out = 0  # response body bytes (for the access log)
+        self.fallback: str | None = None  # why it left its chosen group, if it did
         self.decision = decision
         self.active = active
         self.body: list[list] | None = []  # [data, unacked flow bytes]; kept for replay
@@ -238,9 +245,26 @@ class Exchange:
                 self.info.resource,
                 str(self.status),
             ).inc()
+            duration = time.monotonic() - started
             if not self.info.is_long_running:
-                metrics.child(metrics.duration, self.answered_by, self.info.verb).observe(
-                    time.monotonic() - started
+                metrics.child(metrics.duration, self.answered_by, self.info.verb).observe(duration)
+            access = self.gateway.access_log
+            if access.wants(self.status, self.fallback):
+                attempt = self.attempt
+                access.write(
+                    access_record(
+                        time.time() - duration,
+                        self.client,
+                        self.info,
+                        self.decision,
+                        self.answered_by,
+                        attempt.endpoint.name if attempt else "",
+                        self.status,
+                        duration,
+                        self.body_size,
+                        self.bytes_out,
+                        self.fallback,
+                    )
                 )
 
     async def _carry(self) -> None:
@@ -273,6 +297,7 @@ class Exchange:
                 return
             if not (failure is Failure.GOAWAY and step.retry_group == group):
                 self.gateway.metrics.fallbacks.labels(group, step.retry_group, failure.value).inc()
+                self.fallback = failure.value
             group = step.retry_group
 
     async def _try(self, endpoint: UpstreamEndpoint, group: str) -> Failure | None:

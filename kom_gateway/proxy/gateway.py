@@ -22,6 +22,7 @@ from kom_gateway.http.stream import Headers, ServerStream
 from kom_gateway.identity import PeerIdentity
 from kom_gateway.overload.admission import Admission, Rejection
 from kom_gateway.overload.load import LoadMeter, goaway_chance
+from kom_gateway.proxy.accesslog import AccessLog, access_record
 from kom_gateway.proxy.exchange import Exchange, answer_status
 from kom_gateway.proxy.metrics import Metrics
 from kom_gateway.proxy.upgrade import handle_upgrade
@@ -44,6 +45,7 @@ class Gateway:
         self._clients: dict[tuple[bytes, str, bytes], Client] = {}
         self.tasks: dict[asyncio.Task[None], Exchange] = {}
         self.admission = Admission(holder.current.config.overload)
+        self.access_log = AccessLog(holder.current.config.access_log)
         self.load_meter = LoadMeter()
         self.load = 0.0
         self._goaway_p = 0.0  # chance that an HTTP/2 request triggers GOAWAY, per request
@@ -62,6 +64,7 @@ class Gateway:
             now = loop.time()
             self.load_meter.observe_lag(now - due, interval)
             self.update_load()
+            self.access_log.flush()
             due = now + interval
             self._sampler = loop.call_at(due, sample)
 
@@ -101,8 +104,14 @@ class Gateway:
             m = self.metrics
             m.child(m.shed, decision.target, verdict.reason).inc()
             m.child(m.requests, decision.target, info.verb, info.resource, "429").inc()
+            if self.access_log.wants(429, None):
+                self.access_log.write(
+                    access_record(
+                        time.time(), client, info, decision, "gateway", "", 429, 0.0, 0, 0, None
+                    )
+                )
         else:
-            exchange = Exchange(self, stream, info, decision, active, verdict)
+            exchange = Exchange(self, stream, info, client, decision, active, verdict)
             task = asyncio.get_running_loop().create_task(exchange.run())
             exchange.task = task
             self.tasks[task] = exchange
@@ -148,6 +157,7 @@ class Gateway:
         else:
             result = self.holder.apply(config)
             self.admission.configure(config.overload)
+            self.access_log.configure(config.access_log)
         if result.applied:
             self.metrics.config_reloads.labels("applied").inc()
             self.metrics.config_generation.set(result.generation)
@@ -173,6 +183,7 @@ class Gateway:
     async def close(self) -> None:
         if self._sampler is not None:
             self._sampler.cancel()
+        self.access_log.close()
         await self.upstreams.close()
 
 

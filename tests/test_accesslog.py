@@ -1,0 +1,121 @@
+"""The JSON access log: its record, sampling, config, and what a running proxy writes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from harness import FAST_HEALTH, Stack
+
+from kom_gateway.config import ConfigError, load_config_text
+from kom_gateway.config.schema import AccessLogSettings
+from kom_gateway.proxy.accesslog import access_record, wanted
+from kom_gateway.requestinfo import parse_request
+from kom_gateway.routing.cutover import Client
+from kom_gateway.routing.router import Decision
+
+GROUPS = 'groups:\n  default: {endpoints: ["https://10.0.0.1:6443"]}\n'
+
+
+def test_record_has_what_a_cut_over_plan_needs():
+    client = Client("kubelet/v1.31.0 (linux/amd64)", "x509:CN=system:node:n1,O=system:nodes",
+                    "10.1.2.3", "system:node:n1", ("system:nodes",))
+    info = parse_request("GET", "/api/v1/namespaces/kube-system/pods/p1/log")
+    record = access_record(1763812800.25, client, info, Decision("pod", "default", "not-cut-over"),
+                           "default", "https://10.0.0.10:6443", 200, 0.0123, 0, 512, None)
+    assert record == {
+        "time": "2025-11-22T12:00:00.250Z",
+        "client": "x509:CN=system:node:n1,O=system:nodes|kubelet",
+        "userAgent": "kubelet/v1.31.0 (linux/amd64)",
+        "user": "system:node:n1",
+        "verb": "get",
+        "apiGroup": "",
+        "apiVersion": "v1",
+        "resource": "pods",
+        "subresource": "log",
+        "namespace": "kube-system",
+        "name": "p1",
+        "path": None,
+        "homeGroup": "pod",
+        "chosenGroup": "default",
+        "cutover": "not-cut-over",
+        "answeredBy": "default",
+        "endpoint": "https://10.0.0.10:6443",
+        "status": 200,
+        "durationMs": 12.3,
+        "bytesIn": 0,
+        "bytesOut": 512,
+        "fallback": None,
+    }
+    json.dumps(record)
+
+
+def test_sampling_keeps_errors():
+    sampled = AccessLogSettings(enabled=True, sample_rate=0.1)
+    assert wanted(sampled, 200, None, 0.05) and not wanted(sampled, 200, None, 0.5)
+    assert wanted(sampled, 503, None, 0.99) and wanted(sampled, 429, None, 0.99)
+    assert wanted(sampled, 200, "connect", 0.99)
+    strict = AccessLogSettings(enabled=True, sample_rate=0.1, always_log_errors=False)
+    assert not wanted(strict, 503, None, 0.99)
+    assert not wanted(AccessLogSettings(), 503, "connect", 0.0)  # disabled
+
+
+def test_access_log_config(tmp_path):
+    config = load_config_text(GROUPS + "accessLog: {enabled: true, path: access.log, "
+                              "sampleRate: 0.25}\n", "x", str(tmp_path))
+    assert config.access_log == AccessLogSettings(True, str(tmp_path / "access.log"), 0.25, True)
+    assert load_config_text(GROUPS).access_log.enabled is False
+    for bad, message in (("{enabled: yes please}", "must be true or false"),
+                         ("{sampleRate: 2}", "at most 1"), ("{format: text}", "unknown key")):
+        with pytest.raises(ConfigError) as info:
+            load_config_text(GROUPS + f"accessLog: {bad}\n")
+        assert message in str(info.value)
+
+
+async def test_the_proxy_logs_requests_sheds_and_fallbacks(tmp_path):
+    path = tmp_path / "access.log"
+    stack = await Stack().start(extra=FAST_HEALTH + f"accessLog: {{enabled: true, path: {path}}}\n"
+                                "overload: {rateLimits: [{name: r, match: {verbs: [delete]}, "
+                                "qps: 1, burst: 1}]}\n")
+    try:
+        client = await stack.client()
+        assert (await client.request("GET", "/api/v1/namespaces/default/pods")).status == 200
+        for _ in range(2):
+            await client.request("DELETE", "/api/v1/namespaces/default/configmaps/x")
+        await stack.sim.set_down("pod", True)
+        assert (await client.request("GET", "/api/v1/nodes")).status == 200
+        fell_back = await client.request("GET", "/api/v1/namespaces/default/pods/p")
+        assert fell_back.group == "default"
+        stack.gateway.access_log.flush()
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        by = {(r["verb"], r["resource"], r["status"]): r for r in records}
+        listed = by[("list", "pods", 200)]
+        assert (listed["homeGroup"], listed["chosenGroup"], listed["answeredBy"]) == (
+            "pod", "pod", "pod")
+        assert listed["endpoint"].startswith("http://127.0.0.1:") and listed["bytesOut"] > 0
+        assert listed["userAgent"] == "kubectl/v1.31.0" and listed["client"].endswith("|kubectl")
+        shed = by[("delete", "configmaps", 429)]
+        assert shed["answeredBy"] == "gateway" and shed["endpoint"] is None
+        got = by[("get", "pods", 404)]
+        assert (got["chosenGroup"], got["answeredBy"], got["fallback"]) == (
+            "pod", "default", got["fallback"])
+        assert got["fallback"] in ("connect-error", "no-healthy-endpoint")
+    finally:
+        await stack.close()
+
+
+async def test_sampling_in_the_proxy(tmp_path):
+    path = tmp_path / "access.log"
+    stack = await Stack().start(extra=FAST_HEALTH + f"accessLog: {{enabled: true, path: {path}, "
+                                "sampleRate: 0}\n")
+    try:
+        client = await stack.client()
+        await asyncio.gather(*(client.request("GET", "/api/v1/nodes") for _ in range(20)))
+        stack.sim.groups["config"].faults.status_override = 503
+        assert (await client.request("GET", "/api/v1/nodes")).status == 503
+        stack.gateway.access_log.flush()
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        assert [r["status"] for r in records] == [503]  # only the error, sampling 0
+    finally:
+        await stack.close()
