@@ -80,8 +80,8 @@ class Proc:
         self.out.close()
 
 
-def start_gateway(config: Path, port: int, admin: int, log: Path) -> Proc:
-    """`kom-gateway run`, one process, as deployed."""
+def start_gateway(config: Path, port: int, admin: int, log: Path, workers: int = 1) -> Proc:
+    """`kom-gateway run`, one process (or `workers`), as deployed."""
     args = [
         sys.executable,
         "-m",
@@ -95,6 +95,8 @@ def start_gateway(config: Path, port: int, admin: int, log: Path) -> Proc:
         f"127.0.0.1:{admin}",
         "--log-level",
         "warning",
+        "--workers",
+        str(workers),
     ]
     return Proc(args, log, ready="kom-gateway listening")
 
@@ -178,6 +180,8 @@ groups:
   config:  {{endpoints: ["http://127.0.0.1:{upstream}"], resources: [configmaps]}}
 cutover:
   - percent: {{pod: 100, config: 100}}
+# h2load does not reconnect after a GOAWAY: no load-aware GOAWAY while it saturates us
+goaway: {{maxChance: 0}}
 """
 
 
@@ -286,7 +290,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--requests", type=int, default=20000)
-    parser.add_argument("--watches", type=int, default=10000)
+    parser.add_argument("--watches", type=int, default=10000, help="0: skip the watch test")
+    parser.add_argument(
+        "--workers", type=int, default=0, help="also measure `run --workers N` (N > 1)"
+    )
     args = parser.parse_args()
     for tool in ("nginx", "haproxy", "h2load", "curl"):
         if shutil.which(tool) is None:
@@ -316,6 +323,12 @@ def main() -> int:
         gateway = start_gateway(root / "gateway.yaml", gp, ga, root / "gateway.out")
         procs.append(gateway)
         targets = {"direct": up, "haproxy": hp, "kom-gateway": gp}
+        if args.workers > 1:
+            wp, wa = free_port(), free_port()
+            procs.append(
+                start_gateway(root / "gateway.yaml", wp, wa, root / "workers.out", args.workers)
+            )
+            targets[f"kom-gateway x{args.workers}"] = wp
         results: dict = {"small_get_rps": {}, "half_load": {}, "list_mb_s": {}}
 
         # 1. saturation throughput, small GET
@@ -370,6 +383,10 @@ def main() -> int:
         for p in reversed(procs):
             p.stop()
 
+    if not args.watches:
+        shutil.rmtree(root, ignore_errors=True)
+        print(json.dumps(results, indent=2))
+        return 0
     # 4. idle watches: the gateway in front of a simulated group (nginx cannot hold watches)
     sim_port, control = free_port(), free_port()
     (root / "watch.yaml").write_text(
