@@ -71,10 +71,13 @@ class Admission:
         """Apply a (reloaded) policy; a rule whose qps, burst and match are unchanged
         keeps its buckets."""
         old, self.policy = self.policy, policy
-        self._buckets = {
-            rule: self._buckets.get(rule) or BucketSet(rule.qps, rule.burst)
-            for rule in policy.rate_limits
-        }
+        kept = self._buckets
+        self._buckets = {}
+        for rule in policy.rate_limits:
+            buckets = kept.get(rule)
+            self._buckets[rule] = (
+                buckets if buckets is not None else BucketSet(rule.qps, rule.burst)
+            )
         if (old.retry_after_min, old.retry_after_max) != (
             policy.retry_after_min,
             policy.retry_after_max,

@@ -41,6 +41,7 @@ class Worker:
         self.env = env
         self.proc: asyncio.subprocess.Process | None = None
         self.scheme = ""
+        self._output: asyncio.Task[None] | None = None  # held: the loop keeps tasks weakly
 
     async def start(self) -> None:
         """Start the process and wait until it listens."""
@@ -57,7 +58,7 @@ class Worker:
                     self.scheme = line.split("(", 1)[1].split(")", 1)[0] if "(" in line else ""
                     break
                 print(f"[worker {self.index}] {line}", end="", flush=True)
-        asyncio.get_running_loop().create_task(self._forward_output())
+        self._output = asyncio.get_running_loop().create_task(self._forward_output())
 
     async def _forward_output(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
@@ -130,7 +131,12 @@ async def run_workers(options: RunOptions, count: int, log_level: str = "info") 
         )
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
-        loop.add_signal_handler(signal.SIGHUP, lambda: [w.signal(signal.SIGHUP) for w in workers])
+
+        def reload_all() -> None:
+            for worker in workers:
+                worker.signal(signal.SIGHUP)
+
+        loop.add_signal_handler(signal.SIGHUP, reload_all)
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         supervisors = [loop.create_task(_supervise(w, metrics_dir)) for w in workers]
