@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -36,6 +37,14 @@ def sample(text: str, name: str, **labels: str) -> float:
         ):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def ready_status(admin: int) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
 
 
 def gateway(cluster: Cluster, tmp: Path, name: str, *args: str) -> Process:
@@ -62,11 +71,16 @@ def test_sigterm_drain_finishes_requests_in_flight(tmp_path):
             slow = [asyncio.ensure_future(client.get("/api/v1/configmaps")) for _ in range(10)]
             await asyncio.sleep(0.5)
             cluster.gateway.proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.2)
+            readyz[0] = await asyncio.to_thread(ready_status, cluster.admin)
             results = await asyncio.gather(*slow)
             await client.close()
             return results
 
+        readyz = [0]
+        assert ready_status(cluster.admin) == 200
         assert asyncio.run(scenario()) == [200] * 10
+        assert readyz[0] == 503  # unready at once, while requests still finish
         assert cluster.gateway.proc.wait(20) == 0
         assert "draining" in cluster.gateway.log.read_text()
     finally:

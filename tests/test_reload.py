@@ -128,10 +128,20 @@ def test_file_watch_reloads_configmap_swaps_under_live_traffic(tmp_path):
         config.write_text(CONFIG.format(d=d, p=p, percent=0))
         wait_for("generation 3 applied")
         time.sleep(0.5)
+        assert seen[-1] == "default"
+
+        config.write_text(CONFIG.format(d=d, p=p, percent=100))
+        gw.proc.send_signal(signal.SIGHUP)  # SIGHUP right after an edit the watcher also sees
+        wait_for("generation 4 applied")
+        time.sleep(1)
+        # the change is applied once: the watcher does not apply the same edit again (a
+        # watcher check that beat the signal leaves SIGHUP a reload with "no changes")
+        assert gw.log.read_text().count("cutover userAgent=kubectl/*: pod 0% -> 100%") == 2
+        assert "generation 6" not in gw.log.read_text()
         stop.set()
         thread.join()
-        assert seen[-1] == "default"
-        assert not failures, failures[:3]  # no request failed across three reloads
+        assert seen[-1] == "pod"
+        assert not failures, failures[:3]  # no request failed across four reloads
         assert seen.count("pod") > 5 and seen.count("default") > 5
     finally:
         stop.set()
