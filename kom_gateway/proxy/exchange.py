@@ -29,7 +29,8 @@ from kom_gateway.http.stream import Headers, ServerStream
 from kom_gateway.kubestatus import status_body
 from kom_gateway.overload.admission import Ticket
 from kom_gateway.proxy.accesslog import access_record
-from kom_gateway.proxy.fallback import Failure, after_failure
+from kom_gateway.proxy.attempts import Attempts
+from kom_gateway.proxy.fallback import Failure
 from kom_gateway.proxy.headers import (
     downstream_response_headers,
     status_headers,
@@ -38,7 +39,7 @@ from kom_gateway.proxy.headers import (
 from kom_gateway.proxy.upstreams import UpstreamEndpoint
 from kom_gateway.requestinfo import RequestInfo
 from kom_gateway.routing.cutover import Client
-from kom_gateway.routing.router import DEFAULT_GROUP, Decision
+from kom_gateway.routing.router import Decision
 
 if TYPE_CHECKING:
     from kom_gateway.proxy.gateway import Gateway
@@ -146,7 +147,7 @@ class Exchange:
         self.info = info
         self.client = client
         self.bytes_out = 0  # response body bytes (for the access log)
-        self.fallback: str | None = None  # why it left its chosen group, if it did
+        self.attempts: Attempts | None = None  # set when the request goes upstream
         self.decision = decision
         self.active = active
         self.body: list[list] | None = []  # [data, unacked flow bytes]; kept for replay
@@ -249,7 +250,8 @@ class Exchange:
             if not self.info.is_long_running:
                 metrics.child(metrics.duration, self.answered_by, self.info.verb).observe(duration)
             access = self.gateway.access_log
-            if access.wants(self.status, self.fallback):
+            fallback = self.attempts.fallback if self.attempts else None
+            if access.wants(self.status, fallback):
                 attempt = self.attempt
                 access.write(
                     access_record(
@@ -263,42 +265,28 @@ class Exchange:
                         duration,
                         self.body_size,
                         self.bytes_out,
-                        self.fallback,
+                        fallback,
                     )
                 )
 
     async def _carry(self) -> None:
-        upstreams = self.gateway.upstreams
-        group = self.decision.target
-        tried: set[UpstreamEndpoint] = set()
-        goaways = 0
+        gateway = self.gateway
+        attempts = Attempts(
+            gateway.upstreams, gateway.metrics, self.info, self.stream.method, self.decision.target
+        )
+        self.attempts = attempts
         while True:
-            endpoint = upstreams.pick(group, tried)
+            endpoint = attempts.pick()
             if endpoint is None:
-                failure = Failure.NO_HEALTHY_ENDPOINT
+                failure: Failure | None = Failure.NO_HEALTHY_ENDPOINT
             else:
-                tried.add(endpoint)
-                failure = await self._try(endpoint, group)
+                failure = await self._try(endpoint, attempts.group)
                 if failure is None:
                     return
-                if failure is Failure.GOAWAY:
-                    goaways += 1
-                    tried.discard(endpoint)  # routine: the same endpoint may take it again
-            step = after_failure(
-                failure,
-                self.info,
-                self.stream.method,
-                group,
-                upstreams.has_candidates(DEFAULT_GROUP, tried),
-                goaways,
-            )
+            step = attempts.failed(endpoint, failure)
             if step.retry_group is None:
                 self._respond(step.status, step.reason, step.message, step.retry_after)
                 return
-            if not (failure is Failure.GOAWAY and step.retry_group == group):
-                self.gateway.metrics.fallbacks.labels(group, step.retry_group, failure.value).inc()
-                self.fallback = failure.value
-            group = step.retry_group
 
     async def _try(self, endpoint: UpstreamEndpoint, group: str) -> Failure | None:
         """One attempt; None when the response was carried (whatever its status).

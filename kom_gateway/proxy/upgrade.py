@@ -18,10 +18,10 @@ from multidict import CIMultiDict
 from kom_gateway.http.h1server import request_tls
 from kom_gateway.identity import PeerIdentity
 from kom_gateway.kubestatus import status_body
-from kom_gateway.proxy.fallback import Failure, after_failure
+from kom_gateway.proxy.attempts import Attempts
+from kom_gateway.proxy.fallback import Failure
 from kom_gateway.proxy.headers import HOP_BY_HOP, IDENTITY_PREFIX
 from kom_gateway.requestinfo import parse_request
-from kom_gateway.routing.router import DEFAULT_GROUP
 
 if TYPE_CHECKING:
     from kom_gateway.proxy.gateway import Gateway
@@ -48,35 +48,27 @@ async def handle_upgrade(gateway: Gateway, request: web.BaseRequest) -> web.Stre
     client = gateway.client_for(headers, request.remote or "", peer)
     decision = gateway.holder.current.router.decide(info, client)
     metrics = gateway.metrics
-    group = decision.target
-    tried: set[UpstreamEndpoint] = set()
+    attempts = Attempts(gateway.upstreams, metrics, info, request.method, decision.target)
     while True:
-        endpoint = gateway.upstreams.pick(group, tried)
+        endpoint = attempts.pick()
         try:
             if endpoint is None:
                 raise UpgradeFailed(Failure.NO_HEALTHY_ENDPOINT)
-            tried.add(endpoint)
             reader, writer, status, head = await _open(gateway, endpoint, request, headers, peer)
             break
         except UpgradeFailed as exc:
-            step = after_failure(
-                exc.failure,
-                info,
-                request.method,
-                group,
-                gateway.upstreams.has_candidates(DEFAULT_GROUP, tried),
-            )
+            step = attempts.failed(endpoint, exc.failure)
             if step.retry_group is None:
                 body = status_body(step.status, step.reason, step.message)
-                metrics.requests.labels(group, info.verb, info.resource, str(step.status)).inc()
+                labels = (attempts.group, info.verb, info.resource, str(step.status))
+                metrics.requests.labels(*labels).inc()
                 return web.Response(
                     status=step.status,
                     body=body,
                     content_type="application/json",
                     headers={"Retry-After": str(step.retry_after or 1)},
                 )
-            metrics.fallbacks.labels(group, step.retry_group, exc.failure.value).inc()
-            group = step.retry_group
+    group = attempts.group
     metrics.requests.labels(group, info.verb, info.resource, str(status)).inc()
     if status != 101:
         return await _relay_plain(reader, writer, status, head)
