@@ -36,9 +36,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-from proxy_bench import ROOT, Proc, free_port, rss_kib, start_gateway
+from proxy_bench import ROOT, rss_kib, start_gateway
 
 sys.path.insert(0, str(ROOT / "tests"))
+from e2e import Process, free_port  # the tests' process helpers
 from goaway_client import GoawayClient  # the tests' Go-like client
 
 CAPACITY = 10  # upstream requests served at once
@@ -49,11 +50,11 @@ CLIENTS = 10
 PATH = "/api/v1/namespaces/default/configmaps"
 
 
-def sim(root: Path, config: Path, control: int) -> Proc:
-    return Proc(
+def sim(root: Path, config: Path, control: int) -> Process:
+    return Process(
         [sys.executable, "-m", "kom_gateway", "sim", "--config", str(config),
          "--control-port", str(control), "--bookmark-interval", "3600"],
-        root / "sim.out", ready="kom-gateway sim serving",
+        "kom-gateway sim serving", root / "sim.out",
     )  # fmt: skip
 
 
@@ -114,11 +115,11 @@ def overload_run(root: Path, seconds: float, repeats: int) -> dict:
                 try:
                     for factor in ("1x", "2x"):
                         rps = CAPACITY_RPS * (1 if factor == "1x" else 2)
-                        before = rss_kib(gateway.p.pid)
+                        before = rss_kib(gateway.proc.pid)
                         r = offered(f"http://127.0.0.1:{port}{PATH}", rps, seconds,
                                     root / "h2load.log")  # fmt: skip
-                        r["rss_before_kib"], r["rss_after_kib"] = before, rss_kib(gateway.p.pid)
-                        r["alive"] = gateway.p.poll() is None
+                        r["rss_before_kib"], r["rss_after_kib"] = before, rss_kib(gateway.proc.pid)
+                        r["alive"] = gateway.proc.poll() is None
                         results[name][factor].append(r)
                         print(f"repeat {repeat} {name} {factor}: {r}", flush=True)
                         time.sleep(2)  # let queues empty
@@ -136,12 +137,12 @@ def connections(admin: int) -> float:
     return float(m.group(1)) if m else 0.0
 
 
-def reuse_port_gateway(config: Path, port: int, admin: int, log: Path) -> Proc:
-    return Proc(
+def reuse_port_gateway(config: Path, port: int, admin: int, log: Path) -> Process:
+    return Process(
         [sys.executable, "-m", "kom_gateway", "run", "--config", str(config), "--listen",
          f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}", "--reuse-port",
          "--drain-seconds", "2", "--log-level", "warning"],
-        log, ready="kom-gateway listening",
+        "kom-gateway listening", log,
     )  # fmt: skip
 
 
@@ -160,8 +161,8 @@ async def rebalance_once(root: Path, config: Path, limit: float) -> dict:
     tasks = [asyncio.ensure_future(run(c)) for c in clients]
     try:
         await asyncio.sleep(2)
-        a.p.send_signal(signal.SIGTERM)
-        await asyncio.to_thread(a.p.wait, 20)
+        a.proc.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(a.proc.wait, 20)
         a.stop()
         a = await asyncio.to_thread(reuse_port_gateway, config, port, admin_a, root / "a2.out")
         restarted = time.monotonic()

@@ -19,11 +19,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,14 +29,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from e2e import Process, free_port  # noqa: E402  (the tests' process helpers)
+
 SMALL_PATH = "/api/v1/namespaces/default/pods/web-0"
 LIST_PATH = "/api/v1/namespaces/default/configmaps"  # the 50 MB LIST
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_kib(pid: int) -> int:
@@ -49,38 +43,7 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-class Proc:
-    def __init__(
-        self, args: list[str], log: Path, ready: str | None = None, wait_port: int | None = None
-    ) -> None:
-        self.log = log
-        self.out = open(log, "w")  # noqa: SIM115
-        self.p = subprocess.Popen(
-            args, stdout=self.out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        deadline = time.monotonic() + 20
-        while True:
-            if ready and ready in log.read_text():
-                break
-            if wait_port:
-                with socket.socket() as s:
-                    if s.connect_ex(("127.0.0.1", wait_port)) == 0:
-                        break
-            if self.p.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{args[0]} did not start:\n{log.read_text()}")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.p.poll() is None:
-            os.killpg(self.p.pid, signal.SIGTERM)
-            try:
-                self.p.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.p.pid, signal.SIGKILL)
-        self.out.close()
-
-
-def start_gateway(config: Path, port: int, admin: int, log: Path, workers: int = 1) -> Proc:
+def start_gateway(config: Path, port: int, admin: int, log: Path, workers: int = 1) -> Process:
     """`kom-gateway run`, one process (or `workers`), as deployed."""
     args = [
         sys.executable,
@@ -98,7 +61,7 @@ def start_gateway(config: Path, port: int, admin: int, log: Path, workers: int =
         "--workers",
         str(workers),
     ]
-    return Proc(args, log, ready="kom-gateway listening")
+    return Process(args, "kom-gateway listening", log)
 
 
 def write_upstream_files(root: Path) -> None:
@@ -311,14 +274,15 @@ def main() -> int:
     procs = []
     try:
         procs.append(
-            Proc(
+            Process(
                 ["nginx", "-c", str(root / "nginx.conf"), "-p", str(root)],
+                None,
                 root / "nginx.out",
                 wait_port=up,
             )
         )
         procs.append(
-            Proc(["haproxy", "-f", str(root / "haproxy.cfg")], root / "haproxy.out", wait_port=hp)
+            Process(["haproxy", "-f", str(root / "haproxy.cfg")], None, root / "haproxy.out", hp)
         )
         gateway = start_gateway(root / "gateway.yaml", gp, ga, root / "gateway.out")
         procs.append(gateway)
@@ -370,13 +334,13 @@ def main() -> int:
         }
 
         # 3. one 50 MB LIST
-        before = rss_kib(gateway.p.pid)
+        before = rss_kib(gateway.proc.pid)
         mbs: dict[str, list] = {name: [] for name in targets}
         peak = before
         for _ in range(args.repeats):
             for name, port in targets.items():
                 mbs[name].append(stream_list(f"http://127.0.0.1:{port}{LIST_PATH}"))
-                peak = max(peak, rss_kib(gateway.p.pid))
+                peak = max(peak, rss_kib(gateway.proc.pid))
         results["list_mb_s"] = {n: statistics.median(v) for n, v in mbs.items()}
         results["gateway_rss_kib"] = {"before_list": before, "peak_after_lists": peak}
     finally:
@@ -395,7 +359,7 @@ def main() -> int:
     procs = []
     try:
         procs.append(
-            Proc(
+            Process(
                 [
                     sys.executable,
                     "-m",
@@ -408,18 +372,18 @@ def main() -> int:
                     "--bookmark-interval",
                     "3600",
                 ],
+                "kom-gateway sim serving",
                 root / "sim.out",
-                ready="kom-gateway sim serving",
             )
         )
         gateway = start_gateway(root / "watch.yaml", gp, ga, root / "gateway2.out")
         procs.append(gateway)
         time.sleep(1)
-        idle = rss_kib(gateway.p.pid)
+        idle = rss_kib(gateway.proc.pid)
         loop = asyncio.new_event_loop()
         held = loop.run_until_complete(hold_watches(gp, args.watches))
         time.sleep(2)
-        loaded = rss_kib(gateway.p.pid)
+        loaded = rss_kib(gateway.proc.pid)
         open_ok = sum(s.status == 200 for s in held[1])
         results["watches"] = {
             "requested": args.watches,

@@ -71,17 +71,27 @@ current-context: e2e
 
 
 class Process:
-    def __init__(self, args: list[str], ready: str, log: Path) -> None:
+    """A process in its own session, output to `log`, started once `ready` appears in
+    its output (or, for servers that print nothing, once `wait_port` accepts)."""
+
+    def __init__(self, args: list[str], ready: str | None, log: Path,
+                 wait_port: int | None = None) -> None:
         self.log = log
         self.handle = open(log, "w")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(args, stdout=self.handle, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         deadline = time.monotonic() + 20
-        while ready not in log.read_text():
+        while not self._started(ready, wait_port):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"{args[1:3]} did not start:\n{log.read_text()}")
+                raise RuntimeError(f"{args[:3]} did not start:\n{log.read_text()}")
             time.sleep(0.05)
+
+    def _started(self, ready: str | None, wait_port: int | None) -> bool:
+        if ready is not None:
+            return ready in self.log.read_text()
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", wait_port or 0)) == 0
 
     def stop(self) -> None:
         if self.proc.poll() is None:
