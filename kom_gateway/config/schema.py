@@ -57,6 +57,11 @@ class ConfigError(Exception):
         self.source = source
         super().__init__(self.render())
 
+    @classmethod
+    def tls_files(cls, section: str, exc: Exception, source: str) -> ConfigError:
+        """TLS files the config names that do not load: refused like any other error."""
+        return cls([ConfigIssue(section, 0, f"cannot load the TLS files: {exc}")], source)
+
     def render(self) -> str:
         prefix = f"{self.source}: " if self.source else ""
         return "\n".join(f"{prefix}{issue}" for issue in self.issues)

@@ -10,7 +10,7 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kom_gateway.config import ConfigError, ConfigHolder, ConfigIssue, load_config_file
+from kom_gateway.config import ConfigError, ConfigHolder, load_config_file
 from kom_gateway.config.schema import Address, Config
 from kom_gateway.filewatch import FileSet
 from kom_gateway.http.h2server import GOAWAY_LINGER_SECONDS, H2ServerSettings
@@ -46,10 +46,7 @@ async def run_gateway(
         try:
             serving_tls = ServerTLSContext(tls.cert_file, tls.key_file, tls.client_ca_file)
         except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(
-                [ConfigIssue("listen.tls", 0, f"cannot load the TLS files: {exc}")],
-                options.config_path,
-            ) from None
+            raise ConfigError.tls_files("listen.tls", exc, options.config_path) from None
     listener = new_listener(gateway, serving_tls.listening if serving_tls else None)
     listen = options.listen or config.listen
     port = await listener.start(listen.host, listen.port, options.reuse_port)

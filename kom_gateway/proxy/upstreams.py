@@ -19,7 +19,7 @@ import random
 import ssl
 from collections.abc import Callable
 
-from kom_gateway.config.schema import Config, ConfigError, ConfigIssue, Endpoint
+from kom_gateway.config.schema import Config, ConfigError, Endpoint
 from kom_gateway.config.schema import UpstreamTLS as UpstreamTLSConfig
 from kom_gateway.http.h2client import (
     RESET_GOAWAY,
@@ -345,10 +345,7 @@ class UpstreamTLS:
                 lambda: (_client_context(tls, "h2"), _client_context(tls, "http/1.1")),
             )
         except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(
-                [ConfigIssue("upstream.tls", 0, f"cannot load the TLS files: {exc}")],
-                config.source,
-            ) from None
+            raise ConfigError.tls_files("upstream.tls", exc, config.source) from None
         self._contexts = contexts
 
     def refresh(self) -> bool | None:
