@@ -207,7 +207,8 @@ def test_restarting_one_of_two_instances_under_load_fails_nothing(tmp_path):
 
 
 def test_workers_share_the_port_metrics_and_reloads(tmp_path):
-    cluster = Cluster(tmp_path, gateway_args=("--workers", "2"))
+    cluster = Cluster(tmp_path, extra="accessLog: {enabled: true}\n",
+                      gateway_args=("--workers", "2"))
     try:
         async def connections() -> list[GoawayClient]:
             clients = [GoawayClient(cluster.port) for _ in range(16)]
@@ -240,6 +241,10 @@ def test_workers_share_the_port_metrics_and_reloads(tmp_path):
         assert sample(after_reload, "kom_gateway_config_reloads_total", result="applied") == 2
         with urllib.request.urlopen(f"http://127.0.0.1:{cluster.admin}/readyz") as r:
             assert r.read() == b"2/2 workers"
+        # both workers' access logs reach the supervisor's stdout as clean JSON lines
+        lines = [x for x in cluster.gateway.log.read_text().splitlines() if x.startswith("{")]
+        records = [json.loads(x) for x in lines]
+        assert sum(r["resource"] == "nodes" and r["status"] == 200 for r in records) == 16
     finally:
         cluster.stop()
     assert cluster.gateway.proc.returncode == 0

@@ -57,13 +57,17 @@ class Worker:
                 if READY_LINE in line:
                     self.scheme = line.split("(", 1)[1].split(")", 1)[0] if "(" in line else ""
                     break
-                print(f"[worker {self.index}] {line}", end="", flush=True)
+                print(line, end="", flush=True)
         self._output = asyncio.get_running_loop().create_task(self._forward_output())
 
     async def _forward_output(self) -> None:
+        """The worker's standard output (the access log, when it goes there), passed on
+        line by line, unchanged: JSON lines must stay JSON lines."""
         assert self.proc is not None and self.proc.stdout is not None
+        out = sys.stdout.buffer
         async for line in self.proc.stdout:
-            print(f"[worker {self.index}] {line.decode()}", end="", flush=True)
+            out.write(line)
+            out.flush()
 
     def signal(self, signum: int) -> None:
         if self.proc is not None and self.proc.returncode is None:
