@@ -171,6 +171,8 @@ async def test_goaway_chance_rises_with_inflight_load():
         await asyncio.sleep(0.1)
         stack.gateway.update_load()
         assert stack.gateway.load == 0.75
+        assert stack.gateway.metrics.registry.get_sample_value(
+            "kom_gateway_inflight_requests", {"group": "pod", "kind": "short"}) == 3
         assert stack.gateway._goaway_p == pytest.approx(0.001 + 0.019 * 0.5)
         for collector in slow:
             await collector.done

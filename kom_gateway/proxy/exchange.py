@@ -206,9 +206,6 @@ class Exchange:
         stream.on_closed(self._client_closed)
         stream.set_body_consumer(self)
         metrics = self.gateway.metrics
-        kind = "long-running" if self.info.is_long_running else "short"
-        in_flight = metrics.child(metrics.in_flight, self.decision.target, kind)
-        in_flight.inc()
         started = time.monotonic()
         timeout = None if self.info.is_long_running else self.active.config.timeouts.request
         try:
@@ -238,7 +235,6 @@ class Exchange:
                 stream.reset()
         finally:
             self._finished = True
-            in_flight.dec()
             metrics.child(
                 metrics.requests,
                 self.answered_by,

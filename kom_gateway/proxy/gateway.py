@@ -76,8 +76,16 @@ class Gateway:
         policy = self.holder.current.config.goaway
         self.load = self.load_meter.load(self.admission.load(), self.open_streams(), policy)
         self._goaway_p = goaway_chance(self.load, policy)
-        self.metrics.load.set(self.load)
-        self.metrics.loop_lag.set(self.load_meter.lag)
+        m = self.metrics
+        m.load.set(self.load)
+        m.loop_lag.set(self.load_meter.lag)
+        # in flight, from the admission counts (one source, not a second count per request)
+        a = self.admission
+        for group, count in a.inflight.items():
+            m.child(m.in_flight, group, "short").set(count)
+        for group in a.watches.keys() | a.long_running.keys():
+            long_running = a.watches.get(group, 0) + a.long_running.get(group, 0)
+            m.child(m.in_flight, group, "long-running").set(long_running)
 
     async def drain(self, timeout: float) -> None:
         """Shutdown: let requests other than watches finish (up to `timeout`), then end
