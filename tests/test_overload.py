@@ -316,6 +316,8 @@ def test_overload_defaults_protect_leases_and_exempt_masters():
     o = load("").overload
     assert o.limits_for("event") == GroupLimits(1000, 0)
     assert o.protected[0].matches(LEASE_UPDATE, KUBELET, "config")
+    list_leases = parse_request("GET", "/apis/coordination.k8s.io/v1/leases")
+    assert not o.protected[0].matches(list_leases, KUBELET, "config")  # a LIST storm is not
     assert o.exempt[0].matches(LIST_PODS, ADMIN, "pod")
     assert not o.exempt[0].matches(LIST_PODS, KUBELET, "pod")
 

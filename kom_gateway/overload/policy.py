@@ -77,8 +77,11 @@ class RateLimitRule:
 
 
 LEASES = ResourceClaim("coordination.k8s.io", "leases")
-# Node heartbeats and leader election: shed last (they may use the reserve).
-DEFAULT_PROTECTED = (RequestMatch(resources=(LEASES,)),)
+# Node heartbeats and leader election renewals: shed last (they may use the reserve). Not
+# LIST/WATCH of leases: a storm of those must not eat the reserve.
+DEFAULT_PROTECTED = (
+    RequestMatch(verbs=frozenset({"get", "create", "update", "patch"}), resources=(LEASES,)),
+)
 # Break-glass access: cluster admins are never shed by the gateway.
 DEFAULT_EXEMPT = (RequestMatch(clients=Match(user_group=Glob("system:masters"))),)
 
