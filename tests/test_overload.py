@@ -14,12 +14,13 @@ from kom_gateway.overload.load import (
     goaway_chance,
 )
 from kom_gateway.overload.policy import GroupLimits, OverloadPolicy, RateLimitRule, RequestMatch
-from kom_gateway.overload.ratelimit import BucketSet, TokenBucket, whole_seconds
+from kom_gateway.overload.ratelimit import BucketSet, whole_seconds
 from kom_gateway.overload.retryafter import RetryAfter
 from kom_gateway.requestinfo import parse_request
 from kom_gateway.routing.claims import parse_claim
 from kom_gateway.routing.cutover import Client, Match
 from kom_gateway.routing.glob import Glob
+from kom_gateway.tokenbucket import TokenBucket
 
 KUBELET = Client("kubelet/v1.31.0", "x509:CN=system:node:n1,O=system:nodes", "10.0.0.1",
                  "system:node:n1", ("system:nodes",))  # fmt: skip
@@ -69,7 +70,7 @@ def test_retry_after_raises_at_most_once_per_value_seconds_and_ignores_a_trickle
 
 # -- token buckets -----------------------------------------------------------------------
 def test_token_bucket_grants_the_burst_then_the_rate():
-    bucket = TokenBucket(qps=2, burst=3, now=0)
+    bucket = TokenBucket(rate=2, burst=3, now=0)
     assert [bucket.take(0) for _ in range(3)] == [0, 0, 0]
     assert bucket.take(0) == pytest.approx(0.5)
     assert bucket.take(0.5) == 0

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kom_gateway.tokenbucket import TokenBucket
+
 RAPID_RESET = "rapid-reset"
 PING_FLOOD = "ping-flood"
 SETTINGS_FLOOD = "settings-flood"
@@ -46,26 +48,6 @@ class GuardLimits:
 UNGUARDED = GuardLimits(*((1e12, 1e12),) * 5)
 
 
-class TokenBucket:
-    __slots__ = ("burst", "rate", "stamp", "tokens")
-
-    def __init__(self, burst: float, rate: float, now: float) -> None:
-        self.burst = burst
-        self.rate = rate
-        self.tokens = burst
-        self.stamp = now
-
-    def take(self, now: float) -> bool:
-        """One event at `now`: False once the bucket is empty."""
-        tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if tokens < 1:
-            self.tokens = tokens
-            return False
-        self.tokens = tokens - 1
-        return True
-
-
 class H2Guard:
     """One client connection's budgets. Each `on_*` returns the abuse kind when the
     client just went over its budget, else None."""
@@ -73,26 +55,31 @@ class H2Guard:
     __slots__ = ("_control", "_empty", "_pings", "_resets", "_settings")
 
     def __init__(self, limits: GuardLimits, now: float) -> None:
-        self._resets = TokenBucket(*limits.resets, now)
-        self._pings = TokenBucket(*limits.pings, now)
-        self._settings = TokenBucket(*limits.settings, now)
-        self._control = TokenBucket(*limits.control, now)
-        self._empty = TokenBucket(*limits.empty_frames, now)
+        self._resets = _bucket(limits.resets, now)
+        self._pings = _bucket(limits.pings, now)
+        self._settings = _bucket(limits.settings, now)
+        self._control = _bucket(limits.control, now)
+        self._empty = _bucket(limits.empty_frames, now)
 
     def on_reset(self, now: float) -> str | None:
-        return None if self._resets.take(now) else RAPID_RESET
+        return RAPID_RESET if self._resets.take(now) else None
 
     def on_ping(self, now: float) -> str | None:
-        return None if self._pings.take(now) else PING_FLOOD
+        return PING_FLOOD if self._pings.take(now) else None
 
     def on_settings(self, now: float) -> str | None:
-        return None if self._settings.take(now) else SETTINGS_FLOOD
+        return SETTINGS_FLOOD if self._settings.take(now) else None
 
     def on_control(self, now: float) -> str | None:
-        return None if self._control.take(now) else CONTROL_FLOOD
+        return CONTROL_FLOOD if self._control.take(now) else None
 
     def on_empty_data(self, now: float) -> str | None:
-        return None if self._empty.take(now) else EMPTY_FRAMES
+        return EMPTY_FRAMES if self._empty.take(now) else None
+
+
+def _bucket(budget: tuple[float, float], now: float) -> TokenBucket:
+    burst, rate = budget
+    return TokenBucket(rate, burst, now)
 
 
 def protocol_error_kind(message: str) -> str:

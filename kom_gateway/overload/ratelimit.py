@@ -1,30 +1,11 @@
-"""Token buckets for rate-limit rules (qps with a burst), pure and clock-free."""
+"""Token buckets for rate-limit rules (qps with a burst), by key, pure and clock-free."""
 
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
 
-
-class TokenBucket:
-    __slots__ = ("burst", "qps", "tokens", "updated")
-
-    def __init__(self, qps: float, burst: float, now: float) -> None:
-        self.qps = qps
-        self.burst = burst
-        self.tokens = burst
-        self.updated = now
-
-    def take(self, now: float) -> float:
-        """Take a token: 0.0 if granted, else the seconds until one will be there."""
-        elapsed = now - self.updated
-        if elapsed > 0:
-            self.tokens = min(self.burst, self.tokens + elapsed * self.qps)
-            self.updated = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return 0.0
-        return (1.0 - self.tokens) / self.qps
+from kom_gateway.tokenbucket import TokenBucket
 
 
 class BucketSet:
