@@ -117,6 +117,12 @@ def _parser() -> argparse.ArgumentParser:
         help="bind with SO_REUSEPORT, so another instance can share the port (for "
         "restarts without a gap)",
     )
+    run.add_argument(
+        "--engine",
+        choices=["auto", "nghttp2", "h2"],
+        help="HTTP/2 engine of both sides (default: the config's http2.engine, auto: "
+        "nghttp2 when its extension is installed, else h2)",
+    )
     run.add_argument("--no-admin", action="store_true", help=argparse.SUPPRESS)  # workers
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.set_defaults(func=cmd_run)
@@ -193,6 +199,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             watch_seconds=args.watch_interval,
             reuse_port=args.reuse_port,
             serve_admin=not args.no_admin,
+            engine=args.engine,
         )
         if args.workers > 1:
             return _run_async(run_workers(options, args.workers, args.log_level))

@@ -91,11 +91,17 @@ _INT64_MIN = -(2**63)
 def parse_request(method: str, target: str) -> RequestInfo:
     """Resolve `method` + request target (path with optional `?query`)."""
     raw_path, _, query = target.partition("?")
+    if method == "CONNECT":  # a tunnel: no Kubernetes API is reached that way
+        return RequestInfo("connect", raw_path, False, malformed="CONNECT is not supported")
     if not raw_path.startswith("/"):
         scheme_sep = raw_path.find("://")
         if scheme_sep > 0:  # absolute-form target (HTTP/1.1 proxy style)
             slash = raw_path.find("/", scheme_sep + 3)
             raw_path = raw_path[slash:] if slash >= 0 else "/"
+        else:
+            return RequestInfo(
+                method.lower(), raw_path, False, malformed="the path does not start with /"
+            )
     if not (target.isascii() and target.isprintable()) and _CONTROL_CHAR.search(target):
         return RequestInfo(method.lower(), raw_path, False, malformed="control character in URL")
     path = raw_path

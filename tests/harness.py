@@ -9,13 +9,17 @@ from dataclasses import dataclass, field
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.exceptions
+from hyperframe.frame import Frame, GoAwayFrame
 
 from kom_gateway.config import ConfigHolder, load_config_text
-from kom_gateway.http.h2client import ClientStream, H2ClientConnection, H2ClientSettings
+from kom_gateway.http.client import ClientStream
+from kom_gateway.http.h2client import H2ClientConnection
 from kom_gateway.http.h2conn import GracefulH2Connection
 from kom_gateway.http.listener import Listener
+from kom_gateway.http.settings import H2ClientSettings
 from kom_gateway.proxy.gateway import Gateway
 from kom_gateway.proxy.server import new_listener
 from kom_gateway.sim.server import Simulator
@@ -56,7 +60,8 @@ class RawH2:
         self.reader, self.writer = reader, writer
         # h2 reads nothing after a GOAWAY; a real client (Go, nghttp2) still reads the
         # streams the server promised to finish, so this one does too
-        self.conn = GracefulH2Connection(h2.config.H2Configuration(client_side=True))
+        self.conn = GracefulH2Connection(h2.config.H2Configuration(
+            client_side=True, validate_outbound_headers=False, normalize_outbound_headers=False))
         self.conn.initiate_connection()
         self.flush()
 
@@ -99,8 +104,10 @@ class RawH2:
         return events
 
     async def until_closed(self, timeout: float = 10) -> h2.events.ConnectionTerminated | None:
-        """Read until the server closes; its GOAWAY, if it sent one."""
-        goaway = None
+        """Read until the server closes; its last GOAWAY, if it sent one. Frames are
+        parsed, not fed to our state machine: a server may reset streams this client
+        wrote as raw frames, which h2 would refuse (and drop the GOAWAY after them)."""
+        received = b""
         async with asyncio.timeout(timeout):
             while True:
                 try:
@@ -109,14 +116,20 @@ class RawH2:
                     break
                 if not data:
                     break
-                try:
-                    events = self.conn.receive_data(data)
-                except h2.exceptions.ProtocolError:
-                    continue
-                for event in events:
-                    if isinstance(event, h2.events.ConnectionTerminated):
-                        goaway = event
+                received += data
         self.writer.close()
+        goaway = None
+        while len(received) >= 9:
+            frame, length = Frame.parse_frame_header(memoryview(received[:9]))
+            if len(received) < 9 + length:
+                break
+            if isinstance(frame, GoAwayFrame):
+                frame.parse_body(memoryview(received[9:9 + length]))
+                goaway = h2.events.ConnectionTerminated()
+                goaway.error_code = h2.errors.ErrorCodes(frame.error_code)
+                goaway.last_stream_id = frame.last_stream_id
+                goaway.additional_data = frame.additional_data
+            received = received[9 + length:]
         return goaway
 
 

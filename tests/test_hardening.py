@@ -19,6 +19,8 @@ from e2e import Cluster
 from harness import FAST_HEALTH, REQUEST, RawH2, Stack
 from hyperframe.frame import ContinuationFrame, HeadersFrame
 
+pytestmark = pytest.mark.usefixtures("engine")  # both HTTP/2 engines
+
 
 def abuse(stack: Stack, kind: str) -> float:
     return stack.gateway.metrics.registry.get_sample_value(
@@ -209,18 +211,62 @@ async def test_odd_targets_never_cause_a_server_error(stack, target):
     assert status < 500
 
 
-async def test_oversized_http2_header_list_ends_only_that_connection():
+async def test_oversized_http2_header_list_gets_431_on_its_stream_only():
+    """As kube-apiserver: a header list over the limit is answered 431 with a Status on
+    its own stream; the connection and the client's other requests carry on."""
     s = await Stack().start(extra=FAST_HEALTH + "limits: {maxHeaderBytes: 8192}\n")
     try:
-        raw = await RawH2.connect(s.port)
-        raw.conn.send_headers(1, [*REQUEST, (b"x-big", b"v" * 20000)], end_stream=True)
-        raw.flush()
-        goaway = await raw.until_closed()
-        assert goaway is not None and goaway.error_code != h2.errors.ErrorCodes.NO_ERROR
-        assert abuse(s, "protocol-error") == 1
-        await still_serving(s)
+        c = await s.client()
+        big = [(b"x-big-%d" % i, b"v" * 1000) for i in range(20)]  # 20 KB in 20 fields
+        r = await c.request("GET", "/api/v1/nodes", headers=big)
+        assert r.status == 431 and r.json()["reason"] == "RequestHeaderFieldsTooLarge"
+        r = await c.request("GET", "/api/v1/nodes")  # same connection
+        assert (r.status, r.group) == (200, "config")
+        assert abuse(s, "protocol-error") == 0
     finally:
         await s.close()
+
+
+@pytest.mark.parametrize("problem", [
+    [(b"X-Upper", b"v")],  # upper-case name
+    [(b"x-bad", b"a\r\nb")],  # CR/LF in a value
+    [(b"x-nul", b"a\x00b")],  # NUL in a value
+    [(b"connection", b"keep-alive")],  # connection-specific
+    [(b"te", b"gzip")],  # te other than trailers
+])
+async def test_malformed_request_resets_only_its_stream(stack, problem):
+    """RFC 9113 8.1.1: a malformed request is a stream error (RST_STREAM
+    PROTOCOL_ERROR), as nghttp2 and Go answer it; the connection keeps serving."""
+    raw = await RawH2.connect(stack.port)
+    raw.conn.send_headers(1, [*REQUEST, *problem], end_stream=True)
+    raw.conn.send_headers(3, REQUEST, end_stream=True)
+    raw.flush()
+    reset, answered = None, None
+    async with asyncio.timeout(5):
+        while answered is None or reset is None:
+            for event in await raw.events():
+                if isinstance(event, h2.events.StreamReset) and event.stream_id == 1:
+                    reset = event.error_code
+                elif isinstance(event, h2.events.ResponseReceived) and event.stream_id == 3:
+                    answered = dict(event.headers)[b":status"]
+    assert reset == h2.errors.ErrorCodes.PROTOCOL_ERROR
+    assert answered == b"200"
+    raw.writer.close()
+
+
+async def test_connect_and_a_path_without_slash_get_400(stack):
+    raw = await RawH2.connect(stack.port)
+    raw.conn.send_headers(1, [(b":method", b"CONNECT"), (b":authority", b"example:443")],
+                          end_stream=True)
+    raw.flush()
+    status = None
+    async with asyncio.timeout(5):
+        while status is None:
+            for event in await raw.events():
+                if isinstance(event, h2.events.ResponseReceived):
+                    status = dict(event.headers)[b":status"]
+    assert status == b"400"
+    raw.writer.close()
 
 
 def test_gateway_memory_stays_bounded_under_every_abuse(tmp_path):

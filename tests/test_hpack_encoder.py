@@ -66,3 +66,22 @@ def test_any_headers_round_trip(blocks):
     encoder, decoder = StatelessEncoder(), Decoder()
     for block in blocks:
         assert decoder.decode(encoder.encode(block), raw=True) == block
+
+
+def test_header_cost_is_linear_long_values_never_reach_the_huffman_coder(monkeypatch):
+    """hpack's Huffman coder is quadratic in a string's length (a 400 KB value held the
+    event loop 10 s). A 1 MiB header list must put at most HUFFMAN_MAX_BYTES per field
+    through it, and memoise nothing long: work per KB stays bounded whatever one client
+    sends. (A bound on work, not on time.)"""
+    coded: list[int] = []
+    real = hpack_encoder._HUFFMAN.encode
+    monkeypatch.setattr(hpack_encoder._HUFFMAN, "encode", lambda data: coded.append(len(data)) or real(data))
+    encoder, decoder = StatelessEncoder(), Decoder(max_header_list_size=4 << 20)
+    headers = [*REQUEST[:4], (b"x-huge", b"a" * (1 << 20)),
+               *((b"x-field-%d" % i, b"b" * 3000) for i in range(50))]
+    block = encoder.encode(headers)
+    assert max(coded) <= hpack_encoder.HUFFMAN_MAX_BYTES
+    assert sum(coded) <= hpack_encoder.HUFFMAN_MAX_BYTES * len(headers) * 2  # name + value
+    assert len(block) < 1.01 * sum(len(n) + len(v) for n, v in headers) + 1024
+    assert decoder.decode(block, raw=True) == headers
+    assert all(len(field) <= hpack_encoder.MEMO_MAX_BYTES for field in encoder._memo.values())

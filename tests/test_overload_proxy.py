@@ -12,9 +12,12 @@ import pytest
 from harness import EVERYONE_CUT_OVER, FAST_HEALTH, RawH2, Stack, config_text
 
 from kom_gateway.config import ConfigHolder, load_config_text
-from kom_gateway.http.h2server import GOAWAY_PING, MAX_STREAM_ID
+from kom_gateway.http.serverconn import GOAWAY_PING, MAX_STREAM_ID
 from kom_gateway.proxy.gateway import Gateway
 from kom_gateway.proxy.server import RunOptions, drain, new_listener
+
+pytestmark = pytest.mark.usefixtures("engine")  # both HTTP/2 engines
+
 
 LEASE = "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/node-1"
 
@@ -331,8 +334,8 @@ async def test_http2_settings_from_the_yaml_reach_both_sides():
         await asyncio.gather(*(client.request("GET", "/api/v1/pods") for _ in range(5)))
         (endpoint,) = stack.gateway.upstreams.groups["pod"]
         assert len(endpoint.connections) >= 3  # at most 2 streams each: 5 at once need 3
-        upstream = endpoint.connections[0].conn
-        assert upstream.local_settings.initial_window_size == 131072
-        assert upstream.inbound_flow_control_window >= 5000000 - 131072 * 2
+        upstream = endpoint.connections[0]
+        assert upstream.local_stream_window() == 131072
+        assert upstream.receive_window() >= 5000000 - 131072 * 2
     finally:
         await stack.close()

@@ -9,6 +9,7 @@ import ssl
 import subprocess
 
 import aiohttp
+import pytest
 from harness import GROUPS, config_text
 
 from kom_gateway.config import ConfigHolder, load_config_text
@@ -16,6 +17,9 @@ from kom_gateway.http.listener import Listener
 from kom_gateway.http.tlsfiles import server_ssl_context
 from kom_gateway.proxy.gateway import Gateway
 from kom_gateway.sim.server import Simulator
+
+pytestmark = pytest.mark.usefixtures("engine")  # both HTTP/2 engines
+
 
 CUTOVER = "cutover:\n  - percent: {pod: 100, config: 100, event: 100}\n"
 

@@ -42,6 +42,7 @@ def describe_changes(old: Config, new: Config) -> list[str]:
         ("listen.address", old.listen, new.listen),
         ("listen.tls", old.listen_tls, new.listen_tls),
         ("admin.address", old.admin, new.admin),
+        ("http2.engine", old.http2_engine, new.http2_engine),
     ):
         if before != after:
             lines.append(f"{name}: {_show(before)} -> {_show(after)} (takes effect on restart)")

@@ -155,6 +155,7 @@ LIMIT_KEYS: dict[str, Field] = {
     "stalledWriteTimeoutSeconds": Field("stalled_write_timeout", zero=True),
 }
 
+HTTP2_ENGINES = ("auto", "nghttp2", "h2")
 _WINDOW = (65535, 2**31 - 1)  # RFC 9113 flow-control window bounds
 _FRAME = (16384, 2**24 - 1)  # RFC 9113 SETTINGS_MAX_FRAME_SIZE bounds
 
@@ -241,6 +242,7 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     http2_downstream: Http2Downstream = field(default_factory=Http2Downstream)
     http2_upstream: Http2Upstream = field(default_factory=Http2Upstream)
+    http2_engine: str = "auto"  # auto | nghttp2 | h2 (see kom_gateway/http/engine.py)
     overload: OverloadPolicy = field(default_factory=OverloadPolicy)
     goaway: GoawayPolicy = field(default_factory=GoawayPolicy)
     access_log: AccessLogSettings = field(default_factory=AccessLogSettings)
@@ -453,7 +455,13 @@ class _Builder:
             ),
         )
         limits = self.fields(top.get("limits"), ("limits",), LIMIT_KEYS, Limits)
-        h2 = self.mapping(top.get("http2"), ("http2",), ("downstream", "upstream")) or {}
+        h2 = self.mapping(top.get("http2"), ("http2",), ("engine", "downstream", "upstream")) or {}
+        http2_engine = h2.get("engine", "auto")
+        if http2_engine not in HTTP2_ENGINES:
+            self.error(
+                ("http2", "engine"),
+                f"must be one of {', '.join(HTTP2_ENGINES)}, got {http2_engine!r}",
+            )
         http2_downstream = self.fields(
             h2.get("downstream"), ("http2", "downstream"), HTTP2_DOWNSTREAM_KEYS, Http2Downstream
         )
@@ -478,6 +486,7 @@ class _Builder:
             limits=limits,
             http2_downstream=http2_downstream,
             http2_upstream=http2_upstream,
+            http2_engine=http2_engine,
             overload=overload,
             goaway=goaway,
             access_log=access_log,

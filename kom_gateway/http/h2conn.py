@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +15,7 @@ import h2.settings
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
-from kom_gateway.http.hpack_encoder import StatelessEncoder
+from kom_gateway.http.hpack_encoder import MEMO_MAX_BYTES, StatelessEncoder
 
 
 def _memoize_huffman_decoding() -> None:
@@ -30,8 +28,17 @@ def _memoize_huffman_decoding() -> None:
 
     import hpack.hpack
 
-    if not hasattr(hpack.hpack.decode_huffman, "cache_info"):
-        hpack.hpack.decode_huffman = functools.lru_cache(maxsize=4096)(hpack.hpack.decode_huffman)
+    if hasattr(hpack.hpack.decode_huffman, "memoized"):
+        return
+    decode = hpack.hpack.decode_huffman
+    cached = functools.lru_cache(maxsize=4096)(decode)
+
+    def decode_huffman(data: bytes) -> bytes:
+        # only short strings repeat; a long one would pin its bytes in the memo
+        return cached(data) if len(data) <= MEMO_MAX_BYTES else decode(data)
+
+    decode_huffman.memoized = True  # type: ignore[attr-defined]
+    hpack.hpack.decode_huffman = decode_huffman
 
 
 _memoize_huffman_decoding()
@@ -97,6 +104,7 @@ def make_connection(
     initial_window: int,
     max_frame_size: int = 16384,
     max_header_list_size: int = 1 << 20,
+    decoder_header_list_limit: int | None = None,
     validate_inbound: bool = True,
 ) -> GracefulH2Connection:
     """Inbound headers are validated where they come from clients (`validate_inbound`);
@@ -126,94 +134,8 @@ def make_connection(
     # value; installed as initial values they never change, so apply them here, or the
     # peer honours limits we advertise and our own parser rejects its frames / headers.
     conn.max_inbound_frame_size = max_frame_size
-    conn.decoder.max_header_list_size = max_header_list_size
+    conn.decoder.max_header_list_size = decoder_header_list_limit or max_header_list_size
     return conn
-
-
-class H2TransportMixin:
-    """Transport-side behaviour both HTTP/2 ends share.
-
-    h2's output goes to the transport once per event-loop turn, so the frames that one
-    read produces (or many streams queue) leave in a single write. While the transport
-    is paused (its buffer is full), streams with data wait in `_blocked` and are flushed
-    on resume.
-    """
-
-    conn: h2.connection.H2Connection
-    transport: Any
-    streams: dict[int, Any]
-    _blocked: set[int]
-    _paused: bool
-    _flush_handle: asyncio.Handle | None = None
-
-    def flush_stream(self, stream: Any) -> None:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-    # -- PING keepalive: after `interval` s without a frame from the peer, PING it; no
-    # ACK within `timeout` s means the peer is gone (half-open TCP): close, which fails
-    # or cancels every stream on the connection.
-    _last_read: float = 0.0
-    _ping_ack: asyncio.Future[None] | None = None
-    _keepalive_task: asyncio.Task[None] | None = None
-
-    def _start_keepalive(self, interval: float, timeout: float, peer: str) -> None:
-        self._last_read = time.monotonic()
-        if interval > 0:
-            self._keepalive_task = asyncio.get_running_loop().create_task(
-                self._keepalive(interval, timeout, peer)
-            )
-
-    def _stop_keepalive(self) -> None:
-        if self._keepalive_task is not None:
-            self._keepalive_task.cancel()
-
-    def _ping_acked(self) -> None:
-        if self._ping_ack is not None and not self._ping_ack.done():
-            self._ping_ack.set_result(None)
-
-    async def _keepalive(self, interval: float, timeout: float, peer: str) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            idle = time.monotonic() - self._last_read
-            if idle < interval:
-                await asyncio.sleep(interval - idle)
-                continue
-            self._ping_ack = loop.create_future()
-            try:
-                self.conn.ping(b"komgw\x00\x00\x00")
-            except h2.exceptions.ProtocolError:
-                return
-            self._write_out()
-            try:
-                async with asyncio.timeout(timeout):
-                    await self._ping_ack
-            except TimeoutError:
-                log.warning("%s did not answer PING within %ss: closing", peer, timeout)
-                self.close()
-                return
-
-    def pause_writing(self) -> None:
-        self._paused = True
-
-    def resume_writing(self) -> None:
-        self._paused = False
-        for stream_id in list(self._blocked):
-            stream = self.streams.get(stream_id)
-            if stream is not None:
-                self.flush_stream(stream)
-
-    def _write_out(self) -> None:
-        if self._flush_handle is None and self.transport is not None:
-            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush_now)
-
-    def _flush_now(self) -> None:
-        self._flush_handle = None
-        data = self.conn.data_to_send()
-        if data and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
 
 
 def open_connection_window(conn: h2.connection.H2Connection, target: int) -> None:

@@ -31,6 +31,8 @@ _HUFFMAN = HuffmanEncoder(REQUEST_CODES, REQUEST_CODES_LENGTH)
 _SENSITIVE = frozenset({b"authorization", b"proxy-authorization", b"cookie"})
 _TABLE_SIZE_ZERO = b"\x20"  # dynamic table size update, new size 0 (RFC 7541 6.3)
 MEMO_SIZE = 8192
+MEMO_MAX_BYTES = 1024  # longer fields are coded each time, never kept
+HUFFMAN_MAX_BYTES = 1024  # longer values go as plain literals (see _string)
 
 
 def _static_indexes() -> tuple[dict[tuple[bytes, bytes], int], dict[bytes, int]]:
@@ -46,7 +48,12 @@ _STATIC_FIELDS, _STATIC_NAMES = _static_indexes()
 
 
 def _string(data: bytes) -> bytes:
-    """A string literal, Huffman-coded when that is shorter (RFC 7541 5.2)."""
+    """A string literal, Huffman-coded when that is shorter (RFC 7541 5.2). hpack's
+    Huffman encoder grows one big integer bit by bit, quadratic in the length (a 400 KB
+    value took 10 s of the event loop), so long strings are sent as plain literals: a
+    fifth larger at most, and linear."""
+    if len(data) > HUFFMAN_MAX_BYTES:
+        return bytes(encode_integer(len(data), 7)) + data
     coded = _HUFFMAN.encode(data)
     if len(coded) < len(data):
         length = encode_integer(len(coded), 7)
@@ -93,8 +100,10 @@ class StatelessEncoder:
             key = (header[0], header[1], isinstance(header, NeverIndexedHeaderTuple))
             field = memo.get(key)
             if field is None:
-                if len(memo) >= MEMO_SIZE:
-                    memo.clear()
-                field = memo[key] = encode_field(*key)
+                field = encode_field(*key)
+                if len(field) <= MEMO_MAX_BYTES:
+                    if len(memo) >= MEMO_SIZE:
+                        memo.clear()
+                    memo[key] = field
             parts.append(field)
         return b"".join(parts)

@@ -19,8 +19,10 @@ import h2.connection
 from aiohttp import web
 from h2.errors import ErrorCodes
 
+from kom_gateway.http import engine as engines
 from kom_gateway.http.h1server import StreamHandler, UpgradeHandler, aiohttp_server
-from kom_gateway.http.h2server import H2ServerProtocol, H2ServerSettings
+from kom_gateway.http.serverconn import HTTP2ServerConnection
+from kom_gateway.http.settings import H2ServerSettings
 from kom_gateway.kubestatus import status_body
 
 log = logging.getLogger(__name__)
@@ -119,7 +121,9 @@ class Listener:
         on_reject: Callable[[str], None] | None = None,
         on_abuse: Callable[[str], None] | None = None,
         on_goaway: Callable[[str], None] | None = None,
+        engine: engines.Engine | None = None,
     ) -> None:
+        self.engine = engine or engines.select()
         self.handler = handler
         self.upgrade_handler = upgrade_handler
         self.h2_settings = h2_settings or H2ServerSettings()
@@ -131,7 +135,7 @@ class Listener:
         self.on_connections: Callable[[], None] = lambda: None  # the counts below changed
         self.h1_server: web.Server = self._new_h1_server()
         self._retired_h1: list[web.Server] = []
-        self.h2_connections: set[H2ServerProtocol] = set()
+        self.h2_connections: set[HTTP2ServerConnection] = set()
         self.h1_connections = 0
         self.per_address: dict[str, int] = {}
         self.server: asyncio.Server | None = None
@@ -176,7 +180,7 @@ class Listener:
         self._release(_address(transport))
         self.on_connections()
 
-    def _h2_lost(self, protocol: H2ServerProtocol) -> None:
+    def _h2_lost(self, protocol: HTTP2ServerConnection) -> None:
         self.h2_connections.discard(protocol)
         self._release(protocol.remote_addr)
         self.on_connections()
@@ -190,8 +194,8 @@ class Listener:
         if self._on_reject is not None:
             self._on_reject(reason)
 
-    def new_h2_protocol(self) -> H2ServerProtocol:
-        protocol = H2ServerProtocol(
+    def new_h2_protocol(self) -> HTTP2ServerConnection:
+        protocol = self.engine.server(
             self.handler, self.h2_settings, self._h2_lost, self._on_abuse, self._on_goaway
         )
         self.h2_connections.add(protocol)

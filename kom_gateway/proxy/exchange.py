@@ -15,15 +15,14 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-import h2.exceptions
-
 from kom_gateway.config.holder import Active
-from kom_gateway.http.h2client import (
+from kom_gateway.http.client import (
     RESET_BROKEN,
     RESET_GOAWAY,
     RESET_REFUSED,
     ClientStream,
     ConnectError,
+    StreamRefused,
 )
 from kom_gateway.http.stream import Headers, ServerStream
 from kom_gateway.kubestatus import status_body
@@ -317,7 +316,7 @@ class Exchange:
         no_body = self.body_ended and not self.body
         try:
             attempt.upstream = conn.open_stream(headers, no_body, attempt)
-        except (h2.exceptions.ProtocolError, h2.exceptions.StreamClosedError) as exc:
+        except StreamRefused as exc:
             log.info("could not open a stream on %s: %s", endpoint.name, exc)
             return Failure.REFUSED
         if not no_body:

@@ -18,6 +18,7 @@ from aiohttp import web
 from kom_gateway.config import ConfigError, load_config_file
 from kom_gateway.config.diff import describe_changes
 from kom_gateway.config.holder import Active, ConfigHolder, ReloadResult
+from kom_gateway.http import engine as engines
 from kom_gateway.http.stream import Headers, ServerStream
 from kom_gateway.identity import PeerIdentity
 from kom_gateway.overload.admission import Admission, Rejection
@@ -37,10 +38,15 @@ LOAD_SAMPLE_SECONDS = 0.25
 
 
 class Gateway:
-    def __init__(self, holder: ConfigHolder, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, holder: ConfigHolder, metrics: Metrics | None = None, engine: str | None = None
+    ) -> None:
         self.holder = holder
         self.metrics = metrics or Metrics()
-        self.upstreams = Upstreams(self._health_changed)
+        # the HTTP/2 engine of both sides: --engine, else the config's http2.engine
+        self.engine = engines.select(engine or holder.current.config.http2_engine)
+        self.metrics.set_build_info(self.engine.name)
+        self.upstreams = Upstreams(self._health_changed, self.engine)
         self.upstreams.sync(holder.current.config)
         self.metrics.config_generation.set(holder.current.generation)
         self._clients: dict[tuple[bytes, str, bytes], Client] = {}

@@ -6,9 +6,12 @@ values combine (`multiprocess_mode`), so nothing here may be a callback gauge.""
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from kom_gateway import __version__
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -23,10 +26,21 @@ class Metrics:
             found = self._children[key] = metric.labels(*values)
         return found
 
+    def set_build_info(self, engine: str) -> None:
+        python = ".".join(map(str, sys.version_info[:3]))
+        self.build_info.labels(__version__, engine, python).set(1)
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        self.build_info = Gauge(
+            "kom_gateway_build_info",
+            "1, labelled with the version, the HTTP/2 engine and the Python version.",
+            ["version", "engine", "python"],
+            registry=r,
+            multiprocess_mode="max",
+        )
         self.requests = Counter(
             "kom_gateway_requests",
             "Requests answered, by the group that answered them.",

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from kom_gateway.config import ConfigError, ConfigHolder, load_config_file
 from kom_gateway.config.schema import Address, Config
 from kom_gateway.filewatch import FileSet
-from kom_gateway.http.h2server import GOAWAY_LINGER_SECONDS, H2ServerSettings
+from kom_gateway.http.serverconn import GOAWAY_LINGER_SECONDS
+from kom_gateway.http.settings import H2ServerSettings
 from kom_gateway.http.listener import ConnectionLimits, Listener
 from kom_gateway.http.tlsfiles import ServerTLSContext
 from kom_gateway.proxy.admin import start_admin
@@ -32,6 +33,7 @@ class RunOptions:
     watch_seconds: float = 5.0  # how often the config and certificate files are checked
     reuse_port: bool = False  # SO_REUSEPORT: several instances or workers on one port
     serve_admin: bool = True  # False in workers: the supervisor serves /metrics
+    engine: str | None = None  # HTTP/2 engine (auto | nghttp2 | h2); None: the config's
 
 
 async def run_gateway(
@@ -39,7 +41,7 @@ async def run_gateway(
 ) -> int:
     config = load_config_file(options.config_path)
     holder = ConfigHolder(config)
-    gateway = Gateway(holder)
+    gateway = Gateway(holder, engine=options.engine)
     serving_tls = None
     if config.listen_tls is not None:
         tls = config.listen_tls
@@ -65,7 +67,8 @@ async def run_gateway(
             gateway.metrics.registry, admin_address.host, admin_address.port, is_ready
         )
         admin_text = f"admin on {admin_address.host}:{admin_port}"
-    scheme = "https (h2 + http/1.1 via ALPN)" if serving_tls else "h2c + http/1.1"
+    scheme = "https: h2 + http/1.1 via ALPN" if serving_tls else "h2c + http/1.1"
+    scheme += f", HTTP/2 engine {gateway.engine.name}"
     print(
         f"kom-gateway listening on {listen.host}:{port} ({scheme}); {admin_text}; "
         f"config {options.config_path} generation {holder.current.generation}",
@@ -164,6 +167,7 @@ def new_listener(gateway: Gateway, ssl_context: ssl.SSLContext | None) -> Listen
         on_reject=lambda reason: metrics.connections_rejected.labels(reason).inc(),
         on_abuse=lambda kind: metrics.http2_abuse.labels(kind).inc(),
         on_goaway=lambda reason: metrics.goaways.labels(reason).inc(),
+        engine=gateway.engine,
     )
     gateway.open_streams = listener.open_streams
     h2 = metrics.client_connections.labels("h2")

@@ -21,13 +21,14 @@ from collections.abc import Callable
 
 from kom_gateway.config.schema import Config, ConfigError, Endpoint
 from kom_gateway.config.schema import UpstreamTLS as UpstreamTLSConfig
-from kom_gateway.http.h2client import (
+from kom_gateway.http.client import (
     RESET_GOAWAY,
     ClientStream,
     ConnectError,
-    H2ClientConnection,
-    H2ClientSettings,
+    HTTP2ClientConnection,
 )
+from kom_gateway.http.engine import Engine
+from kom_gateway.http.settings import H2ClientSettings
 from kom_gateway.http.stream import Headers
 from kom_gateway.http.tlsfiles import ReloadingContext
 from kom_gateway.identity import identity_headers
@@ -76,8 +77,10 @@ class UpstreamEndpoint:
         server_name: str | None,
         health_threshold: int,
         on_health: HealthListener,
+        connection_class: type[HTTP2ClientConnection],
     ) -> None:
         self.group = group
+        self.connection_class = connection_class
         self.spec = spec
         self.name = str(spec)
         self.settings = settings
@@ -88,8 +91,8 @@ class UpstreamEndpoint:
         )
         self.health = EndpointHealth(health_threshold)
         self.in_flight = 0
-        self.connections: list[H2ClientConnection] = []
-        self._connecting: asyncio.Task[H2ClientConnection] | None = None
+        self.connections: list[HTTP2ClientConnection] = []
+        self._connecting: asyncio.Task[HTTP2ClientConnection] | None = None
         self._on_health = on_health
         self._probe_now = asyncio.Event()
         self._prober: asyncio.Task[None] | None = None
@@ -100,7 +103,7 @@ class UpstreamEndpoint:
         return self.health.healthy
 
     # -- connections ---------------------------------------------------------------------
-    async def connection(self) -> H2ClientConnection:
+    async def connection(self) -> HTTP2ClientConnection:
         """A connection with room for one more stream (opening one if needed)."""
         while True:
             self.connections = [c for c in self.connections if not c.closed]
@@ -122,9 +125,9 @@ class UpstreamEndpoint:
             if conn.has_capacity():
                 return conn
 
-    async def _connect(self) -> H2ClientConnection:
+    async def _connect(self) -> HTTP2ClientConnection:
         try:
-            conn = await H2ClientConnection.connect(
+            conn = await self.connection_class.connect(
                 self.spec.host,
                 self.spec.port,
                 self.settings,
@@ -234,7 +237,8 @@ class _Probe:
 class Upstreams:
     """All groups' endpoints; kept in step with the configuration on reload."""
 
-    def __init__(self, on_health: HealthListener) -> None:
+    def __init__(self, on_health: HealthListener, engine: Engine) -> None:
+        self.engine = engine
         self.tls = UpstreamTLS()
         self.groups: dict[str, list[UpstreamEndpoint]] = {}
         self._by_key: dict[tuple[str, str], UpstreamEndpoint] = {}
@@ -271,6 +275,7 @@ class Upstreams:
                         config.upstream_tls.server_name,
                         config.health.failure_threshold,
                         self._on_health,
+                        self.engine.client,
                     )
                     endpoint.start_probing(config.health.interval, config.health.timeout)
                     self._on_health(endpoint, True)

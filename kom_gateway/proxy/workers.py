@@ -109,6 +109,7 @@ async def run_workers(options: RunOptions, count: int, log_level: str = "info") 
         str(options.watch_seconds),
         "--log-level",
         log_level,
+        *(("--engine", options.engine) if options.engine else ()),
     ]
     env = {**os.environ, MULTIPROC_ENV: metrics_dir}
     workers = [Worker(i, argv, env) for i in range(count)]

@@ -19,11 +19,12 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from aiohttp import WSMsgType, web
-from h2.errors import ErrorCodes
 
 from kom_gateway.http.h1server import request_tls
 from kom_gateway.http.h2guard import UNGUARDED
-from kom_gateway.http.h2server import H2ServerSettings, H2ServerStream
+from kom_gateway.http import engine as engines
+from kom_gateway.http.serverconn import REFUSED_STREAM, HTTP2ServerStream
+from kom_gateway.http.settings import H2ServerSettings
 from kom_gateway.http.listener import Listener
 from kom_gateway.http.stream import BodyTooLarge, ServerStream, StreamClosed
 from kom_gateway.requestinfo import RequestInfo, parse_request
@@ -105,6 +106,9 @@ class Simulator:
         self.h2_settings = replace(
             h2_settings or H2ServerSettings(), guard=UNGUARDED, stalled_write_timeout=0
         )
+        # the h2 engine, as kube-apiserver: a header field may be as long as the whole
+        # header list allows (nghttp2 caps one field at 64 KiB; Go does not)
+        self.engine = engines.select("h2")
         self.ssl_context = ssl_context  # serve the groups over TLS (ALPN h2, http/1.1)
         self.store = store or Store()
         self.api = SimAPI(self.store, bookmark_interval)
@@ -127,6 +131,7 @@ class Simulator:
             lambda request: self._upgrade(group, request),
             self.h2_settings,
             self.ssl_context,
+            engine=self.engine,
         )
         group.port = await listener.start(group.host, group.port)
         group.listener = listener
@@ -238,12 +243,12 @@ class Simulator:
                 return
             if (
                 faults.goaway_chance
-                and isinstance(stream, H2ServerStream)
+                and isinstance(stream, HTTP2ServerStream)
                 and random.random() < faults.goaway_chance
             ):
                 stream.connection.goaway(two_phase=False)  # as Go's server does
-            if faults.refuse_streams and isinstance(stream, H2ServerStream):
-                stream.connection.reset_stream(stream.stream_id, ErrorCodes.REFUSED_STREAM)
+            if faults.refuse_streams and isinstance(stream, HTTP2ServerStream):
+                stream.connection.reset_stream(stream.stream_id, REFUSED_STREAM)
                 return
             if faults.latency:
                 await group.wait_latency()

@@ -1,0 +1,749 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""libnghttp2 sessions for the HTTP/2 engine `nghttp2` (see `ngserver.py`, `ngclient.py`).
+
+nghttp2 parses, validates and frames; Python is told once per frame event, never per
+header. Callbacks run inside `receive()` / `send()` and only gather: a header block becomes
+one list, each event one tuple appended to `events`, each fully framed write's callback one
+entry in `flushed`. The protocol classes then act on those lists with no C frame below them,
+so no Python code ever runs re-entrantly inside nghttp2 and no exception crosses it.
+
+Window updates are manual (`consume`): the connection and stream windows reopen only for
+bytes the other side has actually taken, so a reader that stops stalls only its own stream.
+Outgoing bodies wait in a per-stream `_Outgoing` queue that nghttp2 pulls from through a
+data provider; an empty queue defers the stream (never a 0-byte read without EOF, which
+would make nghttp2 emit empty DATA frames forever) until `write` resumes it.
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.stdint cimport int32_t, uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy
+
+from collections import deque
+
+# Our declarations of the part of libnghttp2's ABI (soname 14) used here, so that the
+# extension builds where only the runtime library is installed (as on every machine with
+# curl). tests/test_nghttp2_abi.py checks every layout and constant below against
+# <nghttp2/nghttp2.h> wherever that header is installed.
+cdef extern from *:
+    """
+    #include <stddef.h>
+    #include <stdint.h>
+    #include <sys/types.h>
+    typedef struct nghttp2_session nghttp2_session;
+    typedef struct nghttp2_session_callbacks nghttp2_session_callbacks;
+    typedef struct nghttp2_option nghttp2_option;
+    typedef struct { uint8_t *name; uint8_t *value; size_t namelen; size_t valuelen;
+                     uint8_t flags; } nghttp2_nv;
+    typedef struct { size_t length; int32_t stream_id; uint8_t type; uint8_t flags;
+                     uint8_t reserved; } nghttp2_frame_hd;
+    typedef struct { int32_t stream_id; int32_t weight; uint8_t exclusive; }
+        nghttp2_priority_spec;
+    typedef struct { nghttp2_frame_hd hd; size_t padlen; } nghttp2_data;
+    typedef struct { nghttp2_frame_hd hd; size_t padlen; nghttp2_priority_spec pri_spec;
+                     nghttp2_nv *nva; size_t nvlen; int cat; } nghttp2_headers;
+    typedef struct { nghttp2_frame_hd hd; uint32_t error_code; } nghttp2_rst_stream;
+    typedef struct { nghttp2_frame_hd hd; uint8_t opaque_data[8]; } nghttp2_ping;
+    typedef struct { nghttp2_frame_hd hd; int32_t last_stream_id; uint32_t error_code;
+                     uint8_t *opaque_data; size_t opaque_data_len; uint8_t reserved; }
+        nghttp2_goaway;
+    typedef struct { int32_t settings_id; uint32_t value; } nghttp2_settings_entry;
+    typedef union { nghttp2_frame_hd hd; nghttp2_data data; nghttp2_headers headers;
+                    nghttp2_rst_stream rst_stream; nghttp2_ping ping;
+                    nghttp2_goaway goaway; } nghttp2_frame;
+    typedef union { int fd; void *ptr; } nghttp2_data_source;
+    typedef ssize_t (*nghttp2_data_source_read_callback)(
+        nghttp2_session *, int32_t, uint8_t *, size_t, uint32_t *, nghttp2_data_source *,
+        void *);
+    typedef struct { nghttp2_data_source source;
+                     nghttp2_data_source_read_callback read_callback; }
+        nghttp2_data_provider;
+    typedef int (*nghttp2_on_frame_recv_callback)(nghttp2_session *, const nghttp2_frame *,
+                                                  void *);
+    typedef int (*nghttp2_on_begin_headers_callback)(nghttp2_session *,
+                                                     const nghttp2_frame *, void *);
+    typedef int (*nghttp2_on_header_callback)(nghttp2_session *, const nghttp2_frame *,
+                                              const uint8_t *, size_t, const uint8_t *,
+                                              size_t, uint8_t, void *);
+    typedef int (*nghttp2_on_data_chunk_recv_callback)(nghttp2_session *, uint8_t, int32_t,
+                                                       const uint8_t *, size_t, void *);
+    typedef int (*nghttp2_on_stream_close_callback)(nghttp2_session *, int32_t, uint32_t,
+                                                    void *);
+    int nghttp2_session_callbacks_new(nghttp2_session_callbacks **);
+    void nghttp2_session_callbacks_del(nghttp2_session_callbacks *);
+    void nghttp2_session_callbacks_set_on_frame_recv_callback(
+        nghttp2_session_callbacks *, nghttp2_on_frame_recv_callback);
+    void nghttp2_session_callbacks_set_on_begin_headers_callback(
+        nghttp2_session_callbacks *, nghttp2_on_begin_headers_callback);
+    void nghttp2_session_callbacks_set_on_header_callback(
+        nghttp2_session_callbacks *, nghttp2_on_header_callback);
+    void nghttp2_session_callbacks_set_on_data_chunk_recv_callback(
+        nghttp2_session_callbacks *, nghttp2_on_data_chunk_recv_callback);
+    void nghttp2_session_callbacks_set_on_stream_close_callback(
+        nghttp2_session_callbacks *, nghttp2_on_stream_close_callback);
+    int nghttp2_option_new(nghttp2_option **);
+    void nghttp2_option_del(nghttp2_option *);
+    void nghttp2_option_set_no_auto_window_update(nghttp2_option *, int);
+    void nghttp2_option_set_peer_max_concurrent_streams(nghttp2_option *, uint32_t);
+    void nghttp2_option_set_max_send_header_block_length(nghttp2_option *, size_t);
+    void nghttp2_option_set_no_closed_streams(nghttp2_option *, int);
+    void nghttp2_option_set_stream_reset_rate_limit(nghttp2_option *, uint64_t, uint64_t);
+    void nghttp2_option_set_max_continuations(nghttp2_option *, size_t);
+    void nghttp2_option_set_max_outbound_ack(nghttp2_option *, size_t);
+    int nghttp2_session_server_new2(nghttp2_session **, const nghttp2_session_callbacks *,
+                                    void *, const nghttp2_option *);
+    int nghttp2_session_client_new2(nghttp2_session **, const nghttp2_session_callbacks *,
+                                    void *, const nghttp2_option *);
+    void nghttp2_session_del(nghttp2_session *);
+    ssize_t nghttp2_session_mem_recv(nghttp2_session *, const uint8_t *, size_t);
+    ssize_t nghttp2_session_mem_send(nghttp2_session *, const uint8_t **);
+    int nghttp2_session_resume_data(nghttp2_session *, int32_t);
+    int nghttp2_session_want_read(nghttp2_session *);
+    int nghttp2_session_want_write(nghttp2_session *);
+    int nghttp2_session_consume(nghttp2_session *, int32_t, size_t);
+    int nghttp2_session_set_local_window_size(nghttp2_session *, uint8_t, int32_t, int32_t);
+    uint32_t nghttp2_session_get_remote_settings(nghttp2_session *, int);
+    int32_t nghttp2_session_get_last_proc_stream_id(nghttp2_session *);
+    int32_t nghttp2_session_get_stream_remote_window_size(nghttp2_session *, int32_t);
+    int32_t nghttp2_session_get_local_window_size(nghttp2_session *);
+    uint32_t nghttp2_session_get_local_settings(nghttp2_session *, int);
+    int nghttp2_submit_settings(nghttp2_session *, uint8_t, const nghttp2_settings_entry *,
+                                size_t);
+    int32_t nghttp2_submit_request(nghttp2_session *, const nghttp2_priority_spec *,
+                                   const nghttp2_nv *, size_t, const nghttp2_data_provider *,
+                                   void *);
+    int nghttp2_submit_response(nghttp2_session *, int32_t, const nghttp2_nv *, size_t,
+                                const nghttp2_data_provider *);
+    int nghttp2_submit_rst_stream(nghttp2_session *, uint8_t, int32_t, uint32_t);
+    int nghttp2_submit_ping(nghttp2_session *, uint8_t, const uint8_t *);
+    int nghttp2_submit_goaway(nghttp2_session *, uint8_t, int32_t, uint32_t, const uint8_t *,
+                              size_t);
+    int nghttp2_submit_shutdown_notice(nghttp2_session *);
+    const char *nghttp2_strerror(int);
+    """
+    ctypedef struct nghttp2_session
+    ctypedef struct nghttp2_session_callbacks
+    ctypedef struct nghttp2_option
+    ctypedef struct nghttp2_nv:
+        uint8_t *name
+        uint8_t *value
+        size_t namelen
+        size_t valuelen
+        uint8_t flags
+    ctypedef struct nghttp2_frame_hd:
+        size_t length
+        int32_t stream_id
+        uint8_t type
+        uint8_t flags
+    ctypedef struct nghttp2_priority_spec:
+        pass
+    ctypedef struct nghttp2_headers:
+        nghttp2_frame_hd hd
+        int cat
+    ctypedef struct nghttp2_rst_stream:
+        nghttp2_frame_hd hd
+        uint32_t error_code
+    ctypedef struct nghttp2_ping:
+        nghttp2_frame_hd hd
+        uint8_t opaque_data[8]
+    ctypedef struct nghttp2_goaway:
+        nghttp2_frame_hd hd
+        int32_t last_stream_id
+        uint32_t error_code
+    ctypedef struct nghttp2_settings_entry:
+        int32_t settings_id
+        uint32_t value
+    ctypedef union nghttp2_frame:
+        nghttp2_frame_hd hd
+        nghttp2_headers headers
+        nghttp2_rst_stream rst_stream
+        nghttp2_ping ping
+        nghttp2_goaway goaway
+    ctypedef union nghttp2_data_source:
+        void *ptr
+    ctypedef ssize_t (*nghttp2_data_source_read_callback)(
+        nghttp2_session *, int32_t, uint8_t *, size_t, uint32_t *, nghttp2_data_source *,
+        void *) noexcept
+    ctypedef struct nghttp2_data_provider:
+        nghttp2_data_source source
+        nghttp2_data_source_read_callback read_callback
+    ctypedef int (*nghttp2_on_frame_recv_callback)(
+        nghttp2_session *, const nghttp2_frame *, void *) noexcept
+    ctypedef int (*nghttp2_on_begin_headers_callback)(
+        nghttp2_session *, const nghttp2_frame *, void *) noexcept
+    ctypedef int (*nghttp2_on_header_callback)(
+        nghttp2_session *, const nghttp2_frame *, const uint8_t *, size_t, const uint8_t *,
+        size_t, uint8_t, void *) noexcept
+    ctypedef int (*nghttp2_on_data_chunk_recv_callback)(
+        nghttp2_session *, uint8_t, int32_t, const uint8_t *, size_t, void *) noexcept
+    ctypedef int (*nghttp2_on_stream_close_callback)(
+        nghttp2_session *, int32_t, uint32_t, void *) noexcept
+    int nghttp2_session_callbacks_new(nghttp2_session_callbacks **)
+    void nghttp2_session_callbacks_del(nghttp2_session_callbacks *)
+    void nghttp2_session_callbacks_set_on_frame_recv_callback(
+        nghttp2_session_callbacks *, nghttp2_on_frame_recv_callback)
+    void nghttp2_session_callbacks_set_on_begin_headers_callback(
+        nghttp2_session_callbacks *, nghttp2_on_begin_headers_callback)
+    void nghttp2_session_callbacks_set_on_header_callback(
+        nghttp2_session_callbacks *, nghttp2_on_header_callback)
+    void nghttp2_session_callbacks_set_on_data_chunk_recv_callback(
+        nghttp2_session_callbacks *, nghttp2_on_data_chunk_recv_callback)
+    void nghttp2_session_callbacks_set_on_stream_close_callback(
+        nghttp2_session_callbacks *, nghttp2_on_stream_close_callback)
+    int nghttp2_option_new(nghttp2_option **)
+    void nghttp2_option_del(nghttp2_option *)
+    void nghttp2_option_set_no_auto_window_update(nghttp2_option *, int)
+    void nghttp2_option_set_peer_max_concurrent_streams(nghttp2_option *, uint32_t)
+    void nghttp2_option_set_max_send_header_block_length(nghttp2_option *, size_t)
+    void nghttp2_option_set_no_closed_streams(nghttp2_option *, int)
+    void nghttp2_option_set_stream_reset_rate_limit(nghttp2_option *, uint64_t, uint64_t)
+    void nghttp2_option_set_max_continuations(nghttp2_option *, size_t)
+    void nghttp2_option_set_max_outbound_ack(nghttp2_option *, size_t)
+    int nghttp2_session_server_new2(nghttp2_session **, const nghttp2_session_callbacks *,
+                                    void *, const nghttp2_option *)
+    int nghttp2_session_client_new2(nghttp2_session **, const nghttp2_session_callbacks *,
+                                    void *, const nghttp2_option *)
+    void nghttp2_session_del(nghttp2_session *)
+    ssize_t nghttp2_session_mem_recv(nghttp2_session *, const uint8_t *, size_t)
+    ssize_t nghttp2_session_mem_send(nghttp2_session *, const uint8_t **)
+    int nghttp2_session_resume_data(nghttp2_session *, int32_t)
+    int nghttp2_session_want_read(nghttp2_session *)
+    int nghttp2_session_want_write(nghttp2_session *)
+    int nghttp2_session_consume(nghttp2_session *, int32_t, size_t)
+    int nghttp2_session_set_local_window_size(nghttp2_session *, uint8_t, int32_t, int32_t)
+    uint32_t nghttp2_session_get_remote_settings(nghttp2_session *, int)
+    int32_t nghttp2_session_get_last_proc_stream_id(nghttp2_session *)
+    int32_t nghttp2_session_get_stream_remote_window_size(nghttp2_session *, int32_t)
+    int32_t nghttp2_session_get_local_window_size(nghttp2_session *)
+    uint32_t nghttp2_session_get_local_settings(nghttp2_session *, int)
+    int nghttp2_submit_settings(nghttp2_session *, uint8_t, const nghttp2_settings_entry *,
+                                size_t)
+    int32_t nghttp2_submit_request(nghttp2_session *, const nghttp2_priority_spec *,
+                                   const nghttp2_nv *, size_t, const nghttp2_data_provider *,
+                                   void *)
+    int nghttp2_submit_response(nghttp2_session *, int32_t, const nghttp2_nv *, size_t,
+                                const nghttp2_data_provider *)
+    int nghttp2_submit_rst_stream(nghttp2_session *, uint8_t, int32_t, uint32_t)
+    int nghttp2_submit_ping(nghttp2_session *, uint8_t, const uint8_t *)
+    int nghttp2_submit_goaway(nghttp2_session *, uint8_t, int32_t, uint32_t, const uint8_t *,
+                              size_t)
+    int nghttp2_submit_shutdown_notice(nghttp2_session *)
+    const char *nghttp2_strerror(int)
+
+# frame types, flags, settings, errors (RFC 9113; checked against the header by the tests)
+cdef enum:
+    T_DATA = 0
+    T_HEADERS = 1
+    T_PRIORITY = 2
+    T_RST_STREAM = 3
+    T_SETTINGS = 4
+    T_PING = 6
+    T_GOAWAY = 7
+    T_WINDOW_UPDATE = 8
+    F_END_STREAM = 0x01
+    F_ACK = 0x01
+    CAT_REQUEST = 0
+    CAT_RESPONSE = 1
+    NV_NO_INDEX = 0x01
+    DATA_FLAG_EOF = 0x01
+    ERR_DEFERRED = -508
+    ERR_CALLBACK_FAILURE = -902
+    ERR_BAD_CLIENT_MAGIC = -903
+    ERR_FLOODED = -904
+    ERR_TOO_MANY_CONTINUATIONS = -905
+
+SETTINGS_HEADER_TABLE_SIZE = 0x1
+SETTINGS_ENABLE_PUSH = 0x2
+SETTINGS_MAX_CONCURRENT_STREAMS = 0x3
+SETTINGS_INITIAL_WINDOW_SIZE = 0x4
+SETTINGS_MAX_FRAME_SIZE = 0x5
+SETTINGS_MAX_HEADER_LIST_SIZE = 0x6
+
+# Events, as the first item of each tuple in `Session.events`:
+EV_HEADERS = 1  # (EV_HEADERS, stream_id, headers | None (over the limit), end_stream)
+EV_DATA = 2  # (EV_DATA, stream_id, bytes): a DATA chunk; its length is its flow-control cost
+EV_END = 3  # (EV_END, stream_id): the peer ended its side (END_STREAM)
+EV_CLOSE = 4  # (EV_CLOSE, stream_id, error_code): the stream is gone (0: both sides ended)
+EV_GOAWAY = 5  # (EV_GOAWAY, last_stream_id, error_code, debug_data)
+EV_PING_ACK = 6  # (EV_PING_ACK, payload)
+EV_SETTINGS = 7  # (EV_SETTINGS,): the peer's SETTINGS arrived (not an ACK)
+EV_TRAILERS = 8  # (EV_TRAILERS, stream_id, end_stream): trailers arrived (dropped)
+
+# what a failed receive() says about the peer, for the abuse counters
+CONTINUATION_FLOOD = ERR_TOO_MANY_CONTINUATIONS
+FLOODED = ERR_FLOODED
+
+_SENSITIVE = frozenset((b"authorization", b"proxy-authorization", b"cookie"))
+
+
+class SessionError(Exception):
+    """nghttp2 ended the connection (a protocol, compression or flood error). `code` is
+    nghttp2's error number; a GOAWAY saying why is queued for `send()`."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(nghttp2_strerror(code).decode())
+        self.code = code
+
+
+cdef class _Outgoing:
+    """One stream's body waiting to be framed: (data, on_flushed) items, and whether the
+    body ends once they are out."""
+    cdef object items
+    cdef Py_ssize_t offset
+    cdef public bint eof
+    cdef bint deferred
+    cdef public Py_ssize_t queued
+
+    def __cinit__(self):
+        self.items = deque()
+
+
+cdef class Session:
+    """One HTTP/2 connection's state machine (server or client side)."""
+    cdef nghttp2_session *_s
+    cdef public list events
+    cdef public list flushed  # on_flushed callbacks whose data has been framed
+    cdef dict _out  # stream id -> _Outgoing
+    cdef list _headers  # the header block being received
+    cdef size_t _header_bytes
+    cdef size_t max_header_list
+    cdef object _error
+    # counts of frames the peer sent, for the abuse budgets (read after each receive)
+    cdef public uint64_t resets_received, pings_received, settings_received
+    cdef public uint64_t control_received, empty_data_received, window_updates_received
+    cdef public uint64_t data_received, data_consumed  # DATA bytes in, and credited back
+    cdef public uint64_t guarded_frames  # resets + pings + settings + control + empty DATA
+
+    def __cinit__(self, bint server, size_t max_header_list=1 << 20,
+                  size_t max_send_header_block=(1 << 20) + 65536):
+        cdef nghttp2_session_callbacks *cbs
+        cdef nghttp2_option *opt
+        cdef int rv
+        self._s = NULL
+        self.events = []
+        self.flushed = []
+        self._out = {}
+        self._headers = None
+        self.max_header_list = max_header_list
+        if nghttp2_session_callbacks_new(&cbs) != 0:
+            raise MemoryError()
+        nghttp2_session_callbacks_set_on_frame_recv_callback(cbs, _on_frame_recv)
+        nghttp2_session_callbacks_set_on_begin_headers_callback(cbs, _on_begin_headers)
+        nghttp2_session_callbacks_set_on_header_callback(cbs, _on_header)
+        nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cbs, _on_data_chunk)
+        nghttp2_session_callbacks_set_on_stream_close_callback(cbs, _on_stream_close)
+        if nghttp2_option_new(&opt) != 0:
+            nghttp2_session_callbacks_del(cbs)
+            raise MemoryError()
+        nghttp2_option_set_no_auto_window_update(opt, 1)
+        nghttp2_option_set_no_closed_streams(opt, 1)
+        nghttp2_option_set_max_send_header_block_length(opt, max_send_header_block)
+        # a header list up to the limit may span this many CONTINUATION frames (the
+        # smallest frame is 16 KiB); past them the peer is flooding
+        nghttp2_option_set_max_continuations(opt, max_header_list // 16384 + 8)
+        # rapid reset is judged by the gateway's own budget (h2guard), counted in metrics
+        nghttp2_option_set_stream_reset_rate_limit(opt, 1 << 62, 1 << 62)
+        if not server:
+            # until the server's SETTINGS say otherwise, assume kube-apiserver's limit
+            nghttp2_option_set_peer_max_concurrent_streams(opt, 100)
+        if server:
+            rv = nghttp2_session_server_new2(&self._s, cbs, <void *>self, opt)
+        else:
+            rv = nghttp2_session_client_new2(&self._s, cbs, <void *>self, opt)
+        nghttp2_option_del(opt)
+        nghttp2_session_callbacks_del(cbs)
+        if rv != 0:
+            self._s = NULL
+            raise MemoryError()
+
+    def __dealloc__(self):
+        if self._s != NULL:
+            nghttp2_session_del(self._s)
+            self._s = NULL
+
+    @property
+    def closed(self) -> bool:
+        return self._s == NULL
+
+    def close(self) -> None:
+        """Free the session. Every later call is a harmless no-op (a flush scheduled
+        before the connection dropped must not touch freed memory)."""
+        cdef _Outgoing out
+        if self._s != NULL:
+            nghttp2_session_del(self._s)  # calls no stream-close callback: free our side here
+            self._s = NULL
+        for out in self._out.values():  # never sent: its producers get their credit back
+            for _, on_flushed in out.items:
+                if on_flushed is not None:
+                    self.flushed.append(on_flushed)
+            out.items.clear()
+        self._out.clear()
+
+    # -- input ---------------------------------------------------------------------------
+    def receive(self, const uint8_t[::1] data not None) -> list:
+        """Feed bytes from the peer; returns the events they produced (and resets the
+        list). Raises SessionError when nghttp2 ends the connection."""
+        cdef ssize_t rv
+        if self._s == NULL:
+            return []
+        if data.shape[0] == 0:
+            return []
+        rv = nghttp2_session_mem_recv(self._s, &data[0], data.shape[0])
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        if rv < 0:
+            raise SessionError(rv)
+        events = self.events
+        self.events = []
+        return events
+
+    # -- output --------------------------------------------------------------------------
+    def send(self) -> bytes:
+        """Everything nghttp2 has to send now, framed, as one buffer ("" when nothing)."""
+        cdef const uint8_t *chunk
+        cdef ssize_t n
+        cdef list parts
+        if self._s == NULL:
+            return b""
+        n = nghttp2_session_mem_send(self._s, &chunk)
+        if n <= 0:
+            self._raise_pending(n)
+            return b""
+        first = PyBytes_FromStringAndSize(<const char *>chunk, n)
+        n = nghttp2_session_mem_send(self._s, &chunk)
+        if n <= 0:
+            self._raise_pending(n)
+            return first
+        parts = [first]
+        while n > 0:
+            parts.append(PyBytes_FromStringAndSize(<const char *>chunk, n))
+            n = nghttp2_session_mem_send(self._s, &chunk)
+        self._raise_pending(n)
+        return b"".join(parts)
+
+    cdef _raise_pending(self, ssize_t n):
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        if n < 0:
+            raise SessionError(n)
+
+    def want_io(self) -> bool:
+        """False once nghttp2 has nothing left to read or write (after GOAWAY)."""
+        if self._s == NULL:
+            return False
+        return bool(nghttp2_session_want_read(self._s) or nghttp2_session_want_write(self._s))
+
+    # -- settings and connection-level frames -------------------------------------------
+    def submit_settings(self, settings) -> None:
+        cdef nghttp2_settings_entry iv[8]
+        cdef size_t n = 0
+        if self._s == NULL:
+            return
+        for key, value in settings:
+            if n == 8:
+                break
+            iv[n].settings_id = key
+            iv[n].value = value
+            n += 1
+        _check(nghttp2_submit_settings(self._s, 0, iv, n))
+
+    def set_connection_window(self, int32_t size) -> None:
+        if self._s != NULL:
+            _check(nghttp2_session_set_local_window_size(self._s, 0, 0, size))
+
+    def remote_max_concurrent_streams(self) -> int:
+        if self._s == NULL:
+            return 0
+        return nghttp2_session_get_remote_settings(self._s, SETTINGS_MAX_CONCURRENT_STREAMS)
+
+    def last_proc_stream_id(self) -> int:
+        return 0 if self._s == NULL else nghttp2_session_get_last_proc_stream_id(self._s)
+
+    def ping(self, bytes payload not None) -> None:
+        if self._s != NULL and PyBytes_GET_SIZE(payload) == 8:
+            _check(nghttp2_submit_ping(self._s, 0, <const uint8_t *>PyBytes_AS_STRING(payload)))
+
+    def shutdown_notice(self) -> None:
+        """GOAWAY with the largest stream id (first phase of a graceful shutdown; a plain
+        GOAWAY's id is capped by nghttp2 at the last stream received)."""
+        if self._s != NULL:
+            nghttp2_submit_shutdown_notice(self._s)
+
+    def goaway(self, int32_t last_stream_id, uint32_t error_code=0, bytes debug=b"") -> None:
+        if self._s != NULL:
+            nghttp2_submit_goaway(self._s, 0, last_stream_id, error_code,
+                                  <const uint8_t *>PyBytes_AS_STRING(debug),
+                                  PyBytes_GET_SIZE(debug))
+
+    # -- streams -------------------------------------------------------------------------
+    def respond(self, int32_t stream_id, list headers, bint end_stream) -> bool:
+        """Submit response headers; with a body to follow unless `end_stream`. False if
+        the stream is gone."""
+        cdef nghttp2_data_provider prd
+        cdef _Outgoing out
+        if self._s == NULL:
+            return False
+        cdef nghttp2_nv *nva = _nv_array(headers)
+        cdef size_t n = len(headers)
+        cdef int rv
+        try:
+            if end_stream:
+                rv = nghttp2_submit_response(self._s, stream_id, nva, n, NULL)
+            else:
+                out = _Outgoing()
+                prd.source.ptr = <void *>out
+                prd.read_callback = _read_body
+                rv = nghttp2_submit_response(self._s, stream_id, nva, n, &prd)
+                if rv == 0:
+                    self._out[stream_id] = out
+        finally:
+            free(nva)
+        return rv == 0
+
+    def request(self, list headers, bint end_stream) -> int:
+        """Submit a request; its stream id (a body follows unless `end_stream`), or a
+        negative nghttp2 error (e.g. stream ids exhausted, session going away)."""
+        cdef nghttp2_data_provider prd
+        cdef _Outgoing out = None
+        cdef int32_t stream_id
+        if self._s == NULL:
+            return -1
+        cdef nghttp2_nv *nva = _nv_array(headers)
+        cdef size_t n = len(headers)
+        try:
+            if end_stream:
+                stream_id = nghttp2_submit_request(self._s, NULL, nva, n, NULL, NULL)
+            else:
+                out = _Outgoing()
+                prd.source.ptr = <void *>out
+                prd.read_callback = _read_body
+                stream_id = nghttp2_submit_request(self._s, NULL, nva, n, &prd, NULL)
+        finally:
+            free(nva)
+        if stream_id > 0 and out is not None:
+            self._out[stream_id] = out
+        return stream_id
+
+    def write(self, int32_t stream_id, bytes data not None, on_flushed) -> bool:
+        """Queue body bytes (kept by reference, not copied here);
+        `on_flushed` lands in `flushed` once they are framed. False if the stream is gone."""
+        cdef _Outgoing out = self._out.get(stream_id)
+        if out is None or out.eof:
+            return False
+        out.items.append((data, on_flushed))
+        out.queued += len(data)
+        if out.deferred:
+            out.deferred = False
+            nghttp2_session_resume_data(self._s, stream_id)
+        return True
+
+    def end(self, int32_t stream_id) -> bool:
+        """End the body once what is queued is out."""
+        cdef _Outgoing out = self._out.get(stream_id)
+        if out is None:
+            return False
+        out.eof = True
+        if out.deferred:
+            out.deferred = False
+            nghttp2_session_resume_data(self._s, stream_id)
+        return True
+
+    def queued(self, int32_t stream_id) -> int:
+        """Body bytes waiting for the peer's window on `stream_id`."""
+        cdef _Outgoing out = self._out.get(stream_id)
+        return 0 if out is None else out.queued
+
+    def reset(self, int32_t stream_id, uint32_t error_code) -> None:
+        if self._s != NULL:
+            nghttp2_submit_rst_stream(self._s, 0, stream_id, error_code)
+
+    def consume(self, int32_t stream_id, size_t size) -> None:
+        """`size` received bytes were taken: reopen the windows by that much (the
+        connection's even when the stream is gone, or the connection would shrink)."""
+        if self._s != NULL and size:
+            nghttp2_session_consume(self._s, stream_id, size)
+            self.data_consumed += size
+
+    def receive_window(self) -> int:
+        """Connection-level DATA the peer may still send before our next WINDOW_UPDATE."""
+        return 0 if self._s == NULL else nghttp2_session_get_local_window_size(self._s)
+
+    def local_setting(self, int key) -> int:
+        """One of our SETTINGS as the peer has acknowledged it."""
+        return 0 if self._s == NULL else nghttp2_session_get_local_settings(self._s, key)
+
+
+cdef int _check(int rv) except -1:
+    if rv < 0:
+        raise SessionError(rv)
+    return 0
+
+
+cdef nghttp2_nv *_nv_array(list headers) except NULL:
+    """Headers as nghttp2_nv pointing into the list's bytes (nghttp2 copies them on
+    submit); the caller frees the array."""
+    cdef Py_ssize_t n = len(headers), i
+    cdef nghttp2_nv *nva = <nghttp2_nv *>malloc(sizeof(nghttp2_nv) * (n if n else 1))
+    cdef bytes name, value
+    if nva == NULL:
+        raise MemoryError()
+    for i in range(n):
+        name, value = headers[i]
+        nva[i].name = <uint8_t *>PyBytes_AS_STRING(name)
+        nva[i].namelen = PyBytes_GET_SIZE(name)
+        nva[i].value = <uint8_t *>PyBytes_AS_STRING(value)
+        nva[i].valuelen = PyBytes_GET_SIZE(value)
+        nva[i].flags = NV_NO_INDEX if name in _SENSITIVE else 0
+    return nva
+
+
+# -- callbacks (called by nghttp2 inside receive()/send(); they only gather) -------------
+cdef int _on_begin_headers(nghttp2_session *s, const nghttp2_frame *frame,
+                           void *user_data) noexcept:
+    cdef Session self = <Session>user_data
+    self._headers = []
+    self._header_bytes = 0
+    return 0
+
+
+cdef int _on_header(nghttp2_session *s, const nghttp2_frame *frame, const uint8_t *name,
+                    size_t namelen, const uint8_t *value, size_t valuelen, uint8_t flags,
+                    void *user_data) noexcept:
+    cdef Session self = <Session>user_data
+    if self._headers is None:  # over the limit already: the rest is not kept
+        return 0
+    self._header_bytes += namelen + valuelen + 32  # RFC 9113 6.5.2's accounting
+    if self._header_bytes > self.max_header_list:
+        self._headers = None
+        return 0
+    try:
+        self._headers.append((PyBytes_FromStringAndSize(<const char *>name, namelen),
+                              PyBytes_FromStringAndSize(<const char *>value, valuelen)))
+    except BaseException as exc:
+        self._error = exc
+        return ERR_CALLBACK_FAILURE
+    return 0
+
+
+cdef int _on_frame_recv(nghttp2_session *s, const nghttp2_frame *frame,
+                        void *user_data) noexcept:
+    cdef Session self = <Session>user_data
+    cdef uint8_t kind = frame.hd.type
+    cdef int32_t sid = frame.hd.stream_id
+    cdef bint end = (frame.hd.flags & F_END_STREAM) != 0
+    try:
+        if kind == T_DATA:
+            if frame.hd.length == 0 and not end:
+                self.empty_data_received += 1
+                self.guarded_frames += 1
+            if end:
+                self.events.append((EV_END, sid))
+        elif kind == T_HEADERS:
+            headers, self._headers = self._headers, None
+            if frame.headers.cat == CAT_REQUEST or frame.headers.cat == CAT_RESPONSE:
+                self.events.append((EV_HEADERS, sid, headers, end))
+            else:  # trailers (or a response after 1xx): the body's end is what counts
+                self.events.append((EV_TRAILERS, sid, end))
+            if end:
+                self.events.append((EV_END, sid))
+        elif kind == T_RST_STREAM:
+            self.resets_received += 1
+            self.guarded_frames += 1
+        elif kind == T_PING:
+            if frame.hd.flags & F_ACK:
+                self.events.append(
+                    (EV_PING_ACK, PyBytes_FromStringAndSize(<const char *>frame.ping.opaque_data, 8)))
+            else:
+                self.pings_received += 1
+                self.guarded_frames += 1
+        elif kind == T_SETTINGS:
+            if not frame.hd.flags & F_ACK:
+                self.settings_received += 1
+                self.guarded_frames += 1
+                self.events.append((EV_SETTINGS,))
+        elif kind == T_GOAWAY:
+            self.events.append((EV_GOAWAY, frame.goaway.last_stream_id,
+                                frame.goaway.error_code, b""))
+        elif kind == T_WINDOW_UPDATE:
+            self.control_received += 1
+            self.guarded_frames += 1
+            self.window_updates_received += 1
+        elif kind == T_PRIORITY:
+            self.control_received += 1
+            self.guarded_frames += 1
+    except BaseException as exc:
+        self._error = exc
+        return ERR_CALLBACK_FAILURE
+    return 0
+
+
+cdef int _on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t stream_id,
+                        const uint8_t *data, size_t length, void *user_data) noexcept:
+    cdef Session self = <Session>user_data
+    try:
+        # keyed by stream id on arrival: a stream reset mid-frame can never leak its
+        # chunks into another stream's body
+        self.events.append(
+            (EV_DATA, stream_id, PyBytes_FromStringAndSize(<const char *>data, length)))
+        self.data_received += length
+    except BaseException as exc:
+        self._error = exc
+        return ERR_CALLBACK_FAILURE
+    return 0
+
+
+cdef int _on_stream_close(nghttp2_session *s, int32_t stream_id, uint32_t error_code,
+                          void *user_data) noexcept:
+    cdef Session self = <Session>user_data
+    cdef _Outgoing out
+    try:
+        out = self._out.pop(stream_id, None)
+        if out is not None:  # never sent: its producers still get their credit back
+            for _, on_flushed in out.items:
+                if on_flushed is not None:
+                    self.flushed.append(on_flushed)
+            out.items.clear()
+        self.events.append((EV_CLOSE, stream_id, error_code))
+    except BaseException as exc:
+        self._error = exc
+        return ERR_CALLBACK_FAILURE
+    return 0
+
+
+cdef ssize_t _read_body(nghttp2_session *s, int32_t stream_id, uint8_t *buf, size_t length,
+                        uint32_t *data_flags, nghttp2_data_source *source,
+                        void *user_data) noexcept:
+    """Copy queued body bytes into nghttp2's frame buffer (one copy, no Python call)."""
+    cdef Session self = <Session>user_data
+    cdef _Outgoing out = <_Outgoing>source.ptr
+    cdef size_t copied = 0, take, size
+    cdef bytes data
+    try:
+        items = out.items
+        while copied < length and items:
+            data, on_flushed = items[0]
+            size = PyBytes_GET_SIZE(data) - out.offset
+            take = size if size <= length - copied else length - copied
+            if take:
+                memcpy(buf + copied, PyBytes_AS_STRING(data) + out.offset, take)
+            copied += take
+            if take == size:
+                items.popleft()
+                out.offset = 0
+                if on_flushed is not None:
+                    self.flushed.append(on_flushed)
+            else:
+                out.offset += take
+        out.queued -= copied
+        if not items and out.eof:
+            data_flags[0] |= DATA_FLAG_EOF
+            return copied
+        if copied == 0:
+            out.deferred = True  # resumed by write() / end()
+            return ERR_DEFERRED
+        return copied
+    except BaseException as exc:
+        self._error = exc
+        return ERR_CALLBACK_FAILURE

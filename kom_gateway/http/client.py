@@ -1,0 +1,312 @@
+"""Upstream HTTP/2 client connections (gateway -> apiserver), whatever the engine.
+
+- Honours the server's MAX_CONCURRENT_STREAMS (`has_capacity`), so the pool opens more
+  connections rather than queueing on a full one.
+- GOAWAY is graceful: streams at or below last-stream-id keep flowing (watches keep
+  running); those above it are reported as refused, so the caller retries them; no new
+  stream is opened and the connection closes when the last one ends.
+- Response DATA is acknowledged only when the caller says so (after the client took it):
+  a stalled client holds back its own stream only, since the connection window is sized
+  for every stream's window at once.
+- PING keepalive: after `ping_interval` without any frame from the server, PING; no ACK
+  within `ping_timeout` closes the connection (and fails its streams).
+
+An engine (`h2client.py`, `ngclient.py`) subclasses `HTTP2ClientConnection` with the
+frame-level primitives; the pool (`proxy/upstreams.py`) and the exchange see only this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from typing import Protocol, cast
+
+from kom_gateway.http.settings import H2ClientSettings
+from kom_gateway.http.stream import Flushed, Headers
+
+log = logging.getLogger(__name__)
+
+RESET_GOAWAY = "goaway"  # above the server's GOAWAY last-stream-id: not processed
+RESET_REFUSED = "refused"  # RST_STREAM(REFUSED_STREAM) before a response: not processed
+RESET_BROKEN = "broken"  # anything else: the request may have been processed
+REFUSED_STREAM = 0x7
+CANCEL = 0x8
+KEEPALIVE_PING = b"komgw\x00\x00\x00"
+
+
+class StreamListener(Protocol):
+    def on_response(self, status: int, headers: Headers) -> None: ...
+    def on_data(self, data: bytes, flow_len: int) -> None: ...
+    def on_end(self) -> None: ...
+    def on_reset(self, kind: str, reason: str) -> None:
+        """kind: RESET_GOAWAY / RESET_REFUSED (not processed) or RESET_BROKEN."""
+
+
+class ConnectError(Exception):
+    """Could not establish the upstream connection (nothing was sent)."""
+
+
+class StreamRefused(Exception):
+    """The connection could not open a stream (it is going away): nothing was sent."""
+
+
+class ClientStream:
+    """One request on an upstream connection."""
+
+    __slots__ = ("_conn", "end_when_flushed", "listener", "pending", "responded", "stream_id")
+
+    def __init__(self, conn: HTTP2ClientConnection, stream_id: int, listener: StreamListener) -> None:
+        self._conn = conn
+        self.stream_id = stream_id
+        self.listener = listener
+        self.pending: object = None  # the engine's queue of body data, if it keeps one
+        self.end_when_flushed = False
+        self.responded = False
+
+    def send_data(self, data: bytes, on_flushed: Flushed | None = None) -> None:
+        self._conn.send_data(self, data, on_flushed)
+
+    def end(self) -> None:
+        self._conn.end_stream(self)
+
+    def ack(self, flow_len: int) -> None:
+        self._conn.ack(self.stream_id, flow_len)
+
+    def cancel(self) -> None:
+        self._conn.cancel(self.stream_id)
+
+
+class HTTP2ClientConnection(asyncio.Protocol):
+    engine = ""
+    # what the engine raises while the connection is being set up
+    setup_errors: tuple[type[BaseException], ...] = ()
+
+    def __init__(self, settings: H2ClientSettings) -> None:
+        self.settings = settings
+        self.streams: dict[int, ClientStream] = {}
+        self.transport: asyncio.Transport | None = None
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.closed = False
+        self.draining = False  # GOAWAY received (or sent): no new streams
+        self._paused = False
+        self._last_read = time.monotonic()
+        self._flush_handle: asyncio.Handle | None = None
+        self._ping_ack: asyncio.Future[None] | None = None
+        self._keepalive_task: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def connect(
+        cls,
+        host: str,
+        port: int,
+        settings: H2ClientSettings,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+    ) -> HTTP2ClientConnection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(settings.connect_timeout):
+                _, protocol = await loop.create_connection(
+                    lambda: cls(settings),
+                    host,
+                    port,
+                    ssl=ssl_context,
+                    server_hostname=server_hostname if ssl_context else None,
+                )
+                await protocol.ready
+        except (OSError, TimeoutError, ssl.SSLError, *cls.setup_errors) as exc:
+            raise ConnectError(f"{host}:{port}: {exc or type(exc).__name__}") from exc
+        if ssl_context is not None:
+            assert protocol.transport is not None
+            ssl_object = protocol.transport.get_extra_info("ssl_object")
+            if ssl_object is None or ssl_object.selected_alpn_protocol() != "h2":
+                protocol.close()
+                raise ConnectError(f"{host}:{port}: server did not negotiate HTTP/2 (ALPN h2)")
+        return protocol
+
+    # -- engine primitives ---------------------------------------------------------------
+    def _start(self) -> None:
+        """Queue the preface and our SETTINGS; open the connection window."""
+        raise NotImplementedError
+
+    def _remote_max_streams(self) -> int:
+        raise NotImplementedError
+
+    def open_stream(
+        self, headers: Headers, end_stream: bool, listener: StreamListener
+    ) -> ClientStream:
+        """Open a stream (caller checked has_capacity()); StreamRefused if it cannot."""
+        raise NotImplementedError
+
+    def send_data(self, stream: ClientStream, data: bytes, on_flushed: Flushed | None) -> None:
+        raise NotImplementedError
+
+    def end_stream(self, stream: ClientStream) -> None:
+        raise NotImplementedError
+
+    def ack(self, stream_id: int, flow_len: int) -> None:
+        raise NotImplementedError
+
+    def cancel(self, stream_id: int) -> None:
+        raise NotImplementedError
+
+    def _send_ping(self, payload: bytes) -> None:
+        raise NotImplementedError
+
+    def _data_to_send(self) -> bytes:
+        raise NotImplementedError
+
+    # -- flow-control state, for tests and diagnosis --------------------------------------
+    def receive_window(self) -> int:
+        """Connection-level DATA the server may still send before our next WINDOW_UPDATE."""
+        raise NotImplementedError
+
+    def local_stream_window(self) -> int:
+        """The initial stream window we advertised (as acknowledged)."""
+        raise NotImplementedError
+
+    def unreturned_bytes(self) -> int:
+        """DATA received but not yet credited back (its reader has not taken it)."""
+        raise NotImplementedError
+
+    # -- capacity ----------------------------------------------------------------------
+    @property
+    def usable(self) -> bool:
+        return not self.closed and not self.draining and self.ready.done()
+
+    def has_capacity(self) -> bool:
+        return self.usable and len(self.streams) < min(
+            self._remote_max_streams(), self.settings.max_concurrent_streams
+        )
+
+    # -- asyncio.Protocol ----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        s = self.settings
+        self.transport.set_write_buffer_limits(high=s.write_buffer_bytes)
+        self._start()
+        self._write_out()
+        if s.ping_interval > 0:
+            self._keepalive_task = asyncio.get_running_loop().create_task(
+                self._keepalive(s.ping_interval, s.ping_timeout)
+            )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError(str(exc) if exc else "connection closed"))
+            self.ready.exception()  # connect() re-raises it; nobody else needs to
+        if self._keepalive_task is not None:
+            self._keepalive_task.cancel()
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        streams, self.streams = self.streams, {}
+        self._closed()
+        for stream in streams.values():
+            stream.listener.on_reset(RESET_BROKEN, "upstream connection lost")
+
+    def _closed(self) -> None:
+        """The transport is gone: free what the engine holds."""
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._resumed()
+
+    def _resumed(self) -> None:
+        self._write_out()
+
+    # -- events the engines report -------------------------------------------------------
+    def _settings_received(self) -> None:
+        if not self.ready.done():
+            self.ready.set_result(None)
+
+    def _response(self, stream_id: int, headers: Headers) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            return
+        status = 0
+        regular: Headers = []
+        for name, value in headers:
+            if name == b":status":
+                status = int(value)
+            else:
+                regular.append((name, value))
+        if status < 200:  # informational (100 Continue): the real answer follows
+            return
+        stream.responded = True
+        stream.listener.on_response(status, regular)
+
+    def _goaway(self, last_stream_id: int, error_code: object) -> None:
+        self.draining = True
+        for stream_id in [sid for sid in self.streams if sid > last_stream_id]:
+            stream = self.streams.pop(stream_id)
+            stream.listener.on_reset(
+                RESET_GOAWAY, f"upstream GOAWAY ({error_code!r}) above last stream"
+            )
+        self._maybe_finish()
+
+    def _ended(self, stream_id: int) -> None:
+        stream = self.streams.pop(stream_id, None)
+        if stream is not None:
+            stream.listener.on_end()
+        self._maybe_finish()
+
+    def _reset(self, stream_id: int, error_code: int) -> None:
+        stream = self.streams.pop(stream_id, None)
+        if stream is not None:
+            refused = error_code == REFUSED_STREAM and not stream.responded
+            stream.listener.on_reset(
+                RESET_REFUSED if refused else RESET_BROKEN,
+                f"upstream reset stream (error code {error_code})",
+            )
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        if self.draining and not self.streams:
+            self.close()
+
+    def _ping_ack_received(self) -> None:
+        if self._ping_ack is not None and not self._ping_ack.done():
+            self._ping_ack.set_result(None)
+
+    async def _keepalive(self, interval: float, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            idle = time.monotonic() - self._last_read
+            if idle < interval:
+                await asyncio.sleep(interval - idle)
+                continue
+            self._ping_ack = loop.create_future()
+            self._send_ping(KEEPALIVE_PING)
+            self._write_out()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._ping_ack
+            except TimeoutError:
+                log.warning("upstream did not answer PING within %ss: closing", timeout)
+                self.close()
+                return
+
+    # -- output --------------------------------------------------------------------------
+    def _write_out(self) -> None:
+        if self._flush_handle is None and self.transport is not None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_handle = None
+        if self.transport is None or self.transport.is_closing():
+            return
+        data = self._data_to_send()
+        if data:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        self._flush_now()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()

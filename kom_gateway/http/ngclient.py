@@ -1,0 +1,160 @@
+"""HTTP/2 client engine `nghttp2`: an upstream connection on libnghttp2 (`_nghttp2.pyx`).
+
+Response DATA is credited back (`consume`) only when the exchange acknowledges it, i.e.
+once the client side has taken it; bytes for a stream nobody wants any more are credited
+at once, so the shared connection window never leaks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from kom_gateway.http import _nghttp2 as ng
+from kom_gateway.http.client import (
+    CANCEL,
+    ClientStream,
+    HTTP2ClientConnection,
+    StreamListener,
+    StreamRefused,
+)
+from kom_gateway.http.stream import Flushed, Headers
+
+log = logging.getLogger(__name__)
+
+EV_HEADERS, EV_DATA, EV_END, EV_CLOSE = ng.EV_HEADERS, ng.EV_DATA, ng.EV_END, ng.EV_CLOSE
+EV_GOAWAY, EV_PING_ACK, EV_SETTINGS = ng.EV_GOAWAY, ng.EV_PING_ACK, ng.EV_SETTINGS
+
+
+class NgClientConnection(HTTP2ClientConnection):
+    engine = "nghttp2"
+    setup_errors = (ng.SessionError,)
+
+    def _start(self) -> None:
+        s = self.settings
+        self.session = session = ng.Session(False)
+        session.submit_settings(
+            (
+                (ng.SETTINGS_ENABLE_PUSH, 0),
+                (ng.SETTINGS_MAX_CONCURRENT_STREAMS, 1000),
+                (ng.SETTINGS_INITIAL_WINDOW_SIZE, s.stream_window),
+                (ng.SETTINGS_MAX_FRAME_SIZE, s.max_frame_size),
+            )
+        )
+        session.set_connection_window(
+            min(s.connection_window or s.stream_window * s.max_concurrent_streams, 2**31 - 1)
+        )
+
+    def _remote_max_streams(self) -> int:
+        return self.session.remote_max_concurrent_streams()
+
+    def data_received(self, data: bytes) -> None:
+        self._last_read = time.monotonic()
+        session = self.session
+        try:
+            events = session.receive(data)
+        except ng.SessionError as exc:
+            log.warning("upstream protocol error: %s", exc)
+            self.close()
+            return
+        self._handle(events)
+        self._run_flushed()
+        self._write_out()
+
+    def _handle(self, events: list[tuple]) -> None:
+        session = self.session
+        streams = self.streams
+        for event in events:
+            kind = event[0]
+            try:
+                if kind == EV_DATA:
+                    stream = streams.get(event[1])
+                    if stream is None:
+                        session.consume(event[1], len(event[2]))
+                    else:
+                        stream.listener.on_data(event[2], len(event[2]))
+                elif kind == EV_HEADERS:
+                    self._response(event[1], event[2] or [])
+                elif kind == EV_END:
+                    self._ended(event[1])
+                elif kind == EV_CLOSE:
+                    if event[1] in streams:  # closed before it ended: reset
+                        self._reset(event[1], event[2])
+                elif kind == EV_GOAWAY:
+                    self._goaway(event[1], event[2])
+                elif kind == EV_SETTINGS:
+                    self._settings_received()
+                elif kind == EV_PING_ACK:
+                    self._ping_ack_received()
+            except Exception:  # one listener's bug must not take the connection down
+                log.exception("handling upstream event %r failed", kind)
+
+    # -- requests ------------------------------------------------------------------------
+    def open_stream(
+        self, headers: Headers, end_stream: bool, listener: StreamListener
+    ) -> ClientStream:
+        stream_id = self.session.request(headers, end_stream)
+        if stream_id <= 0:
+            raise StreamRefused(f"nghttp2 could not open a stream (error {stream_id})")
+        stream = ClientStream(self, stream_id, listener)
+        self.streams[stream_id] = stream
+        self._write_out()
+        return stream
+
+    def send_data(self, stream: ClientStream, data: bytes, on_flushed: Flushed | None) -> None:
+        if not isinstance(data, bytes):
+            data = bytes(data)
+        if self.session.write(stream.stream_id, data, on_flushed):
+            self._write_out()
+        elif on_flushed is not None:
+            on_flushed()
+
+    def end_stream(self, stream: ClientStream) -> None:
+        if self.session.end(stream.stream_id):
+            self._write_out()
+
+    def ack(self, stream_id: int, flow_len: int) -> None:
+        if flow_len > 0 and not self.closed:
+            self.session.consume(stream_id, flow_len)
+            self._write_out()
+
+    def cancel(self, stream_id: int) -> None:
+        if self.streams.pop(stream_id, None) is None:
+            return
+        self.session.reset(stream_id, CANCEL)
+        self._write_out()
+        self._maybe_finish()
+
+    def _send_ping(self, payload: bytes) -> None:
+        self.session.ping(payload)
+
+    def _data_to_send(self) -> bytes:
+        if self._paused:
+            return b""
+        session = self.session
+        data = session.send()
+        if session.events:
+            events, session.events = session.events, []
+            self._handle(events)
+        self._run_flushed()
+        return data
+
+    def receive_window(self) -> int:
+        return int(self.session.receive_window())
+
+    def local_stream_window(self) -> int:
+        return int(self.session.local_setting(ng.SETTINGS_INITIAL_WINDOW_SIZE))
+
+    def unreturned_bytes(self) -> int:
+        return int(self.session.data_received - self.session.data_consumed)
+
+    def _run_flushed(self) -> None:
+        flushed = self.session.flushed
+        if flushed:
+            self.session.flushed = []
+            for on_flushed in flushed:
+                on_flushed()
+
+    def _closed(self) -> None:
+        self.session.close()
+        self._run_flushed()

@@ -1,0 +1,211 @@
+"""HTTP/2 server engine `nghttp2`: a downstream connection on libnghttp2 (`_nghttp2.pyx`).
+
+nghttp2 validates requests (a malformed one is reset with PROTOCOL_ERROR on its own
+stream, the connection lives on), frames responses from each stream's queue, and is fed
+and drained in memory: one `receive` per read, one `send` per event-loop pass. The policy
+(GOAWAY, keepalive, budgets, timeouts) is the base class's, shared with the h2 engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from kom_gateway.http import _nghttp2 as ng
+from kom_gateway.http.h2guard import CONTINUATION_FLOOD, PROTOCOL_ERROR
+from kom_gateway.http.serverconn import (
+    MAX_STREAM_ID,
+    HTTP2ServerConnection,
+    HTTP2ServerStream,
+)
+from kom_gateway.http.serverconn import PROTOCOL_ERROR as PROTOCOL_ERROR_CODE
+from kom_gateway.http.stream import Flushed, Headers
+
+log = logging.getLogger(__name__)
+
+EV_HEADERS, EV_DATA, EV_END, EV_CLOSE = ng.EV_HEADERS, ng.EV_DATA, ng.EV_END, ng.EV_CLOSE
+EV_PING_ACK, EV_GOAWAY = ng.EV_PING_ACK, ng.EV_GOAWAY
+
+
+class NgServerStream(HTTP2ServerStream):
+    __slots__ = ()
+
+
+class NgServerProtocol(HTTP2ServerConnection):
+    engine = "nghttp2"
+    stream_class = NgServerStream
+
+    def _start(self) -> None:
+        s = self.settings
+        self.session = session = ng.Session(True, s.max_header_list_size)
+        self._frames_seen = 0  # frames charged to the abuse budgets so far
+        self._charged = [0, 0, 0, 0, 0]  # ...of each kind
+        self._window_updates = 0
+        self._client_left = False  # the client sent GOAWAY
+        session.submit_settings(
+            (
+                (ng.SETTINGS_MAX_CONCURRENT_STREAMS, s.max_concurrent_streams),
+                (ng.SETTINGS_INITIAL_WINDOW_SIZE, s.initial_window),
+                (ng.SETTINGS_MAX_FRAME_SIZE, s.max_frame_size),
+                (ng.SETTINGS_MAX_HEADER_LIST_SIZE, s.max_header_list_size),
+            )
+        )
+        session.set_connection_window(
+            min(s.connection_window or s.initial_window * s.max_concurrent_streams, 2**31 - 1)
+        )
+
+    def data_received(self, data: bytes) -> None:
+        now = self._last_read = time.monotonic()
+        session = self.session
+        try:
+            events = session.receive(data)
+        except ng.SessionError as exc:  # fatal: nghttp2 queues no GOAWAY, so we do
+            # nghttp2's own flood limits may fire before ours saw the frames: ours first
+            if self._judge_frames(now):
+                return
+            log.info("HTTP/2 protocol error from %s: %s", self.remote_addr, exc)
+            kind = CONTINUATION_FLOOD if exc.code == ng.CONTINUATION_FLOOD else PROTOCOL_ERROR
+            self._report(kind)
+            session.goaway(session.last_proc_stream_id(), PROTOCOL_ERROR_CODE, kind.encode())
+            self._close_transport()
+            return
+        if session.guarded_frames != self._frames_seen and self._judge_frames(now):
+            return
+        self._handle(events)
+        self._run_flushed()
+        if not session.want_io() and not self.goaway_sent:
+            # nghttp2 ended the connection for a protocol or compression error (its GOAWAY
+            # is queued), or the client left with its GOAWAY and nothing is open
+            if not self._client_left:
+                log.info("HTTP/2 protocol error from %s", self.remote_addr)
+                self._report(PROTOCOL_ERROR)
+            self._close_transport()
+            return
+        self._write_out()
+
+    def _handle(self, events: list[tuple]) -> None:
+        session = self.session
+        streams = self.streams
+        for event in events:
+            kind = event[0]
+            if kind == EV_DATA:
+                stream = streams.get(event[1])
+                if stream is None:
+                    session.consume(event[1], len(event[2]))
+                else:
+                    stream._deliver_body(event[2], len(event[2]))
+            elif kind == EV_HEADERS:
+                if event[2] is None:
+                    self._headers_too_large(event[1])
+                else:
+                    self._new_stream(event[1], event[2], event[3])
+            elif kind == EV_END:
+                stream = streams.get(event[1])
+                if stream is not None and not stream.body_done:
+                    stream._deliver_body_end()
+            elif kind == EV_CLOSE:
+                self._forget(event[1])
+            elif kind == EV_PING_ACK:
+                self._ping_ack_received(event[1])
+            elif kind == EV_GOAWAY:
+                self._client_left = True  # its open streams still finish
+
+    def _judge_frames(self, now: float) -> bool:
+        """Charge what the client sent since the last read to its budgets; True if it
+        was cut off."""
+        s = self.session
+        g = self._guard
+        self._frames_seen = s.guarded_frames
+        if s.window_updates_received != self._window_updates:
+            self._window_updates = s.window_updates_received
+            self._progress_at = now
+        counts = (
+            s.resets_received,
+            s.pings_received,
+            s.settings_received,
+            s.control_received,
+            s.empty_data_received,
+        )
+        charges = (g.on_reset, g.on_ping, g.on_settings, g.on_control, g.on_empty_data)
+        for kind, (count, charge) in enumerate(zip(counts, charges, strict=True)):
+            for _ in range(count - self._charged[kind]):
+                if self._over(charge(now)):
+                    return True
+            self._charged[kind] = count
+        return False
+
+    # -- primitives ----------------------------------------------------------------------
+    def send_headers(self, stream: HTTP2ServerStream, headers: Headers, end_stream: bool) -> None:
+        if not self.session.respond(stream.stream_id, headers, end_stream):
+            self._forget(stream.stream_id)
+            return
+        self._write_out()
+
+    def write(self, stream: HTTP2ServerStream, data: bytes, on_flushed: Flushed | None) -> None:
+        if not isinstance(data, bytes):
+            data = bytes(data)
+        if self.session.write(stream.stream_id, data, on_flushed):
+            self._write_out()
+        elif on_flushed is not None:
+            on_flushed()  # never sent, but done with
+
+    def end(self, stream: HTTP2ServerStream) -> None:
+        if self.session.end(stream.stream_id):
+            self._write_out()
+
+    def ack(self, stream_id: int, flow_len: int) -> None:
+        if flow_len > 0:
+            self.session.consume(stream_id, flow_len)
+            self._write_out()
+
+    def reset_stream(self, stream_id: int, code: int) -> None:
+        # frame what the stream already has queued (headers, data) first: nghttp2 would
+        # drop it for the RST, and the client must see the response start, then break
+        self._flush_now()
+        self.session.reset(stream_id, code)
+        self._forget(stream_id)
+        self._write_out()
+
+    def _send_goaway(self, last_stream_id: int | None, code: int = 0, debug: bytes = b"") -> int:
+        if last_stream_id == MAX_STREAM_ID:
+            self.session.shutdown_notice()
+            return last_stream_id
+        if last_stream_id is None:
+            last_stream_id = self.session.last_proc_stream_id()
+        self.session.goaway(last_stream_id, code, debug)
+        return last_stream_id
+
+    def _send_ping(self, payload: bytes) -> None:
+        self.session.ping(payload)
+
+    def _data_to_send(self) -> bytes:
+        if self._paused:  # the transport's buffer is full: nghttp2 holds the rest
+            return b""
+        session = self.session
+        data = session.send()
+        if session.events:  # streams that closed as their last frame went out
+            events, session.events = session.events, []
+            self._handle(events)
+        self._run_flushed()
+        return data
+
+    def _run_flushed(self) -> None:
+        """Tell producers their data has been framed (upstream: credit it back)."""
+        flushed = self.session.flushed
+        if flushed:
+            self.session.flushed = []
+            for on_flushed in flushed:
+                on_flushed()
+
+    def _waiting_for_client(self) -> bool:
+        session = self.session
+        return any(session.queued(sid) for sid in self.streams)
+
+    def buffered_bytes(self) -> int:
+        session = self.session
+        return sum(session.queued(sid) for sid in self.streams)
+
+    def _closed(self) -> None:
+        session = self.session
+        session.close()
+        self._run_flushed()

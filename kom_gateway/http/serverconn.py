@@ -1,0 +1,439 @@
+"""What every HTTP/2 server engine shares: one downstream connection's life around the
+protocol state machine.
+
+An engine (`h2server.py`: pure-Python h2; `ngserver.py`: libnghttp2) subclasses
+`HTTP2ServerConnection` and supplies the frame-level primitives (`_start`, `data_received`,
+`send_headers`, `write`, `end`, `ack`, `reset_stream`, `_send_goaway`, `_send_ping`,
+`_data_to_send`, `_waiting_for_client`). The policy lives here once: graceful and
+two-phase GOAWAY with Go's linger, idle and max-age GOAWAY, PING keepalive, the abuse
+budgets, the stalled-reader and write-backlog cut-offs, write coalescing (one transport
+write per connection per event-loop pass).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+import time
+from collections.abc import Callable
+from typing import cast
+
+from kom_gateway.http.h2guard import STALLED_READER, WRITE_BACKLOG, H2Guard
+from kom_gateway.http.settings import H2ServerSettings
+from kom_gateway.http.stream import Flushed, Headers, ServerStream
+from kom_gateway.identity import PeerIdentity, identity_of_ssl
+from kom_gateway.kubestatus import status_body
+from kom_gateway.overload.load import connection_deadline
+
+log = logging.getLogger(__name__)
+
+StreamHandler = Callable[[ServerStream], None]
+AbuseListener = Callable[[str], None]  # told the kind when a client is cut off for abuse
+GoawayListener = Callable[[str], None]  # told the reason of every GOAWAY sent
+GOAWAY_LINGER_SECONDS = 1.0  # golang.org/x/net/http2 goAwayTimeout
+GOAWAY_PING = b"kgoaway1"  # PING payload of the two-phase GOAWAY's round trip
+KEEPALIVE_PING = b"komgw\x00\x00\x00"
+GOAWAY_PING_WAIT = 2.0  # send the final GOAWAY after this long even without the PING ACK
+MAX_STREAM_ID = 2**31 - 1
+# RFC 9113 error codes the engines send
+NO_ERROR = 0x0
+PROTOCOL_ERROR = 0x1
+INTERNAL_ERROR = 0x2
+REFUSED_STREAM = 0x7
+CANCEL = 0x8
+ENHANCE_YOUR_CALM = 0xB
+
+
+class HTTP2ServerStream(ServerStream):
+    """One request on a downstream HTTP/2 connection; every action goes to the engine."""
+
+    def __init__(self, conn: HTTP2ServerConnection, stream_id: int, headers: Headers) -> None:
+        super().__init__()
+        self._conn = conn
+        self.stream_id = stream_id
+        self.http_version = "2"
+        self.remote_addr = conn.remote_addr
+        self.peer = conn.peer
+        self.ssl_object = conn.ssl_object
+        self.method = ""
+        self.target = ""
+        self.authority = ""
+        regular: Headers = []
+        for name, value in headers:
+            if name[:1] == b":":
+                if name == b":method":
+                    self.method = value.decode("latin-1")
+                elif name == b":path":
+                    self.target = value.decode("latin-1")
+                elif name == b":authority":
+                    self.authority = value.decode("latin-1")
+            else:
+                regular.append((name, value))
+        self.headers = regular
+
+    @property
+    def connection(self) -> HTTP2ServerConnection:
+        return self._conn
+
+    def ack_body(self, flow_len: int) -> None:
+        self._conn.ack(self.stream_id, flow_len)
+
+    def start_response(self, status: int, headers: Headers, end_stream: bool = False) -> None:
+        if self.closed or self.response_started:
+            return
+        self.response_started = True
+        self._conn.send_headers(self, [(b":status", str(status).encode()), *headers], end_stream)
+
+    def write(self, data: bytes, on_flushed: Flushed | None = None) -> None:
+        if self.closed:
+            return
+        self._conn.write(self, data, on_flushed)
+
+    def end(self) -> None:
+        if self.closed:
+            return
+        if not self.response_started:
+            self.start_response(200, [], end_stream=True)
+            return
+        self._conn.end(self)
+
+    def reset(self) -> None:
+        if not self.closed:
+            self._conn.reset_stream(self.stream_id, INTERNAL_ERROR)
+
+    def goaway_connection(self, reason: str) -> None:
+        self._conn.goaway(reason)
+
+    def release_pending(self) -> None:
+        """The stream is gone: data its engine still holds will never be sent, but its
+        producers must hear they are done with it (upstream, that returns the credit of
+        a shared connection window). Engines that hold data override this."""
+
+
+class HTTP2ServerConnection(asyncio.Protocol):
+    """One downstream HTTP/2 connection: the policy; the engine subclass the frames."""
+
+    engine = ""
+    stream_class: type[HTTP2ServerStream] = HTTP2ServerStream
+    streams: dict[int, HTTP2ServerStream]
+
+    def __init__(
+        self,
+        handler: StreamHandler,
+        settings: H2ServerSettings | None = None,
+        on_close: Callable[[HTTP2ServerConnection], None] | None = None,
+        on_abuse: AbuseListener | None = None,
+        on_goaway: GoawayListener | None = None,
+    ) -> None:
+        self.settings = settings or H2ServerSettings()
+        self._handler = handler
+        self._on_close = on_close
+        self._on_abuse = on_abuse
+        self._on_goaway = on_goaway
+        now = time.monotonic()
+        self._expires_at = connection_deadline(
+            now,
+            self.settings.max_connection_age,
+            self.settings.max_connection_age_jitter,
+            random.random(),
+        )
+        self._guard = H2Guard(self.settings.guard, now)
+        self._idle_since = now  # when the last stream closed (or the connection opened)
+        self._progress_at = now  # last sign the client is taking our data
+        self._last_read = now
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._cut_off = False
+        self._paused = False
+        self._paused_backlog = 0  # bytes buffered when the transport paused us
+        self._flush_handle: asyncio.Handle | None = None
+        self.streams = {}
+        self.transport: asyncio.Transport | None = None
+        self.remote_addr = ""
+        self.peer: PeerIdentity | None = None
+        self.ssl_object: ssl.SSLObject | None = None
+        self.goaway_sent = False  # no more than one (two-phase) GOAWAY per connection
+        self.goaway_final = False  # the GOAWAY with the real last stream id has gone out
+        self.goaway_last_stream_id = 0
+        self._linger: asyncio.TimerHandle | None = None
+        self._goaway_timer: asyncio.TimerHandle | None = None
+        self._ping_ack: asyncio.Future[None] | None = None
+        self._keepalive_task: asyncio.Task[None] | None = None
+
+    # -- engine primitives ---------------------------------------------------------------
+    def _start(self) -> None:
+        """Queue the server preface and our SETTINGS; open the connection window."""
+        raise NotImplementedError
+
+    def send_headers(self, stream: HTTP2ServerStream, headers: Headers, end_stream: bool) -> None:
+        raise NotImplementedError
+
+    def write(self, stream: HTTP2ServerStream, data: bytes, on_flushed: Flushed | None) -> None:
+        raise NotImplementedError
+
+    def end(self, stream: HTTP2ServerStream) -> None:
+        raise NotImplementedError
+
+    def ack(self, stream_id: int, flow_len: int) -> None:
+        raise NotImplementedError
+
+    def reset_stream(self, stream_id: int, code: int) -> None:
+        raise NotImplementedError
+
+    def _send_goaway(self, last_stream_id: int | None, code: int = NO_ERROR, debug: bytes = b"") -> int:
+        """Queue a GOAWAY (None: the highest stream id processed); the id announced."""
+        raise NotImplementedError
+
+    def _send_ping(self, payload: bytes) -> None:
+        raise NotImplementedError
+
+    def _data_to_send(self) -> bytes:
+        raise NotImplementedError
+
+    def _waiting_for_client(self) -> bool:
+        """Some stream has data that waits for the client's flow-control window."""
+        raise NotImplementedError
+
+    def buffered_bytes(self) -> int:
+        """Response bytes held for this client, waiting for its window."""
+        raise NotImplementedError
+
+    # -- asyncio.Protocol ----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.transport.set_write_buffer_limits(high=self.settings.write_buffer_bytes)
+        peer = transport.get_extra_info("peername")
+        self.remote_addr = peer[0] if peer else ""
+        self.ssl_object = transport.get_extra_info("ssl_object")
+        self.peer = identity_of_ssl(self.ssl_object)
+        s = self.settings
+        if s.ping_interval > 0:
+            self._keepalive_task = asyncio.get_running_loop().create_task(
+                self._keepalive(s.ping_interval, s.ping_timeout)
+            )
+        self._arm_watchdog()
+        self._start()
+        self._write_out()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._keepalive_task is not None:
+            self._keepalive_task.cancel()
+        for timer in (self._watchdog, self._linger, self._goaway_timer, self._flush_handle):
+            if timer is not None:
+                timer.cancel()
+        self._flush_handle = None
+        streams, self.streams = self.streams, {}
+        for stream in streams.values():
+            stream._mark_closed()
+            stream.release_pending()
+        self._closed()
+        if self._on_close is not None:
+            self._on_close(self)
+
+    def _closed(self) -> None:
+        """The transport is gone: free what the engine holds."""
+
+    def pause_writing(self) -> None:
+        if not self._paused:
+            self._progress_at = time.monotonic()
+            if self.transport is not None:
+                self._paused_backlog = self.transport.get_write_buffer_size()
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._progress_at = time.monotonic()
+        self._paused = False
+        self._resumed()
+
+    def _resumed(self) -> None:
+        """The transport drained: engines holding data back while paused send it now."""
+        self._write_out()
+
+    # -- streams -------------------------------------------------------------------------
+    def _new_stream(self, stream_id: int, headers: Headers, end_stream: bool) -> None:
+        """A request arrived: hand it to the handler (after our GOAWAY: refuse it)."""
+        if self.goaway_sent and stream_id > self.goaway_last_stream_id:
+            # not processed: the client retries it elsewhere
+            self.reset_stream(stream_id, REFUSED_STREAM)
+            return
+        stream = self.stream_class(self, stream_id, headers)
+        self.streams[stream_id] = stream
+        if end_stream:
+            stream._deliver_body_end()
+        try:
+            self._handler(stream)
+        except Exception:  # a handler bug must not take the connection down
+            log.exception("stream handler failed")
+            self.reset_stream(stream_id, INTERNAL_ERROR)
+
+    def _headers_too_large(self, stream_id: int) -> None:
+        """A request over SETTINGS_MAX_HEADER_LIST_SIZE: 431 with a Status on its stream,
+        as kube-apiserver answers; the connection and its other streams carry on."""
+        log.info("HTTP/2 request headers from %s over the limit", self.remote_addr)
+        stream = self.stream_class(self, stream_id, [])
+        self.streams[stream_id] = stream
+        body = status_body(431, "RequestHeaderFieldsTooLarge", "request headers too large")
+        stream.start_response(
+            431, [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        )
+        stream.write(body)
+        stream.end()
+
+    def _forget(self, stream_id: int) -> None:
+        stream = self.streams.pop(stream_id, None)
+        if stream is not None:
+            stream._mark_closed()
+            stream.release_pending()
+            if not self.streams:
+                self._idle_since = time.monotonic()
+        if self.goaway_final and not self.streams:
+            self._close_after_goaway()
+
+    # -- GOAWAY --------------------------------------------------------------------------
+    def goaway(self, reason: str = "", two_phase: bool = True) -> None:
+        """Graceful GOAWAY: accepted streams finish, the client reconnects for new ones.
+
+        Two-phase (RFC 9113 6.8): GOAWAY with the largest stream id and a PING first, so
+        requests already on the wire are still served; on the PING's ACK (the client has
+        read the first GOAWAY), GOAWAY with the real last stream id. One phase (as Go's
+        server does): the last stream id at once, later requests are refused."""
+        if self.goaway_sent:
+            return
+        self.goaway_sent = True
+        if self._on_goaway is not None:
+            self._on_goaway(reason)
+        if not two_phase:
+            self._final_goaway()
+            return
+        self.goaway_last_stream_id = self._send_goaway(MAX_STREAM_ID)
+        self._send_ping(GOAWAY_PING)
+        self._write_out()
+        self._goaway_timer = asyncio.get_running_loop().call_later(
+            GOAWAY_PING_WAIT, self._final_goaway
+        )
+
+    def _final_goaway(self) -> None:
+        if self.goaway_final:
+            return
+        self.goaway_final = True
+        if self._goaway_timer is not None:
+            self._goaway_timer.cancel()
+        self.goaway_last_stream_id = self._send_goaway(None)
+        self._write_out()
+        if not self.streams:
+            self._close_after_goaway()
+
+    def _close_after_goaway(self) -> None:
+        """Linger before closing, as Go's server does: requests the client sent before
+        it saw our GOAWAY then get REFUSED_STREAM (safe to retry), not a dead socket."""
+        if self._linger is None and self.transport is not None:
+            self._linger = asyncio.get_running_loop().call_later(
+                GOAWAY_LINGER_SECONDS, self._close_transport
+            )
+
+    def _ping_ack_received(self, payload: bytes) -> None:
+        if payload == GOAWAY_PING:
+            self._final_goaway()
+        elif self._ping_ack is not None and not self._ping_ack.done():
+            self._ping_ack.set_result(None)
+
+    def close(self) -> None:
+        self._close_transport()
+
+    # -- keepalive: after `interval` s without a frame from the client, PING it; no ACK
+    # within `timeout` s means it is gone (half-open TCP): close, which ends its streams.
+    async def _keepalive(self, interval: float, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            idle = time.monotonic() - self._last_read
+            if idle < interval:
+                await asyncio.sleep(interval - idle)
+                continue
+            self._ping_ack = loop.create_future()
+            self._send_ping(KEEPALIVE_PING)
+            self._write_out()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._ping_ack
+            except TimeoutError:
+                log.warning(
+                    "client %s did not answer PING within %ss: closing", self.remote_addr, timeout
+                )
+                self.close()
+                return
+
+    # -- limits ------------------------------------------------------------------------
+    def _over(self, kind: str | None) -> bool:
+        """Cut the client off if it just went over a budget (`kind` is not None)."""
+        if kind is None:
+            return False
+        if self._cut_off:
+            return True
+        self._cut_off = True
+        log.warning("HTTP/2 client %s cut off: %s", self.remote_addr, kind)
+        self._report(kind)
+        self._send_goaway(None, ENHANCE_YOUR_CALM, kind.encode())
+        self._close_transport()
+        return True
+
+    def _report(self, kind: str) -> None:
+        if self._on_abuse is not None:
+            self._on_abuse(kind)
+
+    def _arm_watchdog(self) -> None:
+        s = self.settings
+        timeouts = (s.idle_timeout, s.stalled_write_timeout, s.max_connection_age, 30.0)
+        period = min(t for t in timeouts if t > 0) / 4
+        self._watchdog = asyncio.get_running_loop().call_later(period, self._check_timeouts)
+
+    def _check_timeouts(self) -> None:
+        """Idle connections are closed politely; a client that leaves our data waiting
+        (zero window, or not reading TCP) for too long is cut off."""
+        self._watchdog = None
+        if self.transport is None or self.transport.is_closing():
+            return
+        now = time.monotonic()
+        s = self.settings
+        waiting = self._paused or self._waiting_for_client()
+        if not waiting:
+            self._progress_at = now  # a wait, if one starts, is measured from here
+        elif 0 < s.stalled_write_timeout <= now - self._progress_at:
+            self._over(STALLED_READER)
+            return
+        if (
+            not waiting
+            and not self.streams
+            and not self.goaway_sent
+            and 0 < s.idle_timeout <= now - self._idle_since
+        ):
+            log.debug("closing idle HTTP/2 connection from %s", self.remote_addr)
+            self.goaway("idle")
+        elif self._expires_at is not None and now >= self._expires_at:
+            self.goaway("max-age")
+        self._arm_watchdog()
+
+    # -- output: one transport write per connection per event-loop pass -----------------
+    def _write_out(self) -> None:
+        if self._flush_handle is None and self.transport is not None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_handle = None
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        data = self._data_to_send()
+        if data:
+            transport.write(data)
+        if (
+            self._paused
+            and transport.get_write_buffer_size() - self._paused_backlog
+            > self.settings.max_write_backlog
+        ):
+            self._over(WRITE_BACKLOG)
+
+    def _close_transport(self) -> None:
+        self._flush_now()  # a GOAWAY or RST queued just before must still go out
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()

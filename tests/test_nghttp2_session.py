@@ -1,0 +1,134 @@
+"""The nghttp2 session (`_nghttp2.pyx`) without sockets: the pitfalls the engine's design
+note lists, each as a regression test. Peers are h2 state machines fed in memory."""
+
+from __future__ import annotations
+
+import os
+
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+from hyperframe.frame import DataFrame
+
+from kom_gateway.http import engine as engines
+
+if engines.nghttp2_missing() is not None:
+    if os.environ.get("KOM_REQUIRE_CLIENTS"):
+        pytest.fail(f"the nghttp2 engine is not built: {engines.nghttp2_missing()}", pytrace=False)
+    pytest.skip("the nghttp2 engine is not built", allow_module_level=True)
+
+from kom_gateway.http import _nghttp2 as ng  # noqa: E402
+
+REQUEST = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"gw"),
+           (b":path", b"/api/v1/namespaces/default/configmaps")]
+
+
+def pair() -> tuple[ng.Session, h2.connection.H2Connection]:
+    """A server session and an h2 client that has sent its preface and SETTINGS."""
+    server = ng.Session(True)
+    server.submit_settings([(ng.SETTINGS_MAX_CONCURRENT_STREAMS, 100)])
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    server.receive(client.data_to_send())
+    client.receive_data(server.send())
+    server.receive(client.data_to_send())
+    return server, client
+
+
+def kinds(events: list[tuple]) -> list[int]:
+    return [e[0] for e in events]
+
+
+def test_one_event_per_header_block_whatever_its_size():
+    server, client = pair()
+    headers = [*REQUEST, *((b"x-field-%d" % i, b"v" * 30_000) for i in range(30))]  # ~900 KB
+    client.send_headers(1, headers, end_stream=True)
+    events = server.receive(client.data_to_send())
+    assert kinds(events) == [ng.EV_HEADERS, ng.EV_END]  # no per-header event, no Python call
+    assert events[0][2] == headers
+
+
+def test_header_list_over_the_limit_is_reported_for_its_stream_only():
+    server = ng.Session(True, max_header_list=8192)
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    client.send_headers(1, [*REQUEST, (b"x-big", b"v" * 20_000)], end_stream=True)
+    client.send_headers(3, REQUEST, end_stream=True)
+    events = [e for e in server.receive(client.data_to_send()) if e[0] == ng.EV_HEADERS]
+    assert [(e[1], e[2] is None) for e in events] == [(1, True), (3, False)]
+
+
+def test_stream_reset_mid_data_frame_never_leaks_into_another_stream():
+    """A DATA frame arrives in two reads; the stream is reset between them. Its second
+    half is dropped, and the next stream's body is only its own."""
+    server, client = pair()
+    client.send_headers(1, REQUEST)
+    client.send_headers(3, REQUEST)
+    server.receive(client.data_to_send())
+    frame = DataFrame(1, b"A" * 10_000).serialize()
+    first = server.receive(frame[:5000])
+    assert all(e[1] == 1 for e in first if e[0] == ng.EV_DATA)
+    server.reset(1, 0x8)
+    server.send()
+    later = server.receive(frame[5000:] + DataFrame(3, b"B" * 100, flags=["END_STREAM"]).serialize())
+    data = [(e[1], e[2]) for e in later if e[0] == ng.EV_DATA]
+    assert data == [(3, b"B" * 100)]
+
+
+def test_an_empty_body_queue_defers_instead_of_spinning():
+    """No data yet: the provider defers (a 0-byte read without EOF would make nghttp2
+    emit empty DATA frames forever); a write resumes it; end() sends END_STREAM."""
+    server, client = pair()
+    client.send_headers(1, REQUEST, end_stream=True)
+    server.receive(client.data_to_send())
+    assert server.respond(1, [(b":status", b"200")], False)
+    out = server.send()
+    assert out and server.send() == b""  # headers only; nothing more, no loop
+    client.receive_data(out)
+    flushed: list[str] = []
+    assert server.write(1, b"hello", lambda: flushed.append("hello"))
+    events = client.receive_data(server.send())
+    assert [e.data for e in events if isinstance(e, h2.events.DataReceived)] == [b"hello"]
+    assert server.flushed and not flushed
+    server.end(1)
+    events = client.receive_data(server.send())
+    assert any(isinstance(e, h2.events.StreamEnded) for e in events)
+
+
+def test_data_queued_for_a_client_that_leaves_is_handed_back():
+    server, client = pair()
+    client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+    client.send_headers(1, REQUEST, end_stream=True)
+    server.receive(client.data_to_send())
+    server.respond(1, [(b":status", b"200")], False)
+    calls: list[int] = []
+    server.write(1, b"x" * 1000, lambda: calls.append(1))
+    server.send()
+    assert server.queued(1) == 1000 and not server.flushed  # the window is 0: it waits
+    server.close()  # the connection dropped: nghttp2_session_del calls no close callback
+    assert len(server.flushed) == 1  # ...but the producer still gets its credit back
+    # and every later call on the freed session is harmless
+    assert server.send() == b"" and server.receive(b"x") == [] and server.closed
+    server.consume(1, 10)
+    assert not server.write(1, b"y", None)
+
+
+def test_consume_gives_the_connection_window_back_even_for_a_gone_stream():
+    client = ng.Session(False)
+    client.submit_settings([(ng.SETTINGS_INITIAL_WINDOW_SIZE, 65535)])
+    peer = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    peer.initiate_connection()
+    client.receive(peer.data_to_send())
+    sid = client.request([(b":method", b"GET"), (b":scheme", b"http"),
+                          (b":authority", b"a"), (b":path", b"/")], True)
+    peer.receive_data(client.send())
+    peer.send_headers(sid, [(b":status", b"200")])
+    for _ in range(3):  # over half the window: consume() then sends WINDOW_UPDATE
+        peer.send_data(sid, b"z" * 13_000)
+    peer.reset_stream(sid)
+    events = client.receive(peer.data_to_send())
+    received = sum(len(e[2]) for e in events if e[0] == ng.EV_DATA)
+    assert received == 39_000 and client.receive_window() == 65535 - 39_000
+    client.consume(sid, received)  # the stream is closed: the connection is still credited
+    assert client.receive_window() == 65535
