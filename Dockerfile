@@ -1,14 +1,24 @@
 # The image the Helm chart runs: kom-gateway on CPython 3.11, non-root, no shell needed.
 #   docker build -t ghcr.io/kom-gateway/kom-gateway:0.1.0 .
-FROM python:3.11-slim AS build
+# The builder stage compiles the nghttp2 HTTP/2 engine (gcc, Cython from PyPI, the runtime
+# libnghttp2.so.14); the runtime stage ships the wheel and that one library, no compiler.
+FROM python:3.11-slim-bookworm AS build
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev libnghttp2-14 \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY kom_gateway ./kom_gateway
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+RUN pip wheel --no-cache-dir --wheel-dir /wheels . \
+    && python -c "import sys, zipfile, glob; w = glob.glob('/wheels/kom_gateway-*.whl')[0]; \
+sys.exit(not any('_nghttp2' in n for n in zipfile.ZipFile(w).namelist()))"
 
-FROM python:3.11-slim
+FROM python:3.11-slim-bookworm
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libnghttp2-14 \
+    && rm -rf /var/lib/apt/lists/*
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
 # the config examples, for `kom-gateway check` inside the container

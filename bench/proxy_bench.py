@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import shutil
 import statistics
@@ -43,7 +44,15 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def start_gateway(config: Path, port: int, admin: int, log: Path, workers: int = 1) -> Process:
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (what it cost, whatever the machine's other load)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start_gateway(
+    config: Path, port: int, admin: int, log: Path, workers: int = 1, engine: str = "auto"
+) -> Process:
     """`kom-gateway run`, one process (or `workers`), as deployed."""
     args = [
         sys.executable,
@@ -60,6 +69,8 @@ def start_gateway(config: Path, port: int, admin: int, log: Path, workers: int =
         "warning",
         "--workers",
         str(workers),
+        "--engine",
+        engine,
     ]
     return Process(args, "kom-gateway listening", log)
 
@@ -207,7 +218,7 @@ def stream_list(url: str) -> float:
 async def hold_watches(port: int, count: int, per_connection: int = 100) -> list:
     sys.path.insert(0, str(ROOT))
     from kom_gateway.http.h2client import H2ClientConnection
-from kom_gateway.http.settings import H2ClientSettings
+    from kom_gateway.http.settings import H2ClientSettings
 
     class Sink:
         def __init__(self) -> None:
@@ -285,9 +296,17 @@ def main() -> int:
         procs.append(
             Process(["haproxy", "-f", str(root / "haproxy.cfg")], None, root / "haproxy.out", hp)
         )
-        gateway = start_gateway(root / "gateway.yaml", gp, ga, root / "gateway.out")
+        gateway = start_gateway(root / "gateway.yaml", gp, ga, root / "gateway.out", 1, "nghttp2")
         procs.append(gateway)
-        targets = {"direct": up, "haproxy": hp, "kom-gateway": gp}
+        h2p, h2a = free_port(), free_port()
+        gateway_h2 = start_gateway(root / "gateway.yaml", h2p, h2a, root / "gw-h2.out", 1, "h2")
+        procs.append(gateway_h2)
+        targets = {"direct": up, "haproxy": hp, "kom-gateway": gp, "kom-gateway h2": h2p}
+        cpu_of = {
+            "kom-gateway": gateway.proc.pid,
+            "kom-gateway h2": gateway_h2.proc.pid,
+            "haproxy": procs[1].proc.pid,
+        }
         if args.workers > 1:
             wp, wa = free_port(), free_port()
             procs.append(
@@ -300,14 +319,20 @@ def main() -> int:
         for port in targets.values():
             h2load(f"http://127.0.0.1:{port}{SMALL_PATH}", 2000, 10, 10)  # warm-up
         runs: dict[str, list] = {name: [] for name in targets}
+        cpu: dict[str, list] = {name: [] for name in cpu_of}
         for _ in range(args.repeats):
             for name, port in targets.items():
+                before_cpu = cpu_seconds(cpu_of[name]) if name in cpu_of else 0.0
                 r = h2load(f"http://127.0.0.1:{port}{SMALL_PATH}", args.requests, 10, 10)
                 assert r["failed"] == 0, (name, r)
                 runs[name].append(r["rps"])
+                if name in cpu_of:
+                    used = cpu_seconds(cpu_of[name]) - before_cpu
+                    cpu[name].append(used / args.requests * 1e6)
         results["small_get_rps"] = {
             n: {"median": statistics.median(v), "runs": v} for n, v in runs.items()
         }
+        results["cpu_us_per_request"] = {n: statistics.median(v) for n, v in cpu.items()}
         gw_max = results["small_get_rps"]["kom-gateway"]["median"]
 
         # 2. latency at half the gateway's max load (10 clients, rps each)
@@ -377,7 +402,7 @@ def main() -> int:
                 root / "sim.out",
             )
         )
-        gateway = start_gateway(root / "watch.yaml", gp, ga, root / "gateway2.out")
+        gateway = start_gateway(root / "watch.yaml", gp, ga, root / "gateway2.out", 1, "nghttp2")
         procs.append(gateway)
         time.sleep(1)
         idle = rss_kib(gateway.proc.pid)
@@ -407,8 +432,10 @@ def main() -> int:
     half = {name: r["p50_us"] for name, r in results["half_load"].items()}
     print(
         f"\nsmall GET: gateway/haproxy = {small['kom-gateway'] / small['haproxy']:.2f}, "
-        f"gateway/direct = {small['kom-gateway'] / small['direct']:.2f}"
+        f"gateway/direct = {small['kom-gateway'] / small['direct']:.2f}, "
+        f"h2 engine/haproxy = {small['kom-gateway h2'] / small['haproxy']:.2f}"
     )
+    print(f"CPU per small GET (us): {results['cpu_us_per_request']}")
     print(
         f"added p50 at half load: {(half['kom-gateway'] - half['direct']) / 1000:.2f} ms "
         f"(haproxy: {(half['haproxy'] - half['direct']) / 1000:.2f} ms)"

@@ -57,7 +57,9 @@ class ClientStream:
 
     __slots__ = ("_conn", "end_when_flushed", "listener", "pending", "responded", "stream_id")
 
-    def __init__(self, conn: HTTP2ClientConnection, stream_id: int, listener: StreamListener) -> None:
+    def __init__(
+        self, conn: HTTP2ClientConnection, stream_id: int, listener: StreamListener
+    ) -> None:
         self._conn = conn
         self.stream_id = stream_id
         self.listener = listener

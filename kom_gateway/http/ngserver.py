@@ -73,15 +73,25 @@ class NgServerProtocol(HTTP2ServerConnection):
             return
         self._handle(events)
         self._run_flushed()
-        if not session.want_io() and not self.goaway_sent:
-            # nghttp2 ended the connection for a protocol or compression error (its GOAWAY
-            # is queued), or the client left with its GOAWAY and nothing is open
-            if not self._client_left:
-                log.info("HTTP/2 protocol error from %s", self.remote_addr)
-                self._report(PROTOCOL_ERROR)
-            self._close_transport()
-            return
-        self._write_out()
+        if not self._session_ended():
+            self._write_out()
+
+    def _session_ended(self) -> bool:
+        """nghttp2 wants no more I/O: it ended the connection for a protocol or
+        compression error (and its GOAWAY is out), or the client left with GOAWAY and
+        nothing is open. Our own graceful GOAWAY closes by its linger instead."""
+        if self.session.want_io() or self.goaway_sent or self.transport is None:
+            return False
+        if not self._client_left:
+            log.info("HTTP/2 protocol error from %s", self.remote_addr)
+            self._report(PROTOCOL_ERROR)
+        self.goaway_sent = True  # once
+        self._close_transport()
+        return True
+
+    def _flush_now(self) -> None:
+        super()._flush_now()
+        self._session_ended()
 
     def _handle(self, events: list[tuple]) -> None:
         session = self.session

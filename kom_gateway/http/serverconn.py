@@ -181,7 +181,9 @@ class HTTP2ServerConnection(asyncio.Protocol):
     def reset_stream(self, stream_id: int, code: int) -> None:
         raise NotImplementedError
 
-    def _send_goaway(self, last_stream_id: int | None, code: int = NO_ERROR, debug: bytes = b"") -> int:
+    def _send_goaway(
+        self, last_stream_id: int | None, code: int = NO_ERROR, debug: bytes = b""
+    ) -> int:
         """Queue a GOAWAY (None: the highest stream id processed); the id announced."""
         raise NotImplementedError
 

@@ -26,9 +26,10 @@ class Metrics:
             found = self._children[key] = metric.labels(*values)
         return found
 
+    python_version = ".".join(map(str, sys.version_info[:3]))
+
     def set_build_info(self, engine: str) -> None:
-        python = ".".join(map(str, sys.version_info[:3]))
-        self.build_info.labels(__version__, engine, python).set(1)
+        self.build_info.labels(__version__, engine, self.python_version).set(1)
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from kom_gateway.config import ConfigError, ConfigHolder, load_config_file
 from kom_gateway.config.schema import Address, Config
 from kom_gateway.filewatch import FileSet
+from kom_gateway.http.listener import ConnectionLimits, Listener
 from kom_gateway.http.serverconn import GOAWAY_LINGER_SECONDS
 from kom_gateway.http.settings import H2ServerSettings
-from kom_gateway.http.listener import ConnectionLimits, Listener
 from kom_gateway.http.tlsfiles import ServerTLSContext
 from kom_gateway.proxy.admin import start_admin
 from kom_gateway.proxy.gateway import Gateway
