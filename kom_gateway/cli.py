@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 from kom_gateway import __version__
 from kom_gateway.config import Config, ConfigError, load_config_file
-from kom_gateway.config.schema import Address
+from kom_gateway.config.schema import HTTP2_ENGINES, Address
 from kom_gateway.requestinfo import parse_request
 from kom_gateway.routing import DEFAULT_GROUP, Client, Decision
 from kom_gateway.routing.cutover import format_percent, parse_x509_identity
@@ -119,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--engine",
-        choices=["auto", "nghttp2", "h2"],
+        choices=HTTP2_ENGINES,
         help="HTTP/2 engine of both sides (default: the config's http2.engine, auto: "
         "nghttp2 when its extension is installed, else h2)",
     )

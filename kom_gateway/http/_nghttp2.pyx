@@ -429,6 +429,15 @@ cdef class Session:
         if n < 0:
             raise SessionError(n)
 
+    def run_flushed(self) -> None:
+        """Tell producers their data has been framed, or will never be sent (upstream,
+        that credits the windows back). Called outside nghttp2, never from a callback."""
+        flushed = self.flushed
+        if flushed:
+            self.flushed = []
+            for on_flushed in flushed:
+                on_flushed()
+
     def want_io(self) -> bool:
         """False once nghttp2 has nothing left to read or write (after GOAWAY)."""
         if self._s == NULL:

@@ -25,15 +25,13 @@ from typing import Protocol, cast
 
 from kom_gateway.http.settings import H2ClientSettings
 from kom_gateway.http.stream import Flushed, Headers
+from kom_gateway.http.transport import REFUSED_STREAM, H2Transport
 
 log = logging.getLogger(__name__)
 
 RESET_GOAWAY = "goaway"  # above the server's GOAWAY last-stream-id: not processed
 RESET_REFUSED = "refused"  # RST_STREAM(REFUSED_STREAM) before a response: not processed
 RESET_BROKEN = "broken"  # anything else: the request may have been processed
-REFUSED_STREAM = 0x7
-CANCEL = 0x8
-KEEPALIVE_PING = b"komgw\x00\x00\x00"
 
 
 class StreamListener(Protocol):
@@ -80,7 +78,7 @@ class ClientStream:
         self._conn.cancel(self.stream_id)
 
 
-class HTTP2ClientConnection(asyncio.Protocol):
+class HTTP2ClientConnection(H2Transport):
     engine = ""
     # what the engine raises while the connection is being set up
     setup_errors: tuple[type[BaseException], ...] = ()
@@ -94,9 +92,6 @@ class HTTP2ClientConnection(asyncio.Protocol):
         self.draining = False  # GOAWAY received (or sent): no new streams
         self._paused = False
         self._last_read = time.monotonic()
-        self._flush_handle: asyncio.Handle | None = None
-        self._ping_ack: asyncio.Future[None] | None = None
-        self._keepalive_task: asyncio.Task[None] | None = None
 
     @classmethod
     async def connect(
@@ -154,12 +149,6 @@ class HTTP2ClientConnection(asyncio.Protocol):
     def cancel(self, stream_id: int) -> None:
         raise NotImplementedError
 
-    def _send_ping(self, payload: bytes) -> None:
-        raise NotImplementedError
-
-    def _data_to_send(self) -> bytes:
-        raise NotImplementedError
-
     # -- flow-control state, for tests and diagnosis --------------------------------------
     def receive_window(self) -> int:
         """Connection-level DATA the server may still send before our next WINDOW_UPDATE."""
@@ -190,21 +179,14 @@ class HTTP2ClientConnection(asyncio.Protocol):
         self.transport.set_write_buffer_limits(high=s.write_buffer_bytes)
         self._start()
         self._write_out()
-        if s.ping_interval > 0:
-            self._keepalive_task = asyncio.get_running_loop().create_task(
-                self._keepalive(s.ping_interval, s.ping_timeout)
-            )
+        self._start_keepalive(s.ping_interval, s.ping_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if not self.ready.done():
             self.ready.set_exception(ConnectionError(str(exc) if exc else "connection closed"))
             self.ready.exception()  # connect() re-raises it; nobody else needs to
-        if self._keepalive_task is not None:
-            self._keepalive_task.cancel()
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-            self._flush_handle = None
+        self._stop_transport_timers()
         streams, self.streams = self.streams, {}
         self._closed()
         for stream in streams.values():
@@ -273,40 +255,8 @@ class HTTP2ClientConnection(asyncio.Protocol):
         if self.draining and not self.streams:
             self.close()
 
-    def _ping_ack_received(self) -> None:
-        if self._ping_ack is not None and not self._ping_ack.done():
-            self._ping_ack.set_result(None)
-
-    async def _keepalive(self, interval: float, timeout: float) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            idle = time.monotonic() - self._last_read
-            if idle < interval:
-                await asyncio.sleep(interval - idle)
-                continue
-            self._ping_ack = loop.create_future()
-            self._send_ping(KEEPALIVE_PING)
-            self._write_out()
-            try:
-                async with asyncio.timeout(timeout):
-                    await self._ping_ack
-            except TimeoutError:
-                log.warning("upstream did not answer PING within %ss: closing", timeout)
-                self.close()
-                return
-
-    # -- output --------------------------------------------------------------------------
-    def _write_out(self) -> None:
-        if self._flush_handle is None and self.transport is not None:
-            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush_now)
-
-    def _flush_now(self) -> None:
-        self._flush_handle = None
-        if self.transport is None or self.transport.is_closing():
-            return
-        data = self._data_to_send()
-        if data:
-            self.transport.write(data)
+    def _peer_name(self) -> str:
+        return "upstream"
 
     def close(self) -> None:
         self._flush_now()

@@ -12,7 +12,6 @@ import h2.exceptions
 from h2.errors import ErrorCodes
 
 from kom_gateway.http.client import (
-    CANCEL,
     ClientStream,
     HTTP2ClientConnection,
     StreamListener,
@@ -26,6 +25,7 @@ from kom_gateway.http.h2conn import (
     send_pending,
 )
 from kom_gateway.http.stream import Flushed, Headers
+from kom_gateway.http.transport import CANCEL
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class H2ClientConnection(HTTP2ClientConnection):
         elif isinstance(event, h2.events.RemoteSettingsChanged):
             self._settings_received()
         elif isinstance(event, h2.events.PingAckReceived):
-            self._ping_ack_received()
+            self._keepalive_acked()
         elif isinstance(event, h2.events.ConnectionTerminated):
             self._goaway(event.last_stream_id or 0, event.error_code)
 

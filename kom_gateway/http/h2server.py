@@ -29,12 +29,9 @@ from kom_gateway.http.h2conn import (
 )
 from kom_gateway.http.h2guard import protocol_error_kind
 from kom_gateway.http.h2validate import header_list_size, malformed_request
-from kom_gateway.http.serverconn import (
-    PROTOCOL_ERROR,
-    HTTP2ServerConnection,
-    HTTP2ServerStream,
-)
+from kom_gateway.http.serverconn import HTTP2ServerConnection, HTTP2ServerStream
 from kom_gateway.http.stream import Flushed, Headers
+from kom_gateway.http.transport import PROTOCOL_ERROR
 
 log = logging.getLogger(__name__)
 

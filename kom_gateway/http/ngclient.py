@@ -12,13 +12,14 @@ import time
 
 from kom_gateway.http import _nghttp2 as ng
 from kom_gateway.http.client import (
-    CANCEL,
     ClientStream,
     HTTP2ClientConnection,
     StreamListener,
     StreamRefused,
 )
+from kom_gateway.http.ngsession import NgSessionOwner
 from kom_gateway.http.stream import Flushed, Headers
+from kom_gateway.http.transport import CANCEL
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ EV_HEADERS, EV_DATA, EV_END, EV_CLOSE = ng.EV_HEADERS, ng.EV_DATA, ng.EV_END, ng
 EV_GOAWAY, EV_PING_ACK, EV_SETTINGS = ng.EV_GOAWAY, ng.EV_PING_ACK, ng.EV_SETTINGS
 
 
-class NgClientConnection(HTTP2ClientConnection):
+class NgClientConnection(NgSessionOwner, HTTP2ClientConnection):
     engine = "nghttp2"
     setup_errors = (ng.SessionError,)
 
@@ -58,7 +59,7 @@ class NgClientConnection(HTTP2ClientConnection):
             self.close()
             return
         self._handle(events)
-        self._run_flushed()
+        self.session.run_flushed()
         self._write_out()
 
     def _handle(self, events: list[tuple]) -> None:
@@ -85,7 +86,7 @@ class NgClientConnection(HTTP2ClientConnection):
                 elif kind == EV_SETTINGS:
                     self._settings_received()
                 elif kind == EV_PING_ACK:
-                    self._ping_ack_received()
+                    self._keepalive_acked()
             except Exception:  # one listener's bug must not take the connection down
                 log.exception("handling upstream event %r failed", kind)
 
@@ -128,17 +129,6 @@ class NgClientConnection(HTTP2ClientConnection):
     def _send_ping(self, payload: bytes) -> None:
         self.session.ping(payload)
 
-    def _data_to_send(self) -> bytes:
-        if self._paused:
-            return b""
-        session = self.session
-        data = session.send()
-        if session.events:
-            events, session.events = session.events, []
-            self._handle(events)
-        self._run_flushed()
-        return data
-
     def receive_window(self) -> int:
         return int(self.session.receive_window())
 
@@ -147,14 +137,3 @@ class NgClientConnection(HTTP2ClientConnection):
 
     def unreturned_bytes(self) -> int:
         return int(self.session.data_received - self.session.data_consumed)
-
-    def _run_flushed(self) -> None:
-        flushed = self.session.flushed
-        if flushed:
-            self.session.flushed = []
-            for on_flushed in flushed:
-                on_flushed()
-
-    def _closed(self) -> None:
-        self.session.close()
-        self._run_flushed()

@@ -13,13 +13,14 @@ import time
 
 from kom_gateway.http import _nghttp2 as ng
 from kom_gateway.http.h2guard import CONTINUATION_FLOOD, PROTOCOL_ERROR
+from kom_gateway.http.ngsession import NgSessionOwner
 from kom_gateway.http.serverconn import (
     MAX_STREAM_ID,
     HTTP2ServerConnection,
     HTTP2ServerStream,
 )
-from kom_gateway.http.serverconn import PROTOCOL_ERROR as PROTOCOL_ERROR_CODE
 from kom_gateway.http.stream import Flushed, Headers
+from kom_gateway.http.transport import PROTOCOL_ERROR as PROTOCOL_ERROR_CODE
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ class NgServerStream(HTTP2ServerStream):
     __slots__ = ()
 
 
-class NgServerProtocol(HTTP2ServerConnection):
+class NgServerProtocol(NgSessionOwner, HTTP2ServerConnection):
     engine = "nghttp2"
     stream_class = NgServerStream
 
@@ -72,7 +73,7 @@ class NgServerProtocol(HTTP2ServerConnection):
         if session.guarded_frames != self._frames_seen and self._judge_frames(now):
             return
         self._handle(events)
-        self._run_flushed()
+        self.session.run_flushed()
         if not self._session_ended():
             self._write_out()
 
@@ -188,25 +189,6 @@ class NgServerProtocol(HTTP2ServerConnection):
     def _send_ping(self, payload: bytes) -> None:
         self.session.ping(payload)
 
-    def _data_to_send(self) -> bytes:
-        if self._paused:  # the transport's buffer is full: nghttp2 holds the rest
-            return b""
-        session = self.session
-        data = session.send()
-        if session.events:  # streams that closed as their last frame went out
-            events, session.events = session.events, []
-            self._handle(events)
-        self._run_flushed()
-        return data
-
-    def _run_flushed(self) -> None:
-        """Tell producers their data has been framed (upstream: credit it back)."""
-        flushed = self.session.flushed
-        if flushed:
-            self.session.flushed = []
-            for on_flushed in flushed:
-                on_flushed()
-
     def _waiting_for_client(self) -> bool:
         session = self.session
         return any(session.queued(sid) for sid in self.streams)
@@ -214,8 +196,3 @@ class NgServerProtocol(HTTP2ServerConnection):
     def buffered_bytes(self) -> int:
         session = self.session
         return sum(session.queued(sid) for sid in self.streams)
-
-    def _closed(self) -> None:
-        session = self.session
-        session.close()
-        self._run_flushed()

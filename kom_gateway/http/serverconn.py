@@ -23,6 +23,13 @@ from typing import cast
 from kom_gateway.http.h2guard import STALLED_READER, WRITE_BACKLOG, H2Guard
 from kom_gateway.http.settings import H2ServerSettings
 from kom_gateway.http.stream import Flushed, Headers, ServerStream
+from kom_gateway.http.transport import (
+    ENHANCE_YOUR_CALM,
+    INTERNAL_ERROR,
+    NO_ERROR,
+    REFUSED_STREAM,
+    H2Transport,
+)
 from kom_gateway.identity import PeerIdentity, identity_of_ssl
 from kom_gateway.kubestatus import status_body
 from kom_gateway.overload.load import connection_deadline
@@ -34,16 +41,8 @@ AbuseListener = Callable[[str], None]  # told the kind when a client is cut off 
 GoawayListener = Callable[[str], None]  # told the reason of every GOAWAY sent
 GOAWAY_LINGER_SECONDS = 1.0  # golang.org/x/net/http2 goAwayTimeout
 GOAWAY_PING = b"kgoaway1"  # PING payload of the two-phase GOAWAY's round trip
-KEEPALIVE_PING = b"komgw\x00\x00\x00"
 GOAWAY_PING_WAIT = 2.0  # send the final GOAWAY after this long even without the PING ACK
 MAX_STREAM_ID = 2**31 - 1
-# RFC 9113 error codes the engines send
-NO_ERROR = 0x0
-PROTOCOL_ERROR = 0x1
-INTERNAL_ERROR = 0x2
-REFUSED_STREAM = 0x7
-CANCEL = 0x8
-ENHANCE_YOUR_CALM = 0xB
 
 
 class HTTP2ServerStream(ServerStream):
@@ -112,7 +111,7 @@ class HTTP2ServerStream(ServerStream):
         a shared connection window). Engines that hold data override this."""
 
 
-class HTTP2ServerConnection(asyncio.Protocol):
+class HTTP2ServerConnection(H2Transport):
     """One downstream HTTP/2 connection: the policy; the engine subclass the frames."""
 
     engine = ""
@@ -147,7 +146,6 @@ class HTTP2ServerConnection(asyncio.Protocol):
         self._cut_off = False
         self._paused = False
         self._paused_backlog = 0  # bytes buffered when the transport paused us
-        self._flush_handle: asyncio.Handle | None = None
         self.streams = {}
         self.transport: asyncio.Transport | None = None
         self.remote_addr = ""
@@ -158,8 +156,6 @@ class HTTP2ServerConnection(asyncio.Protocol):
         self.goaway_last_stream_id = 0
         self._linger: asyncio.TimerHandle | None = None
         self._goaway_timer: asyncio.TimerHandle | None = None
-        self._ping_ack: asyncio.Future[None] | None = None
-        self._keepalive_task: asyncio.Task[None] | None = None
 
     # -- engine primitives ---------------------------------------------------------------
     def _start(self) -> None:
@@ -187,12 +183,6 @@ class HTTP2ServerConnection(asyncio.Protocol):
         """Queue a GOAWAY (None: the highest stream id processed); the id announced."""
         raise NotImplementedError
 
-    def _send_ping(self, payload: bytes) -> None:
-        raise NotImplementedError
-
-    def _data_to_send(self) -> bytes:
-        raise NotImplementedError
-
     def _waiting_for_client(self) -> bool:
         """Some stream has data that waits for the client's flow-control window."""
         raise NotImplementedError
@@ -209,22 +199,16 @@ class HTTP2ServerConnection(asyncio.Protocol):
         self.remote_addr = peer[0] if peer else ""
         self.ssl_object = transport.get_extra_info("ssl_object")
         self.peer = identity_of_ssl(self.ssl_object)
-        s = self.settings
-        if s.ping_interval > 0:
-            self._keepalive_task = asyncio.get_running_loop().create_task(
-                self._keepalive(s.ping_interval, s.ping_timeout)
-            )
+        self._start_keepalive(self.settings.ping_interval, self.settings.ping_timeout)
         self._arm_watchdog()
         self._start()
         self._write_out()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._keepalive_task is not None:
-            self._keepalive_task.cancel()
-        for timer in (self._watchdog, self._linger, self._goaway_timer, self._flush_handle):
+        self._stop_transport_timers()
+        for timer in (self._watchdog, self._linger, self._goaway_timer):
             if timer is not None:
                 timer.cancel()
-        self._flush_handle = None
         streams, self.streams = self.streams, {}
         for stream in streams.values():
             stream._mark_closed()
@@ -337,33 +321,11 @@ class HTTP2ServerConnection(asyncio.Protocol):
     def _ping_ack_received(self, payload: bytes) -> None:
         if payload == GOAWAY_PING:
             self._final_goaway()
-        elif self._ping_ack is not None and not self._ping_ack.done():
-            self._ping_ack.set_result(None)
+        else:
+            self._keepalive_acked()
 
     def close(self) -> None:
         self._close_transport()
-
-    # -- keepalive: after `interval` s without a frame from the client, PING it; no ACK
-    # within `timeout` s means it is gone (half-open TCP): close, which ends its streams.
-    async def _keepalive(self, interval: float, timeout: float) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            idle = time.monotonic() - self._last_read
-            if idle < interval:
-                await asyncio.sleep(interval - idle)
-                continue
-            self._ping_ack = loop.create_future()
-            self._send_ping(KEEPALIVE_PING)
-            self._write_out()
-            try:
-                async with asyncio.timeout(timeout):
-                    await self._ping_ack
-            except TimeoutError:
-                log.warning(
-                    "client %s did not answer PING within %ss: closing", self.remote_addr, timeout
-                )
-                self.close()
-                return
 
     # -- limits ------------------------------------------------------------------------
     def _over(self, kind: str | None) -> bool:
@@ -415,21 +377,16 @@ class HTTP2ServerConnection(asyncio.Protocol):
             self.goaway("max-age")
         self._arm_watchdog()
 
-    # -- output: one transport write per connection per event-loop pass -----------------
-    def _write_out(self) -> None:
-        if self._flush_handle is None and self.transport is not None:
-            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush_now)
+    def _peer_name(self) -> str:
+        return f"client {self.remote_addr}"
 
     def _flush_now(self) -> None:
-        self._flush_handle = None
+        super()._flush_now()
         transport = self.transport
-        if transport is None or transport.is_closing():
-            return
-        data = self._data_to_send()
-        if data:
-            transport.write(data)
         if (
-            self._paused
+            transport is not None
+            and not transport.is_closing()
+            and self._paused
             and transport.get_write_buffer_size() - self._paused_backlog
             > self.settings.max_write_backlog
         ):
