@@ -32,11 +32,13 @@ CLAIMS = {
 }
 
 
-def config_text(ports: dict[str, int], cutover: str, extra: str = "") -> str:
+def config_text(ports: dict[str, int | list[int]], cutover: str, extra: str = "") -> str:
+    """A gateway config for simulated groups (a list of ports: that many endpoints)."""
     lines = ["groups:"]
     for name, port in ports.items():
+        endpoints = ", ".join(f'"http://127.0.0.1:{p}"' for p in ([port] if isinstance(port, int) else port))
         lines.append(f"  {name}:")
-        lines.append(f"    endpoints: [\"http://127.0.0.1:{port}\"]")
+        lines.append(f"    endpoints: [{endpoints}]")
         if name in CLAIMS:
             lines.append(f"    resources: {json.dumps(CLAIMS[name])}")
     return "\n".join(lines) + "\n" + cutover + extra
@@ -46,7 +48,8 @@ EVERYONE_CUT_OVER = """cutover:
   - match: {userAgent: "legacy/*"}
   - percent: {pod: 100, config: 100, event: 100}
 """
-FAST_HEALTH = "health: {intervalSeconds: 0.2, timeoutSeconds: 0.5, failureThreshold: 2}\n"
+FAST_HEALTH = ("health: {intervalSeconds: 0.2, timeoutSeconds: 0.5, failureThreshold: 2, "
+               "consecutiveFailures: 2, baseEjectionSeconds: 1}\n")
 
 
 REQUEST = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"gw"),
@@ -226,10 +229,16 @@ class Stack:
         self.port = 0
         self.clients: list[Client] = []
 
-    async def start(self, cutover: str = EVERYONE_CUT_OVER, extra: str = FAST_HEALTH) -> Stack:
+    async def start(self, cutover: str = EVERYONE_CUT_OVER, extra: str = FAST_HEALTH,
+                    replicas: dict[str, int] | None = None) -> Stack:
+        """`replicas`: groups with more than one apiserver; the second of "pod" is the
+        simulated group "pod-1" (same store, its own faults), and so on."""
+        ports: dict[str, int | list[int]] = {}
         for name in GROUPS:
-            await self.sim.add_group(name, "127.0.0.1", 0)
-        ports = {name: g.port for name, g in self.sim.groups.items()}
+            group = await self.sim.add_group(name, "127.0.0.1", 0)
+            ports[name] = [group.port]
+            for i in range(1, (replicas or {}).get(name, 1)):
+                ports[name].append((await self.sim.add_group(f"{name}-{i}", "127.0.0.1", 0)).port)
         config = load_config_text(config_text(ports, cutover, extra))
         self.gateway = Gateway(ConfigHolder(config))
         self.listener = new_listener(self.gateway, None)
@@ -255,7 +264,6 @@ class Stack:
         if self.listener is not None:
             await self.listener.close()
         if self.gateway is not None:
-            for task in list(self.gateway.tasks):
-                task.cancel()
+            self.gateway.abort_all()
             await self.gateway.close()
         await self.sim.close()

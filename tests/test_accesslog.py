@@ -11,6 +11,7 @@ from harness import FAST_HEALTH, Stack
 from kom_gateway.config import ConfigError, load_config_text
 from kom_gateway.config.schema import AccessLogSettings
 from kom_gateway.proxy.accesslog import access_record, wanted
+from kom_gateway.proxy.outcome import Outcome
 from kom_gateway.requestinfo import parse_request
 from kom_gateway.routing.cutover import Client
 from kom_gateway.routing.router import Decision
@@ -22,8 +23,9 @@ def test_record_has_what_a_cut_over_plan_needs():
     client = Client("kubelet/v1.31.0 (linux/amd64)", "x509:CN=system:node:n1,O=system:nodes",
                     "10.1.2.3", "system:node:n1", ("system:nodes",))
     info = parse_request("GET", "/api/v1/namespaces/kube-system/pods/p1/log")
-    record = access_record(1763812800.25, client, info, Decision("pod", "default", "not-cut-over"),
-                           "default", "https://10.0.0.10:6443", 200, 0.0123, 0, 512, None)
+    outcome = Outcome(client, info, Decision("pod", "default", "not-cut-over"), "default", 200,
+                      0.0123, "https://10.0.0.10:6443", 0, 512, None)
+    record = access_record(1763812800.25, outcome)
     assert record == {
         "time": "2025-11-22T12:00:00.250Z",
         "client": "x509:CN=system:node:n1,O=system:nodes|kubelet",
@@ -113,9 +115,13 @@ async def test_sampling_in_the_proxy(tmp_path):
         client = await stack.client()
         await asyncio.gather(*(client.request("GET", "/api/v1/nodes") for _ in range(20)))
         stack.sim.groups["config"].faults.status_override = 503
-        assert (await client.request("GET", "/api/v1/nodes")).status == 503
+        assert (await client.request("GET", "/api/v1/nodes")).status == 200  # default answered
+        stack.sim.groups["default"].faults.status_override = 503
+        assert (await client.request("DELETE", "/api/v1/nodes/n1")).status == 503
         stack.gateway.access_log.flush()
         records = [json.loads(line) for line in path.read_text().splitlines()]
-        assert [r["status"] for r in records] == [503]  # only the error, sampling 0
+        # only the fallback and the error, sampling 0
+        assert [(r["status"], r["answeredBy"], r["fallback"]) for r in records] == [
+            (200, "default", "upstream-5xx"), (503, "config", None)]
     finally:
         await stack.close()

@@ -5,7 +5,12 @@ import json
 import pytest
 
 from kom_gateway.kubestatus import status_body
-from kom_gateway.proxy.fallback import GOAWAY_RETRIES, Failure, after_failure
+from kom_gateway.proxy.fallback import (
+    GOAWAY_RETRIES,
+    Failure,
+    after_failure,
+    falls_back_on_status,
+)
 from kom_gateway.proxy.headers import (
     downstream_response_headers,
     status_headers,
@@ -54,9 +59,30 @@ def test_sent_writes_get_503_with_retry_after(request_):
     assert "may or may not have been applied" in step.message
 
 
-def test_timeout_is_504_never_a_retry():
-    step = after_failure(Failure.TIMEOUT, GET_PODS[1], "GET", "pod", True)
-    assert (step.retry_group, step.status, step.reason) == (None, 504, "Timeout")
+LIST_CMS = ("GET", parse_request("GET", "/api/v1/namespaces/a/configmaps"))
+PATCH = ("PATCH", parse_request("PATCH", "/api/v1/namespaces/a/configmaps/c"))
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+@pytest.mark.parametrize("request_", [GET_PODS, WATCH, LIST_CMS])
+def test_a_groups_5xx_to_a_read_goes_to_default(status, request_):
+    method, info = request_
+    assert falls_back_on_status(status, info, method, "pod")
+    assert after_failure(Failure.UPSTREAM_5XX, info, method, "pod", True).retry_group == "default"
+    assert not falls_back_on_status(status, info, method, "default")  # default's answer stands
+
+
+@pytest.mark.parametrize("status", [500, 503])
+@pytest.mark.parametrize("request_", [CREATE, DELETE, PATCH, EXEC_POST])
+def test_a_5xx_to_a_write_is_its_answer(status, request_):
+    method, info = request_
+    assert not falls_back_on_status(status, info, method, "pod")
+
+
+@pytest.mark.parametrize("status", [200, 201, 400, 401, 403, 404, 409, 410, 422, 429, 501, 505])
+def test_other_statuses_are_the_apiservers_answer(status):
+    method, info = GET_PODS
+    assert not falls_back_on_status(status, info, method, "pod")
 
 
 def test_upstream_headers_drop_hop_by_hop_and_spoofed_identity():

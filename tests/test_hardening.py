@@ -53,7 +53,7 @@ async def test_rapid_reset_is_cut_off(stack):
     assert abuse(stack, "rapid-reset") == 1
     await still_serving(stack)
     await asyncio.sleep(0.2)
-    assert not stack.gateway.tasks  # every exchange the resets started is gone
+    assert not stack.gateway.exchanges  # every exchange the resets started is gone
 
 
 @pytest.mark.parametrize(("flood", "kind"), [

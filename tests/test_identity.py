@@ -133,8 +133,7 @@ class TLSStack:
 
     async def close(self) -> None:
         await self.listener.close()
-        for task in list(self.gateway.tasks):
-            task.cancel()
+        self.gateway.abort_all()
         await self.gateway.close()
         await self.sim.close()
 

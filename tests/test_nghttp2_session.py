@@ -46,7 +46,20 @@ def test_one_event_per_header_block_whatever_its_size():
     client.send_headers(1, headers, end_stream=True)
     events = server.receive(client.data_to_send())
     assert kinds(events) == [ng.EV_HEADERS, ng.EV_END]  # no per-header event, no Python call
-    assert events[0][2] == headers
+    assert events[0][2] == headers[len(REQUEST):]  # regular fields; pseudo-headers split in C
+    assert events[0][4] == ("POST", "/api/v1/namespaces/default/configmaps", "gw")
+
+
+def test_response_status_is_split_off_in_c():
+    server, client = ng.Session(True), ng.Session(False)
+    server.submit_settings(())
+    client.submit_settings(())
+    stream_id = client.request(REQUEST, True)
+    server.receive(client.send())
+    server.respond(stream_id, [(b":status", b"404"), (b"content-type", b"application/json")], True)
+    events = [e for e in client.receive(server.send()) if e[0] == ng.EV_HEADERS]
+    assert [(e[1], e[2], e[4]) for e in events] == [
+        (stream_id, [(b"content-type", b"application/json")], 404)]
 
 
 def test_header_list_over_the_limit_is_reported_for_its_stream_only():

@@ -74,7 +74,6 @@ async def test_tls_downstream_and_upstream(tmp_path, pki):
         assert gateway.holder.current.generation == 1
     finally:
         await listener.close()
-        for task in list(gateway.tasks):
-            task.cancel()
+        gateway.abort_all()
         await gateway.close()
         await sim.close()

@@ -115,9 +115,22 @@ class Timeouts:
 
 @dataclass(frozen=True)
 class Health:
+    """Active probes (GET /readyz) and passive outlier ejection (what requests see).
+
+    Ejection as Envoy's outlier detection does it (same defaults): `consecutive_failures`
+    gateway-visible failures in a row (5xx, reset, timeout, connection error) eject an
+    endpoint for `base_ejection` x the number of times it was ejected, at most
+    `max_ejection`. Unlike Envoy, the last endpoint of a group is only ejected if its
+    probe fails too: default can always answer, but a group must not go dark because
+    of one bad request pattern while its apiserver is ready.
+    """
+
     interval: float = 5.0  # active GET /readyz per endpoint
     timeout: float = 2.0
-    failure_threshold: int = 3  # consecutive failed requests that eject an endpoint
+    failure_threshold: int = 3  # consecutive failed probes that take an endpoint out
+    consecutive_failures: int = 5  # consecutive failed requests that eject an endpoint
+    base_ejection: float = 30.0
+    max_ejection: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -153,6 +166,15 @@ LIMIT_KEYS: dict[str, Field] = {
     "headerReadTimeoutSeconds": Field("header_read_timeout"),
     "idleTimeoutSeconds": Field("idle_timeout", zero=True),
     "stalledWriteTimeoutSeconds": Field("stalled_write_timeout", zero=True),
+}
+
+HEALTH_KEYS: dict[str, Field] = {
+    "intervalSeconds": Field("interval"),
+    "timeoutSeconds": Field("timeout"),
+    "failureThreshold": Field("failure_threshold", whole=True),
+    "consecutiveFailures": Field("consecutive_failures", whole=True),
+    "baseEjectionSeconds": Field("base_ejection"),
+    "maxEjectionSeconds": Field("max_ejection"),
 }
 
 HTTP2_ENGINES = ("auto", "nghttp2", "h2")
@@ -437,23 +459,12 @@ class _Builder:
             self.number(t, ("timeouts",), "requestSeconds", Timeouts.request),
             self.number(t, ("timeouts",), "connectSeconds", Timeouts.connect),
         )
-        h = (
-            self.mapping(
-                top.get("health"),
-                ("health",),
-                ("intervalSeconds", "timeoutSeconds", "failureThreshold"),
+        health = self.fields(top.get("health"), ("health",), HEALTH_KEYS, Health)
+        if health.max_ejection < health.base_ejection:
+            self.error(
+                ("health", "maxEjectionSeconds"),
+                f"must be at least baseEjectionSeconds ({health.base_ejection:g})",
             )
-            or {}
-        )
-        health = Health(
-            self.number(h, ("health",), "intervalSeconds", Health.interval),
-            self.number(h, ("health",), "timeoutSeconds", Health.timeout),
-            int(
-                self.number(
-                    h, ("health",), "failureThreshold", Health.failure_threshold, whole=True
-                )
-            ),
-        )
         limits = self.fields(top.get("limits"), ("limits",), LIMIT_KEYS, Limits)
         h2 = self.mapping(top.get("http2"), ("http2",), ("engine", "downstream", "upstream")) or {}
         http2_engine = h2.get("engine", "auto")

@@ -15,9 +15,10 @@ would make nghttp2 emit empty DATA frames forever) until `write` resumes it.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.unicode cimport PyUnicode_DecodeLatin1
 from libc.stdint cimport int32_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
-from libc.string cimport memcpy
+from libc.string cimport memcmp, memcpy
 
 from collections import deque
 
@@ -260,7 +261,10 @@ SETTINGS_MAX_FRAME_SIZE = 0x5
 SETTINGS_MAX_HEADER_LIST_SIZE = 0x6
 
 # Events, as the first item of each tuple in `Session.events`:
-EV_HEADERS = 1  # (EV_HEADERS, stream_id, headers | None (over the limit), end_stream)
+# (EV_HEADERS, stream_id, headers | None (over the limit), end_stream, pseudo): `headers`
+# are the regular fields; pseudo-header fields are split off in C: a request's `pseudo` is
+# (method, path, authority) as str, a response's is its status as int
+EV_HEADERS = 1
 EV_DATA = 2  # (EV_DATA, stream_id, bytes): a DATA chunk; its length is its flow-control cost
 EV_END = 3  # (EV_END, stream_id): the peer ended its side (END_STREAM)
 EV_CLOSE = 4  # (EV_CLOSE, stream_id, error_code): the stream is gone (0: both sides ended)
@@ -304,7 +308,9 @@ cdef class Session:
     cdef public list events
     cdef public list flushed  # on_flushed callbacks whose data has been framed
     cdef dict _out  # stream id -> _Outgoing
-    cdef list _headers  # the header block being received
+    cdef list _headers  # the header block being received (regular fields)
+    cdef object _method, _path, _authority  # its pseudo-header fields (str)
+    cdef int _status
     cdef size_t _header_bytes
     cdef size_t max_header_list
     cdef object _error
@@ -608,11 +614,22 @@ cdef nghttp2_nv *_nv_array(list headers) except NULL:
     return nva
 
 
+cdef int _status_code(const uint8_t *value, size_t length) noexcept:
+    """:status as a number (nghttp2 has checked it is three digits)."""
+    cdef int code = 0
+    cdef size_t i
+    for i in range(length):
+        code = code * 10 + (value[i] - 48)
+    return code
+
+
 # -- callbacks (called by nghttp2 inside receive()/send(); they only gather) -------------
 cdef int _on_begin_headers(nghttp2_session *s, const nghttp2_frame *frame,
                            void *user_data) noexcept:
     cdef Session self = <Session>user_data
     self._headers = []
+    self._method = self._path = self._authority = ""
+    self._status = 0
     self._header_bytes = 0
     return 0
 
@@ -628,6 +645,16 @@ cdef int _on_header(nghttp2_session *s, const nghttp2_frame *frame, const uint8_
         self._headers = None
         return 0
     try:
+        if namelen and name[0] == 58:  # b":" (nghttp2 has checked which ones may appear)
+            if namelen == 7 and memcmp(name, b":method", 7) == 0:
+                self._method = PyUnicode_DecodeLatin1(<const char *>value, valuelen, NULL)
+            elif namelen == 5 and memcmp(name, b":path", 5) == 0:
+                self._path = PyUnicode_DecodeLatin1(<const char *>value, valuelen, NULL)
+            elif namelen == 10 and memcmp(name, b":authority", 10) == 0:
+                self._authority = PyUnicode_DecodeLatin1(<const char *>value, valuelen, NULL)
+            elif namelen == 7 and memcmp(name, b":status", 7) == 0:
+                self._status = _status_code(value, valuelen)
+            return 0  # :scheme, :protocol: not needed by anyone downstream
         self._headers.append((PyBytes_FromStringAndSize(<const char *>name, namelen),
                               PyBytes_FromStringAndSize(<const char *>value, valuelen)))
     except BaseException as exc:
@@ -651,8 +678,11 @@ cdef int _on_frame_recv(nghttp2_session *s, const nghttp2_frame *frame,
                 self.events.append((EV_END, sid))
         elif kind == T_HEADERS:
             headers, self._headers = self._headers, None
-            if frame.headers.cat == CAT_REQUEST or frame.headers.cat == CAT_RESPONSE:
-                self.events.append((EV_HEADERS, sid, headers, end))
+            if frame.headers.cat == CAT_REQUEST:
+                self.events.append(
+                    (EV_HEADERS, sid, headers, end, (self._method, self._path, self._authority)))
+            elif frame.headers.cat == CAT_RESPONSE:
+                self.events.append((EV_HEADERS, sid, headers, end, self._status))
             else:  # trailers (or a response after 1xx): the body's end is what counts
                 self.events.append((EV_TRAILERS, sid, end))
             if end:

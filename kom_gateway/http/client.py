@@ -42,6 +42,18 @@ class StreamListener(Protocol):
         """kind: RESET_GOAWAY / RESET_REFUSED (not processed) or RESET_BROKEN."""
 
 
+def split_response(headers: Headers) -> tuple[int, Headers]:
+    """(status, regular fields) of a response's header list (nghttp2 does this in C)."""
+    status = 0
+    regular: Headers = []
+    for name, value in headers:
+        if name == b":status":
+            status = int(value)
+        elif name[:1] != b":":
+            regular.append((name, value))
+    return status, regular
+
+
 class ConnectError(Exception):
     """Could not establish the upstream connection (nothing was sent)."""
 
@@ -210,21 +222,15 @@ class HTTP2ClientConnection(H2Transport):
         if not self.ready.done():
             self.ready.set_result(None)
 
-    def _response(self, stream_id: int, headers: Headers) -> None:
+    def _response(self, stream_id: int, status: int, headers: Headers) -> None:
+        """Response headers (regular fields only) arrived on a stream."""
         stream = self.streams.get(stream_id)
         if stream is None:
             return
-        status = 0
-        regular: Headers = []
-        for name, value in headers:
-            if name == b":status":
-                status = int(value)
-            else:
-                regular.append((name, value))
         if status < 200:  # informational (100 Continue): the real answer follows
             return
         stream.responded = True
-        stream.listener.on_response(status, regular)
+        stream.listener.on_response(status, headers)
 
     def _goaway(self, last_stream_id: int, error_code: object) -> None:
         self.draining = True
@@ -259,6 +265,7 @@ class HTTP2ClientConnection(H2Transport):
         return "upstream"
 
     def close(self) -> None:
+        self.draining = True  # no new streams from now on, not only once the transport is gone
         self._flush_now()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()

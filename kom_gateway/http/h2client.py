@@ -16,6 +16,7 @@ from kom_gateway.http.client import (
     HTTP2ClientConnection,
     StreamListener,
     StreamRefused,
+    split_response,
 )
 from kom_gateway.http.h2conn import (
     STREAM_GONE,
@@ -78,7 +79,7 @@ class H2ClientConnection(HTTP2ClientConnection):
             if event.stream_ended is not None:
                 self._ended(event.stream_id)
         elif isinstance(event, h2.events.ResponseReceived):
-            self._response(event.stream_id, event.headers)
+            self._response(event.stream_id, *split_response(event.headers))
             if event.stream_ended is not None:
                 self._ended(event.stream_id)
         elif isinstance(event, h2.events.StreamEnded):

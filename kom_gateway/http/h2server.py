@@ -16,6 +16,7 @@ import contextlib
 import logging
 import time
 from collections import deque
+from typing import Any
 
 import h2.events
 import h2.exceptions
@@ -29,7 +30,7 @@ from kom_gateway.http.h2conn import (
 )
 from kom_gateway.http.h2guard import protocol_error_kind
 from kom_gateway.http.h2validate import header_list_size, malformed_request
-from kom_gateway.http.serverconn import HTTP2ServerConnection, HTTP2ServerStream
+from kom_gateway.http.serverconn import HTTP2ServerConnection, HTTP2ServerStream, split_request
 from kom_gateway.http.stream import Flushed, Headers
 from kom_gateway.http.transport import PROTOCOL_ERROR
 
@@ -37,8 +38,8 @@ log = logging.getLogger(__name__)
 
 
 class H2ServerStream(HTTP2ServerStream):
-    def __init__(self, conn: H2ServerProtocol, stream_id: int, headers: Headers) -> None:
-        super().__init__(conn, stream_id, headers)
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
         self.pending: deque[tuple[bytes | memoryview, Flushed | None]] = deque()
         self.end_when_flushed = False
 
@@ -114,7 +115,10 @@ class H2ServerProtocol(HTTP2ServerConnection):
                 log.info("malformed HTTP/2 request from %s: %s", self.remote_addr, problem)
                 self.reset_stream(event.stream_id, PROTOCOL_ERROR)
                 return
-            self._new_stream(event.stream_id, event.headers, event.stream_ended is not None)
+            method, target, authority, regular = split_request(event.headers)
+            self._new_stream(
+                event.stream_id, method, target, authority, regular, event.stream_ended is not None
+            )
         elif isinstance(event, h2.events.StreamEnded):
             stream = self.streams.get(event.stream_id)
             if stream is not None and not stream.body_done:

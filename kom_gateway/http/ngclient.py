@@ -75,7 +75,7 @@ class NgClientConnection(NgSessionOwner, HTTP2ClientConnection):
                     else:
                         stream.listener.on_data(event[2], len(event[2]))
                 elif kind == EV_HEADERS:
-                    self._response(event[1], event[2] or [])
+                    self._response(event[1], event[4], event[2] or [])
                 elif kind == EV_END:
                     self._ended(event[1])
                 elif kind == EV_CLOSE:

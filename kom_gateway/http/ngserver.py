@@ -109,7 +109,8 @@ class NgServerProtocol(NgSessionOwner, HTTP2ServerConnection):
                 if event[2] is None:
                     self._headers_too_large(event[1])
                 else:
-                    self._new_stream(event[1], event[2], event[3])
+                    method, target, authority = event[4]
+                    self._new_stream(event[1], method, target, authority, event[2], event[3])
             elif kind == EV_END:
                 stream = streams.get(event[1])
                 if stream is not None and not stream.body_done:

@@ -45,10 +45,36 @@ GOAWAY_PING_WAIT = 2.0  # send the final GOAWAY after this long even without the
 MAX_STREAM_ID = 2**31 - 1
 
 
+def split_request(headers: Headers) -> tuple[str, str, str, Headers]:
+    """(method, path, authority, regular fields) of a request's header list (the
+    nghttp2 engine does this in C)."""
+    method = target = authority = ""
+    regular: Headers = []
+    for name, value in headers:
+        if name[:1] == b":":
+            if name == b":method":
+                method = value.decode("latin-1")
+            elif name == b":path":
+                target = value.decode("latin-1")
+            elif name == b":authority":
+                authority = value.decode("latin-1")
+        else:
+            regular.append((name, value))
+    return method, target, authority, regular
+
+
 class HTTP2ServerStream(ServerStream):
     """One request on a downstream HTTP/2 connection; every action goes to the engine."""
 
-    def __init__(self, conn: HTTP2ServerConnection, stream_id: int, headers: Headers) -> None:
+    def __init__(
+        self,
+        conn: HTTP2ServerConnection,
+        stream_id: int,
+        method: str,
+        target: str,
+        authority: str,
+        headers: Headers,
+    ) -> None:
         super().__init__()
         self._conn = conn
         self.stream_id = stream_id
@@ -56,21 +82,10 @@ class HTTP2ServerStream(ServerStream):
         self.remote_addr = conn.remote_addr
         self.peer = conn.peer
         self.ssl_object = conn.ssl_object
-        self.method = ""
-        self.target = ""
-        self.authority = ""
-        regular: Headers = []
-        for name, value in headers:
-            if name[:1] == b":":
-                if name == b":method":
-                    self.method = value.decode("latin-1")
-                elif name == b":path":
-                    self.target = value.decode("latin-1")
-                elif name == b":authority":
-                    self.authority = value.decode("latin-1")
-            else:
-                regular.append((name, value))
-        self.headers = regular
+        self.method = method
+        self.target = target
+        self.authority = authority
+        self.headers = headers  # regular fields only
 
     @property
     def connection(self) -> HTTP2ServerConnection:
@@ -237,13 +252,21 @@ class HTTP2ServerConnection(H2Transport):
         self._write_out()
 
     # -- streams -------------------------------------------------------------------------
-    def _new_stream(self, stream_id: int, headers: Headers, end_stream: bool) -> None:
+    def _new_stream(
+        self,
+        stream_id: int,
+        method: str,
+        target: str,
+        authority: str,
+        headers: Headers,
+        end_stream: bool,
+    ) -> None:
         """A request arrived: hand it to the handler (after our GOAWAY: refuse it)."""
         if self.goaway_sent and stream_id > self.goaway_last_stream_id:
             # not processed: the client retries it elsewhere
             self.reset_stream(stream_id, REFUSED_STREAM)
             return
-        stream = self.stream_class(self, stream_id, headers)
+        stream = self.stream_class(self, stream_id, method, target, authority, headers)
         self.streams[stream_id] = stream
         if end_stream:
             stream._deliver_body_end()
@@ -257,7 +280,7 @@ class HTTP2ServerConnection(H2Transport):
         """A request over SETTINGS_MAX_HEADER_LIST_SIZE: 431 with a Status on its stream,
         as kube-apiserver answers; the connection and its other streams carry on."""
         log.info("HTTP/2 request headers from %s over the limit", self.remote_addr)
-        stream = self.stream_class(self, stream_id, [])
+        stream = self.stream_class(self, stream_id, "", "", "", [])
         self.streams[stream_id] = stream
         body = status_body(431, "RequestHeaderFieldsTooLarge", "request headers too large")
         stream.start_response(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kom_gateway.overload.policy import OverloadPolicy, RateLimitRule
+from kom_gateway.overload.policy import OverloadPolicy, RateLimitRule, RequestMatch
 from kom_gateway.overload.ratelimit import BucketSet, whole_seconds
 from kom_gateway.overload.retryafter import RetryAfter
 from kom_gateway.requestinfo import RequestInfo
@@ -53,6 +53,15 @@ class Rejection:
     detail: str  # the rule name for rate limits, else the group
     retry_after: int
     message: str
+
+
+def _any_match(
+    matches: tuple[RequestMatch, ...], info: RequestInfo, client: Client, group: str
+) -> bool:
+    for match in matches:  # noqa: SIM110 (a loop, not any(genexpr): runs per request)
+        if match.matches(info, client, group):
+            return True
+    return False
 
 
 class Admission:
@@ -94,9 +103,9 @@ class Admission:
         counts = (
             self.inflight if kind is SHORT else self.watches if kind is WATCH else self.long_running
         )
-        if any(m.matches(info, client, group) for m in policy.exempt):
+        if _any_match(policy.exempt, info, client, group):
             return Ticket(counts, group, kind)
-        protected = any(m.matches(info, client, group) for m in policy.protected)
+        protected = _any_match(policy.protected, info, client, group)
         if not protected:
             for rule in policy.rate_limits:
                 if not rule.match.matches(info, client, group):

@@ -32,8 +32,12 @@ class RequestMatch:
             return False
         if self.groups and group not in self.groups:
             return False
-        if self.resources and not any(_covers(c, info) for c in self.resources):
-            return False
+        if self.resources:
+            for claim in self.resources:
+                if _covers(claim, info):
+                    break
+            else:
+                return False
         if self.namespaces and not any(g.matches(info.namespace) for g in self.namespaces):
             return False
         return self.clients.matches(client)

@@ -14,30 +14,19 @@ import logging
 import random
 import sys
 import time
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from kom_gateway.config.schema import AccessLogSettings
-from kom_gateway.requestinfo import RequestInfo
-from kom_gateway.routing.cutover import Client
-from kom_gateway.routing.router import Decision
+
+if TYPE_CHECKING:
+    from kom_gateway.proxy.outcome import Outcome
 
 log = logging.getLogger(__name__)
 
 
-def access_record(
-    when: float,
-    client: Client,
-    info: RequestInfo,
-    decision: Decision | None,
-    answered_by: str,
-    endpoint: str,
-    status: int,
-    duration: float,
-    bytes_in: int,
-    bytes_out: int,
-    fallback: str | None,
-) -> dict[str, object]:
-    """The JSON object of one request (pure)."""
+def access_record(when: float, outcome: Outcome) -> dict[str, object]:
+    """The JSON object of one request that started at `when` (pure)."""
+    client, info, decision = outcome.client, outcome.info, outcome.decision
     return {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when))
         + f".{int(when % 1 * 1000):03d}Z",
@@ -55,13 +44,13 @@ def access_record(
         "homeGroup": decision.home if decision else None,
         "chosenGroup": decision.target if decision else None,
         "cutover": decision.reason if decision else None,
-        "answeredBy": answered_by,
-        "endpoint": endpoint or None,
-        "status": status,
-        "durationMs": round(duration * 1000, 3),
-        "bytesIn": bytes_in,
-        "bytesOut": bytes_out,
-        "fallback": fallback,
+        "answeredBy": outcome.answered_by,
+        "endpoint": outcome.endpoint or None,
+        "status": outcome.status,
+        "durationMs": round(outcome.duration * 1000, 3),
+        "bytesIn": outcome.bytes_in,
+        "bytesOut": outcome.bytes_out,
+        "fallback": outcome.fallback,
     }
 
 

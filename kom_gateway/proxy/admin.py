@@ -9,9 +9,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 
 async def start_admin(
-    registry: CollectorRegistry, host: str, port: int, is_ready: Callable[[], tuple[bool, str]]
+    registry: CollectorRegistry,
+    host: str,
+    port: int,
+    is_ready: Callable[[], tuple[bool, str]],
+    before_scrape: Callable[[], None] = lambda: None,
 ) -> tuple[web.AppRunner, int]:
     async def metrics_handler(request: web.Request) -> web.Response:
+        before_scrape()  # batched counters reach prometheus-client first
         body = generate_latest(registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

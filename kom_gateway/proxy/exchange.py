@@ -1,11 +1,16 @@
 """One client request carried to an apiserver group, with fallback to default.
 
-One task per request waits for what must be waited for (a connection, the response
-headers, the end). Data never waits in a coroutine: upstream DATA is written to the
-client with a callback that acknowledges it upstream once the client took it, so a slow
-client holds back only its own stream, and memory per stream is bounded by the upstream
-stream window. Request bodies flow the same way in the other direction, and are kept
-(by reference) until the response starts, so an attempt that failed can be replayed.
+An exchange is a state machine driven by callbacks: the client stream's events (body,
+gone), the upstream stream's events (response, data, end, reset) and the deadline sweep.
+No task and no timer per request: a small GET costs a few function calls here, which
+is what lets one process keep up with a compiled HTTP/2 engine. A task exists only while
+an endpoint's first connection is being opened.
+
+Data never waits in a coroutine either: upstream DATA is written to the client with a
+callback that acknowledges it upstream once the client took it, so a slow client holds
+back only its own stream, and memory per stream is bounded by the upstream stream
+window. Request bodies flow the same way in the other direction, and are kept (by
+reference) until the response starts, so an attempt that failed can be replayed.
 """
 
 from __future__ import annotations
@@ -13,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
 
 from kom_gateway.config.holder import Active
 from kom_gateway.http.client import (
@@ -22,29 +26,30 @@ from kom_gateway.http.client import (
     RESET_REFUSED,
     ClientStream,
     ConnectError,
+    HTTP2ClientConnection,
     StreamRefused,
 )
 from kom_gateway.http.stream import Headers, ServerStream
 from kom_gateway.kubestatus import status_body
 from kom_gateway.overload.admission import Ticket
-from kom_gateway.proxy.accesslog import access_record
 from kom_gateway.proxy.attempts import Attempts
-from kom_gateway.proxy.fallback import Failure
+from kom_gateway.proxy.context import ProxyContext
+from kom_gateway.proxy.fallback import Failure, falls_back_on_status
 from kom_gateway.proxy.headers import (
     downstream_response_headers,
     status_headers,
     upstream_request_headers,
 )
+from kom_gateway.proxy.outcome import Outcome
 from kom_gateway.proxy.upstreams import UpstreamEndpoint
+from kom_gateway.proxy.watchframes import WatchFrames
 from kom_gateway.requestinfo import RequestInfo
 from kom_gateway.routing.cutover import Client
 from kom_gateway.routing.router import Decision
 
-if TYPE_CHECKING:
-    from kom_gateway.proxy.gateway import Gateway
-
 log = logging.getLogger(__name__)
 
+CLIENT_CLOSED = 499  # the status recorded when the client went away first (as nginx)
 
 _FAILURE_OF_RESET = {
     RESET_GOAWAY: Failure.GOAWAY,
@@ -54,19 +59,17 @@ _FAILURE_OF_RESET = {
 
 
 class _Attempt:
-    """Listener for one upstream stream."""
+    """Listener for one upstream stream; events of an attempt the exchange has moved
+    past (or of a finished exchange) are dropped, their data credited back."""
 
-    __slots__ = ("done", "endpoint", "exchange", "group", "headers", "received", "upstream")
+    __slots__ = ("endpoint", "exchange", "group", "metrics", "received", "upstream")
 
     def __init__(self, exchange: Exchange, endpoint: UpstreamEndpoint, group: str) -> None:
-        loop = asyncio.get_running_loop()
         self.exchange = exchange
         self.endpoint = endpoint
         self.group = group
-        self.headers: asyncio.Future[tuple[int, Headers] | Failure] = loop.create_future()
-        self.done: asyncio.Future[None] = loop.create_future()
         self.upstream: ClientStream | None = None
-        metrics = exchange.gateway.metrics
+        self.metrics = metrics = exchange.ctx.metrics
         self.received = metrics.child(metrics.received_bytes, group)
 
     def send_chunk(self, chunk: list) -> None:
@@ -81,58 +84,68 @@ class _Attempt:
 
         self.upstream.send_data(chunk[0], sent)
 
+    def _current(self) -> bool:
+        exchange = self.exchange
+        return exchange.attempt is self and not exchange.finished
+
     # -- StreamListener ------------------------------------------------------------------
     def on_response(self, status: int, headers: Headers) -> None:
-        if not self.headers.done():
-            # Start the client's response now: DATA may follow in the same read, before
-            # the exchange task runs again.
+        if self._current():
             self.exchange.on_upstream_response(self, status, headers)
-            self.headers.set_result((status, headers))
 
     def on_data(self, data: bytes, flow_len: int) -> None:
         upstream = self.upstream
         assert upstream is not None
-        self.received.inc(len(data))
-        self.exchange.bytes_out += len(data)
-        self.exchange.stream.write(data, lambda: upstream.ack(flow_len))
+        exchange = self.exchange
+        if exchange.attempt is not self or exchange.finished:
+            upstream.ack(flow_len)
+            return
+        size = len(data)
+        self.metrics.count(self.received, size)
+        exchange.bytes_out += size
+        if exchange.frames is not None:
+            exchange.frames.feed(data)
+        exchange.stream.write(data, lambda: upstream.ack(flow_len))
 
     def on_end(self) -> None:
-        self.exchange.completed = True
-        self.exchange.stream.end()
-        if not self.headers.done():  # ended without headers: treat as a reset
-            self.headers.set_result(Failure.RESET_BEFORE_HEADERS)
-        if not self.done.done():
-            self.done.set_result(None)
+        if self._current():
+            self.exchange.on_upstream_end(self)
 
     def on_reset(self, kind: str, reason: str) -> None:
-        if not self.headers.done():
-            self.headers.set_result(_FAILURE_OF_RESET[kind])
-            log.info(
-                "%s %s: %s on %s",
-                self.exchange.stream.method,
-                self.exchange.stream.target,
-                reason,
-                self.endpoint.name,
-            )
-            return
-        # The response had started: never write an error into a 200 stream. A watch ends
-        # cleanly (the client re-watches and lands on a healthy group); anything else is
-        # reset so the client sees the break instead of a truncated body.
-        self.exchange.completed = True
-        if self.exchange.info.verb == "watch":
-            self.exchange.stream.end()
-        else:
-            self.exchange.stream.reset()
-        metrics = self.exchange.gateway.metrics
-        metrics.child(metrics.broken_responses, self.group, self.exchange.info.verb).inc()
-        if not self.done.done():
-            self.done.set_result(None)
+        if self._current():
+            self.exchange.on_upstream_reset(self, kind, reason)
 
 
 class Exchange:
+    """Callbacks in, one `Outcome` out (recorded when the exchange finishes)."""
+
+    __slots__ = (
+        "_busy",
+        "_connecting",
+        "active",
+        "answered_by",
+        "attempt",
+        "attempts",
+        "body",
+        "body_ended",
+        "body_size",
+        "bytes_out",
+        "client",
+        "ctx",
+        "decision",
+        "finished",
+        "frames",
+        "info",
+        "responded",
+        "started",
+        "status",
+        "stream",
+        "ticket",
+    )
+
     def __init__(
         self,
-        gateway: Gateway,
+        ctx: ProxyContext,
         stream: ServerStream,
         info: RequestInfo,
         client: Client,
@@ -140,167 +153,120 @@ class Exchange:
         active: Active,
         ticket: Ticket,
     ) -> None:
-        self.gateway = gateway
-        self.ticket = ticket  # its admission; released by the gateway when the task ends
+        self.ctx = ctx
+        self.ticket = ticket  # its admission; released when the exchange finishes
         self.stream = stream
         self.info = info
         self.client = client
-        self.bytes_out = 0  # response body bytes (for the access log)
-        self.attempts: Attempts | None = None  # set when the request goes upstream
         self.decision = decision
-        self.active = active
+        self.active = active  # the config snapshot this request keeps to the end
+        self.bytes_out = 0  # response body bytes (for the access log)
+        self.attempts = Attempts(ctx.upstreams, ctx.metrics, info, stream.method, decision.target)
         self.body: list[list] | None = []  # [data, unacked flow bytes]; kept for replay
         self.body_size = 0
         self.body_ended = False
         self.attempt: _Attempt | None = None
         self.answered_by = decision.target
         self.status = 0
-        self.task: asyncio.Task[None] | None = None  # set by the gateway
-        self.completed = False  # the client's response has been ended (or reset) by us
-        self._finished = False
+        self.started = 0.0
+        self.responded = False  # the client's response is ours to finish (or was)
+        self.finished = False
+        self.frames: WatchFrames | None = None  # a watch's event boundaries
+        self._busy: UpstreamEndpoint | None = None  # counted in its in_flight
+        self._connecting: asyncio.Task[HTTP2ClientConnection] | None = None
 
-    # -- BodyConsumer ----------------------------------------------------------------------
-    def on_body(self, data: bytes, flow_len: int) -> None:
-        if self.completed:  # already answered (413): the rest of the body is dropped
-            self.stream.ack_body(flow_len)
-            return
-        self.body_size += len(data)
-        if self.body_size > self.active.config.limits.max_request_body_bytes:
-            self._fail_body_too_large()
-            return
-        chunk = [data, flow_len]
-        if self.body is not None:
-            self.body.append(chunk)
-        attempt = self.attempt
-        if attempt is not None and attempt.upstream is not None:
-            attempt.send_chunk(chunk)
-            metrics = self.gateway.metrics
-            metrics.child(metrics.sent_bytes, attempt.group).inc(len(data))
-
-    def on_body_end(self) -> None:
-        self.body_ended = True
-        attempt = self.attempt
-        if attempt is not None and attempt.upstream is not None:
-            attempt.upstream.end()
-
-    def _fail_body_too_large(self) -> None:
-        limit = self.active.config.limits.max_request_body_bytes
-        self.completed = True
-        if not self.stream.response_started:
-            self._respond(
-                413,
-                "RequestEntityTooLarge",
-                f"the request body is larger than the limit of {limit} bytes",
-                None,
-            )
-        else:
-            self.stream.reset()
-        self._abort_upstream()
-        if self.task is not None and not self.task.done():
-            self.task.cancel()  # nothing left to wait for upstream
-
-    # -- the request's life ----------------------------------------------------------------
-    async def run(self) -> None:
+    def start(self) -> None:
+        ctx = self.ctx
+        self.started = now = time.monotonic()
+        ctx.live[self] = None
+        if not self.info.is_long_running:
+            ctx.deadlines.add(self, now + self.active.config.timeouts.request)
         stream = self.stream
-        stream.on_closed(self._client_closed)
         stream.set_body_consumer(self)
-        metrics = self.gateway.metrics
-        started = time.monotonic()
-        timeout = None if self.info.is_long_running else self.active.config.timeouts.request
-        try:
-            async with asyncio.timeout(timeout):
-                await self._carry()
-        except TimeoutError:
-            self.completed = True
-            self._abort_upstream()
-            if not stream.response_started:
-                self._respond(
-                    504,
-                    "Timeout",
-                    "Timeout: request did not complete within the allotted timeout",
-                    1,
-                )
-            else:
-                stream.reset()
-        except asyncio.CancelledError:  # the client went away (or the gateway stops)
-            self._abort_upstream()
-            self.status = self.status or 499  # client closed the request
-        except Exception:
-            log.exception("proxying %s %s failed", stream.method, stream.target)
-            self._abort_upstream()
-            if not stream.response_started:
-                self._respond(500, "InternalError", "the gateway failed to proxy the request", 1)
-            else:
-                stream.reset()
-        finally:
-            self._finished = True
-            metrics.child(
-                metrics.requests,
-                self.answered_by,
-                self.info.verb,
-                self.info.resource,
-                str(self.status),
-            ).inc()
-            duration = time.monotonic() - started
-            if not self.info.is_long_running:
-                metrics.child(metrics.duration, self.answered_by, self.info.verb).observe(duration)
-            access = self.gateway.access_log
-            fallback = self.attempts.fallback if self.attempts else None
-            if access.wants(self.status, fallback):
-                attempt = self.attempt
-                access.write(
-                    access_record(
-                        time.time() - duration,
-                        self.client,
-                        self.info,
-                        self.decision,
-                        self.answered_by,
-                        attempt.endpoint.name if attempt else "",
-                        self.status,
-                        duration,
-                        self.body_size,
-                        self.bytes_out,
-                        fallback,
-                    )
-                )
+        stream.on_closed(self._client_closed)
+        self._next_attempt()
 
-    async def _carry(self) -> None:
-        gateway = self.gateway
-        attempts = Attempts(
-            gateway.upstreams, gateway.metrics, self.info, self.stream.method, self.decision.target
-        )
-        self.attempts = attempts
-        while True:
+    # -- choosing where the request goes ---------------------------------------------------
+    def _next_attempt(self) -> None:
+        """Try endpoints (and groups, as the fallback policy says) until one takes the
+        request, one needs a connection opened first, or the client has been answered."""
+        attempts = self.attempts
+        while not self.finished:
             endpoint = attempts.pick()
             if endpoint is None:
-                failure: Failure | None = Failure.NO_HEALTHY_ENDPOINT
+                failure = Failure.NO_HEALTHY_ENDPOINT
             else:
-                failure = await self._try(endpoint, attempts.group)
+                self._hold(endpoint)
+                conn = endpoint.ready_connection()
+                if conn is None:
+                    self._connect(endpoint)
+                    return
+                failure = self._open(endpoint, conn)
                 if failure is None:
                     return
-            step = attempts.failed(endpoint, failure)
-            if step.retry_group is None:
-                self._respond(step.status, step.reason, step.message, step.retry_after)
+            if not self._after_failure(endpoint, failure):
                 return
 
-    async def _try(self, endpoint: UpstreamEndpoint, group: str) -> Failure | None:
-        """One attempt; None when the response was carried (whatever its status).
-        Counted in the endpoint's in-flight from the moment it was picked, so requests
-        picking while a connection opens see each other."""
-        endpoint.in_flight += 1
-        try:
-            return await self._try_counted(endpoint, group)
-        finally:
-            endpoint.in_flight -= 1
+    def _failed(self, endpoint: UpstreamEndpoint | None, failure: Failure) -> None:
+        if self._after_failure(endpoint, failure):
+            self._next_attempt()
 
-    async def _try_counted(self, endpoint: UpstreamEndpoint, group: str) -> Failure | None:
-        try:
-            conn = await endpoint.connection()
-            while not conn.has_capacity():  # it filled up, or got GOAWAY, while we waited
-                conn = await endpoint.connection()
-        except ConnectError as exc:
-            log.info("connect to %s (%s) failed: %s", endpoint.name, group, exc)
-            return Failure.CONNECT
+    def _after_failure(self, endpoint: UpstreamEndpoint | None, failure: Failure) -> bool:
+        """True if another attempt is to be made; else the client has been answered."""
+        self._let_go()
+        step = self.attempts.failed(endpoint, failure)
+        if step.retry_group is None:
+            self._answer(step.status, step.reason, step.message, step.retry_after)
+            self._finish()
+            return False
+        return True
+
+    def _hold(self, endpoint: UpstreamEndpoint) -> None:
+        """Count this request in the endpoint's in-flight from the moment it is picked,
+        so requests picking while a connection opens see each other."""
+        self._let_go()
+        endpoint.in_flight += 1
+        self._busy = endpoint
+
+    def _let_go(self) -> None:
+        busy = self._busy
+        if busy is not None:
+            busy.in_flight -= 1
+            self._busy = None
+
+    def _connect(self, endpoint: UpstreamEndpoint) -> None:
+        task = asyncio.get_running_loop().create_task(endpoint.connection())
+        self._connecting = task
+        task.add_done_callback(lambda t: self._connected(endpoint, t))
+
+    def _connected(self, endpoint: UpstreamEndpoint, task: asyncio.Task) -> None:
+        self._connecting = None
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if self.finished:
+            return
+        if exc is None:
+            conn = task.result()
+            if not conn.has_capacity():  # it filled up, or got GOAWAY, meanwhile
+                self._connect(endpoint)
+                return
+            failure = self._open(endpoint, conn)
+            if failure is None:
+                return
+        elif isinstance(exc, ConnectError):
+            log.info("connect to %s (%s) failed: %s", endpoint.name, self.attempts.group, exc)
+            failure = Failure.CONNECT
+        else:
+            log.error("connecting to %s failed", endpoint.name, exc_info=exc)
+            self._answer(500, "InternalError", "the gateway failed to proxy the request", 1)
+            self._finish()
+            return
+        self._failed(endpoint, failure)
+
+    def _open(self, endpoint: UpstreamEndpoint, conn: HTTP2ClientConnection) -> Failure | None:
+        """Send the request on a new stream of `conn`; None when it went."""
+        group = self.attempts.group
         attempt = _Attempt(self, endpoint, group)
         self.attempt = attempt
         self.answered_by = group
@@ -315,7 +281,7 @@ class Exchange:
         )
         no_body = self.body_ended and not self.body
         try:
-            attempt.upstream = conn.open_stream(headers, no_body, attempt)
+            attempt.upstream = upstream = conn.open_stream(headers, no_body, attempt)
         except StreamRefused as exc:
             log.info("could not open a stream on %s: %s", endpoint.name, exc)
             return Failure.REFUSED
@@ -323,65 +289,200 @@ class Exchange:
             for chunk in self.body or ():
                 attempt.send_chunk(chunk)
             if self.body_ended:
-                attempt.upstream.end()
-        outcome = await attempt.headers
-        if isinstance(outcome, Failure):
-            if not outcome.unsent:  # "not processed, try again" is not ill health
-                endpoint.report_failure()
-            return outcome
-        is_watch = self.info.verb == "watch"
-        if is_watch:
-            self.gateway.metrics.watches.labels(group).inc()
-        try:
-            await attempt.done
-        finally:
-            if is_watch:
-                self.gateway.metrics.watches.labels(group).dec()
+                upstream.end()
         return None
 
+    # -- the upstream's answer ---------------------------------------------------------------
     def on_upstream_response(self, attempt: _Attempt, status: int, headers: Headers) -> None:
-        """Response headers arrived: this attempt answers the request, whatever its status
-        (an apiserver's 429 or 5xx is its answer, never a reason to fall back)."""
-        attempt.endpoint.report_success()
+        """Response headers arrived. A non-default group's 5xx to a read is not the
+        answer (default shares its etcd and can give the right one); anything else is,
+        whatever its status (an apiserver's 429 or 4xx is its answer)."""
+        endpoint = attempt.endpoint
+        if status >= 500:
+            endpoint.report_failure()
+            if falls_back_on_status(status, self.info, self.stream.method, attempt.group):
+                self._abort_upstream()
+                log.info(
+                    "%s %s: %d from %s, falling back",
+                    self.stream.method,
+                    self.stream.target,
+                    status,
+                    endpoint.name,
+                )
+                self._failed(endpoint, Failure.UPSTREAM_5XX)
+                return
+        else:
+            endpoint.report_success()
         self.status = status
         self.body = None  # no replay from here on
+        self.responded = True
+        if self.info.verb == "watch" and status == 200:
+            self.frames = WatchFrames(_content_type(headers))
+            self.ctx.metrics.child(self.ctx.metrics.watches, attempt.group).inc()
         self.stream.start_response(status, downstream_response_headers(headers))
 
-    def _client_closed(self) -> None:
-        """The client went away: stop waiting on its behalf (and cancel upstream)."""
-        if self.completed or self._finished:
+    def on_upstream_end(self, attempt: _Attempt) -> None:
+        if not self.responded:  # ended without response headers: as good as a reset
+            self.on_upstream_reset(attempt, RESET_BROKEN, "upstream ended the stream unanswered")
             return
-        if self.task is not None and not self.task.done():
-            self.task.cancel()
+        self.stream.end()
+        self._finish()
 
-    def _abort_upstream(self) -> None:
-        """RST the upstream stream (a no-op if it already ended). Not keyed on
-        `attempt.done`: cancelling the task cancels that future too."""
+    def on_upstream_reset(self, attempt: _Attempt, kind: str, reason: str) -> None:
+        if not self.responded:
+            stream = self.stream
+            log.info("%s %s: %s on %s", stream.method, stream.target, reason, attempt.endpoint.name)
+            failure = _FAILURE_OF_RESET[kind]
+            if not failure.unsent:  # "not processed, try again" is not ill health
+                attempt.endpoint.report_failure()
+            self._failed(attempt.endpoint, failure)
+            return
+        # The response had started: never write an error into a 200 stream. A watch cut
+        # between two events ends cleanly (the client re-watches from its last
+        # resourceVersion and lands on a healthy group); cut inside an event, or any
+        # other response cut short, it is reset so the client sees the break.
+        frames = self.frames
+        if frames is not None and frames.at_boundary:
+            self.stream.end()
+        else:
+            self.stream.reset()
+        metrics = self.ctx.metrics
+        metrics.child(metrics.broken_responses, attempt.group, self.info.verb).inc()
+        self._finish()
+
+    # -- the client's side -------------------------------------------------------------------
+    def on_body(self, data: bytes, flow_len: int) -> None:
+        if self.finished:  # already answered (413): the rest of the body is dropped
+            self.stream.ack_body(flow_len)
+            return
+        self.body_size += len(data)
+        if self.body_size > self.active.config.limits.max_request_body_bytes:
+            self._fail_body_too_large()
+            return
+        chunk = [data, flow_len]
+        if self.body is not None:
+            self.body.append(chunk)
         attempt = self.attempt
         if attempt is not None and attempt.upstream is not None:
-            attempt.upstream.cancel()
+            attempt.send_chunk(chunk)
+            metrics = self.ctx.metrics
+            metrics.child(metrics.sent_bytes, attempt.group).inc(len(data))
 
-    def _respond(self, status: int, reason: str, message: str, retry_after: int | None) -> None:
-        self.completed = True
-        self.status = status
-        answer_status(self.stream, status, reason, message, retry_after)
+    def on_body_end(self) -> None:
+        self.body_ended = True
+        attempt = self.attempt
+        if attempt is not None and attempt.upstream is not None and not self.finished:
+            attempt.upstream.end()
+
+    def _fail_body_too_large(self) -> None:
+        limit = self.active.config.limits.max_request_body_bytes
+        self._abort_upstream()
+        if not self.responded:
+            self._answer(
+                413,
+                "RequestEntityTooLarge",
+                f"the request body is larger than the limit of {limit} bytes",
+                None,
+            )
+        else:
+            self.stream.reset()
+        self._finish()
+
+    def _client_closed(self) -> None:
+        """The client went away: stop working on its behalf (and cancel upstream)."""
+        if not self.finished:
+            self.cancel()
+
+    def timed_out(self) -> None:
+        """The request timeout passed (the deadline sweep calls this)."""
+        if self.finished:
+            return
+        self._abort_upstream()
+        if not self.responded:
+            if self.attempt is not None:  # no answer in time: ill health, as a 5xx
+                self.attempt.endpoint.report_failure()
+            self._answer(
+                504, "Timeout", "Timeout: request did not complete within the allotted timeout", 1
+            )
+        else:
+            self.stream.reset()
+        self._finish()
+
+    def cancel(self) -> None:
+        """Stop now (the client left, or the gateway stops): upstream is reset."""
+        if self.finished:
+            return
+        self._abort_upstream()
+        if not self.stream.closed:
+            self.stream.reset()
+        self.status = self.status or CLIENT_CLOSED
+        self._finish()
 
     def end_cleanly(self) -> None:
         """Shutdown: end the client's response here (a watch ends as if the apiserver
         closed it, so the client re-watches) and stop the upstream side."""
-        if self.completed:
+        if self.finished:
             return
-        self.completed = True
         self._abort_upstream()
-        if self.stream.response_started:
+        if self.responded:
             if self.info.is_long_running:
                 self.stream.end()
             else:
                 self.stream.reset()  # a body cut short must not look complete
         else:
-            self._respond(503, "ServiceUnavailable", "the gateway is shutting down", 1)
-        if self.task is not None and not self.task.done():
-            self.task.cancel()
+            self._answer(503, "ServiceUnavailable", "the gateway is shutting down", 1)
+        self._finish()
+
+    # -- ending ------------------------------------------------------------------------------
+    def _abort_upstream(self) -> None:
+        """RST the upstream stream (a no-op if it already ended)."""
+        attempt = self.attempt
+        if attempt is not None and attempt.upstream is not None:
+            attempt.upstream.cancel()
+
+    def _answer(self, status: int, reason: str, message: str, retry_after: int | None) -> None:
+        self.status = status
+        self.responded = True
+        self.attempt = None  # no upstream answered this
+        answer_status(self.stream, status, reason, message, retry_after)
+
+    def _finish(self) -> None:
+        """Exactly once, whichever way the exchange ended: give back its admission and
+        endpoint slot, and record its outcome."""
+        if self.finished:
+            return
+        self.finished = True
+        ctx = self.ctx
+        ctx.live.pop(self, None)
+        ctx.deadlines.remove(self)
+        if self._connecting is not None:
+            self._connecting.cancel()
+        self._let_go()
+        self.ticket.release()
+        if self.frames is not None:
+            ctx.metrics.child(ctx.metrics.watches, self.answered_by).dec()
+        attempt = self.attempt
+        ctx.recorder.record(
+            Outcome(
+                self.client,
+                self.info,
+                self.decision,
+                self.answered_by,
+                self.status,
+                time.monotonic() - self.started,
+                attempt.endpoint.name if attempt is not None else "",
+                self.body_size,
+                self.bytes_out,
+                self.attempts.fallback,
+            )
+        )
+
+
+def _content_type(headers: Headers) -> bytes:
+    for name, value in headers:
+        if name == b"content-type":
+            return value
+    return b""
 
 
 def answer_status(

@@ -10,6 +10,9 @@ the only question is whether retrying is *safe*:
   GOAWAY again): retry on default, any verb;
 - the request was sent but no response headers came: reads are retried on default;
   writes may have been applied, so the client gets 503 + Retry-After (client-go retries);
+- a non-default group answered a read with 500/502/503/504 (`falls_back_on_status`),
+  before any of it went to the client: retried on default, which shares the group's etcd
+  and can give the right answer; a write's 5xx is its answer (it may have been applied);
 - default itself failed: try its other endpoints for unsent requests, else 503.
 
 Failures after the response started are not retried here: a watch is ended cleanly so the
@@ -31,7 +34,7 @@ class Failure(Enum):
     GOAWAY = "goaway"  # above the upstream's GOAWAY last-stream-id: not processed
     REFUSED = "refused"  # RST_STREAM(REFUSED_STREAM): not processed
     RESET_BEFORE_HEADERS = "reset-before-headers"  # sent; may have been processed
-    TIMEOUT = "timeout"  # no response headers within the request timeout
+    UPSTREAM_5XX = "upstream-5xx"  # a read answered 500/502/503/504 by a non-default group
 
     @property
     def unsent(self) -> bool:
@@ -59,6 +62,18 @@ def is_idempotent_read(info: RequestInfo, method: str) -> bool:
     return method in ("GET", "HEAD") or info.verb in READ_VERBS
 
 
+FALLBACK_STATUSES = frozenset({500, 502, 503, 504})
+
+
+def falls_back_on_status(status: int, info: RequestInfo, method: str, group: str) -> bool:
+    """Whether a response with `status` from `group` is retried on default instead of
+    being relayed. Never for writes (they may have been applied), never for default
+    itself, never for 4xx or 429 (those are the apiserver's answer, not ill health)."""
+    return (
+        status in FALLBACK_STATUSES and group != DEFAULT_GROUP and is_idempotent_read(info, method)
+    )
+
+
 def after_failure(
     failure: Failure,
     info: RequestInfo,
@@ -70,10 +85,6 @@ def after_failure(
     """The next step after `failure` on `group` (`goaways`: GOAWAYs met so far)."""
     if failure is Failure.GOAWAY and goaways <= GOAWAY_RETRIES:
         return Next(group)
-    if failure is Failure.TIMEOUT:
-        return Next(
-            None, 504, "Timeout", "Timeout: request did not complete within the allotted timeout", 1
-        )
     retry_safe = failure.unsent or is_idempotent_read(info, method)
     if not retry_safe:
         return Next(

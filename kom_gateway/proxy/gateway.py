@@ -23,9 +23,11 @@ from kom_gateway.http.stream import Headers, ServerStream
 from kom_gateway.identity import PeerIdentity
 from kom_gateway.overload.admission import Admission, Rejection
 from kom_gateway.overload.load import LoadMeter, goaway_chance
-from kom_gateway.proxy.accesslog import AccessLog, access_record
+from kom_gateway.proxy.accesslog import AccessLog
+from kom_gateway.proxy.context import ProxyContext
 from kom_gateway.proxy.exchange import Exchange, answer_status
 from kom_gateway.proxy.metrics import Metrics
+from kom_gateway.proxy.outcome import ANSWERED_BY_GATEWAY, Outcome, OutcomeRecorder
 from kom_gateway.proxy.upgrade import handle_upgrade
 from kom_gateway.proxy.upstreams import UpstreamEndpoint, Upstreams
 from kom_gateway.requestinfo import parse_request
@@ -50,15 +52,32 @@ class Gateway:
         self.upstreams.sync(holder.current.config)
         self.metrics.config_generation.set(holder.current.generation)
         self._clients: dict[tuple[bytes, str, bytes], Client] = {}
-        self.tasks: dict[asyncio.Task[None], Exchange] = {}
         self.admission = Admission(holder.current.config.overload)
         self.access_log = AccessLog(holder.current.config.access_log)
+        self.recorder = OutcomeRecorder(self.metrics, self.access_log)
+        self.context = ProxyContext(self.upstreams, self.metrics, self.recorder)
+        self._sweeper = self._sweep_deadlines()
         self.load_meter = LoadMeter()
         self.load = 0.0
         self._goaway_p = 0.0  # chance that an HTTP/2 request triggers GOAWAY, per request
         self.open_streams: Callable[[], int] = lambda: 0  # set by whoever serves us
         self._sampler: asyncio.TimerHandle | None = None
         self._rule_labels: tuple[int, dict[int, str]] = (0, {})
+
+    @property
+    def exchanges(self) -> list[Exchange]:
+        """Requests being carried now."""
+        return list(self.context.live)
+
+    def _sweep_deadlines(self) -> asyncio.TimerHandle:
+        """Request timeouts: one timer for all requests, every deadline tick."""
+        loop = asyncio.get_running_loop()
+
+        def sweep() -> None:
+            self.context.expire(time.monotonic())
+            self._sweeper = loop.call_later(self.context.deadlines.tick, sweep)
+
+        return loop.call_later(self.context.deadlines.tick, sweep)
 
     # -- load --------------------------------------------------------------------------
     def start_load_sampling(self, interval: float = LOAD_SAMPLE_SECONDS) -> None:
@@ -73,6 +92,7 @@ class Gateway:
             self.load_meter.observe_lag(now - due, interval)
             self.update_load()
             self.access_log.flush()
+            self.metrics.flush()
             due = now + interval
             self._sampler = loop.call_at(due, sample)
 
@@ -98,44 +118,38 @@ class Gateway:
         the watches cleanly, so their clients re-watch on another replica."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while loop.time() < deadline and any(
-            not e.info.is_long_running for e in self.tasks.values()
-        ):
+        while loop.time() < deadline and any(not e.info.is_long_running for e in self.context.live):
             await asyncio.sleep(0.05)
-        for exchange in list(self.tasks.values()):
+        for exchange in self.exchanges:
             exchange.end_cleanly()
+
+    def abort_all(self) -> None:
+        """Stop every request still in progress (after draining, or in tests)."""
+        for exchange in self.exchanges:
+            exchange.cancel()
 
     def handle(self, stream: ServerStream) -> None:
         active = self.holder.current
         info = parse_request(stream.method, stream.target)
+        client = self.client_for(stream.headers, stream.remote_addr, stream.peer)
         if info.bad_target:
             answer_status(stream, 400, "BadRequest", f"malformed request target: {info.malformed}")
-            self.metrics.requests.labels("none", info.verb, "", "400").inc()
+            self.recorder.record(Outcome(client, info, None, ANSWERED_BY_GATEWAY, 400), "none")
             return
-        client = self.client_for(stream.headers, stream.remote_addr, stream.peer)
         decision = active.router.decide(info, client)
         if decision.home != DEFAULT_GROUP:
             rule = "none" if decision.rule is None else self._rule_label(active, decision.rule)
             m = self.metrics
-            m.child(m.cutover, rule, decision.home, decision.target).inc()
+            m.count(m.child(m.cutover, rule, decision.home, decision.target))
         verdict = self.admission.admit(info, client, decision.target, time.monotonic())
         if isinstance(verdict, Rejection):
             answer_status(stream, 429, "TooManyRequests", verdict.message, verdict.retry_after)
             m = self.metrics
             m.child(m.shed, decision.target, verdict.reason).inc()
-            m.child(m.requests, decision.target, info.verb, info.resource, "429").inc()
-            if self.access_log.wants(429, None):
-                self.access_log.write(
-                    access_record(
-                        time.time(), client, info, decision, "gateway", "", 429, 0.0, 0, 0, None
-                    )
-                )
+            outcome = Outcome(client, info, decision, ANSWERED_BY_GATEWAY, 429)
+            self.recorder.record(outcome, decision.target)
         else:
-            exchange = Exchange(self, stream, info, client, decision, active, verdict)
-            task = asyncio.get_running_loop().create_task(exchange.run())
-            exchange.task = task
-            self.tasks[task] = exchange
-            task.add_done_callback(self._finished)
+            Exchange(self.context, stream, info, client, decision, active, verdict).start()
         if self._goaway_p and stream.http_version == "2" and random.random() < self._goaway_p:
             stream.goaway_connection("load")
 
@@ -147,11 +161,6 @@ class Gateway:
             labels = {r.index: r.match.describe() for r in active.config.cutover}
             self._rule_labels = (active.generation, labels)
         return labels.get(index, f"[{index}]")
-
-    def _finished(self, task: asyncio.Task[None]) -> None:
-        """Whatever way the exchange ended (even cancelled before it ran), its place
-        in the admission counts is given back."""
-        self.tasks.pop(task).ticket.release()
 
     def client_for(self, headers: Headers, remote_addr: str, peer: PeerIdentity | None) -> Client:
         """Who is asking, for the cut-over bucket; cached (its bucket and rule memoised)."""
@@ -206,13 +215,18 @@ class Gateway:
             )
         return result
 
-    def _health_changed(self, endpoint: UpstreamEndpoint, healthy: bool) -> None:
-        self.metrics.endpoint_healthy.labels(endpoint.group, endpoint.name).set(1 if healthy else 0)
+    def _health_changed(self, endpoint: UpstreamEndpoint, healthy: bool, reason: str) -> None:
+        m = self.metrics
+        m.endpoint_healthy.labels(endpoint.group, endpoint.name).set(1 if healthy else 0)
+        if not healthy:
+            m.ejections.labels(endpoint.group, endpoint.name, reason).inc()
 
     async def close(self) -> None:
+        self._sweeper.cancel()
         if self._sampler is not None:
             self._sampler.cancel()
         self.access_log.close()
+        self.metrics.flush()
         await self.upstreams.close()
 
 

@@ -64,7 +64,11 @@ async def run_gateway(
     if options.serve_admin:
         admin_address = options.admin or config.admin
         runner, admin_port = await start_admin(
-            gateway.metrics.registry, admin_address.host, admin_address.port, is_ready
+            gateway.metrics.registry,
+            admin_address.host,
+            admin_address.port,
+            is_ready,
+            gateway.metrics.flush,
         )
         admin_text = f"admin on {admin_address.host}:{admin_port}"
     scheme = "https: h2 + http/1.1 via ALPN" if serving_tls else "h2c + http/1.1"
@@ -99,8 +103,7 @@ async def run_gateway(
         watcher.cancel()
         draining = True
         await drain(gateway, listener, options)
-        for task in list(gateway.tasks):
-            task.cancel()
+        gateway.abort_all()
         await gateway.close()
         if runner is not None:
             await runner.cleanup()

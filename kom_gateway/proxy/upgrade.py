@@ -21,6 +21,7 @@ from kom_gateway.kubestatus import status_body
 from kom_gateway.proxy.attempts import Attempts
 from kom_gateway.proxy.fallback import Failure
 from kom_gateway.proxy.headers import HOP_BY_HOP, IDENTITY_PREFIX
+from kom_gateway.proxy.outcome import ANSWERED_BY_GATEWAY, Outcome
 from kom_gateway.requestinfo import parse_request
 
 if TYPE_CHECKING:
@@ -60,8 +61,8 @@ async def handle_upgrade(gateway: Gateway, request: web.BaseRequest) -> web.Stre
             step = attempts.failed(endpoint, exc.failure)
             if step.retry_group is None:
                 body = status_body(step.status, step.reason, step.message)
-                labels = (attempts.group, info.verb, info.resource, str(step.status))
-                metrics.requests.labels(*labels).inc()
+                outcome = Outcome(client, info, decision, ANSWERED_BY_GATEWAY, step.status)
+                gateway.recorder.record(outcome, attempts.group)
                 return web.Response(
                     status=step.status,
                     body=body,
@@ -69,7 +70,9 @@ async def handle_upgrade(gateway: Gateway, request: web.BaseRequest) -> web.Stre
                     headers={"Retry-After": str(step.retry_after or 1)},
                 )
     group = attempts.group
-    metrics.requests.labels(group, info.verb, info.resource, str(status)).inc()
+    gateway.recorder.record(
+        Outcome(client, info, decision, group, status, endpoint=endpoint.name if endpoint else "")
+    )
     if status != 101:
         return await _relay_plain(reader, writer, status, head)
     return await _splice(

@@ -2,9 +2,7 @@
 
 - Each endpoint keeps as many multiplexed connections as its MAX_CONCURRENT_STREAMS
   requires (a full connection makes the next request open another).
-- Health: an endpoint is ejected after `failure_threshold` consecutive failures, or at
-  once when a connection cannot be made (which also triggers an immediate probe); an
-  active `GET /readyz` every `interval` brings it back. An endpoint that comes back
+- Health (`health.py`): probes and outlier ejection. An endpoint that comes back
   receives new requests at once, because the choice is per request.
 - Choice within a group: the healthy endpoint with the fewest requests in flight (ties
   in turn).
@@ -17,51 +15,34 @@ import contextlib
 import logging
 import random
 import ssl
+import time
 from collections.abc import Callable
 
-from kom_gateway.config.schema import Config, ConfigError, Endpoint
+from kom_gateway.config.schema import Config, ConfigError, Endpoint, Health
 from kom_gateway.config.schema import UpstreamTLS as UpstreamTLSConfig
 from kom_gateway.http.client import (
     RESET_GOAWAY,
     ClientStream,
     ConnectError,
     HTTP2ClientConnection,
+    StreamRefused,
 )
 from kom_gateway.http.engine import Engine
 from kom_gateway.http.settings import H2ClientSettings
 from kom_gateway.http.stream import Headers
 from kom_gateway.http.tlsfiles import ReloadingContext
 from kom_gateway.identity import identity_headers
+from kom_gateway.proxy.health import (
+    EJECT_CONNECT,
+    EJECT_FAILURES,
+    EJECT_PROBE,
+    EndpointHealth,
+)
 
 log = logging.getLogger(__name__)
 
-HealthListener = Callable[["UpstreamEndpoint", bool], None]
-
-
-class EndpointHealth:
-    """Consecutive-failure ejection, pure state."""
-
-    __slots__ = ("consecutive_failures", "healthy", "threshold")
-
-    def __init__(self, threshold: int) -> None:
-        self.threshold = threshold
-        self.healthy = True
-        self.consecutive_failures = 0
-
-    def success(self) -> bool:
-        """Record a success; True if this made the endpoint healthy again."""
-        self.consecutive_failures = 0
-        changed = not self.healthy
-        self.healthy = True
-        return changed
-
-    def failure(self, eject_now: bool = False) -> bool:
-        """Record a failure; True if this ejected the endpoint."""
-        self.consecutive_failures += 1
-        if self.healthy and (eject_now or self.consecutive_failures >= self.threshold):
-            self.healthy = False
-            return True
-        return False
+# told (endpoint, available, why it was taken out) whenever availability changes
+HealthListener = Callable[["UpstreamEndpoint", bool, str], None]
 
 
 PROBE_IDENTITY = identity_headers("system:anonymous", ("system:unauthenticated",), {})
@@ -75,7 +56,7 @@ class UpstreamEndpoint:
         settings: H2ClientSettings,
         tls: UpstreamTLS,
         server_name: str | None,
-        health_threshold: int,
+        health: Health,
         on_health: HealthListener,
         connection_class: type[HTTP2ClientConnection],
     ) -> None:
@@ -89,7 +70,10 @@ class UpstreamEndpoint:
         self.authority = (
             f"{spec.host}:{spec.port}" if ":" not in spec.host else f"[{spec.host}]:{spec.port}"
         )
-        self.health = EndpointHealth(health_threshold)
+        self.health = EndpointHealth(health)
+        self.peers: list[UpstreamEndpoint] = [self]  # its group's endpoints (set by Upstreams)
+        self._announced = True  # the availability last told to the listener
+        self._return_timer: asyncio.TimerHandle | None = None
         self.in_flight = 0
         self.connections: list[HTTP2ClientConnection] = []
         self._connecting: asyncio.Task[HTTP2ClientConnection] | None = None
@@ -100,9 +84,18 @@ class UpstreamEndpoint:
 
     @property
     def healthy(self) -> bool:
-        return self.health.healthy
+        """Takes requests now: its probes pass and it is not ejected."""
+        return self.health.available(time.monotonic())
 
     # -- connections ---------------------------------------------------------------------
+    def ready_connection(self) -> HTTP2ClientConnection | None:
+        """An open connection with room for one more stream, without waiting (the usual
+        case: the exchange then needs no task at all)."""
+        for conn in self.connections:
+            if conn.has_capacity():
+                return conn
+        return None
+
     async def connection(self) -> HTTP2ClientConnection:
         """A connection with room for one more stream (opening one if needed)."""
         while True:
@@ -141,21 +134,47 @@ class UpstreamEndpoint:
 
     # -- health --------------------------------------------------------------------------
     def report_success(self) -> None:
-        if self.health.success():
-            log.info("endpoint %s (%s) is healthy again", self.name, self.group)
-            self._on_health(self, True)
+        self.health.success()
 
     def report_failure(self, connect_error: bool = False) -> None:
-        if self.health.failure(eject_now=connect_error):
+        """A request failed here (5xx, reset, timeout; or its connection was refused)."""
+        if connect_error:
+            if self.health.connect_failed():
+                log.warning("endpoint %s (%s) is down: connection failed", self.name, self.group)
+                self._announce(EJECT_CONNECT)
+            self._probe_now.set()
+            return
+        now = time.monotonic()
+        may_eject = any(p is not self and p.health.available(now) for p in self.peers)
+        if self.health.failure(now, may_eject):
+            seconds = self.health.ejected_until - now
             log.warning(
-                "endpoint %s (%s) ejected after %d failure(s)",
+                "endpoint %s (%s) ejected for %.0fs after %d failed requests in a row",
                 self.name,
                 self.group,
-                self.health.consecutive_failures,
+                seconds,
+                self.health.policy.consecutive_failures,
             )
-            self._on_health(self, False)
-        if connect_error:
-            self._probe_now.set()
+            self._announce(EJECT_FAILURES)
+            if self._return_timer is not None:
+                self._return_timer.cancel()
+            loop = asyncio.get_running_loop()
+            self._return_timer = loop.call_later(seconds, self._ejection_over)
+        elif self.health.wants_probe():
+            self._probe_now.set()  # the group's last endpoint: its probe decides
+
+    def _ejection_over(self) -> None:
+        self._return_timer = None
+        if self.healthy:
+            log.info("endpoint %s (%s) is back after its ejection", self.name, self.group)
+        self._announce("")
+
+    def _announce(self, reason: str) -> None:
+        """Tell the listener if availability changed since it was last told."""
+        healthy = self.healthy
+        if healthy != self._announced:
+            self._announced = healthy
+            self._on_health(self, healthy, reason)
 
     def start_probing(self, interval: float, timeout: float) -> None:
         self._prober = asyncio.get_running_loop().create_task(self._probe_loop(interval, timeout))
@@ -164,28 +183,30 @@ class UpstreamEndpoint:
         await asyncio.sleep(random.uniform(0, min(interval, 1.0)))  # spread the first probes
         while not self.closed:
             ok = await self.probe(timeout)
-            if ok:
-                self.report_success()
-            else:  # counts toward the threshold; a refused connection already ejected it
-                self.report_failure()
+            changed = None if ok is None else self.health.probe_result(ok)
+            if changed is True:
+                log.info("endpoint %s (%s) passes its probe again", self.name, self.group)
+            elif changed is False:
+                log.warning("endpoint %s (%s) failed its probes", self.name, self.group)
+            self._announce(EJECT_PROBE)
             self._probe_now.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(interval):
                     await self._probe_now.wait()
                     await asyncio.sleep(0.1)  # coalesce a burst of connect failures
 
-    async def probe(self, timeout: float) -> bool:
-        """GET /readyz; healthy on 200.
+    async def probe(self, timeout: float) -> bool | None:
+        """GET /readyz; healthy on a 200 that ends cleanly within `timeout`.
 
         The probe says it is anonymous, in front-proxy headers: sent bare over a
         connection with the front-proxy certificate, kube-apiserver would answer 401 (that
         certificate fails its x509 authenticator) and every endpoint would look down.
         Anonymous may read /readyz (system:public-info-viewer), and claims nothing more.
         """
+        probe = _Probe()
         try:
             async with asyncio.timeout(timeout):
                 conn = await self.connection()
-                probe = _Probe()
                 headers: Headers = [
                     (b":method", b"GET"),
                     (b":scheme", self.spec.scheme.encode()),
@@ -196,8 +217,13 @@ class UpstreamEndpoint:
                 ]
                 probe.stream = conn.open_stream(headers, True, probe)
                 return await probe.result
+        except StreamRefused:
+            return None  # the connection is going away: no verdict
         except (ConnectError, TimeoutError, OSError):
             return False
+        finally:
+            if probe.stream is not None and not probe.result.done():
+                probe.stream.cancel()
 
     async def close(self) -> None:
         self.closed = True
@@ -211,15 +237,16 @@ class UpstreamEndpoint:
 
 
 class _Probe:
-    """Result: True (200), False (anything else), None (GOAWAY'd: ask again)."""
+    """Result: True (200, then a clean end), False (anything else), None (GOAWAY'd: ask
+    again). The whole response is judged: 200 headers and then a reset is a failure."""
 
     def __init__(self) -> None:
         self.result: asyncio.Future[bool | None] = asyncio.get_running_loop().create_future()
         self.stream: ClientStream | None = None
+        self.status = 0
 
     def on_response(self, status: int, headers: Headers) -> None:
-        if not self.result.done():
-            self.result.set_result(status == 200)
+        self.status = status
 
     def on_data(self, data: bytes, flow_len: int) -> None:
         if self.stream is not None:
@@ -227,7 +254,7 @@ class _Probe:
 
     def on_end(self) -> None:
         if not self.result.done():
-            self.result.set_result(False)
+            self.result.set_result(self.status == 200)
 
     def on_reset(self, kind: str, reason: str) -> None:
         if not self.result.done():
@@ -273,16 +300,20 @@ class Upstreams:
                         settings,
                         self.tls,
                         config.upstream_tls.server_name,
-                        config.health.failure_threshold,
+                        config.health,
                         self._on_health,
                         self.engine.client,
                     )
                     endpoint.start_probing(config.health.interval, config.health.timeout)
-                    self._on_health(endpoint, True)
+                    self._on_health(endpoint, True, "")
                 else:
                     endpoint.settings = settings  # for connections opened from now on
+                    endpoint.health.policy = config.health
                 wanted[key] = endpoint
                 groups.setdefault(group.name, []).append(endpoint)
+        for members in groups.values():
+            for endpoint in members:
+                endpoint.peers = members
         for key, endpoint in self._by_key.items():
             if key not in wanted:
                 asyncio.get_running_loop().create_task(endpoint.close())

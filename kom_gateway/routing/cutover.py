@@ -111,7 +111,10 @@ class Match:
             return False
         if self.user_group is not None:
             glob = self.user_group
-            return any(glob.matches(g) for g in client.groups)
+            for group in client.groups:  # noqa: SIM110 (no any(genexpr): runs per request)
+                if glob.matches(group):
+                    return True
+            return False
         return True
 
     def describe(self) -> str:

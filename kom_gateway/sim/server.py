@@ -58,6 +58,8 @@ class Faults:
     reset_before_headers: bool = False  # read the request, then reset without answering
     refuse_streams: bool = False  # HTTP/2 RST_STREAM(REFUSED_STREAM): "not processed"
     status_override: int = 0  # answer every resource request with this status
+    readyz_status: int = 0  # answer /readyz with this status (a failing readiness check)
+    reset_mid_event: bool = False  # watches: half of the first event, then a reset
 
     def update(self, values: dict[str, Any]) -> None:
         known = {f.name: f.type for f in fields(self)}
@@ -272,8 +274,14 @@ class Simulator:
                     request.remote_groups.append(value)
             info = parse_request(stream.method, stream.target)
             is_resource = info.is_resource_request
-            if faults.status_override and is_resource:
-                reply: Any = status_reply(
+            if faults.readyz_status and info.path.rstrip("/") == "/readyz":
+                reply: Any = Reply(
+                    faults.readyz_status,
+                    b"[-]etcd failed: reason withheld\nreadyz check failed",
+                    "text/plain; charset=utf-8",
+                )
+            elif faults.status_override and is_resource:
+                reply = status_reply(
                     faults.status_override, "InternalError", "simulated failure (status override)"
                 )
             elif faults.throttle and is_resource and random.random() < faults.throttle:
@@ -378,6 +386,11 @@ class Simulator:
                 if queue:
                     batch = b"".join(queue)
                     queue.clear()
+                    if first and group.faults.reset_mid_event:
+                        line = batch.find(b"\n") + 1 or len(batch)
+                        await stream.send(batch[: max(1, line // 2)])
+                        stream.reset()
+                        return
                     await stream.send(batch)
                     if first and group.faults.reset_mid_body:
                         stream.reset()

@@ -1,0 +1,172 @@
+"""Fallback on any error: groups that are up but answer 5xx or reset, outlier ejection and
+return, watch integrity. In process, against simulated groups with fault switches."""
+
+import asyncio
+import json
+
+import pytest
+from harness import Stack
+
+pytestmark = pytest.mark.usefixtures("engine")  # both HTTP/2 engines
+
+HEALTH = ("health: {intervalSeconds: 0.2, timeoutSeconds: 0.5, failureThreshold: 2, "
+          "consecutiveFailures: 3, baseEjectionSeconds: 0.6, maxEjectionSeconds: 5}\n")
+POD = json.dumps({"metadata": {"name": "p1"},
+                  "spec": {"containers": [{"name": "c", "image": "x"}]}}).encode()
+FAULTS = {
+    "500": ({"status_override": 500}, "upstream-5xx"),
+    "503": ({"status_override": 503}, "upstream-5xx"),
+    "reset": ({"reset_before_headers": True}, "reset-before-headers"),
+}
+
+
+def value(metric, *labels) -> float:
+    return metric.labels(*labels)._value.get()
+
+
+async def until(predicate, seconds: float = 10) -> None:
+    async with asyncio.timeout(seconds):
+        while not predicate():
+            await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+async def test_a_failing_replica_is_ejected_reads_never_fail_and_it_returns(fault):
+    faults, reason = FAULTS[fault]
+    s = await Stack().start(extra=HEALTH, replicas={"pod": 2})
+    try:
+        c = await s.client()
+        m = s.gateway.metrics
+        bad = s.gateway.upstreams.groups["pod"][1]
+        s.sim.groups["pod-1"].faults.update(faults)
+        reads = [await c.request("GET", "/api/v1/pods") for _ in range(20)]
+        assert [r.status for r in reads] == [200] * 20  # not one failed read
+        # a few reached the bad replica and were answered by default, then it was ejected
+        assert 1 <= value(m.fallbacks, "pod", "default", reason) <= 6
+        assert value(m.ejections, "pod", bad.name, "consecutive-failures") >= 1
+        assert {r.group for r in reads[-4:]} == {"pod"}  # the good replica serves the rest
+        if fault == "reset":
+            # the simulated reset hits /readyz too: its probes keep it out while it lasts
+            await until(lambda: bad.health.probe_down)
+            assert value(m.ejections, "pod", bad.name, "probe") == 0  # already out: no news
+        else:
+            # its probes pass (only requests show the fault): it comes back by itself
+            # after the base ejection time, fails again, and is out for longer
+            before = value(m.ejections, "pod", bad.name, "consecutive-failures")
+            await until(lambda: value(m.endpoint_healthy, "pod", bad.name) == 1)
+            for _ in range(10):
+                assert (await c.request("GET", "/api/v1/pods")).status == 200
+            assert value(m.ejections, "pod", bad.name, "consecutive-failures") == before + 1
+            ejected_for = bad.health.ejected_until - bad.health.last_ejection
+            assert ejected_for == pytest.approx(0.6 * bad.health.ejections)
+            assert bad.health.ejections >= 2
+        # healed: back for good, and serving again
+        s.sim.groups["pod-1"].faults.update({k: type(v)() for k, v in faults.items()})
+        await until(lambda: value(m.endpoint_healthy, "pod", bad.name) == 1)
+        groups = {(await c.request("GET", "/api/v1/pods")).headers[b"x-kom-sim-group"]
+                  for _ in range(6)}
+        assert groups == {b"pod", b"pod-1"}
+    finally:
+        await s.close()
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+async def test_writes_are_not_replayed(fault):
+    faults, _ = FAULTS[fault]
+    s = await Stack().start(extra=HEALTH)
+    try:
+        c = await s.client()
+        s.sim.groups["pod"].faults.update(faults)
+        write = await c.request("POST", "/api/v1/namespaces/default/pods", body=POD)
+        # the apiserver's own 5xx; after a reset, ours: 503 "may have been applied"
+        assert write.status == (faults.get("status_override") or 503)
+        assert s.sim.groups["default"].served["create pods"] == 0
+    finally:
+        await s.close()
+
+
+async def test_a_lone_endpoint_that_fails_requests_but_passes_probes_stays_reads_go_default():
+    s = await Stack().start(extra=HEALTH)
+    try:
+        c = await s.client()
+        s.sim.groups["pod"].faults.status_override = 503
+        reads = [await c.request("GET", "/api/v1/pods") for _ in range(12)]
+        assert {(r.status, r.group) for r in reads} == {(200, "default")}
+        await asyncio.sleep(0.5)  # its probes ran (and passed)
+        endpoint = s.gateway.upstreams.groups["pod"][0]
+        assert endpoint.healthy  # never ejected: the group's last endpoint, and ready
+        assert not s.gateway.metrics.ejections._metrics
+    finally:
+        await s.close()
+
+
+async def test_a_lone_endpoint_whose_probe_fails_too_is_taken_out_then_writes_go_default():
+    s = await Stack().start(extra=HEALTH)
+    try:
+        c = await s.client()
+        m = s.gateway.metrics
+        endpoint = s.gateway.upstreams.groups["pod"][0]
+        s.sim.groups["pod"].faults.update({"status_override": 500, "readyz_status": 500})
+        for _ in range(5):
+            assert (await c.request("GET", "/api/v1/pods")).status == 200
+        await until(lambda: not endpoint.healthy)  # the failures asked for a probe at once
+        assert value(m.ejections, "pod", endpoint.name, "probe") == 1
+        write = await c.request("POST", "/api/v1/namespaces/default/pods", body=POD)
+        assert (write.status, write.group) == (201, "default")  # nothing was sent to pod
+        assert value(m.fallbacks, "pod", "default", "no-healthy-endpoint") >= 1
+        s.sim.groups["pod"].faults.update({"status_override": 0, "readyz_status": 0})
+        await until(lambda: endpoint.healthy)
+        assert (await c.request("GET", "/api/v1/pods")).group == "pod"
+    finally:
+        await s.close()
+
+
+async def test_upstream_4xx_and_429_are_answers_not_failures():
+    s = await Stack().start(extra=HEALTH)
+    try:
+        c = await s.client()
+        for _ in range(6):
+            r = await c.request("GET", "/api/v1/namespaces/default/pods/missing")
+            assert (r.status, r.group) == (404, "pod")
+        s.sim.groups["pod"].faults.throttle = 1.0
+        for _ in range(6):
+            assert (await c.request("GET", "/api/v1/pods")).status == 429
+        assert s.gateway.upstreams.groups["pod"][0].health.consecutive_failures == 0
+        assert not s.gateway.metrics.fallbacks._metrics
+    finally:
+        await s.close()
+
+
+async def test_a_watch_failing_before_its_200_goes_to_default():
+    s = await Stack().start(extra=HEALTH)
+    try:
+        c = await s.client()
+        s.sim.groups["pod"].faults.status_override = 503
+        watch = c.open("GET", "/api/v1/namespaces/default/pods?watch=1")
+        async with asyncio.timeout(5):
+            await watch.got_headers.wait()
+        assert (watch.status, watch.headers[b"x-kom-sim-group"]) == (200, b"default")
+        watch.stream.cancel()
+    finally:
+        await s.close()
+
+
+async def test_a_watch_cut_inside_an_event_is_reset_between_events_ends_cleanly():
+    s = await Stack().start(extra=HEALTH)
+    try:
+        c = await s.client()
+        await c.request("POST", "/api/v1/namespaces/default/pods", body=POD)
+        m = s.gateway.metrics
+        s.sim.groups["pod"].faults.reset_mid_event = True
+        cut = await c.request("GET", "/api/v1/namespaces/default/pods?watch=1&resourceVersion=0")
+        assert cut.status == 200 and cut.body and not cut.body.endswith(b"\n")
+        assert cut.reset  # half an object must never look like a clean end
+        s.sim.groups["pod"].faults.reset_mid_event = False
+        s.sim.groups["pod"].faults.reset_mid_body = True  # after whole events
+        whole = await c.request("GET", "/api/v1/namespaces/default/pods?watch=1&resourceVersion=0")
+        assert whole.status == 200 and whole.body.endswith(b"\n")
+        assert not whole.reset  # the client re-watches from its last resourceVersion
+        assert json.loads(whole.body.splitlines()[0])["type"] == "ADDED"
+        assert value(m.broken_responses, "pod", "watch") == 2
+    finally:
+        await s.close()
