@@ -180,6 +180,7 @@ def _run_async(main: Coroutine[Any, Any, int]) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from kom_gateway.http.listener import BindError
     from kom_gateway.proxy.server import RunOptions, run_gateway
     from kom_gateway.proxy.workers import run_workers
 
@@ -206,6 +207,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _run_async(run_gateway(options))
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
+        return 1
+    except BindError as exc:
+        print(f"kom-gateway: {exc}", file=sys.stderr)
         return 1
 
 

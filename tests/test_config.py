@@ -93,7 +93,7 @@ def test_relative_tls_paths_resolve_against_the_config_file(tmp_path):
     ("text", "expected"),
     [
         ("", ["the document is empty"]),
-        ("groups: [", ["line 1: (top level): invalid YAML"]),
+        ("groups: [", ["line 2: (top level): invalid YAML"]),  # where the input ended
         ("a: 1\n---\nb: 2\n", ["line 2: (top level): invalid YAML: but found another document"]),
         ("- 1\n", ["(top level): must be a mapping, got a list"]),
         ("groups: {}\n", ["line 1: groups: must be a non-empty mapping of group names, got a mapping"]),

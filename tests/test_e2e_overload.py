@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -263,5 +264,71 @@ def test_kubectl_backs_off_on_429_and_succeeds(tmp_path):
         shed = sample(metrics(cluster.admin), "kom_gateway_shed_requests_total",
                       reason="rate-limit")
         assert shed >= 2  # ... because kubectl waited out the 429s
+    finally:
+        cluster.stop()
+
+
+def test_restart_in_place_same_command_while_the_old_one_drains(tmp_path):
+    """SIGTERM an instance and start the same command at once: with --reuse-port the
+    replacement binds the serving and the admin ports while the old one still drains, and
+    clients under load see no refused connection and no failed request."""
+    cluster = Cluster(tmp_path, gateway_args=("--reuse-port", "--drain-seconds", "3",
+                                              "--shutdown-delay", "1"))
+    same_command = ("--admin", f"127.0.0.1:{cluster.admin}", "--reuse-port",
+                    "--shutdown-delay", "1")
+    replacements: list[Process] = []
+    try:
+        async def load(stop: asyncio.Event) -> list[GoawayClient]:
+            clients = [GoawayClient(cluster.port) for _ in range(4)]
+
+            async def run(client: GoawayClient) -> None:
+                while not stop.is_set():
+                    await client.get("/api/v1/nodes")
+
+            await asyncio.gather(*(run(c) for c in clients))
+            return clients
+
+        async def scenario() -> tuple[list[GoawayClient], bool, int]:
+            stop = asyncio.Event()
+            running = asyncio.ensure_future(load(stop))
+            await asyncio.sleep(1)
+            cluster.gateway.proc.send_signal(signal.SIGTERM)  # no waiting for it to exit
+            replacement = await asyncio.to_thread(
+                gateway, cluster, tmp_path, "replacement", *same_command)
+            replacements.append(replacement)
+            old_still_draining = cluster.gateway.proc.poll() is None
+            await asyncio.sleep(1.5)
+            code = await asyncio.to_thread(cluster.gateway.proc.wait, 20)
+            await asyncio.sleep(1)
+            stop.set()
+            return await running, old_still_draining, code
+
+        clients, overlapped, old_code = asyncio.run(scenario())
+        assert overlapped and old_code == 0  # both ran at once; the old one exited cleanly
+        outcomes = sum((c.outcomes for c in clients), start=type(clients[0].outcomes)())
+        assert set(outcomes) == {200}, outcomes  # not one refused connection or failed request
+        assert ready_status(cluster.admin) == 200  # the admin port is the replacement's now
+        assert "Traceback" not in replacements[0].log.read_text()
+    finally:
+        for p in replacements:
+            p.stop()
+        cluster.stop()
+
+
+def test_a_port_in_use_is_one_clear_line_not_a_traceback(tmp_path):
+    cluster = Cluster(tmp_path)
+    try:
+        for args, what in ((("--listen", f"127.0.0.1:{cluster.port}", "--admin", "127.0.0.1:0"),
+                            "serving"),
+                           (("--listen", "127.0.0.1:0", "--admin", f"127.0.0.1:{cluster.admin}"),
+                            "admin")):
+            out = subprocess.run(
+                [sys.executable, "-m", "kom_gateway", "run", "--config", str(cluster.config),
+                 *args], capture_output=True, text=True, timeout=30)
+            assert out.returncode == 1
+            assert "Traceback" not in out.stderr + out.stdout
+            lines = [line for line in out.stderr.splitlines() if line.strip()]
+            assert len(lines) == 1, out.stderr
+            assert f"({what}): " in lines[0] and "--reuse-port" in lines[0]
     finally:
         cluster.stop()

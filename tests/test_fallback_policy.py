@@ -93,6 +93,8 @@ def test_upstream_headers_drop_hop_by_hop_and_spoofed_identity():
         (b"host", b"gw"), (b"te", b"trailers"), (b"upgrade", b"h2c"),
         (b"x-remote-user", b"system:admin"), (b"x-remote-group", b"system:masters"),
         (b"x-remote-extra-scopes", b"x"), (b"impersonate-user", b"bob"),
+        (b"x_remote_user", b"system:admin"), (b"x-remote_group", b"system:masters"),
+        (b"x_remote-extra-scopes", b"x"), (b"x_request_id", b"kept"),
         (b"content-encoding", b"gzip"),
     ]
     out = upstream_request_headers("GET", "https", "10.0.0.1:6443", "/api/v1/pods?watch=1", headers)
@@ -101,6 +103,7 @@ def test_upstream_headers_drop_hop_by_hop_and_spoofed_identity():
     assert dict(out[4:]) == {
         b"user-agent": b"kubectl/v1.31", b"authorization": b"Bearer abc",
         b"accept": b"application/json", b"impersonate-user": b"bob", b"content-encoding": b"gzip",
+        b"x_request_id": b"kept",
     }
 
 

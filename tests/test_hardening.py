@@ -153,12 +153,39 @@ async def test_slow_and_idle_clients_are_closed():
         async with asyncio.timeout(5):
             assert await reader.read() == b""  # idle after its response: closed
         writer.close()
+
         raw = await RawH2.connect(s.port)  # HTTP/2, idle after one request
         raw.conn.send_headers(1, REQUEST, end_stream=True)
         raw.flush()
         goaway = await raw.until_closed()
         assert goaway.error_code == h2.errors.ErrorCodes.NO_ERROR
         await still_serving(s)
+    finally:
+        await s.close()
+
+
+async def test_every_keep_alive_request_gets_the_header_deadline_not_the_idle_timeout():
+    s = await Stack().start(extra=FAST_HEALTH + (
+        "limits: {headerReadTimeoutSeconds: 0.3, idleTimeoutSeconds: 60}\n"))
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
+        writer.write(b"GET /api/v1/nodes HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await read_h1(reader))[0] == 200
+        await asyncio.sleep(0.6)  # idle between requests: the idle timeout's business
+        writer.write(b"GET /api/v1/pods HTTP/1.1\r\nHost: x\r\n")  # ...and never ends
+        async with asyncio.timeout(5):  # far below the 60 s idle timeout
+            assert await reader.read() == b""
+        writer.close()
+        # a slow body is not a slow header: only the headers have the deadline
+        reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
+        body = b'{"metadata":{"name":"slow"}}'
+        writer.write(b"POST /api/v1/namespaces HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body))
+        writer.write(body[:5])
+        await asyncio.sleep(0.6)
+        writer.write(body[5:])
+        assert (await read_h1(reader))[0] == 201
+        writer.close()
     finally:
         await s.close()
 

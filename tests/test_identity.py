@@ -35,7 +35,10 @@ pytestmark = pytest.mark.usefixtures("engine")  # both HTTP/2 engines
 
 
 SPOOFED = [(b"x-remote-user", b"system:admin"), (b"x-remote-group", b"system:masters"),
-           (b"x-remote-extra-scopes", b"everything"), (b"X-Remote-Uid".lower(), b"0")]
+           (b"x-remote-extra-scopes", b"everything"), (b"X-Remote-Uid".lower(), b"0"),
+           # what a proxy or server that treats "_" as "-" would read as identity
+           (b"x_remote_user", b"system:admin"), (b"x-remote_group", b"system:masters"),
+           (b"x_remote_extra_scopes", b"everything")]
 CUTOVER = """cutover:
   - match: {userGroup: "system:nodes"}
     percent: {pod: 100, config: 100, event: 100}
@@ -176,6 +179,9 @@ async def test_kubelet_certificate_reaches_the_apiserver_as_the_node(stack, pki)
     assert entry["remoteUser"] == "system:node:node-1"
     assert entry["remoteGroups"] == ["system:nodes"]
     assert set(entry["remoteExtra"]) == {"authentication.kubernetes.io%2fcredential-id"}
+    remote = [n for n in entry["headerNames"] if n.replace("_", "-").startswith("x-remote-")]
+    assert sorted(remote) == ["x-remote-extra-authentication.kubernetes.io%2fcredential-id",
+                              "x-remote-group", "x-remote-user"]
 
 
 async def test_bearer_token_passes_through_with_no_remote_user(stack, pki):

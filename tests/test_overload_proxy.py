@@ -234,7 +234,7 @@ async def test_reload_applies_new_limits_to_the_next_request(tmp_path):
         ports = {name: g.port for name, g in stack.sim.groups.items()}
         path = tmp_path / "gw.yaml"
         path.write_text(config_text(ports, EVERYONE_CUT_OVER, "overload: {maxInflight: 5}\n"))
-        assert stack.gateway.reload(str(path)).applied
+        assert (await stack.gateway.reload(str(path))).applied
         assert (await client.request("GET", "/api/v1/pods")).status == 200
         await slow.done
         assert stack.gateway.admission.inflight["pod"] == 0

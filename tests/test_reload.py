@@ -147,3 +147,37 @@ def test_file_watch_reloads_configmap_swaps_under_live_traffic(tmp_path):
         stop.set()
         gw.stop()
         sim.stop()
+
+
+async def test_reload_parses_off_the_event_loop_and_refuses_oversized_files(tmp_path):
+    """Requests keep being answered while a large config is parsed and validated, and
+    a file over the size limit is refused unread; the last good config keeps serving."""
+    import asyncio
+
+    from harness import FAST_HEALTH, Stack, config_text
+
+    from kom_gateway.config.loader import MAX_CONFIG_BYTES
+
+    stack = await Stack().start()
+    try:
+        client = await stack.client()
+        ports = {n: g.port for n, g in stack.sim.groups.items()}
+        rules = "".join(f'  - match: {{userAgent: "agent-{i}/*"}}\n    percent: {{pod: 50}}\n'
+                        for i in range(3000))
+        big = tmp_path / "big.yaml"
+        big.write_text(config_text(ports, "cutover:\n" + rules, FAST_HEALTH))
+        reload = asyncio.ensure_future(stack.gateway.reload(str(big)))
+        answered = 0
+        while not reload.done():
+            assert (await client.request("GET", "/api/v1/nodes")).status == 200
+            answered += 1
+        assert (await reload).applied and stack.gateway.holder.current.generation == 2
+        assert answered >= 3  # served while the file was being parsed
+
+        huge = tmp_path / "huge.yaml"
+        huge.write_text(big.read_text() + "#" * MAX_CONFIG_BYTES)
+        result = await stack.gateway.reload(str(huge))
+        assert not result.applied and "larger than the limit" in result.error.render()
+        assert stack.gateway.holder.current.generation == 2
+    finally:
+        await stack.close()

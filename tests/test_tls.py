@@ -69,7 +69,7 @@ async def test_tls_downstream_and_upstream(tmp_path, pki):
         # and a reload naming an unusable CA file is refused; the last good keeps serving
         reloaded = tmp_path / "reload.yaml"
         reloaded.write_text(text.replace("http://", "https://").replace(f"caFile: {ca}", "caFile: /dev/null"))
-        result = gateway.reload(str(reloaded))
+        result = await gateway.reload(str(reloaded))
         assert not result.applied and "upstream.tls: cannot load the TLS files" in result.error.render()
         assert gateway.holder.current.generation == 1
     finally:

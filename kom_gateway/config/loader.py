@@ -7,7 +7,9 @@ import os
 from kom_gateway.config.schema import Config, ConfigError, ConfigIssue, build_config, format_path
 from kom_gateway.config.yamldoc import YamlError, parse_yaml
 
-MAX_CONFIG_BYTES = 4 * 1024 * 1024
+# A few thousand cut-over rules fit in a few hundred KiB; past this a file is refused
+# unread (it would take seconds of CPU and hundreds of MB to parse and validate).
+MAX_CONFIG_BYTES = 1024 * 1024
 
 
 def load_config_text(text: str, source: str = "", base_dir: str = ".") -> Config:
@@ -29,7 +31,8 @@ def load_config_file(path: str) -> Config:
     except OSError as exc:
         raise ConfigError([ConfigIssue("", 0, f"cannot read: {exc.strerror}")], path) from None
     if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError([ConfigIssue("", 0, f"larger than {MAX_CONFIG_BYTES} bytes")], path)
+        limit = f"larger than the limit of {MAX_CONFIG_BYTES // 1024} KiB for a configuration file"
+        raise ConfigError([ConfigIssue("", 0, limit)], path)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -164,26 +164,48 @@ def _response(status: int, headers: Headers) -> web.StreamResponse:
 class _RequestHandler(RequestHandler):
     """aiohttp's connection handler, plus what a gateway owes its clients: parse errors
     answered as Kubernetes Status JSON (no tracebacks, no parser internals), a deadline
-    for the first request's headers (slowloris), and a hook when the connection ends."""
+    for every request's headers (slowloris, also on a keep-alive connection: as Go's
+    ReadHeaderTimeout, counted from the first byte of the request), and a hook when the
+    connection ends."""
 
     header_timeout: float = 0.0
     on_lost: Callable[[asyncio.BaseTransport], None] | None = None
     ssl_object: ssl.SSLObject | None = None
     peer: PeerIdentity | None = None
     _header_timer: asyncio.TimerHandle | None = None
+    _answered = 0  # requests whose handler has finished
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.ssl_object = transport.get_extra_info("ssl_object")
         self.peer = identity_of_ssl(self.ssl_object)
-        if self.header_timeout > 0:
+        self._arm_header_deadline()  # the first request: from the connection's start
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._request_count > self._answered:  # a request's headers are all in
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+        elif data and self._header_timer is None:  # the first bytes of the next request
+            self._arm_header_deadline()
+
+    def request_answered(self) -> None:
+        """The handler of one request finished: the next one's headers get a deadline of
+        their own once their first byte arrives (until then the idle timeout applies)."""
+        self._answered += 1
+
+    def _arm_header_deadline(self) -> None:
+        if self.header_timeout > 0 and self.transport is not None:
             self._header_timer = asyncio.get_running_loop().call_later(
-                self.header_timeout, self._header_deadline, transport
+                self.header_timeout, self._header_deadline, self._request_count
             )
 
-    def _header_deadline(self, transport: asyncio.BaseTransport) -> None:
-        if self._request_count == 0 and not transport.is_closing():
-            log.info("no request headers within %ss: closing", self.header_timeout)
+    def _header_deadline(self, count: int) -> None:
+        self._header_timer = None
+        transport = self.transport
+        if self._request_count == count and transport is not None and not transport.is_closing():
+            log.info("no complete request headers within %ss: closing", self.header_timeout)
             transport.close()
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -252,6 +274,13 @@ def aiohttp_server(
     """An aiohttp low-level server that hands every request to `handler` as a stream."""
 
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        try:
+            return await serve(request)
+        finally:
+            if isinstance(request.protocol, _RequestHandler):
+                request.protocol.request_answered()
+
+    async def serve(request: web.BaseRequest) -> web.StreamResponse:
         size = len(request.raw_path) + sum(len(n) + len(v) + 4 for n, v in request.raw_headers)
         if size > max_header_bytes:
             return _status_response(431, "RequestHeaderFieldsTooLarge", "request headers too large")

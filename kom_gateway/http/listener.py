@@ -7,6 +7,7 @@ the HTTP/2 client preface is h2c (prior knowledge); anything else is HTTP/1.1.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 import ssl
@@ -101,6 +102,20 @@ class _Sniffer(asyncio.Protocol):
         buffered, self._buffer = self._buffer, b""
         if buffered:
             protocol.data_received(buffered)
+
+
+class BindError(Exception):
+    """A port could not be bound: one line that says which and what to change."""
+
+    def __init__(self, what: str, host: str, port: int, exc: OSError, option: str) -> None:
+        reason = exc.strerror or str(exc)
+        advice = f"choose another address with {option}"
+        if exc.errno == errno.EADDRINUSE:
+            advice = (
+                "another process holds it: stop it, " + advice + ", or start both "
+                "instances with --reuse-port to replace one in place"
+            )
+        super().__init__(f"cannot listen on {host}:{port} ({what}): {reason}; {advice}")
 
 
 class Listener:
@@ -210,16 +225,21 @@ class Listener:
     async def start(self, host: str, port: int, reuse_port: bool = False) -> int:
         """Bind and serve; returns the bound port (useful with port 0)."""
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(
-            lambda: _Sniffer(self),
-            host,
-            port,
-            ssl=self.ssl_context,
-            ssl_handshake_timeout=self.limits.tls_handshake_timeout if self.ssl_context else None,
-            reuse_address=True,
-            reuse_port=reuse_port or None,
-            backlog=4096,
-        )
+        try:
+            self.server = await loop.create_server(
+                lambda: _Sniffer(self),
+                host,
+                port,
+                ssl=self.ssl_context,
+                ssl_handshake_timeout=(
+                    self.limits.tls_handshake_timeout if self.ssl_context else None
+                ),
+                reuse_address=True,
+                reuse_port=reuse_port or None,
+                backlog=4096,
+            )
+        except OSError as exc:
+            raise BindError("serving", host, port, exc, "--listen / listen.address") from None
         sock = self.server.sockets[0]
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return int(sock.getsockname()[1])

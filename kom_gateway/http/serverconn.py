@@ -66,6 +66,8 @@ def split_request(headers: Headers) -> tuple[str, str, str, Headers]:
 class HTTP2ServerStream(ServerStream):
     """One request on a downstream HTTP/2 connection; every action goes to the engine."""
 
+    http_version = "2"
+
     def __init__(
         self,
         conn: HTTP2ServerConnection,
@@ -75,10 +77,8 @@ class HTTP2ServerStream(ServerStream):
         authority: str,
         headers: Headers,
     ) -> None:
-        super().__init__()
         self._conn = conn
         self.stream_id = stream_id
-        self.http_version = "2"
         self.remote_addr = conn.remote_addr
         self.peer = conn.peer
         self.ssl_object = conn.ssl_object

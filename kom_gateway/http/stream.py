@@ -41,13 +41,13 @@ class ServerStream(ABC):
     peer: PeerIdentity | None  # from a verified client certificate, if any
     ssl_object: ssl.SSLObject | None  # the connection's TLS, if any
 
-    def __init__(self) -> None:
-        self._consumer: BodyConsumer | None = None
-        self._early: list[tuple[bytes, int]] = []
-        self._body_done = False
-        self._closed_callbacks: list[Callable[[], None]] = []
-        self.closed = False
-        self.response_started = False
+    # Class-level defaults, not per-instance assignments: a stream is made per request.
+    _consumer: BodyConsumer | None = None
+    _early: list[tuple[bytes, int]] | None = None  # body that arrived before a consumer
+    _body_done = False
+    _closed_callbacks: list[Callable[[], None]] | None = None
+    closed = False
+    response_started = False
 
     def goaway_connection(self, reason: str) -> None:  # noqa: B027 (a no-op by default)
         """Ask the client to take its next requests to a new connection, gracefully
@@ -58,14 +58,16 @@ class ServerStream(ABC):
     def set_body_consumer(self, consumer: BodyConsumer) -> None:
         """Deliver the body to `consumer`, starting with anything already received."""
         self._consumer = consumer
-        early, self._early = self._early, []
-        for data, flow_len in early:
+        early, self._early = self._early, None
+        for data, flow_len in early or ():
             consumer.on_body(data, flow_len)
         if self._body_done:
             consumer.on_body_end()
 
     def _deliver_body(self, data: bytes, flow_len: int) -> None:
         if self._consumer is None:
+            if self._early is None:
+                self._early = []
             self._early.append((data, flow_len))
         else:
             self._consumer.on_body(data, flow_len)
@@ -93,6 +95,8 @@ class ServerStream(ABC):
     def on_closed(self, callback: Callable[[], None]) -> None:
         if self.closed:
             callback()
+        elif self._closed_callbacks is None:
+            self._closed_callbacks = [callback]
         else:
             self._closed_callbacks.append(callback)
 
@@ -100,8 +104,8 @@ class ServerStream(ABC):
         if self.closed:
             return
         self.closed = True
-        callbacks, self._closed_callbacks = self._closed_callbacks, []
-        for callback in callbacks:
+        callbacks, self._closed_callbacks = self._closed_callbacks, None
+        for callback in callbacks or ():
             callback()
 
     # -- response ----------------------------------------------------------------------

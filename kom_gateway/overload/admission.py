@@ -55,11 +55,9 @@ class Rejection:
     message: str
 
 
-def _any_match(
-    matches: tuple[RequestMatch, ...], info: RequestInfo, client: Client, group: str
-) -> bool:
+def _any_match(matches: tuple[RequestMatch, ...], info: RequestInfo, group: str) -> bool:
     for match in matches:  # noqa: SIM110 (a loop, not any(genexpr): runs per request)
-        if match.matches(info, client, group):
+        if match.matches_request(info, group):
             return True
     return False
 
@@ -103,12 +101,13 @@ class Admission:
         counts = (
             self.inflight if kind is SHORT else self.watches if kind is WATCH else self.long_running
         )
-        if _any_match(policy.exempt, info, client, group):
+        mine = policy.for_client(client)
+        if _any_match(mine.exempt, info, group):
             return Ticket(counts, group, kind)
-        protected = _any_match(policy.protected, info, client, group)
+        protected = _any_match(mine.protected, info, group)
         if not protected:
-            for rule in policy.rate_limits:
-                if not rule.match.matches(info, client, group):
+            for rule in mine.rate_limits:
+                if not rule.match.matches_request(info, group):
                     continue
                 wait = self._buckets[rule].take(client.key if rule.per_client else "", now)
                 if wait:

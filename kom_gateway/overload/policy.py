@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from kom_gateway.requestinfo import RequestInfo
 from kom_gateway.routing.claims import ResourceClaim
@@ -28,6 +29,10 @@ class RequestMatch:
     namespaces: tuple[Glob, ...] = ()
 
     def matches(self, info: RequestInfo, client: Client, group: str) -> bool:
+        return self.matches_request(info, group) and self.clients.matches(client)
+
+    def matches_request(self, info: RequestInfo, group: str) -> bool:
+        """The conditions on the request alone (the client's are memoised per client)."""
         if self.verbs and info.verb not in self.verbs:
             return False
         if self.groups and group not in self.groups:
@@ -38,9 +43,7 @@ class RequestMatch:
                     break
             else:
                 return False
-        if self.namespaces and not any(g.matches(info.namespace) for g in self.namespaces):
-            return False
-        return self.clients.matches(client)
+        return not self.namespaces or any(g.matches(info.namespace) for g in self.namespaces)
 
     def describe(self) -> str:
         parts = [self.clients.describe()] if self.clients != Match() else []
@@ -103,3 +106,24 @@ class OverloadPolicy:
 
     def limits_for(self, group: str) -> GroupLimits:
         return self.group_limits.get(group, self.limits)
+
+    def for_client(self, client: Client) -> ClientPolicy:
+        """The exempt, protected and rate-limit matches whose client conditions `client`
+        meets; memoised on the client (its identity does not change), per policy."""
+        memo = client.policy_memo
+        if memo is not None and memo.policy is self:
+            return memo
+        memo = client.policy_memo = ClientPolicy(
+            self,
+            tuple(m for m in self.exempt if m.clients.matches(client)),
+            tuple(m for m in self.protected if m.clients.matches(client)),
+            tuple(r for r in self.rate_limits if r.match.clients.matches(client)),
+        )
+        return memo
+
+
+class ClientPolicy(NamedTuple):
+    policy: OverloadPolicy
+    exempt: tuple[RequestMatch, ...]
+    protected: tuple[RequestMatch, ...]
+    rate_limits: tuple[RateLimitRule, ...]

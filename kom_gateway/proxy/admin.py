@@ -7,6 +7,8 @@ from collections.abc import Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from kom_gateway.http.listener import BindError
+
 
 async def start_admin(
     registry: CollectorRegistry,
@@ -14,7 +16,11 @@ async def start_admin(
     port: int,
     is_ready: Callable[[], tuple[bool, str]],
     before_scrape: Callable[[], None] = lambda: None,
+    reuse_port: bool = False,
 ) -> tuple[web.AppRunner, int]:
+    """Serve the admin endpoints. With `reuse_port`, a replacement instance binds the same
+    port while this one drains (each answers /readyz for itself)."""
+
     async def metrics_handler(request: web.Request) -> web.Response:
         before_scrape()  # batched counters reach prometheus-client first
         body = generate_latest(registry)
@@ -34,8 +40,12 @@ async def start_admin(
     app.router.add_get("/readyz", readyz)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
-    await site.start()
+    site = web.TCPSite(runner, host, port, reuse_address=True, reuse_port=reuse_port or None)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise BindError("admin", host, port, exc, "--admin / admin.address") from None
     server = site._server
     assert server is not None
     return runner, int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]

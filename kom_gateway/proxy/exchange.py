@@ -2,8 +2,9 @@
 
 An exchange is a state machine driven by callbacks: the client stream's events (body,
 gone), the upstream stream's events (response, data, end, reset) and the deadline sweep.
-No task and no timer per request: a small GET costs a few function calls here, which
-is what lets one process keep up with a compiled HTTP/2 engine. A task exists only while
+No task and no timer per request (`ProxyContext.expire` sweeps the deadlines): a small
+GET costs a few function calls here, which is what lets one process keep up with a
+compiled HTTP/2 engine. A task exists only while
 an endpoint's first connection is being opened.
 
 Data never waits in a coroutine either: upstream DATA is written to the client with a
@@ -132,6 +133,7 @@ class Exchange:
         "bytes_out",
         "client",
         "ctx",
+        "deadline",
         "decision",
         "finished",
         "frames",
@@ -169,6 +171,7 @@ class Exchange:
         self.answered_by = decision.target
         self.status = 0
         self.started = 0.0
+        self.deadline = float("inf")  # when the request timeout answers it
         self.responded = False  # the client's response is ours to finish (or was)
         self.finished = False
         self.frames: WatchFrames | None = None  # a watch's event boundaries
@@ -178,9 +181,11 @@ class Exchange:
     def start(self) -> None:
         ctx = self.ctx
         self.started = now = time.monotonic()
-        ctx.live[self] = None
-        if not self.info.is_long_running:
-            ctx.deadlines.add(self, now + self.active.config.timeouts.request)
+        if self.info.is_long_running:
+            ctx.long_running[self] = None
+        else:
+            self.deadline = now + self.active.config.timeouts.request
+            ctx.live[self] = None
         stream = self.stream
         stream.set_body_consumer(self)
         stream.on_closed(self._client_closed)
@@ -453,8 +458,10 @@ class Exchange:
             return
         self.finished = True
         ctx = self.ctx
-        ctx.live.pop(self, None)
-        ctx.deadlines.remove(self)
+        if self.info.is_long_running:
+            del ctx.long_running[self]
+        else:
+            del ctx.live[self]
         if self._connecting is not None:
             self._connecting.cancel()
         self._let_go()

@@ -12,6 +12,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -32,11 +33,12 @@ from kom_gateway.proxy.upgrade import handle_upgrade
 from kom_gateway.proxy.upstreams import UpstreamEndpoint, Upstreams
 from kom_gateway.requestinfo import parse_request
 from kom_gateway.routing.cutover import Client
-from kom_gateway.routing.router import DEFAULT_GROUP
+from kom_gateway.routing.router import DEFAULT_GROUP, Decision
 
 log = logging.getLogger(__name__)
 CLIENT_CACHE_SIZE = 16384
 LOAD_SAMPLE_SECONDS = 0.25
+DEADLINE_TICK = 0.25  # request timeouts fire at most this late
 
 
 class Gateway:
@@ -57,27 +59,28 @@ class Gateway:
         self.recorder = OutcomeRecorder(self.metrics, self.access_log)
         self.context = ProxyContext(self.upstreams, self.metrics, self.recorder)
         self._sweeper = self._sweep_deadlines()
+        self._reloading = asyncio.Lock()
         self.load_meter = LoadMeter()
         self.load = 0.0
         self._goaway_p = 0.0  # chance that an HTTP/2 request triggers GOAWAY, per request
         self.open_streams: Callable[[], int] = lambda: 0  # set by whoever serves us
         self._sampler: asyncio.TimerHandle | None = None
-        self._rule_labels: tuple[int, dict[int, str]] = (0, {})
+        self._cutover_children: tuple[int, dict[tuple, Any]] = (0, {})
 
     @property
     def exchanges(self) -> list[Exchange]:
         """Requests being carried now."""
-        return list(self.context.live)
+        return self.context.exchanges()
 
     def _sweep_deadlines(self) -> asyncio.TimerHandle:
-        """Request timeouts: one timer for all requests, every deadline tick."""
+        """Request timeouts: one timer for all requests, every DEADLINE_TICK."""
         loop = asyncio.get_running_loop()
 
         def sweep() -> None:
             self.context.expire(time.monotonic())
-            self._sweeper = loop.call_later(self.context.deadlines.tick, sweep)
+            self._sweeper = loop.call_later(DEADLINE_TICK, sweep)
 
-        return loop.call_later(self.context.deadlines.tick, sweep)
+        return loop.call_later(DEADLINE_TICK, sweep)
 
     # -- load --------------------------------------------------------------------------
     def start_load_sampling(self, interval: float = LOAD_SAMPLE_SECONDS) -> None:
@@ -138,9 +141,7 @@ class Gateway:
             return
         decision = active.router.decide(info, client)
         if decision.home != DEFAULT_GROUP:
-            rule = "none" if decision.rule is None else self._rule_label(active, decision.rule)
-            m = self.metrics
-            m.count(m.child(m.cutover, rule, decision.home, decision.target))
+            self.metrics.count(self._cutover_counter(active, decision))
         verdict = self.admission.admit(info, client, decision.target, time.monotonic())
         if isinstance(verdict, Rejection):
             answer_status(stream, 429, "TooManyRequests", verdict.message, verdict.retry_after)
@@ -153,14 +154,24 @@ class Gateway:
         if self._goaway_p and stream.http_version == "2" and random.random() < self._goaway_p:
             stream.goaway_connection("load")
 
-    def _rule_label(self, active: Active, index: int) -> str:
-        """A cut-over rule as a metric label: its match, as operators wrote it (worked
-        out once per configuration generation)."""
-        generation, labels = self._rule_labels
+    def _cutover_counter(self, active: Active, decision: Decision) -> Any:
+        """The cut-over counter of a decision, labelled with its rule's match as operators
+        wrote it (labels worked out once per configuration generation)."""
+        key = (decision.rule, decision.home, decision.target)
+        generation, children = self._cutover_children
         if generation != active.generation:
-            labels = {r.index: r.match.describe() for r in active.config.cutover}
-            self._rule_labels = (active.generation, labels)
-        return labels.get(index, f"[{index}]")
+            children = {}
+            self._cutover_children = (active.generation, children)
+        child = children.get(key)
+        if child is None:
+            if decision.rule is None:
+                label = "none"
+            else:
+                rule = next((r for r in active.config.cutover if r.index == decision.rule), None)
+                label = rule.match.describe() if rule else f"[{decision.rule}]"
+            m = self.metrics
+            child = children[key] = m.child(m.cutover, label, decision.home, decision.target)
+        return child
 
     def client_for(self, headers: Headers, remote_addr: str, peer: PeerIdentity | None) -> Client:
         """Who is asking, for the cut-over bucket; cached (its bucket and rule memoised)."""
@@ -183,37 +194,40 @@ class Gateway:
     async def upgrade(self, request: web.BaseRequest) -> web.StreamResponse:
         return await handle_upgrade(self, request)
 
-    def reload(self, path: str) -> ReloadResult:
+    async def reload(self, path: str) -> ReloadResult:
         """Re-read `path`; a config that fails validation, or whose TLS files cannot be
-        loaded, is refused and the last good one keeps serving."""
-        old = self.holder.current.config
-        try:
-            config = load_config_file(path)
-            self.upstreams.sync(config)  # raises before changing anything
-        except ConfigError as exc:
-            result = self.holder.refuse(exc)
-        else:
-            result = self.holder.apply(config)
-            self.admission.configure(config.overload)
-            self.access_log.configure(config.access_log)
-        if result.applied:
-            self.metrics.config_reloads.labels("applied").inc()
-            self.metrics.config_generation.set(result.generation)
-            log.info(
-                "configuration generation %d applied from %s:\n  %s",
-                result.generation,
-                path,
-                "\n  ".join(describe_changes(old, config)),
-            )
-        else:
-            self.metrics.config_reloads.labels("rejected").inc()
-            assert result.error is not None
-            log.error(
-                "configuration rejected, still serving generation %d:\n%s",
-                result.generation,
-                result.error.render(),
-            )
-        return result
+        loaded, is refused and the last good one keeps serving. The file is parsed and
+        validated in a thread (a large one takes seconds: requests keep flowing), one
+        reload at a time."""
+        async with self._reloading:
+            old = self.holder.current.config
+            try:
+                config = await asyncio.to_thread(load_config_file, path)
+                self.upstreams.sync(config)  # raises before changing anything
+            except ConfigError as exc:
+                result = self.holder.refuse(exc)
+            else:
+                result = self.holder.apply(config)
+                self.admission.configure(config.overload)
+                self.access_log.configure(config.access_log)
+            if result.applied:
+                self.metrics.config_reloads.labels("applied").inc()
+                self.metrics.config_generation.set(result.generation)
+                log.info(
+                    "configuration generation %d applied from %s:\n  %s",
+                    result.generation,
+                    path,
+                    "\n  ".join(describe_changes(old, config)),
+                )
+            else:
+                self.metrics.config_reloads.labels("rejected").inc()
+                assert result.error is not None
+                log.error(
+                    "configuration rejected, still serving generation %d:\n%s",
+                    result.generation,
+                    result.error.render(),
+                )
+            return result
 
     def _health_changed(self, endpoint: UpstreamEndpoint, healthy: bool, reason: str) -> None:
         m = self.metrics

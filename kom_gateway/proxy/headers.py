@@ -25,6 +25,14 @@ HOP_BY_HOP = frozenset(
 IDENTITY_PREFIX = b"x-remote-"  # front-proxy identity: only the gateway may set these
 
 
+def is_identity_header(name: bytes) -> bool:
+    """A front-proxy identity header, in any spelling a proxy or server between here and
+    the apiserver might normalize to one (`X_Remote_User` -> `X-Remote-User`)."""
+    if name.startswith(IDENTITY_PREFIX):
+        return True
+    return b"_" in name and name.replace(b"_", b"-").startswith(IDENTITY_PREFIX)
+
+
 def upstream_request_headers(
     method: str,
     scheme: str,
@@ -36,24 +44,26 @@ def upstream_request_headers(
     """Client request headers as the apiserver must see them.
 
     Hop-by-hop headers (and any the client listed in Connection) are dropped, and so is
-    every incoming X-Remote-* header, always: otherwise anyone could claim any identity
-    to an apiserver that trusts the gateway's front-proxy certificate. Then `identity`,
+    every incoming X-Remote-* header (also spelled with underscores), always: otherwise
+    anyone could claim any identity to an apiserver that trusts the gateway's front-proxy
+    certificate. Then `identity`,
     the front-proxy headers of a verified client certificate, is added.
     """
-    listed: set[bytes] = set()
-    for name, value in headers:
-        if name == b"connection":
-            listed.update(v.strip().lower() for v in value.split(b","))
     out: Headers = [
         (b":method", method.encode("latin-1")),
         (b":scheme", scheme.encode("latin-1")),
         (b":authority", authority.encode("latin-1")),
         (b":path", target.encode("latin-1")),
     ]
+    listed = False
     for name, value in headers:
-        if name in HOP_BY_HOP or name in listed or name.startswith(IDENTITY_PREFIX):
+        if name in HOP_BY_HOP or is_identity_header(name):
+            listed = listed or name == b"connection"
             continue
         out.append((name, value))
+    if listed:  # HTTP/1.1 only (HTTP/2 has no Connection): drop what it names, too
+        named = {v.strip().lower() for n, v in headers if n == b"connection" for v in v.split(b",")}
+        out = out[:4] + [(n, v) for n, v in out[4:] if n not in named]
     out.extend(identity)
     return out
 

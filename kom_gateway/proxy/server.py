@@ -69,6 +69,7 @@ async def run_gateway(
             admin_address.port,
             is_ready,
             gateway.metrics.flush,
+            reuse_port=options.reuse_port,
         )
         admin_text = f"admin on {admin_address.host}:{admin_port}"
     scheme = "https: h2 + http/1.1 via ALPN" if serving_tls else "h2c + http/1.1"
@@ -86,10 +87,17 @@ async def run_gateway(
 
     config_file = FileSet((options.config_path,))
 
+    async def reload_now() -> None:
+        if (await gateway.reload(options.config_path)).applied:
+            listener.set_limits(*listener_settings(gateway.holder.current.config))
+
+    reloads: set[asyncio.Task[None]] = set()  # held: the loop keeps tasks weakly
+
     def reload() -> None:
         config_file.changed()  # this read is the one applied: the watcher need not repeat it
-        if gateway.reload(options.config_path).applied:
-            listener.set_limits(*listener_settings(gateway.holder.current.config))
+        task = loop.create_task(reload_now())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, reload)
     loop.add_signal_handler(signal.SIGTERM, stop.set)

@@ -20,7 +20,7 @@ from kom_gateway.identity import PeerIdentity
 from kom_gateway.kubestatus import status_body
 from kom_gateway.proxy.attempts import Attempts
 from kom_gateway.proxy.fallback import Failure
-from kom_gateway.proxy.headers import HOP_BY_HOP, IDENTITY_PREFIX
+from kom_gateway.proxy.headers import HOP_BY_HOP, is_identity_header
 from kom_gateway.proxy.outcome import ANSWERED_BY_GATEWAY, Outcome
 from kom_gateway.requestinfo import parse_request
 
@@ -103,7 +103,7 @@ async def _open(
         raise UpgradeFailed(Failure.CONNECT) from exc
     lines = [f"{request.method} {request.raw_path} HTTP/1.1", f"Host: {endpoint.authority}"]
     for name, value in headers:
-        if name.startswith(IDENTITY_PREFIX) or (name in HOP_BY_HOP and name not in _UPGRADE_KEEPS):
+        if is_identity_header(name) or (name in HOP_BY_HOP and name not in _UPGRADE_KEEPS):
             continue
         lines.append(f"{name.decode('latin-1')}: {value.decode('latin-1')}")
     for name, value in peer.headers if peer is not None else ():

@@ -128,7 +128,9 @@ async def run_workers(options: RunOptions, count: int, log_level: str = "info") 
 
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=metrics_dir)
-        runner, admin_port = await start_admin(registry, admin.host, admin.port, is_ready)
+        runner, admin_port = await start_admin(
+            registry, admin.host, admin.port, is_ready, reuse_port=options.reuse_port
+        )
         print(
             f"{READY_LINE} {host}:{port} ({workers[0].scheme}, {count} workers); admin on "
             f"{admin.host}:{admin_port}; config {options.config_path}",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from kom_gateway.routing.glob import Glob
 
@@ -65,7 +66,16 @@ def bucket_of(key: str) -> float:
 class Client:
     """Who sent a request, as far as the gateway knows it."""
 
-    __slots__ = ("_bucket", "groups", "identity", "remote_addr", "rule_memo", "user", "user_agent")
+    __slots__ = (
+        "_bucket",
+        "groups",
+        "identity",
+        "policy_memo",
+        "remote_addr",
+        "rule_memo",
+        "user",
+        "user_agent",
+    )
 
     def __init__(
         self,
@@ -83,6 +93,7 @@ class Client:
         self._bucket: float | None = None
         # (rules it was matched against, the rule): set by Router, valid while rules are
         self.rule_memo: tuple[object, CutoverRule | None] | None = None
+        self.policy_memo: Any = None  # set by OverloadPolicy.for_client
 
     @property
     def key(self) -> str:

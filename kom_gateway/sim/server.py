@@ -214,6 +214,7 @@ class Simulator:
             "method": method,
             "target": target,
             "remoteGroups": [],
+            "headerNames": [name for name, _ in headers],
         }
         if isinstance(user, UserInfo):
             entry["user"] = user.as_json()
