@@ -1,6 +1,6 @@
 """Overload and rebalancing benchmark: kom-gateway in front of a saturable apiserver group.
 
-    python bench/overload_bench.py [--repeats 3] [--seconds 15]
+    python bench/overload_bench.py [--repeats 3] [--seconds 15] [--only failing]
 
 1. **Offered load at 2x capacity.** Upstream: one simulated group whose capacity is fixed
    (`capacity` concurrent requests, each `latency` long: 10 x 50 ms = 200 req/s), so
@@ -16,6 +16,12 @@
    every client ends up on B. We then measure how long until A holds >= 40% of the
    connections again, with no GOAWAY policy, with goaway chance 0.001, and with a max
    connection age of 10 s (+/- 10%).
+
+3. **A failing replica.** Group `pod` has two apiservers; after 3 s of steady reads one
+   of them answers 500, 503, or resets every stream (reset also fails its /readyz) for
+   --fault-seconds, then heals. 8 Go-like clients read pods in a loop. We record failed
+   requests (anything but 200), requests answered by default instead (fallbacks), time
+   from the fault to the replica's ejection, and from healing to its return.
 
 Everything on 127.0.0.1; every process is stopped at the end.
 """
@@ -58,9 +64,9 @@ def sim(root: Path, config: Path, control: int) -> Process:
     )  # fmt: skip
 
 
-def set_faults(control: int, faults: dict) -> None:
+def set_faults(control: int, faults: dict, group: str = "default") -> None:
     req = urllib.request.Request(
-        f"http://127.0.0.1:{control}/groups/default/faults",
+        f"http://127.0.0.1:{control}/groups/{group}/faults",
         data=json.dumps(faults).encode(),
         method="PUT",
     )
@@ -215,6 +221,102 @@ def rebalance_run(root: Path, repeats: int, limit: float) -> dict:
     return results
 
 
+FAULTS = {
+    "500": {"status_override": 500},
+    "503": {"status_override": 503},
+    "reset": {"reset_before_headers": True},
+}
+HEALED = {"status_override": 0, "reset_before_headers": False}
+
+
+def endpoint_healthy(admin: int, endpoint: str) -> float | None:
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    for line in text.splitlines():
+        if line.startswith("kom_gateway_upstream_endpoint_healthy{") and (
+            f'endpoint="{endpoint}"' in line
+        ):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def fallbacks(admin: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("kom_gateway_fallbacks_total{"))  # fmt: skip
+
+
+async def failing_replica_once(root: Path, fault: str, fault_seconds: float) -> dict:
+    ports = {"default": free_port(), "pod": free_port(), "pod-1": free_port()}
+    control = free_port()
+    config = root / "failing.yaml"
+    config.write_text(
+        "groups:\n"
+        f'  default: {{endpoints: ["http://127.0.0.1:{ports["default"]}"]}}\n'
+        f'  pod: {{endpoints: ["http://127.0.0.1:{ports["pod"]}", '
+        f'"http://127.0.0.1:{ports["pod-1"]}"], resources: [pods]}}\n'
+        "cutover:\n  - percent: {pod: 100}\n"
+        "health: {intervalSeconds: 1, timeoutSeconds: 1, failureThreshold: 2, "
+        "consecutiveFailures: 5, baseEjectionSeconds: 5, maxEjectionSeconds: 30}\n"
+        "goaway: {maxChance: 0}\n"
+    )
+    upstream = sim(root, config, control)
+    port, admin = free_port(), free_port()
+    gateway = start_gateway(config, port, admin, root / f"gw-failing-{fault}.out")
+    bad = f"http://127.0.0.1:{ports['pod-1']}"
+    clients = [GoawayClient(port) for _ in range(8)]
+    stop = asyncio.Event()
+
+    async def run(client: GoawayClient) -> None:
+        while not stop.is_set():
+            await client.get("/api/v1/namespaces/default/pods")
+            await asyncio.sleep(0.005)
+
+    async def wait_health(value: float, since: float, limit: float) -> float | None:
+        while time.monotonic() - since < limit:
+            if await asyncio.to_thread(endpoint_healthy, admin, bad) == value:
+                return round(time.monotonic() - since, 2)
+            await asyncio.sleep(0.05)
+        return None
+
+    tasks = [asyncio.ensure_future(run(c)) for c in clients]
+    try:
+        await asyncio.sleep(3)
+        moved_before = await asyncio.to_thread(fallbacks, admin)
+        await asyncio.to_thread(set_faults, control, FAULTS[fault], "pod-1")
+        faulted = time.monotonic()
+        to_eject = await wait_health(0.0, faulted, fault_seconds)
+        await asyncio.sleep(max(0.0, fault_seconds - (time.monotonic() - faulted)))
+        moved = await asyncio.to_thread(fallbacks, admin) - moved_before
+        await asyncio.to_thread(set_faults, control, HEALED, "pod-1")
+        healed = time.monotonic()
+        to_return = await wait_health(1.0, healed, 60)
+        await asyncio.sleep(1)
+        stop.set()
+        await asyncio.gather(*tasks)
+        outcomes = sum((c.outcomes for c in clients), start=type(clients[0].outcomes)())
+        return {"failed_requests": sum(n for k, n in outcomes.items() if k != 200),
+                "requests": sum(outcomes.values()), "fallbacks": moved,
+                "seconds_to_eject": to_eject, "seconds_to_return": to_return}  # fmt: skip
+    finally:
+        stop.set()
+        for client in clients:
+            await client.close()
+        gateway.stop()
+        upstream.stop()
+
+
+def failing_replica_run(root: Path, repeats: int, fault_seconds: float) -> dict:
+    results: dict = {}
+    for repeat in range(repeats):
+        for fault in FAULTS:
+            r = asyncio.run(failing_replica_once(root, fault, fault_seconds))
+            print(f"repeat {repeat} failing replica {fault}: {r}", flush=True)
+            results.setdefault(fault, []).append(r)
+    return results
+
+
 def median(values: list) -> float | None:
     present = [v for v in values if v is not None]
     return statistics.median(present) if present else None
@@ -225,14 +327,26 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=15)
     parser.add_argument("--rebalance-limit", type=float, default=60)
+    parser.add_argument("--fault-seconds", type=float, default=15)
+    parser.add_argument(
+        "--only", choices=("overload", "rebalance", "failing"), help="run one part only"
+    )
     args = parser.parse_args()
     if shutil.which("h2load") is None:
         print("needs h2load (Debian nghttp2-client)", file=sys.stderr)
         return 2
     root = Path(tempfile.mkdtemp(prefix="kom-overload-bench-"))
+    wanted = {args.only} if args.only else {"overload", "rebalance", "failing"}
+    overload: dict = {}
+    rebalance: dict = {}
+    failing: dict = {}
     try:
-        overload = overload_run(root, args.seconds, args.repeats)
-        rebalance = rebalance_run(root, args.repeats, args.rebalance_limit)
+        if "overload" in wanted:
+            overload = overload_run(root, args.seconds, args.repeats)
+        if "rebalance" in wanted:
+            rebalance = rebalance_run(root, args.repeats, args.rebalance_limit)
+        if "failing" in wanted:
+            failing = failing_replica_run(root, args.repeats, args.fault_seconds)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print("\n## 2x capacity (medians)")
@@ -251,7 +365,16 @@ def main() -> int:
             f"within {args.rebalance_limit:.0f} s); failed requests "
             f"{sum(r['failed_requests'] for r in runs)} of {sum(r['requests'] for r in runs)}"
         )
-    print(json.dumps({"overload": overload, "rebalance": rebalance}))
+    print("\n## a failing replica (medians)")
+    for fault, runs in failing.items():
+        print(
+            f"{fault}: failed {sum(r['failed_requests'] for r in runs)} of "
+            f"{sum(r['requests'] for r in runs)} requests; fallbacks "
+            f"{median([r['fallbacks'] for r in runs])}; ejected after "
+            f"{median([r['seconds_to_eject'] for r in runs])} s; back "
+            f"{median([r['seconds_to_return'] for r in runs])} s after healing"
+        )
+    print(json.dumps({"overload": overload, "rebalance": rebalance, "failing": failing}))
     return 0
 
 

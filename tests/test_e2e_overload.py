@@ -272,10 +272,10 @@ def test_restart_in_place_same_command_while_the_old_one_drains(tmp_path):
     """SIGTERM an instance and start the same command at once: with --reuse-port the
     replacement binds the serving and the admin ports while the old one still drains, and
     clients under load see no refused connection and no failed request."""
-    cluster = Cluster(tmp_path, gateway_args=("--reuse-port", "--drain-seconds", "3",
-                                              "--shutdown-delay", "1"))
+    cluster = Cluster(tmp_path, gateway_args=("--reuse-port", "--drain-seconds", "5"))
+    # no --shutdown-delay: the old instance keeps its port open until the new one listens
     same_command = ("--admin", f"127.0.0.1:{cluster.admin}", "--reuse-port",
-                    "--shutdown-delay", "1")
+                    "--drain-seconds", "5")
     replacements: list[Process] = []
     try:
         async def load(stop: asyncio.Event) -> list[GoawayClient]:

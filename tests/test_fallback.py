@@ -170,3 +170,48 @@ async def test_a_watch_cut_inside_an_event_is_reset_between_events_ends_cleanly(
         assert value(m.broken_responses, "pod", "watch") == 2
     finally:
         await s.close()
+
+
+async def test_a_greedy_stalled_client_waits_on_itself_others_keep_their_share():
+    """A client that opens many big LISTs and never reads is held to its share: new
+    requests get 429 once the gateway holds its byte budget for it (or its requests in
+    flight reach their limit); another client is not refused once, and what the gateway
+    holds for the greedy one stays within budget + one upstream window."""
+    from harness import Collector
+
+    budget = 1 << 20
+    s = await Stack().start(extra=HEALTH + (
+        f"overload: {{maxInflight: 40, perClient: {{maxInflight: 8, maxBufferedBytes: {budget}}}}}\n"))
+    try:
+        setup = await s.client()
+        blob = "x" * 400_000
+        for i in range(6):  # ~2.4 MB per LIST
+            body = json.dumps({"metadata": {"name": f"big{i}"}, "data": {"blob": blob}}).encode()
+            r = await setup.request("POST", "/api/v1/namespaces/default/configmaps", body=body)
+            assert r.status == 201
+        greedy = await s.client(stream_window=65535)
+        buffers = s.gateway.admission.buffers
+        key = "addr:127.0.0.1|greedy"
+        statuses = []
+        for _ in range(12):
+            stalled = greedy.open("GET", "/api/v1/namespaces/default/configmaps",
+                                  user_agent="greedy/1.0", collector=Collector(auto_ack=False))
+            async with asyncio.timeout(5):
+                await stalled.got_headers.wait()
+            statuses.append(stalled.status)
+            if stalled.status == 200:  # its upstream window (256 KiB) fills; 64 KiB went out
+                admitted = statuses.count(200)
+                await until(lambda n=admitted: buffers.buffered.get(key, 0) >= 150_000 * n)
+        assert 200 in statuses and 429 in statuses
+        assert statuses == sorted(statuses)  # admitted until over its share, then refused
+        assert statuses.count(200) <= 8
+        assert buffers.buffered[key] <= budget + 256 * 1024  # one upstream window past it
+        shed = s.gateway.metrics.shed
+        assert value(shed, "config", "client-buffer") + value(shed, "config", "client-inflight") >= 1
+        normal = await s.client()
+        for _ in range(20):
+            r = await normal.request("GET", "/api/v1/namespaces/default/configmaps/big0",
+                                     user_agent="kubectl/v1.31.0")
+            assert r.status == 200  # never a 429: its share is its own
+    finally:
+        await s.close()

@@ -15,6 +15,7 @@ from kom_gateway.config.schema import (
     HTTP2_DOWNSTREAM_KEYS,
     HTTP2_UPSTREAM_KEYS,
     LIMIT_KEYS,
+    PER_CLIENT_KEYS,
     Config,
     Field,
 )
@@ -125,6 +126,7 @@ def _overload(old: Config, new: Config) -> Iterable[str]:
     if (o.retry_after_min, o.retry_after_max) != (n.retry_after_min, n.retry_after_max):
         yield (f"overload retryAfter: {o.retry_after_min}-{o.retry_after_max} s -> "
                f"{n.retry_after_min}-{n.retry_after_max} s")  # fmt: skip
+    yield from _fields("overload perClient", o.per_client, n.per_client, PER_CLIENT_KEYS)
     rules_before = {r.name: r for r in o.rate_limits}
     rules_after = {r.name: r for r in n.rate_limits}
     for name, rule in rules_after.items():

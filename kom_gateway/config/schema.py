@@ -22,6 +22,7 @@ from kom_gateway.overload.load import GoawayPolicy
 from kom_gateway.overload.policy import (
     DEFAULT_EXEMPT,
     DEFAULT_PROTECTED,
+    ClientLimits,
     GroupLimits,
     OverloadPolicy,
     RateLimitRule,
@@ -228,6 +229,10 @@ HTTP2_UPSTREAM_KEYS: dict[str, Field] = {
 OVERLOAD_GROUP_KEYS: dict[str, Field] = {
     "maxInflight": Field("max_inflight", whole=True, zero=True),
     "maxWatches": Field("max_watches", whole=True, zero=True),
+}
+PER_CLIENT_KEYS: dict[str, Field] = {
+    "maxInflight": Field("max_inflight", whole=True, zero=True),
+    "maxBufferedBytes": Field("max_buffered_bytes", whole=True, zero=True),
 }
 GOAWAY_KEYS: dict[str, Field] = {
     "chance": Field("chance", zero=True, maximum=1.0),
@@ -507,7 +512,7 @@ class _Builder:
 
     def overload(self, value: Any, groups: Mapping[str, Group]) -> OverloadPolicy:
         path: YamlPath = ("overload",)
-        keys = (*OVERLOAD_GROUP_KEYS, "reservedPercent", "groups", "retryAfter")
+        keys = (*OVERLOAD_GROUP_KEYS, "reservedPercent", "groups", "retryAfter", "perClient")
         o = self.mapping(value, path, (*keys, "protected", "exempt", "rateLimits")) or {}
         limits = self.fields(
             {k: o[k] for k in OVERLOAD_GROUP_KEYS if k in o}, path, OVERLOAD_GROUP_KEYS, GroupLimits
@@ -534,6 +539,9 @@ class _Builder:
         high = int(self.number(r, (*path, "retryAfter"), "maxSeconds", 32, whole=True))
         if high < low:
             self.error((*path, "retryAfter"), f"maxSeconds ({high}) is below minSeconds ({low})")
+        per_client = self.fields(
+            o.get("perClient"), (*path, "perClient"), PER_CLIENT_KEYS, ClientLimits
+        )
         protected = self.request_matches(o, (*path, "protected"), groups, DEFAULT_PROTECTED)
         exempt = self.request_matches(o, (*path, "exempt"), groups, DEFAULT_EXEMPT)
         return OverloadPolicy(
@@ -545,6 +553,7 @@ class _Builder:
             self.rate_limits(o.get("rateLimits"), (*path, "rateLimits"), groups),
             low,
             high,
+            per_client,
         )
 
     def request_matches(

@@ -154,6 +154,7 @@ class Listener:
         self.h1_connections = 0
         self.per_address: dict[str, int] = {}
         self.server: asyncio.Server | None = None
+        self.port = 0  # bound by start()
 
     def _new_h1_server(self) -> web.Server:
         return aiohttp_server(
@@ -242,7 +243,8 @@ class Listener:
             raise BindError("serving", host, port, exc, "--listen / listen.address") from None
         sock = self.server.sockets[0]
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return int(sock.getsockname()[1])
+        self.port = int(sock.getsockname()[1])
+        return self.port
 
     def stop_accepting(self) -> None:
         """Close the listening socket: with SO_REUSEPORT, the kernel sends new

@@ -3,9 +3,13 @@ the Retry-After to send. Pure: counts and buckets in memory, time passed in.
 
 Order of decision, cheapest and most important first:
 1. exempt requests are always admitted (and counted, so load stays visible);
-2. rate-limit rules apply to requests that are neither exempt nor protected;
-3. watches are held to the group's `max_watches`;
-4. other non-long-running requests are held to the group's `max_inflight`, less a reserve
+2. fair share, for requests that are neither exempt nor protected: one client (client
+   key) may have `per_client.max_inflight` non-long-running requests in flight, and no
+   new request while the gateway holds more than `per_client.max_buffered_bytes` of
+   responses it has not read (`clientshare.py`);
+3. rate-limit rules apply to requests that are neither exempt nor protected;
+4. watches are held to the group's `max_watches`;
+5. other non-long-running requests are held to the group's `max_inflight`, less a reserve
    only protected requests (leases: node heartbeats, leader election) may use, so they
    are the last thing shed. Other long-running requests (exec, logs -f, proxy) are not
    limited, as in kube-apiserver's max-in-flight filter.
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kom_gateway.overload.clientshare import ClientBuffers
 from kom_gateway.overload.policy import OverloadPolicy, RateLimitRule, RequestMatch
 from kom_gateway.overload.ratelimit import BucketSet, whole_seconds
 from kom_gateway.overload.retryafter import RetryAfter
@@ -29,15 +34,26 @@ OTHER = "long-running"
 class Ticket:
     """An admitted request's place; `release()` exactly once when it ends."""
 
-    __slots__ = ("_counts", "group", "kind", "released")
+    __slots__ = ("_client_counts", "_counts", "client", "group", "kind", "released")
 
-    def __init__(self, counts: dict[str, int] | None, group: str, kind: str) -> None:
+    def __init__(
+        self,
+        counts: dict[str, int] | None,
+        group: str,
+        kind: str,
+        client_counts: dict[str, int] | None = None,
+        client: str = "",
+    ) -> None:
         self._counts = counts
         self.group = group
         self.kind = kind
         self.released = False
+        self._client_counts = client_counts
+        self.client = client  # held to the client's fair share (else "": exempt, protected)
         if counts is not None:
             counts[group] = counts.get(group, 0) + 1
+        if client_counts is not None:
+            client_counts[client] = client_counts.get(client, 0) + 1
 
     def release(self) -> None:
         if self.released:
@@ -45,11 +61,17 @@ class Ticket:
         self.released = True
         if self._counts is not None:
             self._counts[self.group] -= 1
+        if self._client_counts is not None:
+            left = self._client_counts[self.client] - 1
+            if left:
+                self._client_counts[self.client] = left
+            else:
+                del self._client_counts[self.client]
 
 
 @dataclass(frozen=True, slots=True)
 class Rejection:
-    reason: str  # "inflight", "watches" or "rate-limit"
+    reason: str  # "inflight", "watches", "rate-limit", "client-inflight", "client-buffer"
     detail: str  # the rule name for rate limits, else the group
     retry_after: int
     message: str
@@ -69,6 +91,8 @@ class Admission:
         self.inflight: dict[str, int] = {}
         self.watches: dict[str, int] = {}
         self.long_running: dict[str, int] = {}
+        self.client_inflight: dict[str, int] = {}  # client key -> short requests (unprotected)
+        self.buffers = ClientBuffers()
         self._retry: dict[str, RetryAfter] = {}
         self._buckets: dict[RateLimitRule, BucketSet] = {}
         self.policy = OverloadPolicy()
@@ -78,6 +102,7 @@ class Admission:
         """Apply a (reloaded) policy; a rule whose qps, burst and match are unchanged
         keeps its buckets."""
         old, self.policy = self.policy, policy
+        self.buffers.max_buffered = policy.per_client.max_buffered_bytes
         kept = self._buckets
         self._buckets = {}
         for rule in policy.rate_limits:
@@ -105,7 +130,28 @@ class Admission:
         if _any_match(mine.exempt, info, group):
             return Ticket(counts, group, kind)
         protected = _any_match(mine.protected, info, group)
+        client_counts = None
         if not protected:
+            key = client.key
+            if self.buffers.over_budget(key):
+                return Rejection(
+                    "client-buffer",
+                    group,
+                    self._shed("client", now),
+                    "Too many requests, please try again later (this client has not read "
+                    f"{self.buffers.buffered[key]} bytes of responses; read them first)",
+                )
+            if kind is SHORT:
+                most = policy.per_client.max_inflight
+                if most and self.client_inflight.get(key, 0) >= most:
+                    return Rejection(
+                        "client-inflight",
+                        group,
+                        self._shed("client", now),
+                        f"Too many requests, please try again later (this client has {most} "
+                        "requests in flight through this gateway replica)",
+                    )
+                client_counts = self.client_inflight
             for rule in mine.rate_limits:
                 if not rule.match.matches_request(info, group):
                     continue
@@ -141,7 +187,9 @@ class Admission:
                     f"Too many requests, please try again later "
                     f"(group {group!r} has {limit} requests in flight)",
                 )
-        return Ticket(counts, group, kind)
+        if protected:
+            return Ticket(counts, group, kind)
+        return Ticket(counts, group, kind, client_counts, client.key)
 
     def _shed(self, key: str, now: float) -> int:
         tracker = self._retry.get(key)

@@ -75,6 +75,16 @@ class GroupLimits:
 
 
 @dataclass(frozen=True, slots=True)
+class ClientLimits:
+    """What one client (client key: identity + program) may hold of a replica. Sized so
+    a kubelet or an operator never meets them; exempt clients (system:masters) and
+    protected requests (lease renewals) are never held to them."""
+
+    max_inflight: int = 100  # non-long-running requests in flight (0: no limit)
+    max_buffered_bytes: int = 32 * 1024 * 1024  # response bytes held for it (0: no budget)
+
+
+@dataclass(frozen=True, slots=True)
 class RateLimitRule:
     name: str
     match: RequestMatch
@@ -103,6 +113,7 @@ class OverloadPolicy:
     rate_limits: tuple[RateLimitRule, ...] = ()
     retry_after_min: int = 1
     retry_after_max: int = 32  # APF's cap
+    per_client: ClientLimits = field(default_factory=ClientLimits)
 
     def limits_for(self, group: str) -> GroupLimits:
         return self.group_limits.get(group, self.limits)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from kom_gateway.overload.clientshare import ClientBuffers
 from kom_gateway.proxy.metrics import Metrics
 from kom_gateway.proxy.outcome import OutcomeRecorder
 from kom_gateway.proxy.upstreams import Upstreams
@@ -19,6 +20,7 @@ class ProxyContext:
     upstreams: Upstreams
     metrics: Metrics
     recorder: OutcomeRecorder
+    buffers: ClientBuffers  # response bytes held per client (fair share)
     # exchanges in progress: requests with a timeout, and long-running ones (watches...)
     live: dict[Exchange, None] = field(default_factory=dict)
     long_running: dict[Exchange, None] = field(default_factory=dict)

@@ -106,7 +106,15 @@ class _Attempt:
         exchange.bytes_out += size
         if exchange.frames is not None:
             exchange.frames.feed(data)
-        exchange.stream.write(data, lambda: upstream.ack(flow_len))
+        key = exchange.ticket.client
+        if not key:  # exempt or protected: not held to a fair share
+            exchange.stream.write(data, lambda: upstream.ack(flow_len))
+            return
+        buffers = exchange.ctx.buffers
+        buffers.hold(key, size)
+        exchange.stream.write(
+            data, lambda: buffers.release(key, size, lambda: upstream.ack(flow_len))
+        )
 
     def on_end(self) -> None:
         if self._current():

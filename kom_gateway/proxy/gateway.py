@@ -57,7 +57,9 @@ class Gateway:
         self.admission = Admission(holder.current.config.overload)
         self.access_log = AccessLog(holder.current.config.access_log)
         self.recorder = OutcomeRecorder(self.metrics, self.access_log)
-        self.context = ProxyContext(self.upstreams, self.metrics, self.recorder)
+        self.context = ProxyContext(
+            self.upstreams, self.metrics, self.recorder, self.admission.buffers
+        )
         self._sweeper = self._sweep_deadlines()
         self._reloading = asyncio.Lock()
         self.load_meter = LoadMeter()
@@ -110,6 +112,10 @@ class Gateway:
         m.loop_lag.set(self.load_meter.lag)
         # in flight, from the admission counts (one source, not a second count per request)
         a = self.admission
+        m.client_buffered.set(a.buffers.total)
+        m.client_buffered_max.set(a.buffers.largest())
+        m.clients_over_budget.set(a.buffers.clients_over_budget())
+        m.client_inflight_max.set(max(a.client_inflight.values(), default=0))
         for group, count in a.inflight.items():
             m.child(m.in_flight, group, "short").set(count)
         for group in a.watches.keys() | a.long_running.keys():

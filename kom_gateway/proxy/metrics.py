@@ -159,9 +159,35 @@ class Metrics:
         self.shed = Counter(
             "kom_gateway_shed_requests",
             "Requests answered 429 + Retry-After by the gateway itself, by target group and "
-            "reason (inflight, watches, rate-limit).",
+            "reason (inflight, watches, rate-limit, client-inflight, client-buffer).",
             ["group", "reason"],
             registry=r,
+        )
+        self.client_buffered = Gauge(
+            "kom_gateway_client_buffered_bytes",
+            "Response bytes held for clients that have not read them yet (sampled).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.client_buffered_max = Gauge(
+            "kom_gateway_client_buffered_bytes_max",
+            "Response bytes held for the one client holding most (sampled); past "
+            "overload.perClient.maxBufferedBytes it gets 429s until it reads.",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.clients_over_budget = Gauge(
+            "kom_gateway_clients_over_budget",
+            "Clients past overload.perClient.maxBufferedBytes now (sampled).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.client_inflight_max = Gauge(
+            "kom_gateway_client_inflight_max",
+            "Requests in flight of the busiest client (sampled); its limit is "
+            "overload.perClient.maxInflight.",
+            registry=r,
+            multiprocess_mode="livemax",
         )
         self.cutover = Counter(
             "kom_gateway_cutover_decisions",

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from kom_gateway.config import ConfigError, ConfigHolder, load_config_file
 from kom_gateway.config.schema import Address, Config
 from kom_gateway.filewatch import FileSet
+from kom_gateway.http.handover import others_listening
 from kom_gateway.http.listener import ConnectionLimits, Listener
 from kom_gateway.http.serverconn import GOAWAY_LINGER_SECONDS
 from kom_gateway.http.settings import H2ServerSettings
@@ -122,10 +123,15 @@ async def drain(gateway: Gateway, listener: Listener, options: RunOptions) -> No
     """SIGTERM, in order: unready for `shutdown_delay` (load balancers take the replica
     out); stop accepting (SO_REUSEPORT peers get the new connections); graceful GOAWAY to
     every HTTP/2 client; requests in flight get `drain_seconds` to finish; watches are
-    ended cleanly (clients re-watch elsewhere); connections close once empty."""
+    ended cleanly (clients re-watch elsewhere); connections close once empty. With
+    --reuse-port, accepting stops only once another process listens on the port (at most
+    `drain_seconds` later): a replacement started with the same command takes over
+    without a single refused connection."""
     if options.shutdown_delay > 0:
         log.info("shutting down: unready for %.0fs before draining", options.shutdown_delay)
         await asyncio.sleep(options.shutdown_delay)
+    if options.reuse_port and listener.port:
+        await _hand_over(listener.port, options.drain_seconds)
     log.info(
         "draining: GOAWAY to HTTP/2 clients, %.0fs for requests in flight", options.drain_seconds
     )
@@ -133,6 +139,17 @@ async def drain(gateway: Gateway, listener: Listener, options: RunOptions) -> No
     listener.goaway_all("drain")
     await gateway.drain(options.drain_seconds)
     await listener.close(GOAWAY_LINGER_SECONDS + 1.0)
+
+
+async def _hand_over(port: int, limit: float) -> None:
+    """Keep accepting until another process listens on `port` (a replacement started
+    with the same command), at most `limit` seconds: no client finds the port closed."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    if not others_listening(port):
+        log.info("keeping port %d open until a replacement listens (at most %.0fs)", port, limit)
+    while not others_listening(port) and loop.time() < deadline:
+        await asyncio.sleep(0.05)
 
 
 def listener_settings(config: Config) -> tuple[ConnectionLimits, H2ServerSettings]:

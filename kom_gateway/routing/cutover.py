@@ -68,6 +68,7 @@ class Client:
 
     __slots__ = (
         "_bucket",
+        "_key",
         "groups",
         "identity",
         "policy_memo",
@@ -91,14 +92,19 @@ class Client:
         self.user = user  # verified user name, "" when the apiserver decides (tokens)
         self.groups = groups
         self._bucket: float | None = None
+        self._key: str | None = None
         # (rules it was matched against, the rule): set by Router, valid while rules are
         self.rule_memo: tuple[object, CutoverRule | None] | None = None
         self.policy_memo: Any = None  # set by OverloadPolicy.for_client
 
     @property
     def key(self) -> str:
-        who = self.identity or (f"addr:{self.remote_addr}" if self.remote_addr else "anonymous")
-        return f"{who}|{user_agent_product(self.user_agent)}"
+        """Who and which program: the unit of cut-over buckets and of fair share."""
+        key = self._key
+        if key is None:
+            who = self.identity or (f"addr:{self.remote_addr}" if self.remote_addr else "anonymous")
+            key = self._key = f"{who}|{user_agent_product(self.user_agent)}"
+        return key
 
     @property
     def bucket(self) -> float:
