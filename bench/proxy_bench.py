@@ -11,7 +11,12 @@ Measures, each a median over --repeats:
   1. small GET throughput (req/s) at saturation, per target;
   2. latency p50/p99 at half of the gateway's max throughput (added latency vs direct);
   3. a 50 MB LIST streamed through each target (MB/s) and the gateway's RSS growth;
-  4. 10,000 concurrent idle watches held by the gateway (RSS per watch), upstream = sim.
+  4. a steady client's p99 alone and next to a client sending 1 MiB header blocks in a
+     loop (answered 431), on both HTTP/2 engines;
+  5. 10,000 concurrent idle watches held by the gateway (RSS per watch), upstream = sim.
+
+Small GETs run over h2c and over TLS (self-signed EC certificate, ALPN h2) for direct
+nginx, HAProxy and the gateway on nghttp2.
 """
 
 from __future__ import annotations
@@ -22,12 +27,25 @@ import json
 import os
 import re
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+
+import hpack
+from hpack import NeverIndexedHeaderTuple
+from hyperframe.frame import (
+    ContinuationFrame,
+    Frame,
+    HeadersFrame,
+    PingFrame,
+    RstStreamFrame,
+    SettingsFrame,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -120,6 +138,13 @@ http {{
     location = {list} {{ alias {root}/list.json; }}
     location = /readyz {{ return 200 "ok"; }}
   }}
+  server {{
+    listen 127.0.0.1:{tls_port} ssl http2;
+    ssl_certificate {root}/tls.crt;
+    ssl_certificate_key {root}/tls.key;
+    default_type application/json;
+    location = {small} {{ alias {root}/pod.json; }}
+  }}
 }}
 """
 
@@ -134,6 +159,13 @@ defaults
   timeout server 60s
 frontend fe
   bind 127.0.0.1:{port} proto h2
+  acl is_pod path_reg ^/api/v1/(namespaces/[^/]+/)?pods
+  acl is_cm path_reg ^/api/v1/(namespaces/[^/]+/)?configmaps
+  use_backend pod if is_pod
+  use_backend config if is_cm
+  default_backend default
+frontend fe_tls
+  bind 127.0.0.1:{tls_port} ssl crt {root}/tls.pem alpn h2
   acl is_pod path_reg ^/api/v1/(namespaces/[^/]+/)?pods
   acl is_cm path_reg ^/api/v1/(namespaces/[^/]+/)?configmaps
   use_backend pod if is_pod
@@ -157,6 +189,18 @@ cutover:
 # h2load does not reconnect after a GOAWAY: no load-aware GOAWAY while it saturates us
 goaway: {{maxChance: 0}}
 """
+
+
+def make_certificate(root: Path) -> None:
+    """A self-signed 127.0.0.1 certificate for the TLS runs (EC: fast handshakes)."""
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1", "-addext",
+         "subjectAltName=IP:127.0.0.1", "-keyout", str(root / "tls.key"), "-out",
+         str(root / "tls.crt")],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    (root / "tls.pem").write_text((root / "tls.crt").read_text() + (root / "tls.key").read_text())
 
 
 def h2load(
@@ -191,6 +235,58 @@ def h2load(
         result["p50_us"] = durations[len(durations) // 2]
         result["p99_us"] = durations[int(len(durations) * 0.99)]
     return result
+
+
+def header_bomber(port: int, stop: threading.Event, sent: list[int]) -> None:
+    """A client sending ~1 MiB header blocks in a loop (21 fields of 52 KB: each under
+    nghttp2's 64 KiB per-field limit, the whole list just over the gateway's 1 MiB), up
+    to 8 at a time; every one is answered 431. Reconnects if the connection ends."""
+    headers = [(":method", "GET"), (":scheme", "http"), (":authority", "gw"),
+               (":path", SMALL_PATH), ("user-agent", "bomber/1.0")]  # fmt: skip
+    headers += [NeverIndexedHeaderTuple(f"x-bomb-{i}", "v" * 52_000) for i in range(21)]
+    block = hpack.Encoder().encode(headers, huffman=False)  # encoded once, sent many times
+    while not stop.is_set():
+        try:
+            _bomb_connection(port, block, stop, sent)
+        except OSError:  # cut off (an engine may end the connection): come back
+            time.sleep(0.01)
+
+
+def _bomb_connection(port: int, block: bytes, stop: threading.Event, sent: list) -> None:
+    """One connection of `header_bomber`, until it ends or `stop` is set. Header blocks
+    are cut at the server's SETTINGS_MAX_FRAME_SIZE, as Go's transport does."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + SettingsFrame(0).serialize())
+        buffer = b""
+        stream_id, outstanding = 1, 0
+        chunks: list[bytes] = []
+        while not stop.is_set():
+            while chunks and outstanding < 8:
+                frames = [HeadersFrame(stream_id, chunks[0], flags=["END_STREAM"])]
+                frames += [ContinuationFrame(stream_id, c) for c in chunks[1:]]
+                frames[-1].flags.add("END_HEADERS")
+                sock.sendall(b"".join(f.serialize() for f in frames))
+                stream_id += 2
+                outstanding += 1
+            data = sock.recv(1 << 16)
+            if not data:
+                return
+            buffer += data
+            while len(buffer) >= 9:
+                frame, length = Frame.parse_frame_header(memoryview(buffer[:9]))
+                if len(buffer) < 9 + length:
+                    break
+                frame.parse_body(memoryview(buffer[9 : 9 + length]))
+                buffer = buffer[9 + length :]
+                if isinstance(frame, SettingsFrame) and "ACK" not in frame.flags:
+                    sock.sendall(SettingsFrame(0, flags=["ACK"]).serialize())
+                    size = frame.settings.get(SettingsFrame.MAX_FRAME_SIZE, 16384)
+                    chunks = [block[i : i + size] for i in range(0, len(block), size)]
+                elif isinstance(frame, PingFrame) and "ACK" not in frame.flags:
+                    sock.sendall(PingFrame(0, frame.opaque_data, flags=["ACK"]).serialize())
+                elif "END_STREAM" in frame.flags or isinstance(frame, RstStreamFrame):
+                    outstanding -= 1
+                    sent[0] += 1
 
 
 def stream_list(url: str) -> float:
@@ -278,11 +374,19 @@ def main() -> int:
     (root / "tmp").mkdir()
     write_upstream_files(root)
     up, hp, gp, ga = free_port(), free_port(), free_port(), free_port()
+    up_tls, hp_tls, gp_tls, ga_tls = free_port(), free_port(), free_port(), free_port()
+    make_certificate(root)
     (root / "nginx.conf").write_text(
-        NGINX.format(root=root, port=up, small=SMALL_PATH, list=LIST_PATH)
+        NGINX.format(root=root, port=up, tls_port=up_tls, small=SMALL_PATH, list=LIST_PATH)
     )
-    (root / "haproxy.cfg").write_text(HAPROXY.format(port=hp, upstream=up))
+    (root / "haproxy.cfg").write_text(
+        HAPROXY.format(port=hp, tls_port=hp_tls, upstream=up, root=root)
+    )
     (root / "gateway.yaml").write_text(GATEWAY.format(upstream=up))
+    (root / "gateway-tls.yaml").write_text(
+        GATEWAY.format(upstream=up)
+        + f"listen: {{tls: {{certFile: {root}/tls.crt, keyFile: {root}/tls.key}}}}\n"
+    )
     procs = []
     try:
         procs.append(
@@ -301,12 +405,23 @@ def main() -> int:
         h2p, h2a = free_port(), free_port()
         gateway_h2 = start_gateway(root / "gateway.yaml", h2p, h2a, root / "gw-h2.out", 1, "h2")
         procs.append(gateway_h2)
+        gateway_tls = start_gateway(
+            root / "gateway-tls.yaml", gp_tls, ga_tls, root / "gw-tls.out", 1, "nghttp2"
+        )
+        procs.append(gateway_tls)
         targets = {"direct": up, "haproxy": hp, "kom-gateway": gp, "kom-gateway h2": h2p}
+        tls_targets = {"direct tls": up_tls, "haproxy tls": hp_tls, "kom-gateway tls": gp_tls}
         cpu_of = {
             "kom-gateway": gateway.proc.pid,
             "kom-gateway h2": gateway_h2.proc.pid,
             "haproxy": procs[1].proc.pid,
+            "kom-gateway tls": gateway_tls.proc.pid,
+            "haproxy tls": procs[1].proc.pid,
         }
+        url_of = {name: f"http://127.0.0.1:{port}{SMALL_PATH}" for name, port in targets.items()}
+        url_of.update(
+            {name: f"https://127.0.0.1:{port}{SMALL_PATH}" for name, port in tls_targets.items()}
+        )
         if args.workers > 1:
             wp, wa = free_port(), free_port()
             procs.append(
@@ -315,15 +430,15 @@ def main() -> int:
             targets[f"kom-gateway x{args.workers}"] = wp
         results: dict = {"small_get_rps": {}, "half_load": {}, "list_mb_s": {}}
 
-        # 1. saturation throughput, small GET
-        for port in targets.values():
-            h2load(f"http://127.0.0.1:{port}{SMALL_PATH}", 2000, 10, 10)  # warm-up
-        runs: dict[str, list] = {name: [] for name in targets}
+        # 1. saturation throughput, small GET (h2c and TLS)
+        for url in url_of.values():
+            h2load(url, 2000, 10, 10)  # warm-up
+        runs: dict[str, list] = {name: [] for name in url_of}
         cpu: dict[str, list] = {name: [] for name in cpu_of}
         for _ in range(args.repeats):
-            for name, port in targets.items():
+            for name, url in url_of.items():
                 before_cpu = cpu_seconds(cpu_of[name]) if name in cpu_of else 0.0
-                r = h2load(f"http://127.0.0.1:{port}{SMALL_PATH}", args.requests, 10, 10)
+                r = h2load(url, args.requests, 10, 10)
                 assert r["failed"] == 0, (name, r)
                 runs[name].append(r["rps"])
                 if name in cpu_of:
@@ -369,6 +484,35 @@ def main() -> int:
                 peak = max(peak, rss_kib(gateway.proc.pid))
         results["list_mb_s"] = {n: statistics.median(v) for n, v in mbs.items()}
         results["gateway_rss_kib"] = {"before_list": before, "peak_after_lists": peak}
+
+        # 4. a steady client's p99 next to a client sending 1 MiB header blocks in a loop
+        steady_rps = 50  # per each of 10 clients
+        bombs: dict[str, dict] = {}
+        for name in ("kom-gateway", "kom-gateway h2"):
+            url = url_of[name]
+            p99 = {"alone": [], "with 1 MiB header blocks": []}
+            bombs_per_s = []
+            for i in range(args.repeats):
+                for mode in p99:
+                    stop, sent = threading.Event(), [0]
+                    bomber = None
+                    if mode != "alone":
+                        bomber = threading.Thread(
+                            target=header_bomber, args=(targets[name], stop, sent), daemon=True
+                        )
+                        bomber.start()
+                        time.sleep(0.5)
+                    started, before_sent = time.monotonic(), sent[0]
+                    r = h2load(url, steady_rps * 10 * 5, 10, 1, rps=steady_rps,
+                               log_file=root / f"bomb-{i}.log")  # fmt: skip
+                    if bomber is not None:
+                        bombs_per_s.append((sent[0] - before_sent) / (time.monotonic() - started))
+                        stop.set()
+                        bomber.join(10)
+                    p99[mode].append(r["p99_us"])
+            bombs[name] = {mode: statistics.median(v) / 1000 for mode, v in p99.items()}
+            bombs[name]["header_blocks_per_s"] = round(statistics.median(bombs_per_s), 1)
+        results["steady_p99_ms_next_to_header_blocks"] = bombs
     finally:
         for p in reversed(procs):
             p.stop()
@@ -435,7 +579,14 @@ def main() -> int:
         f"gateway/direct = {small['kom-gateway'] / small['direct']:.2f}, "
         f"h2 engine/haproxy = {small['kom-gateway h2'] / small['haproxy']:.2f}"
     )
+    print(
+        f"TLS small GET: gateway/haproxy = "
+        f"{small['kom-gateway tls'] / small['haproxy tls']:.2f}, "
+        f"gateway/direct = {small['kom-gateway tls'] / small['direct tls']:.2f}"
+    )
     print(f"CPU per small GET (us): {results['cpu_us_per_request']}")
+    for name, r in results["steady_p99_ms_next_to_header_blocks"].items():
+        print(f"{name}: steady p99 {r} (ms)")
     print(
         f"added p50 at half load: {(half['kom-gateway'] - half['direct']) / 1000:.2f} ms "
         f"(haproxy: {(half['haproxy'] - half['direct']) / 1000:.2f} ms)"
