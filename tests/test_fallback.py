@@ -213,5 +213,8 @@ async def test_a_greedy_stalled_client_waits_on_itself_others_keep_their_share()
             r = await normal.request("GET", "/api/v1/namespaces/default/configmaps/big0",
                                      user_agent="kubectl/v1.31.0")
             assert r.status == 200  # never a 429: its share is its own
+        greedy.conn.close()  # gone without reading: everything held for it is let go
+        await until(lambda: key not in buffers.buffered)
+        assert buffers.total == 0
     finally:
         await s.close()

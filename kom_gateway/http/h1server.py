@@ -60,6 +60,8 @@ class H1ServerStream(ServerStream):
     def write(self, data: bytes, on_flushed: Flushed | None = None) -> None:
         if not self.closed:
             self._push(("data", data, on_flushed))
+        elif on_flushed is not None:
+            on_flushed()  # never sent, but done with: its producer gets its credit back
 
     def end(self) -> None:
         if not self.closed:
@@ -103,9 +105,11 @@ class H1ServerStream(ServerStream):
                 kind = op[0]
                 if kind == "data":
                     assert response is not None
-                    await response.write(op[1])
-                    if op[2] is not None:
-                        op[2]()
+                    try:
+                        await response.write(op[1])
+                    finally:  # written, or never will be: done with it either way
+                        if op[2] is not None:
+                            op[2]()
                 elif kind == "start":
                     _, status, headers, end_stream = op
                     response = _response(status, headers)

@@ -102,6 +102,8 @@ class HTTP2ServerStream(ServerStream):
 
     def write(self, data: bytes, on_flushed: Flushed | None = None) -> None:
         if self.closed:
+            if on_flushed is not None:
+                on_flushed()  # never sent, but done with: its producer gets its credit back
             return
         self._conn.write(self, data, on_flushed)
 
