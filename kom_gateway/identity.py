@@ -14,11 +14,28 @@ import ssl
 from typing import NamedTuple
 from urllib.parse import quote
 
-from kom_gateway.routing.cutover import x509_identity
-
 Headers = list[tuple[bytes, bytes]]  # as in kom_gateway.http.stream
 
 CREDENTIAL_ID_KEY = "authentication.kubernetes.io/credential-id"
+
+
+def x509_identity(common_name: str, organizations: tuple[str, ...]) -> str:
+    """Client identity of a verified certificate: `x509:CN=<cn>,O=<o1>,O=<o2>`."""
+    return "x509:" + ",".join([f"CN={common_name}", *(f"O={o}" for o in organizations)])
+
+
+def parse_x509_identity(identity: str) -> tuple[str, tuple[str, ...]] | None:
+    """(user, groups) of an `x509:` identity, as the apiserver derives them; else None."""
+    if not identity.startswith("x509:"):
+        return None
+    user, groups = "", []
+    for part in identity[5:].split(","):
+        key, _, value = part.partition("=")
+        if key == "CN":
+            user = value
+        elif key == "O":
+            groups.append(value)
+    return user, tuple(groups)
 
 
 class PeerIdentity(NamedTuple):

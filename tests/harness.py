@@ -261,9 +261,10 @@ class Stack:
     async def close(self) -> None:
         for client in self.clients:
             await client.close()
+        if self.gateway is not None:
+            self.gateway.abort_all()
         if self.listener is not None:
             await self.listener.close()
         if self.gateway is not None:
-            self.gateway.abort_all()
             await self.gateway.close()
         await self.sim.close()

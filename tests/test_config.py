@@ -273,41 +273,46 @@ def test_example_config_routes_the_usual_split():
         "/version": "default",
     }
     for path, home in homes.items():
-        assert router.home_group(parse_request("GET", path)) == home, path
+        assert router.decide(parse_request("GET", path), Client()).home == home, path
 
 
-# -- the holder ---------------------------------------------------------------------
-def test_holder_swaps_valid_and_keeps_last_good_on_invalid(tmp_path):
-    holder = ConfigHolder(load(MINIMAL))
-    first = holder.current
-    assert first.generation == 1
-    pods = parse_request("GET", "/api/v1/pods")
-    assert first.router.home_group(pods) == "default"
-
-    result = holder.apply_text(MINIMAL + "  pod: {endpoints: [https://b], resources: [pods]}\n")
-    assert result.applied and result.generation == 2
-    second = holder.current
-    assert second.router.home_group(pods) == "pod"
-    # a snapshot taken before the swap is untouched (in-flight requests keep their decision)
-    assert first.router.home_group(pods) == "default"
-
-    bad = holder.apply_text("groups: {pod: {endpoints: []}}\n", "gw.yaml")
-    assert not bad.applied and bad.generation == 2
-    assert "a 'default' group is required" in bad.error.render()
-    assert holder.current is second
-    assert holder.rejected == 1
-
-    garbage = holder.apply_text("{{{{")
-    assert not garbage.applied and holder.current is second
-
-    missing = holder.reload_file(str(tmp_path / "nope.yaml"))
-    assert not missing.applied and "cannot read" in missing.error.render()
-    assert holder.rejected == 3
+# -- the holder, through the reload production runs ------------------------------------
+async def test_reload_swaps_valid_and_keeps_last_good_on_invalid(tmp_path):
+    from kom_gateway.proxy.gateway import Gateway
 
     path = tmp_path / "gw.yaml"
     path.write_text(MINIMAL)
-    assert holder.reload_file(str(path)).generation == 3
-    assert holder.current.router.decide(pods, Client()).target == "default"
+    gateway = Gateway(ConfigHolder(load_config_file(str(path))))
+    try:
+        first = gateway.holder.current
+        assert first.generation == 1
+        pods = parse_request("GET", "/api/v1/pods")
+        assert first.router.decide(pods, Client()).home == "default"
+
+        path.write_text(MINIMAL + "  pod: {endpoints: [https://b], resources: [pods]}\n")
+        result = await gateway.reload(str(path))
+        assert result.applied and result.generation == 2
+        second = gateway.holder.current
+        assert second.router.decide(pods, Client()).home == "pod"
+        # a snapshot taken before the swap is untouched (in-flight requests keep theirs)
+        assert first.router.decide(pods, Client()).home == "default"
+
+        path.write_text("groups: {pod: {endpoints: []}}\n")
+        bad = await gateway.reload(str(path))
+        assert not bad.applied and bad.generation == 2
+        assert "a 'default' group is required" in bad.error.render()
+        assert gateway.holder.current is second
+
+        path.write_text("{{{{")
+        garbage = await gateway.reload(str(path))
+        assert not garbage.applied and gateway.holder.current is second
+
+        missing = await gateway.reload(str(tmp_path / "nope.yaml"))
+        assert not missing.applied and "cannot read" in missing.error.render()
+        assert gateway.metrics.config_reloads.labels("rejected")._value.get() == 3
+        assert gateway.metrics.config_generation._value.get() == 2
+    finally:
+        await gateway.close()
 
 
 @given(st.text(max_size=300))

@@ -8,6 +8,7 @@ import json
 import subprocess
 import threading
 import time
+import urllib.request
 
 import pytest
 from e2e import Cluster, need
@@ -82,6 +83,37 @@ def test_kubectl_exec_over_websocket(cluster):
     assert cluster.kubectl("exec", "shell", "--", "echo", "hello", "gateway") == "hello gateway\n"
     assert cluster.kubectl("exec", "-i", "shell", "--", "cat", stdin="line 1\nline 2\n") == "line 1\nline 2\n"
     assert landed(cluster, seq, "GET", "/pods/shell/exec") == {"pod"}
+    # many sessions in a row: every output complete, not one error in the gateway's log
+    for i in range(25):
+        assert cluster.kubectl("exec", "shell", "--", "echo", f"run {i}") == f"run {i}\n"
+    log = cluster.gateway.log.read_text()
+    assert "Traceback" not in log and "ERROR" not in log, log[-3000:]
+    # counted like any request, under their subresource
+    with urllib.request.urlopen(f"http://127.0.0.1:{cluster.admin}/metrics", timeout=5) as r:
+        metrics = r.read().decode()
+    counted = [line for line in metrics.splitlines() if line.startswith("kom_gateway_requests_total{")
+               and 'subresource="exec"' in line and 'code="101"' in line]
+    assert counted and float(counted[0].rsplit(" ", 1)[1]) >= 27, counted
+
+
+def test_exec_is_admitted_like_any_request(tmp_path):
+    """A rate-limit rule on pods/exec holds exec sessions too (they come through the same
+    intake as every request)."""
+    c = Cluster(tmp_path, extra=(
+        "overload:\n  rateLimits:\n    - {name: exec, match: {resources: [pods/exec]}, "
+        "qps: 0.01, burst: 1}\n"))
+    try:
+        c.kubectl("run", "shell", "--image=busybox")
+        assert c.kubectl("exec", "shell", "--", "echo", "one") == "one\n"
+        out = subprocess.run(
+            [need("kubectl"), "--kubeconfig", str(c.kubeconfig), "exec", "shell", "--", "echo",
+             "two"], capture_output=True, text=True, timeout=60)
+        assert out.returncode != 0 and "two" not in out.stdout
+        with urllib.request.urlopen(f"http://127.0.0.1:{c.admin}/metrics", timeout=5) as r:
+            metrics = r.read().decode()
+        assert 'kom_gateway_shed_requests_total{group="pod",reason="rate-limit"}' in metrics
+    finally:
+        c.stop()
 
 
 def test_curl_http2(cluster):

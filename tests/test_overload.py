@@ -6,12 +6,12 @@ import textwrap
 import pytest
 
 from kom_gateway.config import ConfigError, load_config_text
+from kom_gateway.http.serverconn import connection_deadline
 from kom_gateway.overload.admission import Admission, Rejection, Ticket
 from kom_gateway.overload.clientshare import ClientBuffers
 from kom_gateway.overload.load import (
     GoawayPolicy,
     LoadMeter,
-    connection_deadline,
     goaway_chance,
 )
 from kom_gateway.overload.policy import (

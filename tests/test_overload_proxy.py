@@ -167,7 +167,7 @@ async def test_goaway_chance_rises_with_inflight_load():
                           "goaway: {chance: 0.001, maxChance: 0.02, softLoad: 0.5}\n")
     try:
         stack.gateway.update_load()
-        assert stack.gateway.load == 0 and stack.gateway._goaway_p == 0.001
+        assert stack.gateway.load == 0 and stack.gateway.intake.goaway_chance == 0.001
         stack.sim.groups["pod"].faults.latency = 0.5
         client = await stack.client()
         slow = [client.open("GET", "/api/v1/pods") for _ in range(3)]
@@ -176,11 +176,11 @@ async def test_goaway_chance_rises_with_inflight_load():
         assert stack.gateway.load == 0.75
         assert stack.gateway.metrics.registry.get_sample_value(
             "kom_gateway_inflight_requests", {"group": "pod", "kind": "short"}) == 3
-        assert stack.gateway._goaway_p == pytest.approx(0.001 + 0.019 * 0.5)
+        assert stack.gateway.intake.goaway_chance == pytest.approx(0.001 + 0.019 * 0.5)
         for collector in slow:
             await collector.done
         stack.gateway.update_load()
-        assert stack.gateway._goaway_p == 0.001
+        assert stack.gateway.intake.goaway_chance == 0.001
     finally:
         await stack.close()
 

@@ -4,6 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from kom_gateway.identity import parse_x509_identity, x509_identity
 from kom_gateway.requestinfo import parse_request
 from kom_gateway.routing import (
     Client,
@@ -15,7 +16,7 @@ from kom_gateway.routing import (
     bucket_of,
     parse_claim,
 )
-from kom_gateway.routing.cutover import parse_x509_identity, user_agent_product, x509_identity
+from kom_gateway.routing.cutover import user_agent_product
 from kom_gateway.routing.router import (
     REASON_CUT_OVER,
     REASON_HOME_IS_DEFAULT,
@@ -105,7 +106,7 @@ def _router(rules=()):
     ],
 )
 def test_home_group(method, target, home):
-    assert _router().home_group(parse_request(method, target)) == home
+    assert _router().decide(parse_request(method, target), Client()).home == home
 
 
 # -- globs --------------------------------------------------------------------------

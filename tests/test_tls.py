@@ -33,7 +33,7 @@ async def test_tls_downstream_and_upstream(tmp_path, pki):
     text = config_text(ports, CUTOVER, f"upstream: {{tls: {{caFile: {ca}}}}}\n")
     config = load_config_text(text.replace("http://", "https://"))
     gateway = Gateway(ConfigHolder(config))
-    listener = Listener(gateway.handle, gateway.upgrade,
+    listener = Listener(gateway.intake.handle, None,
                         ssl_context=server_ssl_context(str(cert), str(key), None))
     port = await listener.start("127.0.0.1", 0)
     try:

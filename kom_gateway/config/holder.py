@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kom_gateway.config.loader import load_config_file, load_config_text
 from kom_gateway.config.schema import Config, ConfigError
 from kom_gateway.routing.router import Router
 
@@ -35,7 +34,6 @@ class ConfigHolder:
 
     def __init__(self, config: Config) -> None:
         self._active = Active(config, config.router(), 1)
-        self.rejected = 0  # reload attempts refused since start
 
     @property
     def current(self) -> Active:
@@ -47,24 +45,6 @@ class ConfigHolder:
         self._active = active
         return ReloadResult(True, active.generation)
 
-    def apply_text(self, text: str, source: str = "", base_dir: str = ".") -> ReloadResult:
-        try:
-            config = load_config_text(text, source, base_dir)
-        except ConfigError as exc:
-            return self._refuse(exc)
-        return self.apply(config)
-
-    def reload_file(self, path: str) -> ReloadResult:
-        try:
-            config = load_config_file(path)
-        except ConfigError as exc:
-            return self._refuse(exc)
-        return self.apply(config)
-
     def refuse(self, error: ConfigError) -> ReloadResult:
-        """Count a configuration that failed checks made outside this holder (TLS files)."""
-        return self._refuse(error)
-
-    def _refuse(self, error: ConfigError) -> ReloadResult:
-        self.rejected += 1
+        """A configuration that failed its checks: the current one keeps serving."""
         return ReloadResult(False, self._active.generation, error)

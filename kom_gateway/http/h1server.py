@@ -3,16 +3,20 @@
 aiohttp parses the request; the stream's callbacks queue operations that one writer
 coroutine per request (the aiohttp handler itself) applies to a StreamResponse, so
 back-pressure comes from awaiting aiohttp's drain, and `on_flushed` fires after it.
+A request with `Upgrade` (exec, attach, port-forward) is a stream like any other; the
+proxy either answers it or calls `switch_protocols`, and the splice of the two
+connections happens here, where aiohttp's connection is.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import LineTooLong
@@ -31,6 +35,10 @@ UpgradeHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 # Framing is aiohttp's job on this side; these must not be copied from upstream.
 _FRAMING = frozenset({b"transfer-encoding", b"connection", b"keep-alive", b"content-length"})
+# A 101's own headers (Connection, Upgrade, protocol versions) are relayed; not these.
+_SWITCH_DROPS = frozenset({b"content-length", b"transfer-encoding", b"date", b"server"})
+SPLICE_HIGH_WATER = 1024 * 1024  # client bytes queued upstream before reading pauses
+SPLICE_LINGER = 5.0  # after the upstream's end, how long the client may take to finish
 
 
 class H1ServerStream(ServerStream):
@@ -44,6 +52,8 @@ class H1ServerStream(ServerStream):
         self.headers = [(name.lower(), value) for name, value in request.raw_headers]
         self.remote_addr = request.remote or ""
         self.ssl_object, self.peer = request_tls(request)
+        # asks to switch protocols (exec, attach, port-forward): see `switch_protocols`
+        self.upgrade = "Upgrade" in request.headers
         self._ops: deque[tuple] = deque()
         self._wakeup = asyncio.Event()
         self._content_length: bytes | None = None
@@ -73,6 +83,16 @@ class H1ServerStream(ServerStream):
     def reset(self) -> None:
         if not self.closed:
             self._push(("reset",))
+
+    def switch_protocols(
+        self, headers: Headers, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Answer 101 with `headers`, then carry bytes both ways between the client's
+        connection and (`reader`, `writer`) until both sides are done. The stream closes
+        when the splice ends."""
+        if not self.closed and not self.response_started:
+            self.response_started = True
+            self._push(("switch", headers, reader, writer))
 
     def _push(self, op: tuple) -> None:
         self._ops.append(op)
@@ -121,6 +141,8 @@ class H1ServerStream(ServerStream):
                     assert response is not None
                     await response.write_eof()
                     return response
+                elif kind == "switch":
+                    return await _splice(request, *op[1:])
                 else:  # reset: the client must see a broken response, not a clean end
                     if request.transport is not None:
                         request.transport.abort()
@@ -132,6 +154,84 @@ class H1ServerStream(ServerStream):
             for op in ops:
                 if op[0] == "data" and op[2] is not None:
                     op[2]()
+
+
+class _ToUpstream:
+    """aiohttp payload parser that forwards the client's bytes upstream once protocols
+    switched. Detached when the splice ends, so that the client connection's own end
+    (which aiohttp reports afterwards) never touches a closed upstream connection."""
+
+    def __init__(self, writer: asyncio.StreamWriter, client: asyncio.Transport) -> None:
+        self.writer = writer
+        self.client = client
+        self.eof = asyncio.Event()  # the client finished sending
+        self.detached = False
+
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        if self.detached or self.writer.is_closing():
+            return False, b""
+        self.writer.write(data)
+        if self.writer.transport.get_write_buffer_size() > SPLICE_HIGH_WATER:
+            self.client.pause_reading()
+            asyncio.get_running_loop().create_task(self._resume_when_drained())
+        return False, b""
+
+    async def _resume_when_drained(self) -> None:
+        try:
+            await self.writer.drain()
+        except OSError:
+            pass
+        finally:
+            if not self.client.is_closing():
+                self.client.resume_reading()
+
+    def feed_eof(self) -> None:
+        self.eof.set()
+        if self.detached or self.writer.is_closing():
+            return
+        if self.writer.can_write_eof():
+            self.writer.write_eof()  # half-close: the upstream may still answer
+
+    def detach(self) -> None:
+        self.detached = True
+
+
+async def _splice(
+    request: web.BaseRequest,
+    headers: Headers,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+) -> web.StreamResponse:
+    """101, then bytes both ways as a TCP splice does: each side's end is passed on as a
+    half-close, and both connections close once the two directions are done (or the
+    client has not finished `SPLICE_LINGER` seconds after the upstream did)."""
+    response = web.StreamResponse(status=101, reason="Switching Protocols")
+    for name, value in headers:
+        if name.lower() not in _SWITCH_DROPS:
+            response.headers.add(name.decode("latin-1"), value.decode("latin-1"))
+    await response.prepare(request)
+    transport = cast(asyncio.Transport, request.transport)
+    protocol = request.protocol
+    to_upstream = _ToUpstream(writer, transport)
+    protocol.set_parser(to_upstream)  # type: ignore[arg-type]
+    try:
+        while chunk := await reader.read(65536):
+            transport.write(chunk)
+            if protocol.writing_paused:
+                await protocol._drain_helper()  # as aiohttp's own WebSocket writer does
+        if transport.can_write_eof() and not transport.is_closing():
+            transport.write_eof()  # the upstream is done: so are we, towards the client
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(SPLICE_LINGER):
+                await to_upstream.eof.wait()
+    except (OSError, asyncio.CancelledError):
+        pass
+    finally:
+        to_upstream.detach()
+        writer.close()
+        if not transport.is_closing():
+            transport.close()
+    return response
 
 
 def request_tls(request: web.BaseRequest) -> tuple[ssl.SSLObject | None, PeerIdentity | None]:
@@ -288,9 +388,12 @@ def aiohttp_server(
         size = len(request.raw_path) + sum(len(n) + len(v) + 4 for n, v in request.raw_headers)
         if size > max_header_bytes:
             return _status_response(431, "RequestHeaderFieldsTooLarge", "request headers too large")
-        if upgrade_handler is not None and request.headers.get("Upgrade"):
-            return await upgrade_handler(request)
         stream = H1ServerStream(request)
+        if stream.upgrade:
+            if upgrade_handler is not None:  # a server that handles upgrades itself
+                return await upgrade_handler(request)
+            handler(stream)  # the proxy carries it: `switch_protocols`, or an answer
+            return await stream.serve()
         body_task = asyncio.get_running_loop().create_task(stream.pump_body())
         try:
             handler(stream)

@@ -267,8 +267,9 @@ class Listener:
         self.goaway_all()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
+        # aiohttp waits without end for a timeout of 0: every shutdown here is bounded
         await asyncio.gather(
-            *(server.shutdown(grace) for server in (*self._retired_h1, self.h1_server))
+            *(server.shutdown(max(grace, 0.1)) for server in (*self._retired_h1, self.h1_server))
         )
         while self.h2_connections and loop.time() < deadline:
             await asyncio.sleep(0.05)

@@ -32,7 +32,6 @@ from kom_gateway.http.transport import (
 )
 from kom_gateway.identity import PeerIdentity, identity_of_ssl
 from kom_gateway.kubestatus import status_body
-from kom_gateway.overload.load import connection_deadline
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +42,14 @@ GOAWAY_LINGER_SECONDS = 1.0  # golang.org/x/net/http2 goAwayTimeout
 GOAWAY_PING = b"kgoaway1"  # PING payload of the two-phase GOAWAY's round trip
 GOAWAY_PING_WAIT = 2.0  # send the final GOAWAY after this long even without the PING ACK
 MAX_STREAM_ID = 2**31 - 1
+
+
+def connection_deadline(opened_at: float, max_age: float, jitter: float, u: float) -> float | None:
+    """When a connection opened at `opened_at` gets its GOAWAY (None: never); `jitter`
+    is the +/- share of `max_age`, `u` uniform in [0, 1)."""
+    if max_age <= 0:
+        return None
+    return opened_at + max_age * (1.0 + jitter * (2.0 * u - 1.0))
 
 
 def split_request(headers: Headers) -> tuple[str, str, str, Headers]:

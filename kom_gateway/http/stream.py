@@ -48,6 +48,7 @@ class ServerStream(ABC):
     _closed_callbacks: list[Callable[[], None]] | None = None
     closed = False
     response_started = False
+    upgrade = False  # an HTTP/1.1 request asking to switch protocols (`switch_protocols`)
 
     def goaway_connection(self, reason: str) -> None:  # noqa: B027 (a no-op by default)
         """Ask the client to take its next requests to a new connection, gracefully
@@ -123,6 +124,13 @@ class ServerStream(ABC):
     @abstractmethod
     def reset(self) -> None:
         """Abort the response: the client sees a broken stream, never a clean end."""
+
+    def switch_protocols(
+        self, headers: Headers, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Upgrade requests only: answer 101 with `headers`, then splice the client's
+        connection with (`reader`, `writer`) until both are done; the stream then closes."""
+        raise NotImplementedError("only HTTP/1.1 streams switch protocols")
 
     async def send(self, data: bytes) -> None:
         """Write and wait until flushed (simple handlers: the simulator)."""

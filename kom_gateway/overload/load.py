@@ -31,14 +31,6 @@ def goaway_chance(load: float, policy: GoawayPolicy) -> float:
     return policy.chance + (max(policy.max_chance, policy.chance) - policy.chance) * rise
 
 
-def connection_deadline(opened_at: float, max_age: float, jitter: float, u: float) -> float | None:
-    """When a connection opened at `opened_at` gets its GOAWAY (None: never); `jitter`
-    is the +/- share of `max_age`, `u` uniform in [0, 1)."""
-    if max_age <= 0:
-        return None
-    return opened_at + max_age * (1.0 + jitter * (2.0 * u - 1.0))
-
-
 class LoadMeter:
     """Event-loop lag, smoothed (exponential moving average over ~`window` seconds),
     combined with the other signals on demand."""

@@ -3,6 +3,7 @@ this, not the `Gateway`)."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,7 @@ class ProxyContext:
     # exchanges in progress: requests with a timeout, and long-running ones (watches...)
     live: dict[Exchange, None] = field(default_factory=dict)
     long_running: dict[Exchange, None] = field(default_factory=dict)
+    upgrades: set[asyncio.Task[None]] = field(default_factory=set)  # exec, attach, ... sessions
 
     def expire(self, now: float) -> None:
         """Answer every request whose timeout has passed by `now`. A scan of the requests

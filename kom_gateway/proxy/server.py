@@ -187,8 +187,8 @@ def new_listener(gateway: Gateway, ssl_context: ssl.SSLContext | None) -> Listen
     limits, h2_settings = listener_settings(gateway.holder.current.config)
     metrics = gateway.metrics
     listener = Listener(
-        gateway.handle,
-        gateway.upgrade,
+        gateway.intake.handle,
+        None,  # Upgrade requests are streams too: the intake carries them
         h2_settings,
         ssl_context,
         limits,

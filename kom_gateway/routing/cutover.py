@@ -33,25 +33,6 @@ def user_agent_product(user_agent: str) -> str:
     return user_agent[:end]
 
 
-def x509_identity(common_name: str, organizations: tuple[str, ...]) -> str:
-    """Client identity of a verified certificate: `x509:CN=<cn>,O=<o1>,O=<o2>`."""
-    return "x509:" + ",".join([f"CN={common_name}", *(f"O={o}" for o in organizations)])
-
-
-def parse_x509_identity(identity: str) -> tuple[str, tuple[str, ...]] | None:
-    """(user, groups) of an `x509:` identity, as the apiserver derives them; else None."""
-    if not identity.startswith("x509:"):
-        return None
-    user, groups = "", []
-    for part in identity[5:].split(","):
-        key, _, value = part.partition("=")
-        if key == "CN":
-            user = value
-        elif key == "O":
-            groups.append(value)
-    return user, tuple(groups)
-
-
 def format_percent(value: float) -> str:
     """25.0 -> "25%", 12.5 -> "12.5%": how percents are shown to operators."""
     return f"{value:g}%"

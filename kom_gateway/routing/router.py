@@ -45,12 +45,6 @@ class Router:
         self._claims = ClaimTable(claims)
         self._rules = tuple(rules)
 
-    def home_group(self, info: RequestInfo) -> str:
-        if not info.is_resource_request:
-            return DEFAULT_GROUP
-        group = self._claims.lookup(info.api_group, info.resource, info.subresource)
-        return DEFAULT_GROUP if group is None else group
-
     def matching_rule(self, client: Client) -> CutoverRule | None:
         """First rule matching the client; memoised on the client for this rule set."""
         memo = client.rule_memo
