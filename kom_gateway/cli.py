@@ -16,7 +16,8 @@ from urllib.parse import urlsplit
 
 from kom_gateway import __version__
 from kom_gateway.config import Config, ConfigError, load_config_file
-from kom_gateway.config.schema import HTTP2_ENGINES, Address
+from kom_gateway.config.model import Address
+from kom_gateway.http.settings import HTTP2_ENGINES
 from kom_gateway.identity import parse_x509_identity
 from kom_gateway.requestinfo import parse_request
 from kom_gateway.routing import DEFAULT_GROUP, Client, Decision

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from kom_gateway.config import load_config_file
-from kom_gateway.config.schema import Address
+from kom_gateway.config.model import Address
 from kom_gateway.proxy.server import RunOptions, run_gateway
 from kom_gateway.sim.auth import SimSecurity
 from kom_gateway.sim.server import Simulator

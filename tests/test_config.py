@@ -388,3 +388,14 @@ def test_sidecar_examples_embed_valid_configs(name):
         assert "default" in config.groups and config.warnings == ()
     kinds = {d["kind"] for d in documents}
     assert kinds & {"Pod", "Deployment"}
+
+
+def test_transport_defaults_have_one_source():
+    """An empty config gives exactly the HTTP layer's own defaults on both sides: the
+    YAML's defaults are those, translated in one place."""
+    from kom_gateway.http.settings import ConnectionLimits, H2ClientSettings, H2ServerSettings
+    from kom_gateway.proxy.settings import listener_settings, upstream_settings
+
+    config = load(MINIMAL)
+    assert listener_settings(config) == (ConnectionLimits(), H2ServerSettings())
+    assert upstream_settings(config) == H2ClientSettings()

@@ -1,6 +1,6 @@
 """Endpoint health: probes and outlier ejection (pure, time passed in)."""
 
-from kom_gateway.config.schema import Health
+from kom_gateway.config.model import Health
 from kom_gateway.proxy.health import EndpointHealth
 
 POLICY = Health(failure_threshold=2, consecutive_failures=3, base_ejection=10, max_ejection=25)

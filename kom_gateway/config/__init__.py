@@ -2,7 +2,7 @@
 
 from kom_gateway.config.holder import Active, ConfigHolder, ReloadResult
 from kom_gateway.config.loader import load_config_file, load_config_text
-from kom_gateway.config.schema import (
+from kom_gateway.config.model import (
     Address,
     Config,
     ConfigError,

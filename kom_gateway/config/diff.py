@@ -10,13 +10,13 @@ import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
+from kom_gateway.config.model import Config
 from kom_gateway.config.schema import (
     GOAWAY_KEYS,
     HTTP2_DOWNSTREAM_KEYS,
     HTTP2_UPSTREAM_KEYS,
     LIMIT_KEYS,
     PER_CLIENT_KEYS,
-    Config,
     Field,
 )
 from kom_gateway.overload.policy import GroupLimits, RateLimitRule

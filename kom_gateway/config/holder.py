@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kom_gateway.config.schema import Config, ConfigError
+from kom_gateway.config.model import Config, ConfigError
 from kom_gateway.routing.router import Router
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-from kom_gateway.config.schema import Config, ConfigError, ConfigIssue, build_config, format_path
+from kom_gateway.config.model import Config, ConfigError, ConfigIssue
+from kom_gateway.config.schema import build_config, format_path
 from kom_gateway.config.yamldoc import YamlError, parse_yaml
 
 # A few thousand cut-over rules fit in a few hundred KiB; past this a file is refused

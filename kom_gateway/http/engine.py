@@ -14,9 +14,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from kom_gateway.config.schema import HTTP2_ENGINES
 from kom_gateway.http.client import HTTP2ClientConnection
 from kom_gateway.http.serverconn import HTTP2ServerConnection
+from kom_gateway.http.settings import HTTP2_ENGINES
 
 log = logging.getLogger(__name__)
 CHOICES = HTTP2_ENGINES

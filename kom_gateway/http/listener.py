@@ -12,7 +12,6 @@ import logging
 import socket
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import cast
 
 import h2.config
@@ -23,21 +22,12 @@ from h2.errors import ErrorCodes
 from kom_gateway.http import engine as engines
 from kom_gateway.http.h1server import StreamHandler, UpgradeHandler, aiohttp_server
 from kom_gateway.http.serverconn import HTTP2ServerConnection
-from kom_gateway.http.settings import H2ServerSettings
+from kom_gateway.http.settings import ConnectionLimits, H2ServerSettings
 from kom_gateway.kubestatus import status_body
 
 log = logging.getLogger(__name__)
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-
-
-@dataclass(frozen=True)
-class ConnectionLimits:
-    max_connections_per_address: int = 0  # 0: no limit
-    tls_handshake_timeout: float = 10.0
-    header_read_timeout: float = 32.0  # first bytes / first request headers
-    idle_timeout: float = 90.0  # HTTP/1.1 keep-alive; HTTP/2 in H2ServerSettings
-    max_header_bytes: int = 1 << 20
 
 
 class _Sniffer(asyncio.Protocol):

@@ -16,7 +16,7 @@ import sys
 import time
 from typing import IO, TYPE_CHECKING
 
-from kom_gateway.config.schema import AccessLogSettings
+from kom_gateway.config.model import AccessLogSettings
 
 if TYPE_CHECKING:
     from kom_gateway.proxy.outcome import Outcome

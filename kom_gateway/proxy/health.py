@@ -15,7 +15,7 @@ most requests well is not ejected for a few bad ones.
 
 from __future__ import annotations
 
-from kom_gateway.config.schema import Health
+from kom_gateway.config.model import Health
 
 # why an endpoint was taken out (label of kom_gateway_upstream_ejections_total)
 EJECT_FAILURES = "consecutive-failures"

@@ -11,15 +11,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kom_gateway.config import ConfigError, ConfigHolder, load_config_file
-from kom_gateway.config.schema import Address, Config
+from kom_gateway.config.model import Address
 from kom_gateway.filewatch import FileSet
 from kom_gateway.http.handover import others_listening
-from kom_gateway.http.listener import ConnectionLimits, Listener
+from kom_gateway.http.listener import Listener
 from kom_gateway.http.serverconn import GOAWAY_LINGER_SECONDS
-from kom_gateway.http.settings import H2ServerSettings
 from kom_gateway.http.tlsfiles import ServerTLSContext
 from kom_gateway.proxy.admin import start_admin
 from kom_gateway.proxy.gateway import Gateway
+from kom_gateway.proxy.settings import listener_settings
 
 log = logging.getLogger("kom_gateway")
 
@@ -150,36 +150,6 @@ async def _hand_over(port: int, limit: float) -> None:
         log.info("keeping port %d open until a replacement listens (at most %.0fs)", port, limit)
     while not others_listening(port) and loop.time() < deadline:
         await asyncio.sleep(0.05)
-
-
-def listener_settings(config: Config) -> tuple[ConnectionLimits, H2ServerSettings]:
-    """The client-facing limits of `config`, as the HTTP layer takes them."""
-    limits = config.limits
-    h2 = config.http2_downstream
-    return (
-        ConnectionLimits(
-            limits.max_connections_per_address,
-            limits.tls_handshake_timeout,
-            limits.header_read_timeout,
-            limits.idle_timeout,
-            limits.max_header_bytes,
-        ),
-        H2ServerSettings(
-            max_concurrent_streams=limits.max_streams_per_connection,
-            initial_window=h2.initial_stream_window,
-            max_frame_size=h2.max_frame_size,
-            max_header_list_size=limits.max_header_bytes,
-            ping_interval=h2.ping_interval,
-            ping_timeout=h2.ping_timeout,
-            idle_timeout=limits.idle_timeout,
-            stalled_write_timeout=limits.stalled_write_timeout,
-            max_write_backlog=h2.max_write_backlog_bytes,
-            connection_window=h2.connection_window,
-            write_buffer_bytes=h2.write_buffer_bytes,
-            max_connection_age=config.goaway.max_connection_age,
-            max_connection_age_jitter=config.goaway.max_connection_age_jitter,
-        ),
-    )
 
 
 def new_listener(gateway: Gateway, ssl_context: ssl.SSLContext | None) -> Listener:

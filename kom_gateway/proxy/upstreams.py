@@ -18,8 +18,8 @@ import ssl
 import time
 from collections.abc import Callable
 
-from kom_gateway.config.schema import Config, ConfigError, Endpoint, Health
-from kom_gateway.config.schema import UpstreamTLS as UpstreamTLSConfig
+from kom_gateway.config.model import Config, ConfigError, Endpoint, Health
+from kom_gateway.config.model import UpstreamTLS as UpstreamTLSConfig
 from kom_gateway.http.client import (
     RESET_GOAWAY,
     ClientStream,
@@ -38,6 +38,7 @@ from kom_gateway.proxy.health import (
     EJECT_PROBE,
     EndpointHealth,
 )
+from kom_gateway.proxy.settings import upstream_settings
 
 log = logging.getLogger(__name__)
 
@@ -276,17 +277,7 @@ class Upstreams:
         """Create endpoints new in `config`, keep unchanged ones, close removed ones."""
         # TLS first: a config whose files cannot be loaded raises before anything changes
         self.tls.load(config)
-        h2 = config.http2_upstream
-        settings = H2ClientSettings(
-            stream_window=h2.initial_stream_window,
-            max_concurrent_streams=h2.max_concurrent_streams,
-            max_frame_size=h2.max_frame_size,
-            connect_timeout=config.timeouts.connect,
-            ping_interval=h2.ping_interval,
-            ping_timeout=h2.ping_timeout,
-            connection_window=h2.connection_window,
-            write_buffer_bytes=h2.write_buffer_bytes,
-        )
+        settings = upstream_settings(config)
         wanted: dict[tuple[str, str], UpstreamEndpoint] = {}
         groups: dict[str, list[UpstreamEndpoint]] = {}
         for group in config.groups.values():
