@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from kom_gateway import __version__
 from kom_gateway.config import Config, ConfigError, load_config_file
 from kom_gateway.config.model import Address
+from kom_gateway.http.bind import BindError
 from kom_gateway.http.settings import HTTP2_ENGINES
 from kom_gateway.identity import parse_x509_identity
 from kom_gateway.requestinfo import parse_request
@@ -182,7 +183,6 @@ def _run_async(main: Coroutine[Any, Any, int]) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from kom_gateway.http.listener import BindError
     from kom_gateway.proxy.server import RunOptions, run_gateway
     from kom_gateway.proxy.workers import run_workers
 
@@ -254,6 +254,9 @@ def cmd_sim(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
         return 1
+    except BindError as exc:
+        print(f"kom-gateway sim: {exc}", file=sys.stderr)
+        return 1
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -264,6 +267,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return _run_async(run_demo(args.config))
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
+        return 1
+    except BindError as exc:
+        print(f"kom-gateway demo: {exc}", file=sys.stderr)
         return 1
 
 

@@ -7,7 +7,6 @@ the HTTP/2 client preface is h2c (prior knowledge); anything else is HTTP/1.1.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import socket
 import ssl
@@ -20,6 +19,7 @@ from aiohttp import web
 from h2.errors import ErrorCodes
 
 from kom_gateway.http import engine as engines
+from kom_gateway.http.bind import BindError
 from kom_gateway.http.h1server import StreamHandler, UpgradeHandler, aiohttp_server
 from kom_gateway.http.serverconn import HTTP2ServerConnection
 from kom_gateway.http.settings import ConnectionLimits, H2ServerSettings
@@ -92,20 +92,6 @@ class _Sniffer(asyncio.Protocol):
         buffered, self._buffer = self._buffer, b""
         if buffered:
             protocol.data_received(buffered)
-
-
-class BindError(Exception):
-    """A port could not be bound: one line that says which and what to change."""
-
-    def __init__(self, what: str, host: str, port: int, exc: OSError, option: str) -> None:
-        reason = exc.strerror or str(exc)
-        advice = f"choose another address with {option}"
-        if exc.errno == errno.EADDRINUSE:
-            advice = (
-                "another process holds it: stop it, " + advice + ", or start both "
-                "instances with --reuse-port to replace one in place"
-            )
-        super().__init__(f"cannot listen on {host}:{port} ({what}): {reason}; {advice}")
 
 
 class Listener:

@@ -54,7 +54,7 @@ class Gateway:
         self._reloading = asyncio.Lock()
         self.load_meter = LoadMeter()
         self.load = 0.0
-        self.open_streams: Callable[[], int] = lambda: 0  # set by whoever serves us
+        self._open_streams: Callable[[], int] = lambda: 0  # HTTP/2 streams being served
         self._sampler: asyncio.TimerHandle | None = None
 
     @property
@@ -73,9 +73,13 @@ class Gateway:
         return loop.call_later(DEADLINE_TICK, sweep)
 
     # -- load --------------------------------------------------------------------------
-    def start_load_sampling(self, interval: float = LOAD_SAMPLE_SECONDS) -> None:
-        """Measure event-loop lag with a timer every `interval`, and from it and the
-        rest of the load work out the GOAWAY chance once per interval (not per request)."""
+    def start_load_sampling(
+        self, open_streams: Callable[[], int], interval: float = LOAD_SAMPLE_SECONDS
+    ) -> None:
+        """Measure event-loop lag with a timer every `interval`, and from it, the streams
+        being served (`open_streams`) and the rest of the load work out the GOAWAY chance
+        once per interval (not per request)."""
+        self._open_streams = open_streams
         loop = asyncio.get_running_loop()
         due = loop.time() + interval
 
@@ -93,7 +97,7 @@ class Gateway:
 
     def update_load(self) -> None:
         policy = self.holder.current.config.goaway
-        self.load = self.load_meter.load(self.admission.load(), self.open_streams(), policy)
+        self.load = self.load_meter.load(self.admission.load(), self._open_streams(), policy)
         self.intake.goaway_chance = goaway_chance(self.load, policy)
         m = self.metrics
         m.load.set(self.load)

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from kom_gateway.config import ConfigError, ConfigHolder, load_config_file
 from kom_gateway.config.model import Address
 from kom_gateway.filewatch import FileSet
+from kom_gateway.http.admin import start_admin
 from kom_gateway.http.handover import others_listening
 from kom_gateway.http.listener import Listener
 from kom_gateway.http.serverconn import GOAWAY_LINGER_SECONDS
 from kom_gateway.http.tlsfiles import ServerTLSContext
-from kom_gateway.proxy.admin import start_admin
 from kom_gateway.proxy.gateway import Gateway
 from kom_gateway.proxy.settings import listener_settings
 
@@ -53,7 +53,7 @@ async def run_gateway(
     listener = new_listener(gateway, serving_tls.listening if serving_tls else None)
     listen = options.listen or config.listen
     port = await listener.start(listen.host, listen.port, options.reuse_port)
-    gateway.start_load_sampling()
+    gateway.start_load_sampling(listener.open_streams)
     draining = False
 
     def is_ready() -> tuple[bool, str]:
@@ -167,7 +167,6 @@ def new_listener(gateway: Gateway, ssl_context: ssl.SSLContext | None) -> Listen
         on_goaway=lambda reason: metrics.goaways.labels(reason).inc(),
         engine=gateway.engine,
     )
-    gateway.open_streams = listener.open_streams
     h2 = metrics.client_connections.labels("h2")
     h1 = metrics.client_connections.labels("http/1.1")
 

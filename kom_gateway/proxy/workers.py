@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from kom_gateway.config import load_config_file
-from kom_gateway.proxy.admin import start_admin
+from kom_gateway.http.admin import start_admin
 from kom_gateway.proxy.server import RunOptions
 
 log = logging.getLogger("kom_gateway.workers")
