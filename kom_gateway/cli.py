@@ -160,6 +160,12 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="simulated groups + the gateway, with live routing output")
     demo.add_argument("--config", metavar="CONFIG", help="default: config/demo.yaml")
+    demo.add_argument(
+        "--kubeconfig",
+        metavar="PATH",
+        help="write the demo's kubeconfig here (default: a new directory of its own); "
+        "it is removed when the demo stops",
+    )
     demo.set_defaults(func=cmd_demo)
     return parser
 
@@ -264,7 +270,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
     try:
-        return _run_async(run_demo(args.config))
+        return _run_async(run_demo(args.config, args.kubeconfig))
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
         return 1

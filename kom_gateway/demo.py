@@ -70,7 +70,10 @@ async def start_simulator(
     return sim
 
 
-async def run_demo(config_path: str | None = None) -> int:
+async def run_demo(config_path: str | None = None, kubeconfig_path: str | None = None) -> int:
+    """The demo. Its kubeconfig goes to `kubeconfig_path`, else to a directory of its
+    own (never a fixed path another demo or a test run would overwrite), and is removed
+    when the demo stops."""
     path = config_path or find_demo_config()
     config = load_config_file(path)
     sim = await start_simulator(path, control_port=0)
@@ -78,7 +81,12 @@ async def run_demo(config_path: str | None = None) -> int:
     gateway = asyncio.ensure_future(run_gateway(RunOptions(path), started))
     port, admin_port = await started
     address = Address(config.listen.host, port)
-    kubeconfig = Path(tempfile.gettempdir()) / "kom-gateway-demo.kubeconfig"
+    own_dir: Path | None = None
+    if kubeconfig_path:
+        kubeconfig = Path(kubeconfig_path)
+    else:
+        own_dir = Path(tempfile.mkdtemp(prefix="kom-gateway-demo-"))
+        kubeconfig = own_dir / "kubeconfig"
     kubeconfig.write_text(KUBECONFIG.format(address=address))
     groups = ", ".join(f"{g.name} :{g.port}" for g in sim.groups.values())
     print(
@@ -112,4 +120,7 @@ Who served what (updates live; Ctrl-C to stop):""",
     finally:
         gateway.cancel()
         await sim.close()
+        kubeconfig.unlink(missing_ok=True)
+        if own_dir is not None:
+            own_dir.rmdir()
     return 0

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 from e2e import free_port
 
@@ -37,6 +38,8 @@ def test_demo_runs_and_shows_who_served_what(tmp_path):
             time.sleep(0.1)
         text = log.read_text()
         assert "export KUBECONFIG=" in text and f"http://127.0.0.1:{ports['gw']}" in text
+        kubeconfig = Path(text.split("export KUBECONFIG=")[1].split()[0])
+        assert kubeconfig.is_file() and kubeconfig.parent.name.startswith("kom-gateway-demo-")
         request = urllib.request.Request(f"http://127.0.0.1:{ports['gw']}/api/v1/pods",
                                          headers={"User-Agent": "kubectl/v1.31.0"})
         with urllib.request.urlopen(request, timeout=10) as r:
@@ -47,3 +50,4 @@ def test_demo_runs_and_shows_who_served_what(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(10)
+    assert not kubeconfig.exists()  # what it wrote is gone with it

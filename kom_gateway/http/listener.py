@@ -41,6 +41,7 @@ class _Sniffer(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self._listener.sniffing.add(self)
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
             self._hand_over(ssl_object.selected_alpn_protocol() == "h2")
@@ -68,8 +69,13 @@ class _Sniffer(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+        self._listener.sniffing.discard(self)
         if self._deadline is not None:
             self._deadline.cancel()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
 
     def _hand_over(self, is_h2: bool) -> None:
         transport = self._transport
@@ -78,6 +84,10 @@ class _Sniffer(asyncio.Protocol):
             self._deadline.cancel()
             self._deadline = None
         listener = self._listener
+        listener.sniffing.discard(self)
+        if listener.aborted:  # dropped with everything else: no late hand-over
+            transport.abort()
+            return
         address = _address(transport)
         if not listener.admit(address):
             listener.rejected("per-address-limit")
@@ -131,6 +141,8 @@ class Listener:
         self.per_address: dict[str, int] = {}
         self.server: asyncio.Server | None = None
         self.port = 0  # bound by start()
+        self.sniffing: set[_Sniffer] = set()  # connections whose protocol is not known yet
+        self.aborted = False
 
     def _new_h1_server(self) -> web.Server:
         return aiohttp_server(
@@ -235,6 +247,20 @@ class Listener:
             protocol.goaway(reason)
         for server in (*self._retired_h1, self.h1_server):
             server.pre_shutdown()
+
+    async def abort(self) -> None:
+        """Drop everything at once, as a crashed server would: the listening socket and
+        every connection, even one whose protocol is still being told apart."""
+        self.aborted = True
+        self.stop_accepting()
+        for sniffer in list(self.sniffing):
+            sniffer.abort()
+        for protocol in list(self.h2_connections):
+            if protocol.transport is not None:
+                protocol.transport.abort()
+        await asyncio.gather(
+            *(server.shutdown(0.1) for server in (*self._retired_h1, self.h1_server))
+        )
 
     async def close(self, grace: float = 0.0) -> None:
         """Stop accepting; GOAWAY HTTP/2 clients; give open connections `grace`

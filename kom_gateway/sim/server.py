@@ -147,12 +147,7 @@ class Simulator:
             group.down = True
             listener, group.listener = group.listener, None
             if listener is not None:
-                if listener.server is not None:
-                    listener.server.close()
-                for protocol in list(listener.h2_connections):
-                    if protocol.transport is not None:
-                        protocol.transport.abort()
-                await listener.h1_server.shutdown(0)
+                await listener.abort()
         elif not down and group.down:
             await self._listen(group)
 
