@@ -19,10 +19,10 @@ from kom_gateway.config import Config, ConfigError, load_config_file
 from kom_gateway.config.model import Address
 from kom_gateway.http.bind import BindError
 from kom_gateway.http.settings import HTTP2_ENGINES
-from kom_gateway.identity import parse_x509_identity
+from kom_gateway.identity import parse_x509_identity, token_identity
 from kom_gateway.requestinfo import parse_request
 from kom_gateway.routing import DEFAULT_GROUP, Client, Decision
-from kom_gateway.routing.cutover import format_percent
+from kom_gateway.routing.cutover import format_percent, user_agent_product
 from kom_gateway.routing.router import (
     REASON_CUT_OVER,
     REASON_HOME_IS_DEFAULT,
@@ -64,8 +64,15 @@ def _parser() -> argparse.ArgumentParser:
         "--client",
         default="",
         metavar="KEY",
-        help="the client's identity as the gateway sees it: a verified certificate "
-        "(x509:CN=<user>,O=<group>,...; implies --user/--group), token:<hash>, or its IP address",
+        help="the client key as the access log prints it (`client`: x509:CN=<user>,O=<group>"
+        "|<program>, token:<32 hex>|<program>, addr:<ip>|<program>, anonymous|<program>), or "
+        "its identity part alone, or an IP address; an x509 key implies --user/--group",
+    )
+    route.add_argument(
+        "--token",
+        default="",
+        metavar="TOKEN",
+        help="a raw bearer token, turned into its key as the gateway does (token:<digest>)",
     )
     route.add_argument("--user", default="", help="verified user name (for match.user)")
     route.add_argument(
@@ -360,19 +367,27 @@ def cmd_route(args: argparse.Namespace) -> int:
     if parts.query:
         target += "?" + parts.query
     info = parse_request(args.method.upper(), target)
-    is_address = _looks_like_address(args.client)
+    try:
+        identity, remote_addr, program = parse_client_key(args.client)
+    except ValueError as exc:
+        print(f"--client: {exc}", file=err)
+        return 2
+    if args.token:
+        if identity:
+            print("--client and --token name two identities: give one", file=err)
+            return 2
+        identity = token_identity(args.token.encode())
+    user_agent = args.user_agent or program
+    if program and user_agent_product(user_agent) != program:
+        print(f"--client is for program {program!r}, --user-agent for "
+              f"{user_agent_product(user_agent)!r}: give one", file=err)  # fmt: skip
+        return 2
     user, groups = args.user, tuple(args.groups)
-    from_cert = parse_x509_identity(args.client)
+    from_cert = parse_x509_identity(identity)
     if from_cert is not None:  # a verified certificate names its user and groups
         user = user or from_cert[0]
         groups = groups or from_cert[1]
-    client = Client(
-        user_agent=args.user_agent,
-        identity="" if is_address else args.client,
-        remote_addr=args.client if is_address else "",
-        user=user,
-        groups=groups,
-    )
+    client = Client(user_agent, identity, remote_addr, user, groups)
     router = config.router()
     decision = router.decide(info, client)
     rule = config.cutover[decision.rule] if decision.rule is not None else None
@@ -427,13 +442,39 @@ def explain(decision: Decision, client: Client) -> str:
     )
 
 
-def _looks_like_address(key: str) -> bool:
-    """An IP (v4 or v6) rather than an identity string."""
+CLIENT_KEY_FORMS = (
+    "x509:CN=<user>,O=<group>,...|<program>, token:<32 hex digits>|<program>, "
+    "addr:<ip>|<program>, anonymous|<program> (the access log's `client`), the same "
+    "without |<program>, or an IP address"
+)
+
+
+def parse_client_key(key: str) -> tuple[str, str, str]:
+    """(identity, remote address, program) of a client key as the access log prints it
+    (`Client.key`), or of its parts; ValueError naming the accepted forms otherwise."""
+    if not key:
+        return "", "", ""
+    who, sep, program = key.rpartition("|")
+    if not sep:
+        who, program = key, ""
+    if who.startswith("x509:CN="):
+        return who, "", program
+    if who.startswith("token:"):
+        digest = who[6:]
+        if len(digest) == 32 and all(c in "0123456789abcdef" for c in digest):
+            return who, "", program
+        raise ValueError(
+            f"{who!r} is not a token key: the gateway keys tokens by a 32-hex digest "
+            "(give --token for a raw token)"
+        )
+    if who == "anonymous":
+        return "", "", program
+    address = who[5:] if who.startswith("addr:") else who
     try:
-        ipaddress.ip_address(key)
+        ipaddress.ip_address(address)
     except ValueError:
-        return False
-    return True
+        raise ValueError(f"{key!r} is not a client key; accepted: {CLIENT_KEY_FORMS}") from None
+    return "", address, program
 
 
 if __name__ == "__main__":

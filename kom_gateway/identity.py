@@ -38,6 +38,12 @@ def parse_x509_identity(identity: str) -> tuple[str, tuple[str, ...]] | None:
     return user, tuple(groups)
 
 
+def token_identity(token: bytes) -> str:
+    """The cut-over identity of a bearer token: a digest, never the token itself (it is
+    printed in access logs and metrics labels)."""
+    return "token:" + hashlib.sha256(token.strip()).hexdigest()[:32]
+
+
 class PeerIdentity(NamedTuple):
     user: str
     groups: tuple[str, ...]

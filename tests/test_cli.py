@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from kom_gateway.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,3 +135,35 @@ def test_run_with_unusable_tls_files_exits_1_with_a_clear_error(tmp_path, capsys
     err = capsys.readouterr().err
     assert "listen.tls: cannot load the TLS files" in err
     assert "Traceback" not in err
+
+
+def test_route_takes_back_the_key_the_access_log_prints(capsys):
+    """`client` from an access-log line (or a route result) pasted into --client gives the
+    same key, bucket and decision as the request had."""
+    from kom_gateway.proxy.intake import _new_client
+
+    data_plane = _new_client("10.0.0.9", None, b"kubelet/v1.31.0 (linux/amd64)",
+                             b"Bearer demo-token")  # fmt: skip
+    for args in (["--client", data_plane.key],  # the access log's form
+                 ["--token", "demo-token", "--user-agent", "kubelet/v1.31.0 (linux/amd64)"],
+                 ["--client", data_plane.key.split("|")[0], "--user-agent", "kubelet/v1.31"]):
+        result = route(capsys, *args, "GET", "/api/v1/pods")
+        assert result["client"]["key"] == data_plane.key, args
+        assert result["client"]["bucket"] == round(data_plane.bucket, 4)
+    x509 = route(capsys, "--client", "x509:CN=system:node:n7,O=system:nodes|kubelet", "GET",
+                 "/api/v1/nodes/n7")  # fmt: skip
+    assert x509["client"]["key"] == "x509:CN=system:node:n7,O=system:nodes|kubelet"
+    assert x509["client"]["groups"] == ["system:nodes"]
+    addr = route(capsys, "--client", "addr:10.2.3.4|curl", "GET", "/api/v1/nodes")
+    assert addr["client"]["key"] == "addr:10.2.3.4|curl"
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--client", "token:demo-token"], "32-hex digest"),  # a raw token where a key goes
+    (["--client", "bob"], "accepted: x509:"),
+    (["--client", "addr:10.0.0.1|kubelet", "--user-agent", "kubectl/v1.31"], "give one"),
+    (["--client", "x509:CN=a|kubectl", "--token", "t"], "two identities"),
+])
+def test_route_refuses_what_is_not_a_client_key(capsys, args, says):
+    assert main(["route", "--config", EXAMPLE, *args, "GET", "/api/v1/pods"]) == 2
+    assert says in capsys.readouterr().err

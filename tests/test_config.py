@@ -399,3 +399,12 @@ def test_transport_defaults_have_one_source():
     config = load(MINIMAL)
     assert listener_settings(config) == (ConnectionLimits(), H2ServerSettings())
     assert upstream_settings(config) == H2ClientSettings()
+
+
+def test_debug_answered_by_header():
+    assert load(MINIMAL).answered_by_header == ""
+    assert load(MINIMAL + "debug: {answeredByHeader: X-Kom-Answered-By}\n").answered_by_header == (
+        "x-kom-answered-by")
+    for bad in ("Content-Length", "x kom", "''"):
+        with pytest.raises(ConfigError, match=r"debug\.answeredByHeader"):
+            load(MINIMAL + f"debug: {{answeredByHeader: {bad}}}\n")

@@ -218,3 +218,27 @@ async def test_a_greedy_stalled_client_waits_on_itself_others_keep_their_share()
         assert buffers.total == 0
     finally:
         await s.close()
+
+
+async def test_an_opt_in_header_names_who_answered():
+    s = await Stack().start(extra=HEALTH + "debug: {answeredByHeader: X-Kom-Answered-By}\n")
+    try:
+        c = await s.client()
+        r = await c.request("GET", "/api/v1/pods")
+        assert r.headers[b"x-kom-answered-by"] == b"pod"
+        s.sim.groups["pod"].faults.status_override = 503
+        r = await c.request("GET", "/api/v1/pods")
+        assert r.headers[b"x-kom-answered-by"] == b"default; fallback=upstream-5xx"
+        s.sim.groups["default"].faults.status_override = 503
+        r = await c.request("GET", "/apis/apps/v1/deployments")
+        assert (r.status, r.headers[b"x-kom-answered-by"]) == (503, b"default")
+        r = await c.request("GET", "/api/v1/namespaces/%zz/pods")  # malformed: ours
+        assert (r.status, r.headers[b"x-kom-answered-by"]) == (400, b"gateway")
+    finally:
+        await s.close()
+    off = await Stack().start(extra=HEALTH)
+    try:
+        r = await (await off.client()).request("GET", "/api/v1/pods")
+        assert b"x-kom-answered-by" not in r.headers  # off by default
+    finally:
+        await off.close()

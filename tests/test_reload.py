@@ -163,7 +163,7 @@ async def test_reload_parses_off_the_event_loop_and_refuses_oversized_files(tmp_
         client = await stack.client()
         ports = {n: g.port for n, g in stack.sim.groups.items()}
         rules = "".join(f'  - match: {{userAgent: "agent-{i}/*"}}\n    percent: {{pod: 50}}\n'
-                        for i in range(3000))
+                        for i in range(8000))
         big = tmp_path / "big.yaml"
         big.write_text(config_text(ports, "cutover:\n" + rules, FAST_HEALTH))
         reload = asyncio.ensure_future(stack.gateway.reload(str(big)))
@@ -173,11 +173,15 @@ async def test_reload_parses_off_the_event_loop_and_refuses_oversized_files(tmp_
             answered += 1
         assert (await reload).applied and stack.gateway.holder.current.generation == 2
         assert answered >= 3  # served while the file was being parsed
+        m = stack.gateway.metrics
+        assert m.config_last_reload_successful._value.get() == 1
+        assert m.cutover_percent.labels("userAgent=agent-7/*", "pod")._value.get() == 50
 
         huge = tmp_path / "huge.yaml"
         huge.write_text(big.read_text() + "#" * MAX_CONFIG_BYTES)
         result = await stack.gateway.reload(str(huge))
         assert not result.applied and "larger than the limit" in result.error.render()
         assert stack.gateway.holder.current.generation == 2
+        assert m.config_last_reload_successful._value.get() == 0  # as Prometheus tells it
     finally:
         await stack.close()

@@ -179,6 +179,8 @@ class Config:
     overload: OverloadPolicy = field(default_factory=OverloadPolicy)
     goaway: GoawayPolicy = field(default_factory=GoawayPolicy)
     access_log: AccessLogSettings = field(default_factory=AccessLogSettings)
+    # debug.answeredByHeader, lower-cased: names the group that answered ("" = off)
+    answered_by_header: str = ""
     warnings: tuple[ConfigIssue, ...] = ()
     source: str = ""
 

@@ -51,6 +51,8 @@ from kom_gateway.routing.cutover import CutoverRule, Match
 from kom_gateway.routing.glob import Glob
 from kom_gateway.routing.router import DEFAULT_GROUP
 
+_HEADER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
+_RESERVED_HEADERS = frozenset({"content-type", "content-length", "connection", "transfer-encoding"})
 _GROUP_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z")
 
 
@@ -291,6 +293,7 @@ class _Builder:
                 "overload",
                 "goaway",
                 "accessLog",
+                "debug",
             ),
             ("groups",),
         )
@@ -333,6 +336,7 @@ class _Builder:
         overload = self.overload(top.get("overload"), groups or {})
         goaway = self.goaway(top.get("goaway"))
         access_log = self.access_log(top.get("accessLog"))
+        answered_by_header = self.debug(top.get("debug"))
         if self.errors:
             raise ConfigError(self.errors, source)
         assert groups is not None
@@ -352,6 +356,7 @@ class _Builder:
             overload=overload,
             goaway=goaway,
             access_log=access_log,
+            answered_by_header=answered_by_header,
             warnings=tuple(self.warnings),
             source=source,
         )
@@ -520,6 +525,20 @@ class _Builder:
             file = self.file_path(a["path"], (*path, "path")) or "-"
         rate = self.number(a, path, "sampleRate", 1.0, zero=True, maximum=1.0)
         return AccessLogSettings(flags["enabled"], file, rate, flags["alwaysLogErrors"])
+
+    def debug(self, value: Any) -> str:
+        """`debug.answeredByHeader`: a response header naming who answered (off: "")."""
+        d = self.mapping(value, ("debug",), ("answeredByHeader",)) or {}
+        if d.get("answeredByHeader") is None:
+            return ""
+        path: YamlPath = ("debug", "answeredByHeader")
+        name = self.string(d["answeredByHeader"], path)
+        if name is None:
+            return ""
+        if not _HEADER_NAME.match(name) or name.lower() in _RESERVED_HEADERS:
+            self.error(path, f"{name!r} is not a header name the gateway may set: X-Kom-Group")
+            return ""
+        return name.lower()
 
     def listen(self, value: Any) -> tuple[Address, ServerTLS | None]:
         section = self.mapping(value, ("listen",), ("address", "tls")) or {}

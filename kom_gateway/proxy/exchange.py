@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 
 from kom_gateway.config.holder import Active
 from kom_gateway.http.client import (
@@ -37,11 +38,12 @@ from kom_gateway.proxy.attempts import Attempts
 from kom_gateway.proxy.context import ProxyContext
 from kom_gateway.proxy.fallback import Failure, falls_back_on_status
 from kom_gateway.proxy.headers import (
+    answered_by,
     downstream_response_headers,
     status_headers,
     upstream_request_headers,
 )
-from kom_gateway.proxy.outcome import Outcome
+from kom_gateway.proxy.outcome import ANSWERED_BY_GATEWAY, Outcome
 from kom_gateway.proxy.upstreams import UpstreamEndpoint
 from kom_gateway.proxy.watchframes import WatchFrames
 from kom_gateway.requestinfo import RequestInfo
@@ -332,7 +334,11 @@ class Exchange:
         if self.info.verb == "watch" and status == 200:
             self.frames = WatchFrames(_content_type(headers))
             self.ctx.metrics.child(self.ctx.metrics.watches, attempt.group).inc()
-        self.stream.start_response(status, downstream_response_headers(headers))
+        out = downstream_response_headers(headers)
+        if self.active.config.answered_by_header:
+            header = self.active.config.answered_by_header
+            out.append(answered_by(header, attempt.group, self.attempts.fallback))
+        self.stream.start_response(status, out)
 
     def on_upstream_end(self, attempt: _Attempt) -> None:
         if not self.responded:  # ended without response headers: as good as a reset
@@ -457,7 +463,10 @@ class Exchange:
         self.status = status
         self.responded = True
         self.attempt = None  # no upstream answered this
-        answer_status(self.stream, status, reason, message, retry_after)
+        header = self.active.config.answered_by_header
+        fallback = self.attempts.fallback
+        extra = (answered_by(header, ANSWERED_BY_GATEWAY, fallback),) if header else ()
+        answer_status(self.stream, status, reason, message, retry_after, extra)
 
     def _finish(self) -> None:
         """Exactly once, whichever way the exchange ended: give back its admission and
@@ -501,10 +510,15 @@ def _content_type(headers: Headers) -> bytes:
 
 
 def answer_status(
-    stream: ServerStream, status: int, reason: str, message: str, retry_after: int | None = None
+    stream: ServerStream,
+    status: int,
+    reason: str,
+    message: str,
+    retry_after: int | None = None,
+    extra: Sequence[tuple[bytes, bytes]] = (),
 ) -> None:
     """Answer with a Kubernetes Status body (what client-go understands and retries)."""
     body = status_body(status, reason, message)
-    stream.start_response(status, status_headers(body, retry_after))
+    stream.start_response(status, [*status_headers(body, retry_after), *extra])
     stream.write(body)
     stream.end()

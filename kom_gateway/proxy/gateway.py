@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from kom_gateway.config import ConfigError, load_config_file
+from kom_gateway.config import Config, ConfigError, load_config_file
 from kom_gateway.config.diff import describe_changes
 from kom_gateway.config.holder import ConfigHolder, ReloadResult
 from kom_gateway.http import engine as engines
@@ -42,7 +42,7 @@ class Gateway:
         self.metrics.set_build_info(self.engine.name)
         self.upstreams = Upstreams(self._health_changed, self.engine)
         self.upstreams.sync(holder.current.config)
-        self.metrics.config_generation.set(holder.current.generation)
+        self._config_applied(holder.current.config, holder.current.generation)
         self.admission = Admission(holder.current.config.overload)
         self.access_log = AccessLog(holder.current.config.access_log)
         self.recorder = OutcomeRecorder(self.metrics, self.access_log)
@@ -152,7 +152,7 @@ class Gateway:
                 self.access_log.configure(config.access_log)
             if result.applied:
                 self.metrics.config_reloads.labels("applied").inc()
-                self.metrics.config_generation.set(result.generation)
+                self._config_applied(config, result.generation)
                 log.info(
                     "configuration generation %d applied from %s:\n  %s",
                     result.generation,
@@ -161,6 +161,7 @@ class Gateway:
                 )
             else:
                 self.metrics.config_reloads.labels("rejected").inc()
+                self.metrics.config_last_reload_successful.set(0)
                 assert result.error is not None
                 log.error(
                     "configuration rejected, still serving generation %d:\n%s",
@@ -168,6 +169,17 @@ class Gateway:
                     result.error.render(),
                 )
             return result
+
+    def _config_applied(self, config: Config, generation: int) -> None:
+        """What Prometheus should know of the configuration now serving."""
+        m = self.metrics
+        m.config_generation.set(generation)
+        m.config_last_reload_successful.set(1)
+        m.config_last_reload_success.set(time.time())
+        m.cutover_percent.clear()
+        for rule in config.cutover:
+            for group, percent in rule.percent.items():
+                m.cutover_percent.labels(rule.match.describe(), group).set(percent)
 
     def _health_changed(self, endpoint: UpstreamEndpoint, healthy: bool, reason: str) -> None:
         m = self.metrics

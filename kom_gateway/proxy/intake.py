@@ -12,17 +12,17 @@ decision half-way.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import random
 import time
 from typing import Any
 
 from kom_gateway.config.holder import Active, ConfigHolder
 from kom_gateway.http.stream import Headers, ServerStream
-from kom_gateway.identity import PeerIdentity
+from kom_gateway.identity import PeerIdentity, token_identity
 from kom_gateway.overload.admission import Admission, Rejection
 from kom_gateway.proxy.context import ProxyContext
 from kom_gateway.proxy.exchange import Exchange, answer_status
+from kom_gateway.proxy.headers import answered_by
 from kom_gateway.proxy.outcome import ANSWERED_BY_GATEWAY, Outcome
 from kom_gateway.proxy.upgrade import carry_upgrade
 from kom_gateway.requestinfo import parse_request
@@ -46,8 +46,11 @@ class Intake:
         ctx = self.ctx
         info = parse_request(stream.method, stream.target)
         client = self.client_for(stream.headers, stream.remote_addr, stream.peer)
+        header = active.config.answered_by_header
+        extra = (answered_by(header, ANSWERED_BY_GATEWAY, None),) if header else ()
         if info.bad_target:
-            answer_status(stream, 400, "BadRequest", f"malformed request target: {info.malformed}")
+            message = f"malformed request target: {info.malformed}"
+            answer_status(stream, 400, "BadRequest", message, None, extra)
             ctx.recorder.record(Outcome(client, info, None, ANSWERED_BY_GATEWAY, 400), "none")
             return
         decision = active.router.decide(info, client)
@@ -55,7 +58,9 @@ class Intake:
             ctx.metrics.count(self._cutover_counter(active, decision))
         verdict = self.admission.admit(info, client, decision.target, time.monotonic())
         if isinstance(verdict, Rejection):
-            answer_status(stream, 429, "TooManyRequests", verdict.message, verdict.retry_after)
+            answer_status(
+                stream, 429, "TooManyRequests", verdict.message, verdict.retry_after, extra
+            )
             m = ctx.metrics
             m.child(m.shed, decision.target, verdict.reason).inc()
             outcome = Outcome(client, info, decision, ANSWERED_BY_GATEWAY, 429)
@@ -119,6 +124,5 @@ def _new_client(
     if peer is not None:
         return Client(ua, peer.key, remote_addr, peer.user, peer.groups)
     if authorization[:7].lower() == b"bearer ":
-        digest = hashlib.sha256(authorization[7:].strip()).hexdigest()[:32]
-        return Client(ua, f"token:{digest}", remote_addr)
+        return Client(ua, token_identity(authorization[7:]), remote_addr)
     return Client(ua, "", remote_addr)

@@ -216,6 +216,27 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.config_last_reload_successful = Gauge(
+            "kom_gateway_config_last_reload_successful",
+            "1 if the last configuration (at start or reload) was applied, 0 if it was "
+            "refused and an older one is serving (as Prometheus' own metric).",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        self.config_last_reload_success = Gauge(
+            "kom_gateway_config_last_reload_success_timestamp_seconds",
+            "When a configuration was last applied (Unix time).",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.cutover_percent = Gauge(
+            "kom_gateway_cutover_percent",
+            "The configured cut-over percent of each rule (its match) for each group; "
+            "compare with the observed share from kom_gateway_cutover_decisions_total.",
+            ["rule", "group"],
+            registry=r,
+            multiprocess_mode="max",
+        )
         self.config_generation = Gauge(
             "kom_gateway_config_generation",
             "Generation of the configuration being served.",
