@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable
 
@@ -22,7 +23,7 @@ from kom_gateway.proxy.accesslog import AccessLog
 from kom_gateway.proxy.context import ProxyContext
 from kom_gateway.proxy.exchange import Exchange
 from kom_gateway.proxy.intake import Intake
-from kom_gateway.proxy.metrics import Metrics
+from kom_gateway.proxy.metrics import MULTIPROC_ENV, Metrics
 from kom_gateway.proxy.outcome import OutcomeRecorder
 from kom_gateway.proxy.upstreams import UpstreamEndpoint, Upstreams
 
@@ -42,6 +43,7 @@ class Gateway:
         self.metrics.set_build_info(self.engine.name)
         self.upstreams = Upstreams(self._health_changed, self.engine)
         self.upstreams.sync(holder.current.config)
+        self._percent_labels: set[tuple[str, str]] = set()
         self._config_applied(holder.current.config, holder.current.generation)
         self.admission = Admission(holder.current.config.overload)
         self.access_log = AccessLog(holder.current.config.access_log)
@@ -176,10 +178,19 @@ class Gateway:
         m.config_generation.set(generation)
         m.config_last_reload_successful.set(1)
         m.config_last_reload_success.set(time.time())
-        m.cutover_percent.clear()
-        for rule in config.cutover:
-            for group, percent in rule.percent.items():
-                m.cutover_percent.labels(rule.match.describe(), group).set(percent)
+        now = {
+            (rule.match.describe(), group): percent
+            for rule in config.cutover
+            for group, percent in rule.percent.items()
+        }
+        for labels in self._percent_labels - now.keys():
+            if os.environ.get(MULTIPROC_ENV):  # workers' files cannot drop a series: 0
+                m.cutover_percent.labels(*labels).set(0)
+            else:
+                m.cutover_percent.remove(*labels)
+        for labels, percent in now.items():
+            m.cutover_percent.labels(*labels).set(percent)
+        self._percent_labels = set(now)
 
     def _health_changed(self, endpoint: UpstreamEndpoint, healthy: bool, reason: str) -> None:
         m = self.metrics

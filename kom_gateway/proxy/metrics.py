@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from kom_gateway import __version__
 
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # set: this process is one of `--workers N`
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 

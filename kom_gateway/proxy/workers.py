@@ -24,11 +24,11 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 
 from kom_gateway.config import load_config_file
 from kom_gateway.http.admin import start_admin
+from kom_gateway.proxy.metrics import MULTIPROC_ENV
 from kom_gateway.proxy.server import RunOptions
 
 log = logging.getLogger("kom_gateway.workers")
 
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 READY_LINE = "kom-gateway listening on"
 START_TIMEOUT = 30.0
 RESTART_PAUSE = 1.0
