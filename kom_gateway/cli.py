@@ -48,7 +48,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"kom-gateway {__version__}")
     sub = parser.add_subparsers(metavar="COMMAND")
 
-    check = sub.add_parser("check", help="validate a routing config and print what it does")
+    check = sub.add_parser(
+        "check",
+        help="validate a routing config and print what it does",
+        description="Validate CONFIG as the gateway would load it (every error with its YAML "
+        "path and line, warnings too) and print its groups, claims and cut-over rules. "
+        "Exit 1 if it would be refused.",
+    )
     check.add_argument("config", metavar="CONFIG")
     check.set_defaults(func=cmd_check)
 

@@ -360,7 +360,8 @@ def test_describe_changes_in_plain_words():
               .replace("  - match: {userAgent: \"kube-controller-manager/*\"}\n"
                        "    percent: {event: 100}\n", "")
               .replace("idleTimeoutSeconds: 90", "idleTimeoutSeconds: 60")
-              .replace('address: "0.0.0.0:8443"', 'address: "0.0.0.0:9443"'))
+              .replace('address: "0.0.0.0:8443"', 'address: "0.0.0.0:9443"')
+              + "timeouts: {requestSeconds: 30}\nhealth: {consecutiveFailures: 3}\n")
     after = load_config_text(edited, "x", str(ROOT / "config"))
     assert describe_changes(before, after) == [
         "group event endpoints: +https://10.0.3.12:6443, -https://10.0.3.11:6443",
@@ -370,9 +371,13 @@ def test_describe_changes_in_plain_words():
         "its clients go back to default",
         "overload event: maxInflight 300 -> 200",
         "limits.idleTimeoutSeconds: 90 -> 60",
+        "timeouts.requestSeconds: 60 -> 30",  # named as the YAML names them
+        "health.consecutiveFailures: 5 -> 3",
         "listen.address: 0.0.0.0:8443 -> 0.0.0.0:9443 (takes effect on restart)",
     ]
     assert describe_changes(before, before) == ["no changes"]
+    flagged = describe_changes(before, after, {"listen.address": "--listen"})
+    assert flagged[-1] == "listen.address: 0.0.0.0:8443 -> 0.0.0.0:9443 (not applied: --listen overrides it)"
 
 
 @pytest.mark.parametrize("name", ["kube-apiserver-static-pod.yaml", "operator-sidecar.yaml"])

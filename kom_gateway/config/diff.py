@@ -6,24 +6,31 @@ pod 25% -> 50%" in the log, not a generation number. Pure: two Configs in, lines
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from kom_gateway.config.model import Config
 from kom_gateway.config.schema import (
     GOAWAY_KEYS,
+    HEALTH_KEYS,
     HTTP2_DOWNSTREAM_KEYS,
     HTTP2_UPSTREAM_KEYS,
     LIMIT_KEYS,
     PER_CLIENT_KEYS,
+    TIMEOUT_KEYS,
     Field,
 )
 from kom_gateway.overload.policy import GroupLimits, RateLimitRule
 from kom_gateway.routing.cutover import format_percent
 
 
-def describe_changes(old: Config, new: Config) -> list[str]:
+def describe_changes(
+    old: Config, new: Config, overridden: Mapping[str, str] | None = None
+) -> list[str]:
+    """What changed, in words, keyed as the YAML is. `overridden`: settings a command-line
+    flag replaces (`{"listen.address": "--listen"}`), whose change therefore applies
+    neither now nor on restart."""
+    overridden = overridden or {}
     lines: list[str] = []
     lines += _groups(old, new)
     lines += _cutover(old, new)
@@ -33,12 +40,9 @@ def describe_changes(old: Config, new: Config) -> list[str]:
     lines += _fields("http2.downstream", old.http2_downstream, new.http2_downstream,
                      HTTP2_DOWNSTREAM_KEYS)  # fmt: skip
     lines += _fields("http2.upstream", old.http2_upstream, new.http2_upstream, HTTP2_UPSTREAM_KEYS)
-    for name, before, after in (
-        ("timeouts", old.timeouts, new.timeouts),
-        ("health", old.health, new.health),
-        ("upstream.tls", old.upstream_tls, new.upstream_tls),
-    ):
-        lines += _plain_fields(name, before, after)
+    lines += _fields("timeouts", old.timeouts, new.timeouts, TIMEOUT_KEYS)
+    lines += _fields("health", old.health, new.health, HEALTH_KEYS)
+    lines += _named_fields("upstream.tls", old.upstream_tls, new.upstream_tls, UPSTREAM_TLS_KEYS)
     for name, before, after in (
         ("listen.address", old.listen, new.listen),
         ("listen.tls", old.listen_tls, new.listen_tls),
@@ -46,7 +50,12 @@ def describe_changes(old: Config, new: Config) -> list[str]:
         ("http2.engine", old.http2_engine, new.http2_engine),
     ):
         if before != after:
-            lines.append(f"{name}: {_show(before)} -> {_show(after)} (takes effect on restart)")
+            when = (
+                f"not applied: {overridden[name]} overrides it"
+                if name in overridden
+                else "takes effect on restart"
+            )
+            lines.append(f"{name}: {_show(before)} -> {_show(after)} ({when})")
     return lines or ["no changes"]
 
 
@@ -163,11 +172,20 @@ def _fields(section: str, before: Any, after: Any, table: dict[str, Field]) -> I
             yield f"{section}.{key}: {b:g} -> {a:g}"
 
 
-def _plain_fields(section: str, before: Any, after: Any) -> Iterable[str]:
-    for f in dataclasses.fields(before):
-        b, a = getattr(before, f.name), getattr(after, f.name)
+UPSTREAM_TLS_KEYS = {
+    "caFile": "ca_file",
+    "certFile": "cert_file",
+    "keyFile": "key_file",
+    "serverName": "server_name",
+}
+
+
+def _named_fields(section: str, before: Any, after: Any, names: dict[str, str]) -> Iterable[str]:
+    """Changes of a section of strings, named by their YAML keys."""
+    for key, attr in names.items():
+        b, a = getattr(before, attr), getattr(after, attr)
         if a != b:
-            yield f"{section}.{f.name}: {_show(b)} -> {_show(a)}"
+            yield f"{section}.{key}: {_show(b)} -> {_show(a)}"
 
 
 def _show(value: Any) -> str:

@@ -77,6 +77,10 @@ LIMIT_KEYS: dict[str, Field] = {
     "stalledWriteTimeoutSeconds": Field("stalled_write_timeout", zero=True),
 }
 
+TIMEOUT_KEYS: dict[str, Field] = {
+    "requestSeconds": Field("request"),
+    "connectSeconds": Field("connect"),
+}
 HEALTH_KEYS: dict[str, Field] = {
     "intervalSeconds": Field("interval"),
     "timeoutSeconds": Field("timeout"),
@@ -305,14 +309,7 @@ class _Builder:
         upstream_tls = self.upstream(top.get("upstream"))
         groups = self.groups(top.get("groups"))
         rules = self.cutover(top.get("cutover"), groups) if groups is not None else ()
-        t = (
-            self.mapping(top.get("timeouts"), ("timeouts",), ("requestSeconds", "connectSeconds"))
-            or {}
-        )
-        timeouts = Timeouts(
-            self.number(t, ("timeouts",), "requestSeconds", Timeouts.request),
-            self.number(t, ("timeouts",), "connectSeconds", Timeouts.connect),
-        )
+        timeouts = self.fields(top.get("timeouts"), ("timeouts",), TIMEOUT_KEYS, Timeouts)
         health = self.fields(top.get("health"), ("health",), HEALTH_KEYS, Health)
         if health.max_ejection < health.base_ejection:
             self.error(

@@ -34,9 +34,14 @@ DEADLINE_TICK = 0.25  # request timeouts fire at most this late
 
 class Gateway:
     def __init__(
-        self, holder: ConfigHolder, metrics: Metrics | None = None, engine: str | None = None
+        self,
+        holder: ConfigHolder,
+        metrics: Metrics | None = None,
+        engine: str | None = None,
+        overridden: dict[str, str] | None = None,
     ) -> None:
         self.holder = holder
+        self.overridden = overridden or {}  # config keys a command-line flag replaces
         self.metrics = metrics or Metrics()
         # the HTTP/2 engine of both sides: --engine, else the config's http2.engine
         self.engine = engines.select(engine or holder.current.config.http2_engine)
@@ -159,7 +164,7 @@ class Gateway:
                     "configuration generation %d applied from %s:\n  %s",
                     result.generation,
                     path,
-                    "\n  ".join(describe_changes(old, config)),
+                    "\n  ".join(describe_changes(old, config, self.overridden)),
                 )
             else:
                 self.metrics.config_reloads.labels("rejected").inc()

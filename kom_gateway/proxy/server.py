@@ -42,7 +42,14 @@ async def run_gateway(
 ) -> int:
     config = load_config_file(options.config_path)
     holder = ConfigHolder(config)
-    gateway = Gateway(holder, engine=options.engine)
+    flags = {
+        "listen.address": "--listen" if options.listen else "",
+        "admin.address": "--admin" if options.admin else "",
+        "http2.engine": "--engine" if options.engine else "",
+    }
+    gateway = Gateway(
+        holder, engine=options.engine, overridden={k: v for k, v in flags.items() if v}
+    )
     serving_tls = None
     if config.listen_tls is not None:
         tls = config.listen_tls
