@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from kom_gateway import __version__
 from kom_gateway.config import Config, ConfigError, load_config_file
 from kom_gateway.config.model import Address
+from kom_gateway.config.tlscheck import tls_problems
 from kom_gateway.http.bind import BindError
 from kom_gateway.http.settings import HTTP2_ENGINES
 from kom_gateway.identity import parse_x509_identity, token_identity
@@ -54,6 +55,11 @@ def _parser() -> argparse.ArgumentParser:
         description="Validate CONFIG as the gateway would load it (every error with its YAML "
         "path and line, warnings too) and print its groups, claims and cut-over rules. "
         "Exit 1 if it would be refused.",
+    )
+    check.add_argument(
+        "--no-files",
+        action="store_true",
+        help="do not open the TLS files it names (a config meant for another machine)",
     )
     check.add_argument("config", metavar="CONFIG")
     check.set_defaults(func=cmd_check)
@@ -304,6 +310,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     out, err = sys.stdout, sys.stderr
     config = _load(args.config, err)
     if config is None:
+        return 1
+    problems = [] if args.no_files else tls_problems(config)
+    if problems:  # the gateway would refuse to start with these files
+        print(ConfigError(problems, config.source).render(), file=err)
         return 1
     print(describe_config(config), file=out)
     for warning in config.warnings:

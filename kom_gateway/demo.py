@@ -7,14 +7,16 @@ writes a kubeconfig, and prints which group served what as traffic arrives.
 from __future__ import annotations
 
 import asyncio
+import logging
 import tempfile
 from pathlib import Path
 
 from kom_gateway.config import load_config_file
 from kom_gateway.config.model import Address
 from kom_gateway.proxy.server import RunOptions, run_gateway
+from kom_gateway.requestinfo import parse_request
 from kom_gateway.sim.auth import SimSecurity
-from kom_gateway.sim.server import Simulator
+from kom_gateway.sim.server import Simulator, served_key
 
 KUBECONFIG = """apiVersion: v1
 kind: Config
@@ -105,18 +107,22 @@ Try, in another shell:
 Who served what (updates live; Ctrl-C to stop):""",
         flush=True,
     )
-    last: dict[str, int] = {}
+    logging.getLogger("kom_gateway.proxy.gateway").setLevel(logging.INFO)  # reloads, in words
+    seen = 0  # sequence number of the last request shown
     try:
         while not gateway.done():
             await asyncio.sleep(1.0)
-            for name, group in sim.groups.items():
-                for key, count in sorted(group.served.items()):
-                    if key == "get /readyz":  # the gateway's own health probes
-                        continue
-                    seen = last.get(f"{name}|{key}", 0)
-                    if count > seen:
-                        print(f"  {name:<8} <- {key}  (+{count - seen}, total {count})", flush=True)
-                        last[f"{name}|{key}"] = count
+            # in the order they arrived: the last second's requests, counted per kind
+            counts: dict[tuple[str, str], int] = {}
+            for entry in list(sim.requests):
+                if entry["seq"] <= seen or "readyz" in entry["target"]:  # probes: ours
+                    continue
+                key = (entry["group"], served_key(parse_request(entry["method"], entry["target"])))
+                counts[key] = counts.get(key, 0) + 1
+            seen = sim.request_count
+            for (name, what), count in counts.items():
+                total = sim.groups[name].served.get(what, 0)
+                print(f"  {name:<8} <- {what}  (+{count}, total {total})", flush=True)
     finally:
         gateway.cancel()
         await sim.close()

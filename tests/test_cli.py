@@ -20,7 +20,7 @@ def route(capsys, *args):
 
 
 def test_check_prints_groups_and_rules(capsys):
-    assert main(["check", EXAMPLE]) == 0
+    assert main(["check", "--no-files", EXAMPLE]) == 0
     out = capsys.readouterr().out
     assert "OK — 4 groups, 3 cut-over rules" in out
     assert "pod      endpoints: https://10.0.1.10:6443" in out
@@ -115,7 +115,7 @@ def test_route_with_bad_config_exits_1(tmp_path, capsys):
 
 def test_console_script_runs_as_a_process():
     proc = subprocess.run(
-        [sys.executable, "-m", "kom_gateway", "check", EXAMPLE],
+        [sys.executable, "-m", "kom_gateway", "check", "--no-files", EXAMPLE],
         capture_output=True, text=True, timeout=60, check=False,
     )
     assert proc.returncode == 0, proc.stderr
@@ -133,7 +133,9 @@ def test_run_with_unusable_tls_files_exits_1_with_a_clear_error(tmp_path, capsys
                    "groups: {default: {endpoints: ['http://127.0.0.1:1']}}\n")
     assert main(["run", "--config", str(cfg), "--admin", "127.0.0.1:0"]) == 1
     err = capsys.readouterr().err
-    assert "listen.tls: cannot load the TLS files" in err
+    # every file named, with its YAML key, all at once
+    assert f"listen.tls.certFile: {tmp_path}/missing.crt: no such file" in err
+    assert f"listen.tls.keyFile: {tmp_path}/missing.key: no such file" in err
     assert "Traceback" not in err
 
 
@@ -167,3 +169,26 @@ def test_route_takes_back_the_key_the_access_log_prints(capsys):
 def test_route_refuses_what_is_not_a_client_key(capsys, args, says):
     assert main(["route", "--config", EXAMPLE, *args, "GET", "/api/v1/pods"]) == 2
     assert says in capsys.readouterr().err
+
+
+def test_check_opens_the_tls_files_and_names_each_problem(tmp_path, capsys, pki):
+    """A wrong path, a key from another certificate and a CA that is not one are each
+    named with their YAML key and file, all at once; the gateway would not start."""
+    text = (
+        'groups:\n  default: {endpoints: ["https://10.0.0.1:6443"]}\n'
+        f"listen: {{tls: {{certFile: {pki.server_cert}, keyFile: {pki.kubelet_key}, "
+        f"clientCAFile: {pki.tokens}}}}}\n"
+        f"upstream: {{tls: {{caFile: {tmp_path}/missing-ca.crt}}}}\n"
+    )
+    config = tmp_path / "gw.yaml"
+    config.write_text(text)
+    assert main(["check", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert f"listen.tls: the key {pki.kubelet_key} does not belong to the certificate" in err
+    assert f"listen.tls.clientCAFile: {pki.tokens}: not a PEM CA certificate" in err
+    assert f"upstream.tls.caFile: {tmp_path}/missing-ca.crt: no such file" in err
+    assert main(["check", "--no-files", str(config)]) == 0  # for another machine
+    good = text.replace(str(pki.kubelet_key), str(pki.server_key)).replace(
+        str(pki.tokens), str(pki.ca)).replace(f"{tmp_path}/missing-ca.crt", str(pki.ca))
+    config.write_text(good)
+    assert main(["check", str(config)]) == 0

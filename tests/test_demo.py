@@ -47,6 +47,12 @@ def test_demo_runs_and_shows_who_served_what(tmp_path):
         while "pod      <- list pods" not in log.read_text():
             assert time.monotonic() < deadline + 10, log.read_text()
             time.sleep(0.1)
+        # an edit while it runs: the live view shows what changed, in words
+        config.write_text(DEMO.format(**ports).replace("{pod: 100}", "{pod: 50}"))
+        while "generation 2 applied" not in log.read_text():
+            assert time.monotonic() < deadline + 30, log.read_text()
+            time.sleep(0.2)
+        assert "pod 100% -> 50%" in log.read_text()
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(10)

@@ -39,6 +39,9 @@ def test_kubectl_crud_lands_on_the_right_groups(cluster):
     assert landed(cluster, seq, "POST", "/pods") == {"pod"}
     out = cluster.kubectl("get", "pods", "-A")
     assert "default" in out and "web" in out
+    header = out.splitlines()[0].split()
+    assert header == ["NAMESPACE", "NAME", "READY", "STATUS", "RESTARTS", "AGE"]  # as kubectl shows
+    assert out.splitlines()[1].split()[2:5] == ["1/1", "Running", "0"]
     assert landed(cluster, seq, "GET", "/api/v1/pods") == {"pod"}
 
     seq = cluster.last_seq()

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from kom_gateway.config import ConfigError, ConfigHolder, load_config_file
 from kom_gateway.config.model import Address
+from kom_gateway.config.tlscheck import tls_problems
 from kom_gateway.filewatch import FileSet
 from kom_gateway.http.admin import start_admin
 from kom_gateway.http.handover import others_listening
@@ -56,6 +57,9 @@ async def run_gateway(
         try:
             serving_tls = ServerTLSContext(tls.cert_file, tls.key_file, tls.client_ca_file)
         except (OSError, ssl.SSLError) as exc:
+            issues = tls_problems(config, upstream=False)
+            if issues:
+                raise ConfigError(issues, options.config_path) from None
             raise ConfigError.tls_files("listen.tls", exc, options.config_path) from None
     listener = new_listener(gateway, serving_tls.listening if serving_tls else None)
     listen = options.listen or config.listen

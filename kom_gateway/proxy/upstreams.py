@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 from kom_gateway.config.model import Config, ConfigError, Endpoint, Health
 from kom_gateway.config.model import UpstreamTLS as UpstreamTLSConfig
+from kom_gateway.config.tlscheck import tls_problems
 from kom_gateway.http.client import (
     RESET_GOAWAY,
     ClientStream,
@@ -372,6 +373,9 @@ class UpstreamTLS:
                 lambda: (_client_context(tls, "h2"), _client_context(tls, "http/1.1")),
             )
         except (OSError, ssl.SSLError) as exc:
+            issues = tls_problems(config, listen=False)
+            if issues:
+                raise ConfigError(issues, config.source) from None
             raise ConfigError.tls_files("upstream.tls", exc, config.source) from None
         self._contexts = contexts
 

@@ -372,8 +372,40 @@ def _age(timestamp: str) -> str:
     return f"{seconds // 3600}h"
 
 
+def _column(name: str, kind: str = "string", fmt: str = "") -> Obj:
+    return {"name": name, "type": kind, "format": fmt, "description": name, "priority": 0}
+
+
+_NAME_AGE = [_column("Name", fmt="name"), _column("Age")]
+# kube-apiserver's pod printer (the columns `kubectl get pods` shows)
+_POD_COLUMNS = [
+    _column("Name", fmt="name"),
+    _column("Ready"),
+    _column("Status"),
+    _column("Restarts", "string"),
+    _column("Age"),
+]
+
+
+def _pod_cells(pod: Obj) -> list[Any]:
+    """Ready, status and restarts as kube-apiserver prints them. A simulated pod runs as
+    soon as it exists (exec works on it), unless its status says otherwise."""
+    containers = pod.get("spec", {}).get("containers", [])
+    status = pod.get("status", {})
+    phase = status.get("phase", "Running")
+    statuses = status.get("containerStatuses")
+    if statuses is None:
+        ready = len(containers) if phase == "Running" else 0
+        restarts = 0
+    else:
+        ready = sum(1 for c in statuses if c.get("ready"))
+        restarts = sum(c.get("restartCount", 0) for c in statuses)
+    return [f"{ready}/{len(containers)}", phase, str(restarts)]
+
+
 def table(items: list[Obj], rv: int) -> Obj:
     """meta.k8s.io/v1 Table, as kubectl asks for (`Accept: ...;as=Table`)."""
+    pods = bool(items) and all(obj.get("kind") == "Pod" for obj in items)
     rows = []
     for obj in items:
         meta = obj.get("metadata", {})
@@ -382,26 +414,14 @@ def table(items: list[Obj], rv: int) -> Obj:
             "apiVersion": "meta.k8s.io/v1",
             "metadata": meta,
         }
-        rows.append(
-            {
-                "cells": [meta.get("name", ""), _age(meta.get("creationTimestamp", ""))],
-                "object": partial,
-            }
-        )
+        age = _age(meta.get("creationTimestamp", ""))
+        cells = [meta.get("name", ""), *(_pod_cells(obj) if pods else ()), age]
+        rows.append({"cells": cells, "object": partial})
     return {
         "kind": "Table",
         "apiVersion": "meta.k8s.io/v1",
         "metadata": {"resourceVersion": str(rv)},
-        "columnDefinitions": [
-            {
-                "name": "Name",
-                "type": "string",
-                "format": "name",
-                "description": "Name",
-                "priority": 0,
-            },
-            {"name": "Age", "type": "string", "format": "", "description": "Age", "priority": 0},
-        ],
+        "columnDefinitions": _POD_COLUMNS if pods else _NAME_AGE,
         "rows": rows,
     }
 

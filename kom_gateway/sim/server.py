@@ -69,6 +69,14 @@ class Faults:
             setattr(self, key, type(getattr(self, key))(value))
 
 
+def served_key(info: RequestInfo) -> str:
+    """How a served request is counted: `list pods`, `get pods/log` (kubectl logs)."""
+    what = info.resource or info.path
+    if info.subresource:
+        what += f"/{info.subresource}"
+    return f"{info.verb} {what}"
+
+
 @dataclass
 class SimGroup:
     name: str
@@ -295,7 +303,7 @@ class Simulator:
     async def _answer(
         self, group: SimGroup, stream: ServerStream, info: RequestInfo, reply: Any
     ) -> None:
-        group.served[f"{info.verb} {info.resource or info.path}"] += 1
+        group.served[served_key(info)] += 1
         if isinstance(reply, Reply):
             self._reply(
                 group,
