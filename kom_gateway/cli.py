@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 from kom_gateway import __version__
 from kom_gateway.config import Config, ConfigError, load_config_file
 from kom_gateway.config.model import Address
-from kom_gateway.config.tlscheck import tls_problems
+from kom_gateway.config.tlscheck import tls_problems, tls_warnings
 from kom_gateway.http.bind import BindError
 from kom_gateway.http.settings import HTTP2_ENGINES
 from kom_gateway.identity import parse_x509_identity, token_identity
@@ -316,7 +316,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(ConfigError(problems, config.source).render(), file=err)
         return 1
     print(describe_config(config), file=out)
-    for warning in config.warnings:
+    for warning in (*config.warnings, *([] if args.no_files else tls_warnings(config))):
         print(f"warning: {warning}", file=err)
     return 0
 

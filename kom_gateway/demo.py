@@ -102,6 +102,9 @@ Try, in another shell:
   kubectl create configmap demo --from-literal=a=b   # 'config'
   kubectl get deployments                  # unclaimed: 'default'
   curl -s --http2-prior-knowledge http://{address}/api/v1/namespaces/default/events
+  curl -s --http2-prior-knowledge -A 'kubelet/v1.31.0' http://{address}/api/v1/pods
+                                           # as another program: kubectl cannot change its
+                                           # User-Agent, curl -A can
   kom-gateway route --config {path} --user-agent kubelet/v1.31 --client 10.0.0.7 GET /api/v1/pods
 
 Who served what (updates live; Ctrl-C to stop):""",

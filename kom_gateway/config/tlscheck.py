@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import os
 import ssl
+import time
 
 from kom_gateway.config.model import Config, ConfigIssue
+
+EXPIRY_WARNING_DAYS = 30
 
 
 def tls_problems(config: Config, listen: bool = True, upstream: bool = True) -> list[ConfigIssue]:
@@ -67,3 +70,43 @@ def _ca(key: str, path: str) -> list[ConfigIssue]:
     except ssl.SSLError as exc:
         return [ConfigIssue(key, 0, f"{path}: not a PEM CA certificate ({exc.reason or exc})")]
     return []
+
+
+def tls_warnings(config: Config, now: float | None = None) -> list[ConfigIssue]:
+    """Certificates that expire within EXPIRY_WARNING_DAYS (or have expired)."""
+    now = time.time() if now is None else now
+    files: list[tuple[str, str | None]] = []
+    if config.listen_tls is not None:
+        t = config.listen_tls
+        files += [
+            ("listen.tls.certFile", t.cert_file),
+            ("listen.tls.clientCAFile", t.client_ca_file),
+        ]
+    u = config.upstream_tls
+    files += [("upstream.tls.caFile", u.ca_file), ("upstream.tls.certFile", u.cert_file)]
+    issues = []
+    for key, path in files:
+        for not_after in _expiries(path):
+            days = (not_after - now) / 86400
+            if days < 0:
+                issues.append(ConfigIssue(key, 0, f"{path}: a certificate in it has expired"))
+            elif days < EXPIRY_WARNING_DAYS:
+                issues.append(
+                    ConfigIssue(key, 0, f"{path}: a certificate in it expires in {days:.0f} days")
+                )
+    return issues
+
+
+def _expiries(path: str | None) -> list[float]:
+    """notAfter of every certificate in a PEM file, as Unix time (none if unreadable:
+    `tls_problems` reports that)."""
+    if not path or _unreadable("", path) is not None:
+        return []
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_verify_locations(cafile=path)  # parses each certificate it holds
+    except ssl.SSLError:
+        return []
+    return [
+        ssl.cert_time_to_seconds(c["notAfter"]) for c in context.get_ca_certs() if "notAfter" in c
+    ]
