@@ -98,15 +98,22 @@ def tls_warnings(config: Config, now: float | None = None) -> list[ConfigIssue]:
 
 
 def _expiries(path: str | None) -> list[float]:
-    """notAfter of every certificate in a PEM file, as Unix time (none if unreadable:
-    `tls_problems` reports that)."""
+    """notAfter of the certificates in a PEM file, as Unix time (none if unreadable:
+    `tls_problems` reports that). CA certificates come from `ssl`'s own parser; a leaf
+    (serving, client) certificate, which that parser keeps to itself, from CPython's
+    certificate decoder where it has one."""
     if not path or _unreadable("", path) is not None:
         return []
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     try:
-        context.load_verify_locations(cafile=path)  # parses each certificate it holds
+        context.load_verify_locations(cafile=path)
     except ssl.SSLError:
         return []
-    return [
-        ssl.cert_time_to_seconds(c["notAfter"]) for c in context.get_ca_certs() if "notAfter" in c
-    ]
+    found = [c["notAfter"] for c in context.get_ca_certs() if "notAfter" in c]
+    decode = getattr(ssl._ssl, "_test_decode_cert", None)  # type: ignore[attr-defined]
+    if not found and decode is not None:
+        try:
+            found = [decode(path)["notAfter"]]
+        except (ssl.SSLError, KeyError, OSError):
+            return []
+    return [ssl.cert_time_to_seconds(text) for text in found]
