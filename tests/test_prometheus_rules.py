@@ -16,7 +16,7 @@ from e2e import REQUIRE
 from kom_gateway.proxy.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
-RULES = ROOT / "config" / "prometheus" / "kom-gateway-alerts.yaml"
+RULES = ROOT / "charts" / "kom-gateway" / "alerts" / "kom-gateway-alerts.yaml"
 RULE_TESTS = ROOT / "tests" / "prometheus" / "alerts_test.yaml"
 OPERATIONS = ROOT / "docs" / "operations.md"
 
