@@ -3,6 +3,9 @@
 # The builder stage compiles the nghttp2 HTTP/2 engine (gcc, Cython from PyPI, the runtime
 # libnghttp2.so.14); the runtime stage ships the wheel and that one library, no compiler.
 FROM python:3.11-slim-bookworm AS build
+# Not pinned to Debian revisions (hadolint DL3008): bookworm's security updates replace them
+# in place, so a pin would break the next rebuild; the base image tag is what is pinned.
+# hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev libnghttp2-14 \
     && rm -rf /var/lib/apt/lists/*
@@ -16,6 +19,7 @@ sys.exit(not any('_nghttp2' in n for n in zipfile.ZipFile(w).namelist()))"
 FROM python:3.11-slim-bookworm
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
+# hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends libnghttp2-14 \
     && rm -rf /var/lib/apt/lists/*

