@@ -135,13 +135,22 @@ class Cluster:
         self.sim = Process([*exe, "sim", "--config", str(self.config), "--control-port",
                             str(self.control), "--bookmark-interval", "0.5", *sim_flags],
                            "kom-gateway sim serving", tmp / "sim.log")
-        self.gateway = Process([*exe, "run", "--config", str(self.config), "--listen",
-                                "127.0.0.1:0", "--admin", "127.0.0.1:0", "--drain-seconds", "1",
-                                *gateway_args],
-                               "kom-gateway listening", tmp / "gateway.log")
-        line = self.gateway.log.read_text().splitlines()[0]
-        self.port = int(line.split("listening on 127.0.0.1:")[1].split(" ")[0])
-        self.admin = int(line.split("admin on 127.0.0.1:")[1].split(";")[0])
+        try:
+            self.gateway = Process([*exe, "run", "--config", str(self.config), "--listen",
+                                    "127.0.0.1:0", "--admin", "127.0.0.1:0", "--drain-seconds",
+                                    "1", *gateway_args],
+                                   "kom-gateway listening", tmp / "gateway.log")  # fmt: skip
+        except BaseException:
+            self.sim.stop()  # a half-started cluster leaves nothing running
+            raise
+        try:
+            line = next(x for x in self.gateway.log.read_text().splitlines()
+                        if "kom-gateway listening" in x)  # fmt: skip
+            self.port = int(line.split("listening on 127.0.0.1:")[1].split(" ")[0])
+            self.admin = int(line.split("admin on 127.0.0.1:")[1].split(";")[0])
+        except BaseException:
+            self.stop()
+            raise
         self.kubeconfig = tmp / "kubeconfig"
         self.write_kubeconfig(self.kubeconfig, user)
 

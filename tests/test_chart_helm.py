@@ -31,7 +31,10 @@ TLS = {
         "clientCASecretName": "cluster-ca",
         "upstreamCASecretName": "cluster-ca",
         "frontProxySecretName": "front-proxy-client",
-    }
+    },
+    # a section of the chart's own (upstream.tls) merged with what the operator sets
+    "config": {"upstream": {"tls": {"serverName": "kubernetes"}},
+               "timeouts": {"requestSeconds": 30}},
 }
 MATRIX = {
     "defaults": {},
@@ -74,9 +77,15 @@ def test_every_rendered_object_is_valid_kubernetes(case):
 def test_the_rendered_routing_config_is_one_the_gateway_accepts(case, tmp_path):
     configmap = next(o for o in render(MATRIX[case]) if o["kind"] == "ConfigMap")
     config = load_config_text(configmap["data"]["config.yaml"], "configmap", str(tmp_path))
+    plaintext = [w for w in config.warnings if "usually means TLS" in w.message]
     if case == "tls":
         assert config.listen_tls is not None and config.listen_tls.client_ca_file
         assert config.upstream_tls.cert_file and config.upstream_tls.ca_file
+        assert config.upstream_tls.server_name == "kubernetes"  # no duplicate-key clash
+        assert config.timeouts.request == 30
+        assert not plaintext
+    else:
+        assert plaintext  # `check` says it: h2c on 0.0.0.0:8443
 
 
 def test_optional_objects_follow_their_values():
@@ -91,6 +100,18 @@ def test_optional_objects_follow_their_values():
     assert any("checksum" in k for k in deployment["spec"]["template"]["metadata"]["annotations"])
 
 
+def test_notes_warn_about_plaintext_behind_the_tls_port():
+    chart = helm.Chart.load(CHART)
+    try:
+        plain = chart.render({}, name="kg", namespace="ns")["kom-gateway/templates/NOTES.txt"]
+        tls = chart.render(TLS, name="kg", namespace="ns")["kom-gateway/templates/NOTES.txt"]
+    finally:
+        chart.close()
+    assert "WARNING: tls.servingSecretName is empty" in plain
+    assert "  http://kg-kom-gateway.ns.svc:443" in plain  # no https:// promised
+    assert "WARNING" not in tls and "https://kg-kom-gateway.ns.svc:443" in tls
+
+
 def test_helm_lint_strict_is_clean():
     for version in KUBE_VERSIONS:
         report = helm.lint(CHART, strict=True, kube_version=f"v{version}")
@@ -103,6 +124,7 @@ def test_helm_lint_strict_is_clean():
     ({"config": {"cutover": [{"percent": {"pod": 150}}]}}, "maximum: got 150, want 100"),
     ({"configReload": "sometimes"}, "/configReload"),
     ({"config": {"listen": {"address": "0.0.0.0:1"}}}, "/config"),  # the chart writes listen
+    ({"config": {"upstream": {"tls": {"caFile": "/x"}}}}, "/config/upstream/tls"),  # and these
 ])
 def test_values_schema_refuses_bad_values_at_install(values, says):
     with pytest.raises(helm.HelmValuesError, match=None) as refused:

@@ -9,6 +9,7 @@ them.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import re
@@ -53,6 +54,16 @@ from kom_gateway.routing.router import DEFAULT_GROUP
 
 _HEADER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
 _RESERVED_HEADERS = frozenset({"content-type", "content-length", "connection", "transfer-encoding"})
+_TLS_PORTS = frozenset({443, 6443, 8443})  # kube-apiserver's, and the chart's
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 _GROUP_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z")
 
 
@@ -304,6 +315,12 @@ class _Builder:
         if top is None:
             raise ConfigError(self.errors, source)
         listen, listen_tls = self.listen(top.get("listen"))
+        if listen_tls is None and listen.port in _TLS_PORTS and not _loopback(listen.host):
+            self.warn(
+                ("listen", "address"),
+                f"port {listen.port} usually means TLS, but listen.tls is not set: clients "
+                "get plaintext HTTP/2 (h2c), and those that expect TLS fail",
+            )
         admin_section = self.mapping(top.get("admin"), ("admin",), ("address",)) or {}
         admin = self.address(admin_section.get("address"), ("admin", "address"), DEFAULT_ADMIN)
         upstream_tls = self.upstream(top.get("upstream"))

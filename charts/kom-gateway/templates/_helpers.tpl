@@ -26,29 +26,31 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 
 {{/* The routing config file: listen, admin and upstream.tls from the values, the rest
      from .Values.config. */}}
+{{- /*
+The routing config: .Values.config with what the chart owns merged over it (listen and
+admin addresses, and the TLS file paths its Secrets are mounted at). Any other key of any
+section, upstream.tls.serverName included, comes from .Values.config as written.
+*/ -}}
 {{- define "kom-gateway.config" -}}
-listen:
-  address: "0.0.0.0:{{ .Values.service.targetPort }}"
-  {{- if .Values.tls.servingSecretName }}
-  tls:
-    certFile: /etc/kom-gateway/serving/tls.crt
-    keyFile: /etc/kom-gateway/serving/tls.key
-    {{- if .Values.tls.clientCASecretName }}
-    clientCAFile: /etc/kom-gateway/client-ca/ca.crt
-    {{- end }}
-  {{- end }}
-admin:
-  address: "0.0.0.0:{{ .Values.admin.port }}"
-{{- if or .Values.tls.upstreamCASecretName .Values.tls.frontProxySecretName }}
-upstream:
-  tls:
-    {{- if .Values.tls.upstreamCASecretName }}
-    caFile: /etc/kom-gateway/upstream-ca/ca.crt
-    {{- end }}
-    {{- if .Values.tls.frontProxySecretName }}
-    certFile: /etc/kom-gateway/front-proxy/tls.crt
-    keyFile: /etc/kom-gateway/front-proxy/tls.key
-    {{- end }}
-{{- end }}
-{{ toYaml .Values.config }}
+{{- $listen := dict "address" (printf "0.0.0.0:%v" .Values.service.targetPort) -}}
+{{- if .Values.tls.servingSecretName -}}
+{{- $serving := dict "certFile" "/etc/kom-gateway/serving/tls.crt" "keyFile" "/etc/kom-gateway/serving/tls.key" -}}
+{{- if .Values.tls.clientCASecretName -}}
+{{- $_ := set $serving "clientCAFile" "/etc/kom-gateway/client-ca/ca.crt" -}}
+{{- end -}}
+{{- $_ := set $listen "tls" $serving -}}
+{{- end -}}
+{{- $managed := dict "listen" $listen "admin" (dict "address" (printf "0.0.0.0:%v" .Values.admin.port)) -}}
+{{- $files := dict -}}
+{{- if .Values.tls.upstreamCASecretName -}}
+{{- $_ := set $files "caFile" "/etc/kom-gateway/upstream-ca/ca.crt" -}}
+{{- end -}}
+{{- if .Values.tls.frontProxySecretName -}}
+{{- $_ := set $files "certFile" "/etc/kom-gateway/front-proxy/tls.crt" -}}
+{{- $_ := set $files "keyFile" "/etc/kom-gateway/front-proxy/tls.key" -}}
+{{- end -}}
+{{- if $files -}}
+{{- $_ := set $managed "upstream" (dict "tls" $files) -}}
+{{- end -}}
+{{- toYaml (mergeOverwrite (deepCopy .Values.config) $managed) -}}
 {{- end -}}
