@@ -177,6 +177,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     sim.set_defaults(func=cmd_sim)
 
+    plan = sub.add_parser(
+        "plan",
+        help="what a cut-over would move, from an access log; apiserver flags per group",
+        description="From the gateway's access log (JSON lines; '-' for stdin): per program "
+        "and home group, requests/s by verb, watches/s, and what a rule "
+        '`userAgent: "<program>/*"` would move off default at each percent. With '
+        "--apiserver-flags: the kube-apiserver flags that make each group's watch cache "
+        "match its claims in CONFIG.",
+    )
+    plan.add_argument("access_log", nargs="?", metavar="ACCESS_LOG", help="a file, or - for stdin")
+    plan.add_argument("--json", action="store_true", help="machine-readable output")
+    plan.add_argument(
+        "--percent", type=int, action="append", metavar="P", help="candidate percents (repeat)"
+    )
+    plan.add_argument("--config", metavar="CONFIG", help="the routing config (--apiserver-flags)")
+    plan.add_argument(
+        "--apiserver-flags", action="store_true", help="print each group's watch-cache flags"
+    )
+    plan.set_defaults(func=cmd_plan)
+
     demo = sub.add_parser("demo", help="simulated groups + the gateway, with live routing output")
     demo.add_argument("--config", metavar="CONFIG", help="default: config/demo.yaml")
     demo.add_argument(
@@ -318,6 +338,53 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(describe_config(config), file=out)
     for warning in (*config.warnings, *([] if args.no_files else tls_warnings(config))):
         print(f"warning: {warning}", file=err)
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from kom_gateway.plan import (
+        PERCENTS,
+        apiserver_flags,
+        plan,
+        read_access_log,
+        render_apiserver_flags,
+        render_plan,
+    )
+
+    out, err = sys.stdout, sys.stderr
+    result: dict[str, object] = {}
+    if args.apiserver_flags:
+        if not args.config:
+            print("--apiserver-flags needs --config CONFIG", file=err)
+            return 2
+        config = _load(args.config, err)
+        if config is None:
+            return 1
+        flags = apiserver_flags(config)
+        result["apiserverFlags"] = {
+            g: {"flags": f.flags, "uncached": f.uncached} for g, f in flags.items()
+        }
+        if not args.json:
+            print(render_apiserver_flags(flags), file=out)
+    if args.access_log:
+        try:
+            if args.access_log == "-":
+                records, skipped = read_access_log(sys.stdin)
+            else:
+                with open(args.access_log, encoding="utf-8") as f:
+                    records, skipped = read_access_log(f)
+        except OSError as exc:
+            print(f"{args.access_log}: {exc.strerror}", file=err)
+            return 1
+        traffic = plan(records, args.percent or PERCENTS)
+        result["traffic"] = [t.as_json() for t in traffic]
+        if not args.json:
+            print(render_plan(traffic, skipped), file=out)
+    elif not args.apiserver_flags:
+        print("give an ACCESS_LOG (or -), and/or --apiserver-flags --config CONFIG", file=err)
+        return 2
+    if args.json:
+        print(json.dumps(result, indent=2), file=out)
     return 0
 
 
