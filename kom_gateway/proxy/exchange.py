@@ -335,9 +335,9 @@ class Exchange:
             self.frames = WatchFrames(_content_type(headers))
             self.ctx.metrics.child(self.ctx.metrics.watches, attempt.group).inc()
         out = downstream_response_headers(headers)
-        if self.active.config.answered_by_header:
-            header = self.active.config.answered_by_header
-            out.append(answered_by(header, attempt.group, self.attempts.fallback))
+        header = self.active.config.answered_by_header
+        if header:  # (off: no call on the hot path)
+            out += answered_by(header, attempt.group, self.attempts.fallback)
         self.stream.start_response(status, out)
 
     def on_upstream_end(self, attempt: _Attempt) -> None:
@@ -463,9 +463,9 @@ class Exchange:
         self.status = status
         self.responded = True
         self.attempt = None  # no upstream answered this
-        header = self.active.config.answered_by_header
-        fallback = self.attempts.fallback
-        extra = (answered_by(header, ANSWERED_BY_GATEWAY, fallback),) if header else ()
+        extra = answered_by(
+            self.active.config.answered_by_header, ANSWERED_BY_GATEWAY, self.attempts.fallback
+        )
         answer_status(self.stream, status, reason, message, retry_after, extra)
 
     def _finish(self) -> None:

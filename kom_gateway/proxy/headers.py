@@ -72,11 +72,14 @@ def downstream_response_headers(headers: Headers) -> Headers:
     return [(n, v) for n, v in headers if n not in HOP_BY_HOP]
 
 
-def answered_by(name: str, group: str, fallback: str | None) -> tuple[bytes, bytes]:
-    """The opt-in `debug.answeredByHeader`: which group answered ("gateway": the gateway
-    itself), and why the request left its chosen group, if it did."""
+def answered_by(name: str, group: str, fallback: str | None) -> Headers:
+    """The opt-in `debug.answeredByHeader` (`name`; "" when it is off): which group
+    answered ("gateway": the gateway itself), and why the request left its chosen group,
+    if it did."""
+    if not name:
+        return []
     value = f"{group}; fallback={fallback}" if fallback else group
-    return name.encode("latin-1"), value.encode("latin-1")
+    return [(name.encode("latin-1"), value.encode("latin-1"))]
 
 
 def status_headers(body: bytes, retry_after: int | None = None) -> Headers:

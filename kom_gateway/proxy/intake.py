@@ -46,10 +46,9 @@ class Intake:
         ctx = self.ctx
         info = parse_request(stream.method, stream.target)
         client = self.client_for(stream.headers, stream.remote_addr, stream.peer)
-        header = active.config.answered_by_header
-        extra = (answered_by(header, ANSWERED_BY_GATEWAY, None),) if header else ()
         if info.bad_target:
             message = f"malformed request target: {info.malformed}"
+            extra = answered_by(active.config.answered_by_header, ANSWERED_BY_GATEWAY, None)
             answer_status(stream, 400, "BadRequest", message, None, extra)
             ctx.recorder.record(Outcome(client, info, None, ANSWERED_BY_GATEWAY, 400), "none")
             return
@@ -58,6 +57,7 @@ class Intake:
             ctx.metrics.count(self._cutover_counter(active, decision))
         verdict = self.admission.admit(info, client, decision.target, time.monotonic())
         if isinstance(verdict, Rejection):
+            extra = answered_by(active.config.answered_by_header, ANSWERED_BY_GATEWAY, None)
             answer_status(
                 stream, 429, "TooManyRequests", verdict.message, verdict.retry_after, extra
             )

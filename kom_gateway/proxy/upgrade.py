@@ -20,7 +20,7 @@ from kom_gateway.proxy.attempts import Attempts
 from kom_gateway.proxy.context import ProxyContext
 from kom_gateway.proxy.exchange import CLIENT_CLOSED, answer_status
 from kom_gateway.proxy.fallback import Failure
-from kom_gateway.proxy.headers import HOP_BY_HOP, is_identity_header
+from kom_gateway.proxy.headers import HOP_BY_HOP, answered_by, is_identity_header
 from kom_gateway.proxy.outcome import ANSWERED_BY_GATEWAY, Outcome
 from kom_gateway.proxy.upstreams import UpstreamEndpoint
 from kom_gateway.requestinfo import RequestInfo
@@ -55,7 +55,7 @@ async def carry_upgrade(
     the session's length, or the answer) is recorded like any request's."""
     started = time.monotonic()
     attempts = Attempts(ctx.upstreams, ctx.metrics, info, stream.method, decision.target)
-    status, answered_by, endpoint_name = 0, ANSWERED_BY_GATEWAY, ""
+    status, answerer, endpoint_name = 0, ANSWERED_BY_GATEWAY, ""
     writer: asyncio.StreamWriter | None = None
     try:
         while True:
@@ -69,9 +69,15 @@ async def carry_upgrade(
                 step = attempts.failed(endpoint, exc.failure)
                 if step.retry_group is None:
                     status = step.status
-                    answer_status(stream, step.status, step.reason, step.message, step.retry_after)
+                    extra = answered_by(
+                        active.config.answered_by_header, ANSWERED_BY_GATEWAY, attempts.fallback
+                    )
+                    answer_status(
+                        stream, step.status, step.reason, step.message, step.retry_after, extra
+                    )
                     return
-        answered_by, endpoint_name = attempts.group, endpoint.name
+        answerer, endpoint_name = attempts.group, endpoint.name
+        head += answered_by(active.config.answered_by_header, answerer, attempts.fallback)
         if status != 101:
             body = await _read_body(reader, head)
             writer.close()
@@ -80,7 +86,7 @@ async def carry_upgrade(
             stream.write(body)
             stream.end()
             return
-        sessions = ctx.metrics.child(ctx.metrics.in_flight, answered_by, "upgrade")
+        sessions = ctx.metrics.child(ctx.metrics.in_flight, answerer, "upgrade")
         sessions.inc()
         try:
             ended = asyncio.get_running_loop().create_future()
@@ -101,13 +107,13 @@ async def carry_upgrade(
                 client,
                 info,
                 decision,
-                answered_by,
+                answerer,
                 status,
                 time.monotonic() - started,
                 endpoint_name,
                 fallback=attempts.fallback,
             ),
-            attempts.group if answered_by == ANSWERED_BY_GATEWAY else None,
+            attempts.group if answerer == ANSWERED_BY_GATEWAY else None,
         )
 
 
