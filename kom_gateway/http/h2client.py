@@ -20,6 +20,7 @@ from kom_gateway.http.client import (
 )
 from kom_gateway.http.h2conn import (
     STREAM_GONE,
+    BlockedStreams,
     PendingData,
     make_connection,
     open_connection_window,
@@ -31,7 +32,7 @@ from kom_gateway.http.transport import CANCEL
 log = logging.getLogger(__name__)
 
 
-class H2ClientConnection(HTTP2ClientConnection):
+class H2ClientConnection(BlockedStreams, HTTP2ClientConnection):
     engine = "h2"
     setup_errors = (h2.exceptions.ProtocolError,)
 
@@ -91,11 +92,7 @@ class H2ClientConnection(HTTP2ClientConnection):
             self._blocked.discard(event.stream_id)
             self._reset(event.stream_id, int(event.error_code))
         elif isinstance(event, h2.events.WindowUpdated):
-            targets = list(self._blocked) if event.stream_id == 0 else [event.stream_id]
-            for stream_id in targets:
-                stream = self.streams.get(stream_id)
-                if stream is not None and stream.pending:
-                    self._flush_stream(stream)
+            self._window_opened(event.stream_id)
         elif isinstance(event, h2.events.RemoteSettingsChanged):
             self._settings_received()
         elif isinstance(event, h2.events.PingAckReceived):
@@ -147,17 +144,7 @@ class H2ClientConnection(HTTP2ClientConnection):
                 self.conn.end_stream(sid)
         except STREAM_GONE:
             pending.clear()
-        if pending and sid in self.streams:
-            self._blocked.add(sid)
-        else:
-            self._blocked.discard(sid)
-        self._write_out()
-
-    def _resumed(self) -> None:
-        for stream_id in list(self._blocked):
-            stream = self.streams.get(stream_id)
-            if stream is not None:
-                self._flush_stream(stream)
+        self._track_blocked(sid, pending)
         self._write_out()
 
     def ack(self, stream_id: int, flow_len: int) -> None:

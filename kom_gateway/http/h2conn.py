@@ -174,3 +174,36 @@ def send_pending(conn: h2.connection.H2Connection, stream_id: int, pending: Pend
             if callback is not None:
                 callback()
     return True
+
+
+class BlockedStreams:
+    """Mixin of both h2 engines' connections: the streams whose queued data waits for
+    flow-control window (or for a paused transport), sent on when window opens or the
+    transport drains. The engine supplies `_flush_stream(stream)`."""
+
+    _blocked: set[int]
+    streams: dict[int, Any]
+
+    def _track_blocked(self, stream_id: int, pending: PendingData) -> None:
+        """After a send: still waiting (data left, stream alive), or not."""
+        if pending and stream_id in self.streams:
+            self._blocked.add(stream_id)
+        else:
+            self._blocked.discard(stream_id)
+
+    def _window_opened(self, stream_id: int) -> None:
+        """WINDOW_UPDATE: on the connection, every waiting stream may go on; on a stream,
+        that one, if it has data."""
+        if stream_id == 0:
+            for waiting in list(self._blocked):
+                stream = self.streams.get(waiting)
+                if stream is not None:
+                    self._flush_stream(stream)  # type: ignore[attr-defined]
+            return
+        stream = self.streams.get(stream_id)
+        if stream is not None and stream.pending:
+            self._flush_stream(stream)  # type: ignore[attr-defined]
+
+    def _resumed(self) -> None:
+        self._window_opened(0)
+        self._write_out()  # type: ignore[attr-defined]

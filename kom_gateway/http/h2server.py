@@ -24,6 +24,7 @@ from h2.errors import ErrorCodes
 
 from kom_gateway.http.h2conn import (
     STREAM_GONE,
+    BlockedStreams,
     make_connection,
     open_connection_window,
     send_pending,
@@ -50,7 +51,7 @@ class H2ServerStream(HTTP2ServerStream):
                 on_flushed()
 
 
-class H2ServerProtocol(HTTP2ServerConnection):
+class H2ServerProtocol(BlockedStreams, HTTP2ServerConnection):
     """One downstream HTTP/2 connection on h2."""
 
     engine = "h2"
@@ -127,15 +128,7 @@ class H2ServerProtocol(HTTP2ServerConnection):
             self._progress_at = self._last_read
             if self._over(self._guard.on_control(self._last_read)):
                 return
-            if event.stream_id == 0:
-                for stream_id in list(self._blocked):
-                    stream = self.streams.get(stream_id)
-                    if stream is not None:
-                        self._flush_stream(stream)
-            else:
-                stream = self.streams.get(event.stream_id)
-                if stream is not None and stream.pending:
-                    self._flush_stream(stream)
+            self._window_opened(event.stream_id)
         elif isinstance(event, h2.events.StreamReset):
             self._forget(event.stream_id)
             if event.remote_reset:
@@ -186,17 +179,7 @@ class H2ServerProtocol(HTTP2ServerConnection):
                 self._forget(sid)
         except STREAM_GONE:
             self._forget(sid)
-        if pending and sid in self.streams:
-            self._blocked.add(sid)
-        else:
-            self._blocked.discard(sid)
-        self._write_out()
-
-    def _resumed(self) -> None:
-        for stream_id in list(self._blocked):
-            stream = self.streams.get(stream_id)
-            if stream is not None:
-                self._flush_stream(stream)
+        self._track_blocked(sid, pending)
         self._write_out()
 
     def ack(self, stream_id: int, flow_len: int) -> None:
