@@ -22,6 +22,8 @@ from libc.string cimport memcmp, memcpy
 
 from collections import deque
 
+from kom_gateway.http.settings import NEVER_INDEXED
+
 # Our declarations of the part of libnghttp2's ABI (soname 14) used here, so that the
 # extension builds where only the runtime library is installed (as on every machine with
 # curl). tests/test_nghttp2_abi.py checks every layout and constant below against
@@ -277,7 +279,6 @@ EV_TRAILERS = 8  # (EV_TRAILERS, stream_id, end_stream): trailers arrived (dropp
 CONTINUATION_FLOOD = ERR_TOO_MANY_CONTINUATIONS
 FLOODED = ERR_FLOODED
 
-_SENSITIVE = frozenset((b"authorization", b"proxy-authorization", b"cookie"))
 
 
 class SessionError(Exception):
@@ -549,9 +550,7 @@ cdef class Session:
             return False
         out.items.append((data, on_flushed))
         out.queued += len(data)
-        if out.deferred:
-            out.deferred = False
-            nghttp2_session_resume_data(self._s, stream_id)
+        self._wake(out, stream_id)
         return True
 
     def end(self, int32_t stream_id) -> bool:
@@ -560,10 +559,14 @@ cdef class Session:
         if out is None:
             return False
         out.eof = True
+        self._wake(out, stream_id)
+        return True
+
+    cdef void _wake(self, _Outgoing out, int32_t stream_id):
+        """A stream whose data provider deferred (nothing queued) has something again."""
         if out.deferred:
             out.deferred = False
             nghttp2_session_resume_data(self._s, stream_id)
-        return True
 
     def queued(self, int32_t stream_id) -> int:
         """Body bytes waiting for the peer's window on `stream_id`."""
@@ -610,7 +613,7 @@ cdef nghttp2_nv *_nv_array(list headers) except NULL:
         nva[i].namelen = PyBytes_GET_SIZE(name)
         nva[i].value = <uint8_t *>PyBytes_AS_STRING(value)
         nva[i].valuelen = PyBytes_GET_SIZE(value)
-        nva[i].flags = NV_NO_INDEX if name in _SENSITIVE else 0
+        nva[i].flags = NV_NO_INDEX if name in NEVER_INDEXED else 0
     return nva
 
 

@@ -27,8 +27,9 @@ from hpack.huffman import HuffmanEncoder
 from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
 from hpack.table import HeaderTable
 
+from kom_gateway.http.settings import NEVER_INDEXED
+
 _HUFFMAN = HuffmanEncoder(REQUEST_CODES, REQUEST_CODES_LENGTH)
-_SENSITIVE = frozenset({b"authorization", b"proxy-authorization", b"cookie"})
 _TABLE_SIZE_ZERO = b"\x20"  # dynamic table size update, new size 0 (RFC 7541 6.3)
 MEMO_SIZE = 8192
 MEMO_MAX_BYTES = 1024  # longer fields are coded each time, never kept
@@ -64,7 +65,7 @@ def _string(data: bytes) -> bytes:
 
 def encode_field(name: bytes, value: bytes, sensitive: bool = False) -> bytes:
     """One header field, without touching any table (pure)."""
-    sensitive = sensitive or name in _SENSITIVE
+    sensitive = sensitive or name in NEVER_INDEXED
     if not sensitive:
         index = _STATIC_FIELDS.get((name, value))
         if index is not None:  # indexed field (RFC 7541 6.1)

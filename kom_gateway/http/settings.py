@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 from kom_gateway.http.h2guard import GuardLimits
 
 HTTP2_ENGINES = ("auto", "nghttp2", "h2")  # `http2.engine`, `--engine` (see engine.py)
+# Header fields both engines send as never-indexed HPACK literals (RFC 7541 7.1.3):
+# credentials must not sit in a compression table an attacker could probe.
+NEVER_INDEXED = frozenset({b"authorization", b"proxy-authorization", b"cookie"})
 
 
 @dataclass(frozen=True)
