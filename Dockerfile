@@ -12,7 +12,7 @@ RUN apt-get update \
 WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
 COPY kom_gateway ./kom_gateway
-RUN pip wheel --no-cache-dir --wheel-dir /wheels . \
+RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[kubernetes]" \
     && python -c "import sys, zipfile, glob; w = glob.glob('/wheels/kom_gateway-*.whl')[0]; \
 sys.exit(not any('_nghttp2' in n for n in zipfile.ZipFile(w).namelist()))"
 
@@ -24,7 +24,11 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends libnghttp2-14 \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
+# The Kubernetes client is for `kom-gateway rollout` with a configMap target (in-cluster).
+# Versions are pinned by the wheels the build stage resolved: --no-index installs only those.
+# hadolint ignore=DL3013
+RUN pip install --no-cache-dir --no-index --find-links /wheels "kom-gateway[kubernetes]" \
+    && rm -rf /wheels
 # the config examples, for `kom-gateway check` inside the container
 COPY config /usr/share/kom-gateway/config
 USER 65532:65532

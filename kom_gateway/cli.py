@@ -1,4 +1,5 @@
-"""`kom-gateway` command line: check a routing config, predict a routing decision."""
+"""`kom-gateway` command line: run, check a routing config, predict a routing decision,
+plan and drive a cut-over."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from kom_gateway.http.bind import BindError
 from kom_gateway.http.settings import HTTP2_ENGINES
 from kom_gateway.identity import parse_x509_identity, token_identity
 from kom_gateway.requestinfo import parse_request
+from kom_gateway.rollout import command as rollout_command
 from kom_gateway.routing import DEFAULT_GROUP, Client, Decision
 from kom_gateway.routing.cutover import format_percent, user_agent_product
 from kom_gateway.routing.router import (
@@ -195,7 +197,14 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument(
         "--apiserver-flags", action="store_true", help="print each group's watch-cache flags"
     )
+    plan.add_argument(
+        "--group",
+        metavar="GROUP",
+        help="with --apiserver-flags: only GROUP's flags, one per line (for scripts)",
+    )
     plan.set_defaults(func=cmd_plan)
+
+    rollout_command.add_parser(sub)
 
     demo = sub.add_parser("demo", help="simulated groups + the gateway, with live routing output")
     demo.add_argument("--config", metavar="CONFIG", help="default: config/demo.yaml")
@@ -361,6 +370,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if config is None:
             return 1
         flags = apiserver_flags(config)
+        if args.group is not None:
+            if args.group not in flags:
+                print(f"no group {args.group!r} in {args.config}", file=err)
+                return 1
+            for flag in flags[args.group].flags:
+                print(flag, file=out)
+            return 0
         result["apiserverFlags"] = {
             g: {"flags": f.flags, "uncached": f.uncached} for g, f in flags.items()
         }
@@ -420,7 +436,7 @@ def describe_config(config: Config) -> str:
             ", ".join(f"{g} {format_percent(p)}" for g, p in rule.percent.items())
             or "nothing moved"
         )
-        lines.append(f"  [{rule.index}] {rule.match.describe()}  ->  {shares}")
+        lines.append(f"  [{rule.index}] {rule.label}  ->  {shares}")
     lines += ["", "OVERLOAD (429 + Retry-After past these, per gateway process)"]
     o = config.overload
     for name in config.groups:
@@ -473,7 +489,7 @@ def cmd_route(args: argparse.Namespace) -> int:
     client = Client(user_agent, identity, remote_addr, user, groups)
     router = config.router()
     decision = router.decide(info, client)
-    rule = config.cutover[decision.rule] if decision.rule is not None else None
+    rule = decision.rule
     result = {
         "request": info.as_json(),
         "client": {
@@ -511,15 +527,16 @@ def explain(decision: Decision, client: Client) -> str:
             "so it stays on default"
         )
     pct = format_percent(decision.percent or 0.0)
+    index = decision.rule.index if decision.rule is not None else None
     if decision.reason == REASON_CUT_OVER:
         return (
-            f"{decision.home} claims it; rule [{decision.rule}] moves {pct} of its clients "
+            f"{decision.home} claims it; rule [{index}] moves {pct} of its clients "
             f"and this client's bucket {client.bucket:.2f} is below that, so it goes to "
             f"{decision.home}"
         )
     assert decision.reason == REASON_NOT_CUT_OVER
     return (
-        f"{decision.home} claims it; rule [{decision.rule}] moves {pct} of its clients and "
+        f"{decision.home} claims it; rule [{index}] moves {pct} of its clients and "
         f"this client's bucket {client.bucket:.2f} is not below that, so it stays on "
         f"default until the percent exceeds {client.bucket:.2f}"
     )

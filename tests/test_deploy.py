@@ -16,6 +16,9 @@ from e2e import REQUIRE
 from harness import FAST_HEALTH, Stack
 from prometheus_client import generate_latest
 
+from kom_gateway.config.loader import load_config_text
+from kom_gateway.plan import apiserver_flags
+
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "charts" / "kom-gateway" / "dashboards" / "kom-gateway.json"
 KIND = ROOT / "config" / "kind"
@@ -93,10 +96,17 @@ def test_kind_config_and_readme_match_the_script():
     script = (KIND / "setup.sh").read_text()
     readme = (KIND / "README.md").read_text()
     assert "nodePort: 30443" in script
-    flags = dict(re.findall(r"\[(\w+)\]=\"([^\"]*)\"", script))
-    assert set(flags) == {"default", "pod", "config", "event"}
+    # the apiservers' flags are what `plan --apiserver-flags` derives from the script's
+    # routing config; the README's table shows the same
+    routing = script.split("<<ROUTING\n")[1].split("\nROUTING\n")[0]
+    routing = re.sub(r"\$\{ENDPOINT\[(\w+)\]\}", r"https://\1.example:6443", routing)
+    config = load_config_text(routing)
+    flags = apiserver_flags(config)
+    assert list(flags) == ["default", "pod", "config", "event"]
+    assert "--group" in script and "plan --apiserver-flags" in script
+    assert "stock: caches everything" in readme and flags["default"].flags == []
     for group, value in flags.items():
-        for flag in value.split():
+        for flag in value.flags:
             name, _, caches = flag.partition("=")
             first = caches.split(",")[0]
             assert f"{name}={first}" in readme, f"README does not show {group}'s {flag}"

@@ -206,16 +206,18 @@ def _kubelet(i):
 
 
 def test_decision_reasons():
-    router = _router(_rules())
+    rules = _rules()
+    router = _router(rules)
     pods = parse_request("GET", "/api/v1/pods?watch=1")
     cm = parse_request("GET", "/api/v1/configmaps")
     node = parse_request("GET", "/api/v1/nodes/n1")
     sched = Client("kube-scheduler/v1.31.0", identity="x509:CN=system:kube-scheduler")
     assert router.decide(cm, sched).reason == REASON_HOME_IS_DEFAULT
-    assert router.decide(pods, sched) == ("pod", "pod", REASON_CUT_OVER, 0, 100.0)
-    assert router.decide(node, sched) == ("config", "default", REASON_NOT_CUT_OVER, 0, 0.0)
+    assert router.decide(pods, sched) == ("pod", "pod", REASON_CUT_OVER, rules[0], 100.0)
+    assert router.decide(node, sched) == ("config", "default", REASON_NOT_CUT_OVER, rules[0], 0.0)
     assert router.decide(pods, Client("kubectl/v1.31")) == ("pod", "default", REASON_NO_RULE, None, None)
-    assert router.decide(node, _kubelet(1)) == ("config", "config", REASON_CUT_OVER, 1, 100.0)
+    assert router.decide(node, _kubelet(1)) == ("config", "config", REASON_CUT_OVER, rules[1], 100.0)
+    assert rules[1].label == "userAgent=kubelet/* userGroup=system:nodes"
     # the userGroup must match too: a kubelet UA without the node group is not rule 1
     impostor = Client(KUBELET_UA, identity="token:abc")
     assert router.decide(node, impostor).reason == REASON_NO_RULE
@@ -230,7 +232,7 @@ def test_first_matching_rule_wins():
     ]
     router = _router(rules)
     pods = parse_request("GET", "/api/v1/pods")
-    assert router.decide(pods, _kubelet(1)) == ("pod", "default", REASON_NOT_CUT_OVER, 0, 0.0)
+    assert router.decide(pods, _kubelet(1)) == ("pod", "default", REASON_NOT_CUT_OVER, rules[0], 0.0)
     assert router.decide(pods, Client("kubectl/v1")).target == "pod"  # empty match = everyone
 
 

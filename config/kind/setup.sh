@@ -4,9 +4,10 @@
 #   config/kind/setup.sh [cluster-name]      (default: kom; needs docker, kind, kubectl, helm, openssl)
 #
 # 1. creates the cluster from kind-config.yaml (four control-plane nodes) unless it exists;
-# 2. gives each node's kube-apiserver its group's watch cache (--default-watch-cache-size,
-#    --watch-cache-sizes) by editing its static pod manifest (the kubelet restarts it);
-# 3. builds the gateway image and loads it into the nodes;
+# 2. writes the routing config, builds the gateway image and loads it into the nodes;
+# 3. gives each node's kube-apiserver its group's watch cache as `kom-gateway plan
+#    --apiserver-flags` derives it from the routing config (--default-watch-cache-size,
+#    --watch-cache-sizes), by editing its static pod manifest (the kubelet restarts it);
 # 4. creates the Secrets (cluster CA, the cluster's front-proxy client cert, a serving cert
 #    for the gateway signed by the cluster CA) and installs the chart with the nodes'
 #    apiservers as the groups' endpoints, exposed on 127.0.0.1:8443;
@@ -21,14 +22,6 @@ IMAGE=kom-gateway:dev
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 
-# group -> kube-apiserver flags (what its watch cache holds; everything else is read from
-# etcd). default keeps the stock settings: it caches everything.
-declare -A CACHE_FLAGS=(
-  [default]=""
-  [pod]="--default-watch-cache-size=0 --watch-cache-sizes=pods#1000"
-  [config]="--default-watch-cache-size=0 --watch-cache-sizes=nodes#1000,configmaps#1000,secrets#1000,serviceaccounts#1000,services#1000,endpoints#1000,namespaces#100,leases.coordination.k8s.io#1000,endpointslices.discovery.k8s.io#1000"
-  [event]="--default-watch-cache-size=0 --watch-cache-sizes=events#1000,events.events.k8s.io#1000"
-)
 GROUPS_IN_ORDER=(default pod config event)
 
 if ! kind get clusters | grep -qx "$CLUSTER"; then
@@ -42,21 +35,51 @@ if [ "${#NODES[@]}" -lt 4 ]; then
   exit 1
 fi
 
-declare -A ENDPOINT
+declare -A ENDPOINT NODE_OF
 for i in "${!GROUPS_IN_ORDER[@]}"; do
   group="${GROUPS_IN_ORDER[$i]}"
-  node="${NODES[$i]}"
-  ip="$(docker inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' "$node")"
+  NODE_OF[$group]="${NODES[$i]}"
+  ip="$(docker inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' "${NODES[$i]}")"
   ENDPOINT[$group]="https://$ip:6443"
+done
+
+# The routing config: the groups, what each claims, and the first cut-over. The
+# apiservers' cache flags below are derived from it, so routes and caches agree.
+mkdir -m 755 "$WORK/routing"  # the image runs as 65532: this directory only, readable
+cat > "$WORK/routing/config.yaml" <<ROUTING
+groups:
+  default: {endpoints: ["${ENDPOINT[default]}"]}
+  pod: {endpoints: ["${ENDPOINT[pod]}"], resources: [pods, bindings]}
+  config:
+    endpoints: ["${ENDPOINT[config]}"]
+    resources: [nodes, configmaps, secrets, serviceaccounts, services, endpoints,
+                namespaces, leases.coordination.k8s.io, endpointslices.discovery.k8s.io]
+  event: {endpoints: ["${ENDPOINT[event]}"], resources: [events, events.events.k8s.io]}
+cutover:
+  - match: {userAgent: "kubectl/*"}
+    percent: {pod: 100, config: 100, event: 100}
+goaway: {chance: 0.001}
+accessLog: {enabled: true, sampleRate: 1}
+ROUTING
+
+docker build -t "$IMAGE" "$ROOT"
+kind load docker-image "$IMAGE" --name "$CLUSTER"
+
+# each group's kube-apiserver flags, from `kom-gateway plan --apiserver-flags` (its watch
+# cache holds what the group claims; default keeps the stock settings and caches everything)
+for group in "${GROUPS_IN_ORDER[@]}"; do
+  node="${NODE_OF[$group]}"
+  mapfile -t flags < <(docker run --rm -v "$WORK/routing:/routing:ro" "$IMAGE" \
+    plan --apiserver-flags --config /routing/config.yaml --group "$group")
   manifest=/etc/kubernetes/manifests/kube-apiserver.yaml
-  for flag in ${CACHE_FLAGS[$group]}; do
+  for flag in "${flags[@]}"; do
     name="${flag%%=*}"
     # replace the flag if present, else add it after the command line's first entry
     docker exec "$node" sh -c "grep -q -- '- $name=' $manifest \
       && sed -i 's|- $name=.*|- $flag|' $manifest \
       || sed -i 's|^    - kube-apiserver$|    - kube-apiserver\n    - $flag|' $manifest"
   done
-  echo "$node: kube-apiserver is group $group (${CACHE_FLAGS[$group]:-caches everything})"
+  echo "$node: kube-apiserver is group $group (${flags[*]:-caches everything})"
 done
 
 echo "waiting for every kube-apiserver to come back"
@@ -89,9 +112,6 @@ K=(kubectl --context "$KCTX")
 "${K[@]}" -n "$NAMESPACE" create secret generic kom-gateway-cluster-ca \
   --from-file=ca.crt="$WORK/ca.crt" --dry-run=client -o yaml | "${K[@]}" apply -f -
 
-docker build -t "$IMAGE" "$ROOT"
-kind load docker-image "$IMAGE" --name "$CLUSTER"
-
 cat > "$WORK/values.yaml" <<VALUES
 image: {repository: kom-gateway, tag: dev, pullPolicy: Never}
 replicaCount: 2
@@ -106,19 +126,7 @@ resources: {requests: {cpu: 100m, memory: 128Mi}}
 # the kind nodes run the apiservers: the gateway may sit beside them
 tolerations: [{key: node-role.kubernetes.io/control-plane, effect: NoSchedule}]
 config:
-  groups:
-    default: {endpoints: ["${ENDPOINT[default]}"]}
-    pod: {endpoints: ["${ENDPOINT[pod]}"], resources: [pods, bindings]}
-    config:
-      endpoints: ["${ENDPOINT[config]}"]
-      resources: [nodes, configmaps, secrets, serviceaccounts, services, endpoints,
-                  namespaces, leases.coordination.k8s.io, endpointslices.discovery.k8s.io]
-    event: {endpoints: ["${ENDPOINT[event]}"], resources: [events, events.events.k8s.io]}
-  cutover:
-    - match: {userAgent: "kubectl/*"}
-      percent: {pod: 100, config: 100, event: 100}
-  goaway: {chance: 0.001}
-  accessLog: {enabled: true, sampleRate: 1}
+$(sed 's/^/  /' "$WORK/routing/config.yaml")
 VALUES
 helm upgrade --install kom-gateway "$ROOT/charts/kom-gateway" --kube-context "$KCTX" \
   -n "$NAMESPACE" -f "$WORK/values.yaml" --wait

@@ -90,8 +90,8 @@ def _percents(percent: dict[str, float] | Any) -> str:
 
 
 def _cutover(old: Config, new: Config) -> Iterable[str]:
-    before = {r.match.describe(): r for r in old.cutover}
-    after = {r.match.describe(): r for r in new.cutover}
+    before = {r.label: r for r in old.cutover}
+    after = {r.label: r for r in new.cutover}
     for key, rule in after.items():
         if key not in before:
             yield f"cutover {key} added: {_percents(rule.percent)}"

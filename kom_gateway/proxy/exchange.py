@@ -140,6 +140,7 @@ class Exchange:
         "body",
         "body_ended",
         "body_size",
+        "broken",
         "bytes_out",
         "client",
         "ctx",
@@ -184,6 +185,7 @@ class Exchange:
         self.deadline = float("inf")  # when the request timeout answers it
         self.responded = False  # the client's response is ours to finish (or was)
         self.finished = False
+        self.broken = False  # the upstream failed after the response had started
         self.frames: WatchFrames | None = None  # a watch's event boundaries
         self._busy: UpstreamEndpoint | None = None  # counted in its in_flight
         self._connecting: asyncio.Task[HTTP2ClientConnection] | None = None
@@ -365,6 +367,7 @@ class Exchange:
             self.stream.end()
         else:
             self.stream.reset()
+        self.broken = True
         metrics = self.ctx.metrics
         metrics.child(metrics.broken_responses, attempt.group, self.info.verb).inc()
         self._finish()
@@ -498,6 +501,7 @@ class Exchange:
                 self.body_size,
                 self.bytes_out,
                 self.attempts.fallback,
+                self.broken,
             )
         )
 

@@ -184,7 +184,7 @@ class Gateway:
         m.config_last_reload_successful.set(1)
         m.config_last_reload_success.set(time.time())
         now = {
-            (rule.match.describe(), group): percent
+            (rule.label, group): percent
             for rule in config.cutover
             for group, percent in rule.percent.items()
         }

@@ -97,19 +97,16 @@ class Intake:
 
     def _cutover_counter(self, active: Active, decision: Decision) -> Any:
         """The cut-over counter of a decision, labelled with its rule's match as operators
-        wrote it (labels worked out once per configuration generation)."""
-        key = (decision.rule, decision.home, decision.target)
+        wrote it (children cached per configuration generation)."""
+        rule = decision.rule
+        label = rule.label if rule is not None else "none"
+        key = (label, decision.home, decision.target)
         generation, children = self._cutover_children
         if generation != active.generation:
             children = {}
             self._cutover_children = (active.generation, children)
         child = children.get(key)
         if child is None:
-            if decision.rule is None:
-                label = "none"
-            else:
-                rule = next((r for r in active.config.cutover if r.index == decision.rule), None)
-                label = rule.match.describe() if rule else f"[{decision.rule}]"
             m = self.ctx.metrics
             child = children[key] = m.child(m.cutover, label, decision.home, decision.target)
         return child

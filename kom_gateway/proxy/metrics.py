@@ -198,6 +198,24 @@ class Metrics:
             ["rule", "home_group", "chosen_group"],
             registry=r,
         )
+        self.cutover_outcomes = Counter(
+            "kom_gateway_cutover_outcomes",
+            "Requests a cut-over rule moved off default, by the rule (its match), the group "
+            "it moved them to and how they ended: the group's answer by code class (2xx, "
+            "3xx, 4xx, 5xx), broken (the group failed mid-response), fallback (the group "
+            "failed and the request was answered elsewhere) or gateway (the gateway's own "
+            "answer, e.g. a 429). What `kom-gateway rollout` guards read.",
+            ["rule", "group", "outcome"],
+            registry=r,
+        )
+        self.cutover_duration = Histogram(
+            "kom_gateway_cutover_request_duration_seconds",
+            "Time to complete non-long-running requests a cut-over rule moved, answered by "
+            "the group it moved them to.",
+            ["rule", "group"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.goaways = Counter(
             "kom_gateway_goaways_sent",
             "Graceful GOAWAYs sent to HTTP/2 clients, by reason (load, max-age, idle, drain).",

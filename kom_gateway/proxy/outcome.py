@@ -11,9 +11,22 @@ from kom_gateway.proxy.accesslog import AccessLog, access_record
 from kom_gateway.proxy.metrics import Metrics
 from kom_gateway.requestinfo import RequestInfo
 from kom_gateway.routing.cutover import Client
-from kom_gateway.routing.router import Decision
+from kom_gateway.routing.router import REASON_CUT_OVER, Decision
 
 ANSWERED_BY_GATEWAY = "gateway"  # the access log's answeredBy when no group answered
+_CODE_CLASS = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
+
+
+def moved_outcome(outcome: Outcome, group: str) -> str:
+    """How a request a cut-over rule moved to `group` ended, as the rollout guards
+    count it (the `outcome` label of kom_gateway_cutover_outcomes_total)."""
+    if outcome.fallback is not None:
+        return "fallback"
+    if outcome.answered_by != group:
+        return "gateway"
+    if outcome.broken:
+        return "broken"
+    return _CODE_CLASS.get(outcome.status // 100, "5xx")
 
 
 class Outcome:
@@ -21,6 +34,7 @@ class Outcome:
 
     __slots__ = (
         "answered_by",
+        "broken",
         "bytes_in",
         "bytes_out",
         "client",
@@ -44,6 +58,7 @@ class Outcome:
         bytes_in: int = 0,
         bytes_out: int = 0,
         fallback: str | None = None,
+        broken: bool = False,
     ) -> None:
         self.client = client
         self.info = info
@@ -55,6 +70,7 @@ class Outcome:
         self.bytes_in = bytes_in
         self.bytes_out = bytes_out
         self.fallback = fallback  # why the request last left a group, if it did
+        self.broken = broken  # the group failed after the response had started
 
 
 class OutcomeRecorder:
@@ -63,6 +79,8 @@ class OutcomeRecorder:
         self.access_log = access_log
         self._requests: dict[tuple[str, str, str, str, int], Any] = {}
         self._durations: dict[tuple[str, str], Any] = {}
+        self._moved: dict[tuple[str, str, str], Any] = {}
+        self._moved_durations: dict[tuple[str, str], Any] = {}
 
     def record(self, outcome: Outcome, metric_group: str | None = None) -> None:
         """Count `outcome` under `metric_group` (default: the group that answered) and
@@ -82,5 +100,27 @@ class OutcomeRecorder:
             if histogram is None:
                 histogram = self._durations[dkey] = self.metrics.duration.labels(*dkey)
             histogram.observe(outcome.duration)
+        decision = outcome.decision
+        if decision is not None and decision.reason == REASON_CUT_OVER:
+            self._record_moved(outcome, decision)
         if self.access_log.wants(outcome.status, outcome.fallback):
             self.access_log.write(access_record(time.time() - outcome.duration, outcome))
+
+    def _record_moved(self, outcome: Outcome, decision: Decision) -> None:
+        """Per rule and group, for the rollout guards: only requests a rule moved."""
+        label = decision.rule.label if decision.rule is not None else "none"
+        group = decision.target
+        kind = moved_outcome(outcome, group)
+        key = (label, group, kind)
+        counter = self._moved.get(key)
+        if counter is None:
+            counter = self._moved[key] = self.metrics.cutover_outcomes.labels(*key)
+        self.metrics.count(counter)
+        if kind != "fallback" and kind != "gateway" and not outcome.info.is_long_running:
+            dkey = (label, group)
+            histogram = self._moved_durations.get(dkey)
+            if histogram is None:
+                histogram = self._moved_durations[dkey] = self.metrics.cutover_duration.labels(
+                    *dkey
+                )
+            histogram.observe(outcome.duration)

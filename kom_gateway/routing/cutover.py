@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kom_gateway.routing.glob import Glob
@@ -146,6 +146,12 @@ class CutoverRule:
     match: Match
     percent: Mapping[str, float]
     line: int = 0
+    # The rule as operators wrote its match ("userAgent=kubelet/*"): unique within a
+    # config, so it names the rule in metrics and to the rollout controller.
+    label: str = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "label", self.match.describe())
 
     def percent_for(self, group: str) -> float:
         return self.percent.get(group, 0.0)

@@ -26,7 +26,7 @@ class Decision(NamedTuple):
     home: str  # the group claiming the request's resource
     target: str  # the group chosen: home, or default
     reason: str
-    rule: int | None = None  # index of the matching cut-over rule
+    rule: CutoverRule | None = None  # the matching cut-over rule
     percent: float | None = None  # that rule's percent for the home group
 
 
@@ -73,7 +73,5 @@ class Router:
         percent = rule.percent.get(home, 0.0)
         # 0 and 100 need no hash: the common steady states stay cheap.
         if percent >= 100.0 or (percent > 0.0 and client.bucket < percent):
-            return _new_decision(Decision, (home, home, REASON_CUT_OVER, rule.index, percent))
-        return _new_decision(
-            Decision, (home, DEFAULT_GROUP, REASON_NOT_CUT_OVER, rule.index, percent)
-        )
+            return _new_decision(Decision, (home, home, REASON_CUT_OVER, rule, percent))
+        return _new_decision(Decision, (home, DEFAULT_GROUP, REASON_NOT_CUT_OVER, rule, percent))

@@ -403,25 +403,64 @@ def _pod_cells(pod: Obj) -> list[Any]:
     return [f"{ready}/{len(containers)}", phase, str(restarts)]
 
 
+# kube-apiserver's event printer (the columns `kubectl get events` shows)
+_EVENT_COLUMNS = [
+    _column("Last Seen"),
+    _column("Type"),
+    _column("Reason"),
+    _column("Object"),
+    _column("Message"),
+]
+
+
+def _event_cells(event: Obj) -> list[Any]:
+    involved = event.get("involvedObject", {})
+    seen = event.get("lastTimestamp") or event.get("eventTime") or ""
+    obj = f"{involved.get('kind', '').lower()}/{involved.get('name', '')}"
+    return [
+        _age(seen),
+        event.get("type", ""),
+        event.get("reason", ""),
+        obj,
+        event.get("message", ""),
+    ]
+
+
 def table(items: list[Obj], rv: int) -> Obj:
     """meta.k8s.io/v1 Table, as kubectl asks for (`Accept: ...;as=Table`)."""
-    pods = bool(items) and all(obj.get("kind") == "Pod" for obj in items)
-    rows = []
-    for obj in items:
-        meta = obj.get("metadata", {})
-        partial = {
-            "kind": "PartialObjectMetadata",
-            "apiVersion": "meta.k8s.io/v1",
-            "metadata": meta,
+    kinds = {obj.get("kind") for obj in items}
+    if kinds == {"Event"}:
+        return _table(items, rv, _EVENT_COLUMNS, _event_cells)
+    if kinds == {"Pod"}:
+        return _table(items, rv, _POD_COLUMNS, lambda o: [_name(o), *_pod_cells(o), _created(o)])
+    return _table(items, rv, _NAME_AGE, lambda o: [_name(o), _created(o)])
+
+
+def _name(obj: Obj) -> str:
+    return obj.get("metadata", {}).get("name", "")
+
+
+def _created(obj: Obj) -> str:
+    return _age(obj.get("metadata", {}).get("creationTimestamp", ""))
+
+
+def _table(items: list[Obj], rv: int, columns: list[Obj], cells: Any) -> Obj:
+    rows = [
+        {
+            "cells": cells(obj),
+            "object": {
+                "kind": "PartialObjectMetadata",
+                "apiVersion": "meta.k8s.io/v1",
+                "metadata": obj.get("metadata", {}),
+            },
         }
-        age = _age(meta.get("creationTimestamp", ""))
-        cells = [meta.get("name", ""), *(_pod_cells(obj) if pods else ()), age]
-        rows.append({"cells": cells, "object": partial})
+        for obj in items
+    ]
     return {
         "kind": "Table",
         "apiVersion": "meta.k8s.io/v1",
         "metadata": {"resourceVersion": str(rv)},
-        "columnDefinitions": _POD_COLUMNS if pods else _NAME_AGE,
+        "columnDefinitions": columns,
         "rows": rows,
     }
 
@@ -480,6 +519,17 @@ def _apply_patch(current: Obj, req: SimRequest) -> Obj:
             patch = json.loads(req.body or b"{}")
     except (ValueError, yaml.YAMLError) as exc:
         raise ApiError(400, "BadRequest", f"invalid patch: {exc}") from None
+    wanted_rv = (
+        patch.get("metadata", {}).get("resourceVersion") if isinstance(patch, dict) else None
+    )
+    if wanted_rv and wanted_rv != current["metadata"].get("resourceVersion"):
+        # kube-apiserver: a resourceVersion in a merge patch is a precondition
+        raise ApiError(
+            409,
+            "Conflict",
+            "Operation cannot be fulfilled: the object has been modified; please apply your "
+            "changes to the latest version and try again",
+        )
     if content_type == "application/json-patch+json":
         if not isinstance(patch, list):
             raise ApiError(400, "BadRequest", "a JSON patch is a list of operations")
