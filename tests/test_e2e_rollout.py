@@ -122,6 +122,17 @@ def controller(spec: Path, log: Path, *args: str) -> subprocess.Popen:
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
 
 
+def rollout_under_traffic(tmp: Path, cluster: Cluster, spec: Path) -> Traffic:
+    """Run the controller to its end (exit 0) while the kubelets send traffic."""
+    traffic = Traffic(cluster.port)
+    try:
+        proc = controller(spec, tmp / "rollout.log")
+        assert proc.wait(90) == 0, (tmp / "rollout.log").read_text()
+    finally:
+        traffic.close()
+    return traffic
+
+
 def state_of(cluster: Cluster) -> dict:
     path = Path(f"{cluster.config}.rollout-{rollout_key(LABEL, 'pod')}.json")
     return json.loads(path.read_text()) if path.exists() else {}
@@ -148,13 +159,7 @@ def cluster(tmp_path):
 
 def test_a_clean_rollout_moves_exactly_the_clients_below_each_step(tmp_path, cluster):
     before = cluster.config.read_text()
-    spec = write_spec(tmp_path, cluster)
-    traffic = Traffic(cluster.port)
-    try:
-        proc = controller(spec, tmp_path / "rollout.log")
-        assert proc.wait(90) == 0, (tmp_path / "rollout.log").read_text()
-    finally:
-        traffic.close()
+    traffic = rollout_under_traffic(tmp_path, cluster, write_spec(tmp_path, cluster))
     log = (tmp_path / "rollout.log").read_text()
     state = state_of(cluster)
     assert state["phase"] == "Succeeded" and state["percent"] == 100
@@ -246,12 +251,9 @@ def test_configmap_target_edits_and_events_are_visible_with_kubectl(tmp_path, cl
     spec = write_spec(tmp_path, cluster, steps="[50, 100]", hold="1s",
                       target=f"{{configMap: {{namespace: kube-system, name: kom-gateway}}, "
                              f"kubeconfig: {cluster.kubeconfig}}}")  # fmt: skip
-    traffic = Traffic(cluster.port)
     try:
-        proc = controller(spec, tmp_path / "rollout.log")
-        assert proc.wait(90) == 0, (tmp_path / "rollout.log").read_text()
+        rollout_under_traffic(tmp_path, cluster, spec)
     finally:
-        traffic.close()
         stop.set()
         sync.join()
     cm = yaml.safe_load(cluster.kubectl("get", "configmap", "kom-gateway", "-n", "kube-system", "-o", "yaml"))
@@ -280,15 +282,12 @@ def test_prometheus_as_the_guard_source(tmp_path, cluster):
     prom = Process([prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
                     f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
                    None, tmp_path / "prometheus.log", wait_port=port)  # fmt: skip
-    traffic = Traffic(cluster.port)
     try:
         spec = write_spec(tmp_path, cluster, steps="[50, 100]", hold="3s",
                           source=f"{{prometheus: {{url: 'http://127.0.0.1:{port}'}}}}")  # fmt: skip
         spec.write_text(spec.read_text().replace("window: 1s", "window: 3s").replace("interval: 0.25s", "interval: 0.5s"))
-        proc = controller(spec, tmp_path / "rollout.log")
-        assert proc.wait(90) == 0, (tmp_path / "rollout.log").read_text()
+        rollout_under_traffic(tmp_path, cluster, spec)
     finally:
-        traffic.close()
         prom.stop()
     state = state_of(cluster)
     assert state["phase"] == "Succeeded"
