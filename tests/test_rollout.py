@@ -526,3 +526,4 @@ def test_a_target_that_cannot_be_written_stops_the_rollout_with_the_config_untou
     assert state.lease is None and state.percent == 0
     assert state.writing == 1  # resolved on the next start: the write had not landed
     assert "had not landed" in Rollout(spec(), target, ScriptedSource(target, readings())).start(False, False)[1].history[-1]["message"]
+

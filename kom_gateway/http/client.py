@@ -42,6 +42,27 @@ class StreamListener(Protocol):
         """kind: RESET_GOAWAY / RESET_REFUSED (not processed) or RESET_BROKEN."""
 
 
+class _NoListener:
+    """What a stream listens with once its connection has let it go: nothing more can
+    arrive, and dropping the listener frees it (and what it holds) by reference
+    counting, without waiting for the cyclic garbage collector."""
+
+    def on_response(self, status: int, headers: Headers) -> None:
+        pass
+
+    def on_data(self, data: bytes, flow_len: int) -> None:
+        pass
+
+    def on_end(self) -> None:
+        pass
+
+    def on_reset(self, kind: str, reason: str) -> None:
+        pass
+
+
+NO_LISTENER = _NoListener()
+
+
 def split_response(headers: Headers) -> tuple[int, Headers]:
     """(status, regular fields) of a response's header list (nghttp2 does this in C)."""
     status = 0
@@ -239,12 +260,14 @@ class HTTP2ClientConnection(H2Transport):
             stream.listener.on_reset(
                 RESET_GOAWAY, f"upstream GOAWAY ({error_code!r}) above last stream"
             )
+            stream.listener = NO_LISTENER
         self._maybe_finish()
 
     def _ended(self, stream_id: int) -> None:
         stream = self.streams.pop(stream_id, None)
         if stream is not None:
             stream.listener.on_end()
+            stream.listener = NO_LISTENER
         self._maybe_finish()
 
     def _reset(self, stream_id: int, error_code: int) -> None:
@@ -255,6 +278,7 @@ class HTTP2ClientConnection(H2Transport):
                 RESET_REFUSED if refused else RESET_BROKEN,
                 f"upstream reset stream (error code {error_code})",
             )
+            stream.listener = NO_LISTENER
         self._maybe_finish()
 
     def _maybe_finish(self) -> None:

@@ -12,6 +12,7 @@ import h2.exceptions
 from h2.errors import ErrorCodes
 
 from kom_gateway.http.client import (
+    NO_LISTENER,
     ClientStream,
     HTTP2ClientConnection,
     StreamListener,
@@ -162,6 +163,7 @@ class H2ClientConnection(BlockedStreams, HTTP2ClientConnection):
         self._blocked.discard(stream_id)
         if stream is None:
             return
+        stream.listener = NO_LISTENER
         with contextlib.suppress(*STREAM_GONE):
             self.conn.reset_stream(stream_id, ErrorCodes(CANCEL))
         self._write_out()

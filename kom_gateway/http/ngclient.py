@@ -12,6 +12,7 @@ import time
 
 from kom_gateway.http import _nghttp2 as ng
 from kom_gateway.http.client import (
+    NO_LISTENER,
     ClientStream,
     HTTP2ClientConnection,
     StreamListener,
@@ -120,8 +121,10 @@ class NgClientConnection(NgSessionOwner, HTTP2ClientConnection):
             self._write_out()
 
     def cancel(self, stream_id: int) -> None:
-        if self.streams.pop(stream_id, None) is None:
+        stream = self.streams.pop(stream_id, None)
+        if stream is None:
             return
+        stream.listener = NO_LISTENER
         self.session.reset(stream_id, CANCEL)
         self._write_out()
         self._maybe_finish()

@@ -66,6 +66,8 @@ class ServerStream(ABC):
             consumer.on_body_end()
 
     def _deliver_body(self, data: bytes, flow_len: int) -> None:
+        if self.closed:  # answered and gone: the rest of the body has no reader
+            return
         if self._consumer is None:
             if self._early is None:
                 self._early = []
@@ -105,6 +107,7 @@ class ServerStream(ABC):
         if self.closed:
             return
         self.closed = True
+        self._consumer = None  # nothing more can arrive: let the consumer go by refcount
         callbacks, self._closed_callbacks = self._closed_callbacks, None
         for callback in callbacks or ():
             callback()

@@ -504,6 +504,7 @@ class Exchange:
                 self.broken,
             )
         )
+        self.attempt = None  # exchange <-> attempt: freed by refcount, not the cyclic GC
 
 
 def _content_type(headers: Headers) -> bytes:

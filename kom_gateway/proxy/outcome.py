@@ -99,7 +99,7 @@ class OutcomeRecorder:
             histogram = self._durations.get(dkey)
             if histogram is None:
                 histogram = self._durations[dkey] = self.metrics.duration.labels(*dkey)
-            histogram.observe(outcome.duration)
+            self.metrics.observe(histogram, outcome.duration)
         decision = outcome.decision
         if decision is not None and decision.reason == REASON_CUT_OVER:
             self._record_moved(outcome, decision)
@@ -123,4 +123,4 @@ class OutcomeRecorder:
                 histogram = self._moved_durations[dkey] = self.metrics.cutover_duration.labels(
                     *dkey
                 )
-            histogram.observe(outcome.duration)
+            self.metrics.observe(histogram, outcome.duration)

@@ -4,6 +4,7 @@ when the config file changes; drain on SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import ssl
@@ -93,6 +94,10 @@ async def run_gateway(
     )
     if started is not None:
         started.set_result((port, admin_port))
+    # Everything allocated so far (modules, config, pools) lives as long as the process:
+    # out of the collector's sight, the collections that allocation churn still triggers
+    # stay small (about 3 µs less CPU per proxied request; see bench/README.md).
+    gc.freeze()
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

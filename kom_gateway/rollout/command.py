@@ -1,4 +1,6 @@
-"""`kom-gateway rollout run|status SPEC`: argument parsing and exit codes."""
+"""`kom-gateway rollout run|status SPEC`: argument parsing and exit codes. The rollout
+machinery (ruamel.yaml, the Kubernetes client) is imported only when a rollout command
+runs, never by the gateway process."""
 
 from __future__ import annotations
 
@@ -9,11 +11,6 @@ import sys
 import threading
 import time
 from typing import Any
-
-from kom_gateway.rollout.edit import EditError
-from kom_gateway.rollout.runner import Rollout, RolloutError, dry_run, make_source, status
-from kom_gateway.rollout.spec import SpecError, load_spec_file
-from kom_gateway.rollout.targets import TargetError, open_target
 
 EPILOG = """exit codes of run: 0 the rollout completed (or was stopped; run again to resume),
 1 an error (nothing written), 2 bad usage, 3 rolled back, 4 paused."""
@@ -53,11 +50,25 @@ def add_parser(sub: Any) -> None:
 
 
 def _open(args: argparse.Namespace) -> tuple[Any, Any]:
+    from kom_gateway.rollout.spec import load_spec_file
+    from kom_gateway.rollout.targets import open_target
+
     spec = load_spec_file(args.spec)
     return spec, open_target(spec.target, spec.label, spec.group)
 
 
+def _errors() -> tuple[type[Exception], ...]:
+    from kom_gateway.rollout.edit import EditError
+    from kom_gateway.rollout.runner import RolloutError
+    from kom_gateway.rollout.spec import SpecError
+    from kom_gateway.rollout.targets import TargetError
+
+    return (SpecError, TargetError, RolloutError, EditError)
+
+
 def cmd_rollout_run(args: argparse.Namespace) -> int:
+    from kom_gateway.rollout.runner import Rollout, dry_run, make_source
+
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -69,12 +80,14 @@ def cmd_rollout_run(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
         return Rollout(spec, target, make_source(spec)).run(stop, args.resume, args.restart)
-    except (SpecError, TargetError, RolloutError, EditError) as exc:
+    except _errors() as exc:
         print(f"kom-gateway rollout: {exc}", file=sys.stderr)
         return 1
 
 
 def cmd_rollout_status(args: argparse.Namespace) -> int:
+    from kom_gateway.rollout.runner import dry_run, status
+
     try:
         spec, target = _open(args)
         status(spec, target, sys.stdout, args.json, time.time())
@@ -82,6 +95,6 @@ def cmd_rollout_status(args: argparse.Namespace) -> int:
             print()
             dry_run(spec, target, sys.stdout)
         return 0
-    except (SpecError, TargetError, RolloutError, EditError) as exc:
+    except _errors() as exc:
         print(f"kom-gateway rollout: {exc}", file=sys.stderr)
         return 1

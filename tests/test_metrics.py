@@ -1,0 +1,31 @@
+"""The data plane's batched metric updates give what prometheus-client's own would."""
+
+from __future__ import annotations
+
+from prometheus_client import generate_latest
+
+from kom_gateway.proxy.metrics import Metrics
+
+
+def test_batched_histogram_observations_equal_prometheus_clients_own():
+    """Metrics.observe uses the histogram child's internals: the exposition must be what
+    Histogram.observe gives for the same values, edges and +Inf included."""
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from kom_gateway.proxy.metrics import LATENCY_BUCKETS
+
+    values = [0.0, 0.001, 0.005, 0.0051, 0.3, 1, 2.5, 59.9, 60, 61, 1e9]
+    direct_registry, batched_registry = CollectorRegistry(), CollectorRegistry()
+    direct = Histogram("h", "h", ["g"], buckets=LATENCY_BUCKETS, registry=direct_registry)
+    batched = Histogram("h", "h", ["g"], buckets=LATENCY_BUCKETS, registry=batched_registry)
+    metrics = Metrics()
+    for v in values:
+        direct.labels("a").observe(v)
+        metrics.observe(batched.labels("a"), v)
+    assert generate_latest(batched_registry) != generate_latest(direct_registry)  # not yet
+    metrics.flush()
+    assert samples(batched_registry) == samples(direct_registry)
+
+
+def samples(registry) -> list[str]:
+    return [line for line in generate_latest(registry).decode().splitlines() if "_created" not in line]
