@@ -399,3 +399,30 @@ def _unescape_selector_value(value: str) -> str | None:
         else:
             out.append(c)
     return None if in_slash else "".join(out)
+
+
+class ParseCache:
+    """`parse_request`, remembered: clients repeat their requests (a kubelet renews its
+    lease and reports its node every few seconds, informers re-list the same paths), and
+    a RequestInfo is immutable, so each (method, target) is parsed once. Bounded: cleared
+    when full; long targets (selectors, continue tokens), which rarely repeat, are not
+    kept."""
+
+    def __init__(self, size: int = 16384, longest: int = 512) -> None:
+        self.size = size
+        self.longest = longest
+        self._parsed: dict[tuple[str, str], RequestInfo] = {}
+
+    def parse(self, method: str, target: str) -> RequestInfo:
+        key = (method, target)
+        info = self._parsed.get(key)
+        if info is None:
+            info = parse_request(method, target)
+            if len(target) <= self.longest:
+                if len(self._parsed) >= self.size:
+                    self._parsed.clear()
+                self._parsed[key] = info
+        return info
+
+    def __len__(self) -> int:
+        return len(self._parsed)

@@ -220,3 +220,18 @@ def test_fuzz_arbitrary_target_never_raises(target, method):
     assert isinstance(info, RequestInfo)
     assert info.is_long_running in (True, False)
 
+
+
+def test_the_parse_cache_gives_what_parse_request_gives_and_stays_bounded():
+    from kom_gateway.requestinfo import ParseCache
+
+    cache = ParseCache(size=3, longest=40)
+    first = cache.parse("GET", "/api/v1/namespaces/a/pods/p")
+    assert first == parse_request("GET", "/api/v1/namespaces/a/pods/p")
+    assert cache.parse("GET", "/api/v1/namespaces/a/pods/p") is first
+    assert cache.parse("DELETE", "/api/v1/namespaces/a/pods/p").verb == "delete"  # method is key
+    long = "/api/v1/pods?labelSelector=" + "a" * 40
+    assert cache.parse("GET", long) == parse_request("GET", long) and len(cache) == 2
+    cache.parse("GET", "/api/v1/nodes")
+    cache.parse("GET", "/api/v1/nodes/n1")  # full: cleared, then kept
+    assert len(cache) == 1

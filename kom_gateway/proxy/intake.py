@@ -25,7 +25,7 @@ from kom_gateway.proxy.exchange import Exchange, answer_status
 from kom_gateway.proxy.headers import answered_by
 from kom_gateway.proxy.outcome import ANSWERED_BY_GATEWAY, Outcome
 from kom_gateway.proxy.upgrade import carry_upgrade
-from kom_gateway.requestinfo import parse_request
+from kom_gateway.requestinfo import ParseCache
 from kom_gateway.routing.cutover import Client
 from kom_gateway.routing.router import DEFAULT_GROUP, Decision
 
@@ -39,12 +39,13 @@ class Intake:
         self.ctx = ctx
         self.goaway_chance = 0.0  # per HTTP/2 request, set from the load a few times a second
         self._clients: dict[tuple[bytes, str, bytes], Client] = {}
+        self.parsed = ParseCache()
         self._cutover_children: tuple[int, dict[tuple, Any]] = (0, {})
 
     def handle(self, stream: ServerStream) -> None:
         active = self.holder.current
         ctx = self.ctx
-        info = parse_request(stream.method, stream.target)
+        info = self.parsed.parse(stream.method, stream.target)
         client = self.client_for(stream.headers, stream.remote_addr, stream.peer)
         if info.bad_target:
             message = f"malformed request target: {info.malformed}"
