@@ -509,6 +509,13 @@ def test_the_loop_walks_a_rollout_with_events_and_releases_its_lease():
     reasons = [reason for _, reason, _ in target.events]
     assert reasons == ["RolloutStarted", "RolloutPromoted", "RolloutStepServed", "RolloutPromoted",
                        "RolloutStepServed", "RolloutSucceeded"]  # fmt: skip
+    # running a completed rollout again is a no-op success; --restart starts it over
+    version = target.version
+    again = Rollout(s, target, ScriptedSource(target, readings()), clock=lambda: float(next(clock)))
+    assert again.run(threading.Event()) == 0 and target.version == version
+    restarted = Rollout(s, target, ScriptedSource(target, readings()), clock=lambda: float(next(clock)))
+    assert restarted.run(threading.Event(), restart=True) == 0
+    assert RolloutState.from_json(target.state).start_percent == 100
 
 
 def test_a_target_that_cannot_be_written_stops_the_rollout_with_the_config_untouched():

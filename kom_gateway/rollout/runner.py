@@ -118,6 +118,12 @@ class Rollout:
                 message += "; " + "; ".join(notes)
             if state.phase in ENDED and resume:
                 message = machine.resume(state, self.spec, configured, now)
+        if state.phase == SUCCEEDED:  # running a completed rollout again changes nothing
+            log.info(
+                "the rollout already completed at %s: nothing to do (--restart runs it again)",
+                pct(state.percent),
+            )
+            return snapshot, state
         if state.phase in ENDED:
             raise RolloutError(
                 f"the rollout is {state.phase} at {pct(state.percent)}: {state.reason}. "
@@ -134,6 +140,8 @@ class Rollout:
     # -- the loop ----------------------------------------------------------------------------
     def run(self, stop: threading.Event, resume: bool = False, restart: bool = False) -> int:
         snapshot, state = self.start(resume, restart)
+        if state.phase == SUCCEEDED:
+            return EXIT_CODES[SUCCEEDED]
         try:
             while True:
                 try:
