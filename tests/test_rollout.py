@@ -534,3 +534,24 @@ def test_a_target_that_cannot_be_written_stops_the_rollout_with_the_config_untou
     assert state.writing == 1  # resolved on the next start: the write had not landed
     assert "had not landed" in Rollout(spec(), target, ScriptedSource(target, readings())).start(False, False)[1].history[-1]["message"]
 
+
+
+def test_dry_run_prints_every_edit_to_come_and_writes_nothing():
+    import io
+
+    from kom_gateway.rollout.runner import dry_run
+
+    target = MemoryTarget(EXAMPLE)
+    out = io.StringIO()
+    kubelet = spec(rule='{userAgent: "kubelet/*", userGroup: "system:nodes"}')
+    assert dry_run(kubelet, target, out) == 0
+    text = out.getvalue()
+    assert "now 25%" in text
+    assert [line for line in text.splitlines() if line.startswith("# ")] == [
+        "# 25% -> 50%, after a hold of 10m with guards passing",
+        "# 50% -> 100%, after a hold of 10m with guards passing",
+    ]
+    assert "+    percent: {pod: 50, config: 100, event: 100}" in text
+    assert "+    percent: {pod: 100, config: 100, event: 100}" in text
+    assert "On a failed guard: roll back to the step before." in text
+    assert target.text == EXAMPLE and target.state is None and target.version == 0
