@@ -555,3 +555,37 @@ def test_dry_run_prints_every_edit_to_come_and_writes_nothing():
     assert "+    percent: {pod: 100, config: 100, event: 100}" in text
     assert "On a failed guard: roll back to the step before." in text
     assert target.text == EXAMPLE and target.state is None and target.version == 0
+
+
+def test_a_lease_from_another_host_is_taken_over_only_once_it_stops_being_renewed():
+    """ConfigMap targets have no flock and a crashed pod's host is gone: its lease is
+    watched; renewed -> a live controller, refused; not renewed -> taken over."""
+    import threading
+
+    from kom_gateway.rollout.runner import Rollout, RolloutError
+
+    s = spec()
+    target = MemoryTarget(EXAMPLE)
+    st = machine.new_state(s, 0.0, time.time())
+    st.lease = Lease("elsewhere/1/a", "another-host", 1, time.time(), 0.5)
+    target.state = st.to_json()
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(0.05):
+            live = RolloutState.from_json(target.state)
+            live.lease.renewed = time.time()
+            target.state = live.to_json()
+
+    renewer = threading.Thread(target=renew)
+    renewer.start()
+    try:
+        with pytest.raises(RolloutError, match="another controller drives .*elsewhere/1/a"):
+            Rollout(s, target, ScriptedSource(target, readings())).start(False, False)
+    finally:
+        stop.set()
+        renewer.join()
+    started = time.monotonic()
+    _, state = Rollout(s, target, ScriptedSource(target, readings())).start(False, False)
+    assert state.lease.holder != "elsewhere/1/a" and time.monotonic() - started < 3
+    assert "resuming" in state.history[-1]["message"]

@@ -95,7 +95,7 @@ class Rollout:
         lease = state.lease if state is not None else None
         theirs = lease is not None and lease.holder != self.lease.holder
         if held_by is None and theirs and lease is not None and not lease.lapsed(now):
-            held_by = lease.holder
+            held_by = self._live_holder(lease)
         if held_by is not None:
             until = f" (its lease runs to {_clock_text(lease.expires())})" if lease else ""
             raise RolloutError(
@@ -136,6 +136,28 @@ class Rollout:
         snapshot = self.target.write(snapshot, None, state)
         self._say(action, message)
         return snapshot, state
+
+    def _live_holder(self, lease: Lease) -> str | None:
+        """Who holds `lease`, if it is alive: a controller renews its lease at every
+        reading, so one seen renewing is refused at once, and one that stops (a crashed
+        pod: another host, no pid to check) is taken over when its lease lapses."""
+        log.info(
+            "the rollout's lease is held by %s: waiting up to %s to see whether it renews it",
+            lease.holder,
+            format_duration(lease.seconds),
+        )
+        deadline = time.monotonic() + lease.seconds + 1
+        while time.monotonic() < deadline:
+            time.sleep(min(1.0, lease.seconds / 10))
+            state = self.target.read().state
+            current = state.lease if state is not None else None
+            if current is None:
+                return None  # released meanwhile
+            if current.holder != lease.holder or current.renewed != lease.renewed:
+                return current.holder  # alive (or another controller took it)
+            if current.lapsed(self.clock()):
+                return None
+        return None
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self, stop: threading.Event, resume: bool = False, restart: bool = False) -> int:
