@@ -580,7 +580,7 @@ def test_a_lease_from_another_host_is_taken_over_only_once_it_stops_being_renewe
     renewer = threading.Thread(target=renew)
     renewer.start()
     try:
-        with pytest.raises(RolloutError, match="another controller drives .*elsewhere/1/a"):
+        with pytest.raises(RolloutError, match=r"another controller drives .*elsewhere/1/a"):
             Rollout(s, target, ScriptedSource(target, readings())).start(False, False)
     finally:
         stop.set()
