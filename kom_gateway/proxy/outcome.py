@@ -78,28 +78,23 @@ class OutcomeRecorder:
         self.metrics = metrics
         self.access_log = access_log
         self._requests: dict[tuple[str, str, str, str, int], Any] = {}
-        self._durations: dict[tuple[str, str], Any] = {}
-        self._moved: dict[tuple[str, str, str], Any] = {}
-        self._moved_durations: dict[tuple[str, str], Any] = {}
 
     def record(self, outcome: Outcome, metric_group: str | None = None) -> None:
         """Count `outcome` under `metric_group` (default: the group that answered) and
         log it if sampled."""
         info = outcome.info
+        metrics = self.metrics
         group = metric_group or outcome.answered_by
         key = (group, info.verb, info.resource, info.subresource, outcome.status)
-        counter = self._requests.get(key)
+        counter = self._requests.get(key)  # keyed by the int status: no str() per request
         if counter is None:
-            counter = self._requests[key] = self.metrics.requests.labels(
+            counter = self._requests[key] = metrics.requests.labels(
                 group, info.verb, info.resource, info.subresource, str(outcome.status)
             )
-        self.metrics.count(counter)
+        metrics.count(counter)
         if not info.is_long_running:
-            dkey = (group, info.verb)
-            histogram = self._durations.get(dkey)
-            if histogram is None:
-                histogram = self._durations[dkey] = self.metrics.duration.labels(*dkey)
-            self.metrics.observe(histogram, outcome.duration)
+            histogram = metrics.child(metrics.duration, group, info.verb)
+            metrics.observe(histogram, outcome.duration)
         decision = outcome.decision
         if decision is not None and decision.reason == REASON_CUT_OVER:
             self._record_moved(outcome, decision)
@@ -111,16 +106,8 @@ class OutcomeRecorder:
         label = decision.rule.label if decision.rule is not None else "none"
         group = decision.target
         kind = moved_outcome(outcome, group)
-        key = (label, group, kind)
-        counter = self._moved.get(key)
-        if counter is None:
-            counter = self._moved[key] = self.metrics.cutover_outcomes.labels(*key)
-        self.metrics.count(counter)
+        metrics = self.metrics
+        metrics.count(metrics.child(metrics.cutover_outcomes, label, group, kind))
         if kind != "fallback" and kind != "gateway" and not outcome.info.is_long_running:
-            dkey = (label, group)
-            histogram = self._moved_durations.get(dkey)
-            if histogram is None:
-                histogram = self._moved_durations[dkey] = self.metrics.cutover_duration.labels(
-                    *dkey
-                )
-            self.metrics.observe(histogram, outcome.duration)
+            histogram = metrics.child(metrics.cutover_duration, label, group)
+            metrics.observe(histogram, outcome.duration)

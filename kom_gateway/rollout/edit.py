@@ -190,11 +190,10 @@ def _only_that_changed(
 ) -> bool:
     """The new document equals the old one with that one value set (or its rule added)."""
     want = yaml.safe_load(old)
-    rules = want.get("cutover") or []
-    want["cutover"] = rules
-    rule = next((r for r in rules if _same_match(r, match)), None)
+    want["cutover"] = want.get("cutover") or []
+    rule = _rule_node(want, match)
     if rule is None:
-        rules.append({"match": dict(match), "percent": {group: value}})
+        want["cutover"].append({"match": dict(match), "percent": {group: value}})
     else:
         if not isinstance(rule.get("percent"), dict):
             rule["percent"] = {}

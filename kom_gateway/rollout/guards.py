@@ -8,7 +8,7 @@ was missing at the start of the window is left out until it has two readings."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from kom_gateway.rollout.spec import Guards, format_duration
@@ -190,6 +190,3 @@ class SampleWindow:
         if len(self.samples) < 2:
             return None
         return readings_between(self.samples[0], self.samples[-1])
-
-    def percents(self) -> Iterable[float | None]:
-        return (r.percent for r in self.samples[-1].replicas.values()) if self.samples else ()

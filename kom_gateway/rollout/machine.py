@@ -4,7 +4,6 @@ changes the state. The runner only reads, writes and sleeps around these two."""
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,17 +25,12 @@ WRITES = ("promote", "rollback")
 
 @dataclass(frozen=True)
 class Action:
-    kind: str  # start, promote, applied, hold, rollback, pause, succeed, ended
+    kind: str  # promote, applied, hold, rollback, pause, succeed, ended
     message: str
     percent: float | None = None  # the percent to write (promote, rollback)
     verdict: Verdict | None = None
     readings: Readings | None = None
     topic: str = ""  # what a hold waits for (an Event is recorded when it changes)
-
-
-def step_of(steps: Sequence[float], percent: float) -> int:
-    """Index of the highest step at or below `percent` (-1: below the first)."""
-    return bisect.bisect_right(list(steps), percent) - 1
 
 
 def new_state(spec: RolloutSpec, configured: float, now: float) -> RolloutState:
@@ -46,7 +40,6 @@ def new_state(spec: RolloutSpec, configured: float, now: float) -> RolloutState:
         group=spec.group,
         steps=list(spec.steps),
         start_percent=configured,
-        step=step_of(spec.steps, configured),
         percent=configured,
         step_started=now,
     )
@@ -60,14 +53,12 @@ def reconcile(state: RolloutState, spec: RolloutSpec, configured: float, now: fl
         if configured == state.writing:
             notes.append(f"the interrupted write of {pct(state.writing)} had landed")
             state.percent = configured
-            state.step = step_of(spec.steps, configured)
             state.step_started, state.step_applied = now, None
         else:
             notes.append(f"the interrupted write of {pct(state.writing)} had not landed")
         state.writing = None
     if list(spec.steps) != state.steps:
         state.steps = list(spec.steps)
-        state.step = step_of(spec.steps, state.percent)
         notes.append(f"steps are now [{', '.join(pct(s) for s in spec.steps)}]")
     return notes
 
@@ -77,7 +68,6 @@ def resume(state: RolloutState, spec: RolloutSpec, configured: float, now: float
     was = state.phase
     state.phase = PROGRESSING
     state.percent = configured
-    state.step = step_of(spec.steps, configured)
     state.step_started, state.step_applied = now, None
     state.reason = f"resumed from {was} at {pct(configured)}"
     state.note(now, "resume", state.reason, percent=configured)
@@ -102,7 +92,7 @@ def decide(
             f"continue from {pct(configured)}",
         )
     steps = spec.steps
-    if state.step < 0 and state.percent < steps[0]:
+    if state.percent < steps[0]:
         return Action("promote", f"starting: {pct(state.percent)} -> {pct(steps[0])}", steps[0])
     at = pct(state.percent)
     if state.step_applied is None:
@@ -195,12 +185,10 @@ def advance(state: RolloutState, action: Action, now: float) -> None:
     elif kind == "promote":
         assert action.percent is not None
         state.percent = action.percent
-        state.step = step_of(state.steps, action.percent)
         state.step_started, state.step_applied = now, None
     elif kind == "rollback":
         assert action.percent is not None
         state.percent = action.percent
-        state.step = step_of(state.steps, action.percent)
         state.phase = ROLLED_BACK
     elif kind == "pause":
         state.phase = PAUSED

@@ -22,8 +22,6 @@ GENERATION = "kom_gateway_config_generation"
 
 
 class Source(Protocol):
-    def describe(self) -> str: ...
-
     def observe(self, now: float) -> list[str]:
         """Take a reading; problems (an unreachable replica) in words."""
         ...
@@ -71,9 +69,6 @@ class GatewaysSource:
         self.window = SampleWindow()
         self._last: Sample | None = None
         self._pool = ThreadPoolExecutor(max_workers=min(16, len(self.urls)))
-
-    def describe(self) -> str:
-        return f"{len(self.urls)} gateway replica(s)' /metrics"
 
     def _scrape(self, url: str) -> ReplicaSample | str:
         try:
@@ -129,9 +124,6 @@ class PrometheusSource:
         self.timeout = timeout
         self.min_range = min_range  # shorter ranges hold too few scrapes to say anything
         self._served: list[float | None] = []
-
-    def describe(self) -> str:
-        return f"Prometheus at {self.url}"
 
     def query(self, expr: str) -> list[dict]:
         url = f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})

@@ -74,7 +74,6 @@ class RolloutSpec:
     on_failure: str = "rollback"  # or "pause"
     rollback_to: str = "previous"  # or "0"
     interval: float = 10.0  # seconds between guard readings
-    source: str = ""
 
     @property
     def match(self) -> Match:
@@ -202,9 +201,7 @@ class _SpecBuilder:
             )
         if self.problems or target is None:
             raise SpecError(self.source, self.problems)
-        return RolloutSpec(
-            target, rule, group, steps, hold, guards, on_failure, to, interval, self.source
-        )
+        return RolloutSpec(target, rule, group, steps, hold, guards, on_failure, to, interval)
 
     def target(self, value: Any) -> FileTarget | ConfigMapTarget | None:
         t = self.mapping(value, "target", ("file", "configMap", "kubeconfig", "context"))

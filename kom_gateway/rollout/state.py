@@ -6,6 +6,7 @@ annotation on a ConfigMap target), so a restarted controller resumes where it wa
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import os
@@ -20,6 +21,11 @@ ROLLED_BACK = "RolledBack"
 PAUSED = "Paused"
 ENDED = (SUCCEEDED, ROLLED_BACK, PAUSED)
 HISTORY_KEPT = 50
+
+
+def step_of(steps: list[float], percent: float) -> int:
+    """Index of the highest step at or below `percent` (-1: below the first)."""
+    return bisect.bisect_right(steps, percent) - 1
 
 
 def rollout_key(label: str, group: str) -> str:
@@ -64,7 +70,6 @@ class RolloutState:
     group: str
     steps: list[float]
     start_percent: float  # where the rollout began (what "previous" means before step 0)
-    step: int = -1  # index into steps of the percent now configured; -1: not yet moved
     percent: float = 0.0  # what the controller last wrote (or found at start)
     phase: str = PROGRESSING
     step_started: float = 0.0  # when the current percent was written
@@ -75,6 +80,11 @@ class RolloutState:
     last_verdict: str = ""
     history: list[dict[str, Any]] = field(default_factory=list)
     lease: Lease | None = None
+
+    @property
+    def step(self) -> int:
+        """Index into steps of the percent now configured (-1: below the first)."""
+        return step_of(self.steps, self.percent)
 
     def note(self, now: float, action: str, message: str, **extra: Any) -> None:
         self.history.append({"time": round(now, 3), "action": action, "message": message, **extra})

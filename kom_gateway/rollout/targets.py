@@ -212,14 +212,13 @@ class ConfigMapTargetIO:
         }
         if text is not None:
             cm.data = {**(cm.data or {}), self.target.key: text}
+        self._read_object = None  # if this write fails, the next one needs a fresh read
         try:
             cm = self.api.replace_namespaced_config_map(self.target.name, self.target.namespace, cm)
         except self._exc as exc:
             raise self._api_error(exc, "write") from None
         except OSError as exc:
             raise TargetError(f"cannot write {self.describe()}: {exc}") from None
-        finally:
-            self._read_object = None  # the next write needs a fresh read
         self._read_object = cm
         return Snapshot(
             (cm.data or {}).get(self.target.key, ""), cm.metadata.resource_version, state
@@ -252,7 +251,7 @@ class ConfigMapTargetIO:
         }
         try:
             self.api.create_namespaced_event(t.namespace, body)
-        except (self._exc, OSError) as exc:  # an Event is a courtesy: never stop for it
+        except (self._exc, OSError) as exc:  # a courtesy: the runner logs it and goes on
             raise TargetError(f"cannot record an Event on {self.describe()}: {exc}") from None
 
     def lock(self, holder: str) -> str | None:
