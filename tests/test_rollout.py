@@ -589,3 +589,29 @@ def test_a_lease_from_another_host_is_taken_over_only_once_it_stops_being_renewe
     _, state = Rollout(s, target, ScriptedSource(target, readings())).start(False, False)
     assert state.lease.holder != "elsewhere/1/a" and time.monotonic() - started < 3
     assert "resuming" in state.history[-1]["message"]
+
+
+def test_a_conflict_after_the_config_write_does_not_lose_the_step():
+    """Someone else writes the target (another rule's rollout on the same ConfigMap)
+    right after this controller wrote the new percent: its state write conflicts, and
+    the next reading carries on from the percent it wrote, not from the stale stored
+    state (which would look like an edit by hand and pause)."""
+    import threading
+
+    from kom_gateway.rollout.runner import Rollout
+
+    class BusyTarget(MemoryTarget):
+        def write(self, snapshot, text, state):
+            result = super().write(snapshot, text, state)
+            if text is not None:
+                self.version += 1  # a write by someone else lands in between
+            return result
+
+    s = spec(hold="1s", steps="[50, 100]")
+    target = BusyTarget(EXAMPLE)
+    clock = iter(range(0, 10_000, 5))
+    rollout = Rollout(s, target, ScriptedSource(target, readings()), clock=lambda: float(next(clock)))
+    assert rollout.run(threading.Event()) == 0
+    state = RolloutState.from_json(target.state)
+    assert state.phase == "Succeeded" and state.writing is None
+    assert not [h for h in state.history if h["action"] == "pause"]

@@ -161,17 +161,15 @@ class Rollout:
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self, stop: threading.Event, resume: bool = False, restart: bool = False) -> int:
-        snapshot, state = self.start(resume, restart)
+        _, state = self.start(resume, restart)
         if state.phase == SUCCEEDED:
             return EXIT_CODES[SUCCEEDED]
         try:
             while True:
                 try:
-                    snapshot, state = self.tick(snapshot, state)
-                except Conflict as exc:
+                    self.tick(state)
+                except Conflict as exc:  # the next reading reads the target again
                     log.info("%s; reading it again", exc)
-                    snapshot = self.target.read()
-                    state = snapshot.state or state
                 if state.phase in ENDED:
                     return EXIT_CODES[state.phase]
                 if stop.wait(self.spec.interval):
@@ -184,7 +182,9 @@ class Rollout:
         finally:
             self._release(state)
 
-    def tick(self, snapshot: Snapshot, state: RolloutState) -> tuple[Snapshot, RolloutState]:
+    def tick(self, state: RolloutState) -> None:
+        """One reading: read the target and the guards, decide, act (`state` is the
+        controller's own; the stored copy only tells whether another took over)."""
         snapshot = self.target.read()
         stored = snapshot.state.lease if snapshot.state is not None else None
         if stored is not None and stored.holder != self.lease.holder:
@@ -193,7 +193,7 @@ class Rollout:
             configured = self.configured(snapshot)
         except RolloutError as exc:  # the gateways keep serving their last good config
             log.warning("holding: %s", exc)
-            return snapshot, state
+            return
         now = self.clock()
         for problem in self.source.observe(now):
             log.warning("guard source: %s", problem)
@@ -203,19 +203,15 @@ class Rollout:
         self.lease.renewed = now
         state.lease = self.lease
         if action.kind in WRITES:
-            assert action.percent is not None
-            snapshot = self._write(snapshot, state, action, now)
+            self._write(snapshot, state, action, now)
         else:
             if action.kind == "applied":
                 self.source.clear()
             machine.advance(state, action, now)
-            snapshot = self.target.write(snapshot, None, state)
+            self.target.write(snapshot, None, state)
         self._say(action.kind, action.message, action.topic)
-        return snapshot, state
 
-    def _write(
-        self, snapshot: Snapshot, state: RolloutState, action: Action, now: float
-    ) -> Snapshot:
+    def _write(self, snapshot: Snapshot, state: RolloutState, action: Action, now: float) -> None:
         assert action.percent is not None
         try:
             text = set_percent(
@@ -228,16 +224,14 @@ class Rollout:
         except EditError as exc:
             raise RolloutError(f"cannot move to {pct(action.percent)}: {exc}") from None
         state.writing = action.percent
-        snapshot = self.target.write(snapshot, None, state)
         try:
+            snapshot = self.target.write(snapshot, None, state)
             snapshot = self.target.write(snapshot, text, state)
-        except TargetError:
+        finally:
             state.writing = None
-            raise
-        state.writing = None
         machine.advance(state, action, now)
         self.source.clear()
-        return self.target.write(snapshot, None, state)
+        self.target.write(snapshot, None, state)
 
     def _release(self, state: RolloutState) -> None:
         """Give the lease up so a restarted controller resumes at once."""
