@@ -278,8 +278,11 @@ async def test_stalled_reader_stalls_only_itself_and_buffers_little(stack):
 async def test_a_proxied_request_leaves_no_cyclic_garbage(stack):
     """Exchange, attempt, streams and upstream streams let each other go when a request
     ends, so reference counting frees them: the cyclic collector (a few µs of CPU per
-    request when it has to find them) finds nothing of the gateway's."""
+    request when it has to find them) finds nothing of the gateway's per request. (An
+    earlier test's gateway may be freed meanwhile: only a type left once per request or
+    more counts.)"""
     import gc
+    from collections import Counter
 
     client = await stack.client()
     for path in ("/api/v1/namespaces/default/configmaps", "/api/v1/pods", "/version"):
@@ -292,10 +295,10 @@ async def test_a_proxied_request_leaves_no_cyclic_garbage(stack):
             for path in ("/api/v1/namespaces/default/configmaps", "/api/v1/pods", "/version"):
                 assert (await client.request("GET", path)).status == 200
         gc.collect()
-        ours = [type(o).__qualname__ for o in gc.garbage
-                if type(o).__module__.startswith(("kom_gateway.proxy", "kom_gateway.http"))]  # fmt: skip
+        ours = Counter(type(o).__qualname__ for o in gc.garbage
+                       if type(o).__module__.startswith(("kom_gateway.proxy", "kom_gateway.http")))  # fmt: skip
     finally:
         gc.set_debug(0)
         gc.garbage.clear()
         gc.enable()
-    assert ours == []
+    assert {name: n for name, n in ours.items() if n >= 20} == {}

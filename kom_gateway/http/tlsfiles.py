@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import weakref
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -65,14 +66,21 @@ class ServerTLSContext(ReloadingContext[ssl.SSLContext]):
             lambda: server_ssl_context(cert_file, key_file, client_ca_file),
         )
         self.listening = self.current
-        self.listening.sni_callback = self._select
+        self.listening.sni_callback = _newest_context(weakref.ref(self))
 
-    def _select(
-        self, ssl_object: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext
-    ) -> None:
-        if ssl_object.context is not self.current:
-            ssl_object.context = self.current
+
+def _newest_context(owner: Callable[[], ServerTLSContext | None]) -> Callable[..., None]:
+    """The SNI callback. It reaches its ServerTLSContext through a weak reference: the
+    listening context holds the callback, so a strong one would make a cycle that only
+    the cyclic collector frees."""
+
+    def select(ssl_object: ssl.SSLObject, server_name: str | None, context: object) -> None:
+        tls = owner()
+        if tls is not None and ssl_object.context is not tls.current:
+            ssl_object.context = tls.current
         return None
+
+    return select
 
 
 def server_ssl_context(cert_file: str, key_file: str, client_ca_file: str | None) -> ssl.SSLContext:
