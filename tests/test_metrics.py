@@ -8,9 +8,10 @@ from kom_gateway.proxy.metrics import Metrics
 
 
 def test_batched_histogram_observations_equal_prometheus_clients_own():
-    """Metrics.observe uses the histogram child's internals: the exposition must be what
-    Histogram.observe gives for the same values, edges and +Inf included."""
-    from prometheus_client import CollectorRegistry, Histogram
+    """Metrics.add uses the histogram child's internals: the exposition must be what
+    Histogram.observe (and Counter.inc) gives for the same values, edges and +Inf
+    included."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram
 
     from kom_gateway.proxy.metrics import LATENCY_BUCKETS
 
@@ -18,10 +19,13 @@ def test_batched_histogram_observations_equal_prometheus_clients_own():
     direct_registry, batched_registry = CollectorRegistry(), CollectorRegistry()
     direct = Histogram("h", "h", ["g"], buckets=LATENCY_BUCKETS, registry=direct_registry)
     batched = Histogram("h", "h", ["g"], buckets=LATENCY_BUCKETS, registry=batched_registry)
+    direct_count = Counter("c", "c", registry=direct_registry)
+    batched_count = Counter("c", "c", registry=batched_registry)
     metrics = Metrics()
     for v in values:
         direct.labels("a").observe(v)
-        metrics.observe(batched.labels("a"), v)
+        direct_count.inc()
+        metrics.add((batched_count,), (batched.labels("a"),), v)
     assert generate_latest(batched_registry) != generate_latest(direct_registry)  # not yet
     metrics.flush()
     assert samples(batched_registry) == samples(direct_registry)

@@ -405,14 +405,14 @@ def test_credit_is_held_back_past_the_budget_and_returned_once_under_it():
     for _ in range(3):
         buffers.hold("k", 60)
     assert buffers.over_budget("k") and buffers.total == 180
-    buffers.release("k", 60, lambda: credited.append("a"))  # 120 left: over budget
+    buffers.release("k", 60, lambda n: credited.append("a"), 0)  # 120 left: over budget
     assert credited == []
-    buffers.release("k", 60, lambda: credited.append("b"))  # 60 left: under it
+    buffers.release("k", 60, lambda n: credited.append("b"), 0)  # 60 left: under it
     assert credited == ["b", "a"]
-    buffers.release("k", 60, lambda: credited.append("c"))
+    buffers.release("k", 60, lambda n: credited.append("c"), 0)
     assert credited == ["b", "a", "c"] and buffers.buffered == {} and buffers.total == 0
     buffers.hold("k", 0)  # an empty DATA frame (END_STREAM) holds nothing
-    buffers.release("k", 0, lambda: credited.append("d"))
+    buffers.release("k", 0, lambda n: credited.append("d"), 0)
     assert credited[-1] == "d" and buffers.buffered == {}
 
 
@@ -421,7 +421,7 @@ def test_no_budget_means_credit_at_once():
     buffers.hold("k", 10**9)
     assert not buffers.over_budget("k")
     done = []
-    buffers.release("k", 10**9, lambda: done.append(1))
+    buffers.release("k", 10**9, done.append, 1)
     assert done == [1]
 
 

@@ -275,6 +275,34 @@ EV_PING_ACK = 6  # (EV_PING_ACK, payload)
 EV_SETTINGS = 7  # (EV_SETTINGS,): the peer's SETTINGS arrived (not an ACK)
 EV_TRAILERS = 8  # (EV_TRAILERS, stream_id, end_stream): trailers arrived (dropped)
 
+# Header names in (nearly) every Kubernetes request or response, kube-apiserver's and
+# client-go's: one of these arrives as this very bytes object instead of a new one (no
+# allocation per header, and its hash, which the proxy's header filters need, is
+# computed once). Indexed by length.
+_COMMON_NAMES = (
+    b"accept", b"accept-encoding", b"accept-ranges", b"audit-id", b"authorization",
+    b"cache-control", b"content-encoding", b"content-length", b"content-type", b"date",
+    b"etag", b"kubectl-command", b"kubectl-session", b"last-modified", b"location",
+    b"retry-after", b"server", b"user-agent", b"vary", b"warning",
+    b"x-kubernetes-pf-flowschema-uid", b"x-kubernetes-pf-prioritylevel-uid",
+)
+cdef enum:
+    _LONGEST_COMMON = 40
+cdef tuple _NAMES_BY_LENGTH = tuple(
+    tuple(n for n in _COMMON_NAMES if len(n) == length) for length in range(_LONGEST_COMMON)
+)
+
+
+cdef bytes _header_name(const uint8_t *name, size_t namelen):
+    """`name` as bytes: the shared object if it is a common name, else a new one."""
+    cdef bytes common
+    if namelen < _LONGEST_COMMON:
+        for common in <tuple>_NAMES_BY_LENGTH[namelen]:
+            if memcmp(PyBytes_AS_STRING(common), name, namelen) == 0:
+                return common
+    return PyBytes_FromStringAndSize(<const char *>name, namelen)
+
+
 # what a failed receive() says about the peer, for the abuse counters
 CONTINUATION_FLOOD = ERR_TOO_MANY_CONTINUATIONS
 FLOODED = ERR_FLOODED
@@ -658,7 +686,7 @@ cdef int _on_header(nghttp2_session *s, const nghttp2_frame *frame, const uint8_
             elif namelen == 7 and memcmp(name, b":status", 7) == 0:
                 self._status = _status_code(value, valuelen)
             return 0  # :scheme, :protocol: not needed by anyone downstream
-        self._headers.append((PyBytes_FromStringAndSize(<const char *>name, namelen),
+        self._headers.append((_header_name(name, namelen),
                               PyBytes_FromStringAndSize(<const char *>value, valuelen)))
     except BaseException as exc:
         self._error = exc

@@ -123,6 +123,7 @@ class HTTP2ClientConnection(H2Transport):
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.closed = False
         self.draining = False  # GOAWAY received (or sent): no new streams
+        self._max_streams = 0  # streams we may have open (known once SETTINGS arrive)
         self._paused = False
         self._last_read = time.monotonic()
 
@@ -201,13 +202,17 @@ class HTTP2ClientConnection(H2Transport):
         return not self.closed and not self.draining and self.ready.done()
 
     def has_capacity(self) -> bool:
-        return self.usable and len(self.streams) < min(
-            self._remote_max_streams(), self.settings.max_concurrent_streams
+        return (
+            not self.closed
+            and not self.draining
+            and len(self.streams) < self._max_streams
+            and self.ready.done()
         )
 
     # -- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self._loop = asyncio.get_running_loop()
         s = self.settings
         self.transport.set_write_buffer_limits(high=s.write_buffer_bytes)
         self._start()
@@ -240,6 +245,8 @@ class HTTP2ClientConnection(H2Transport):
 
     # -- events the engines report -------------------------------------------------------
     def _settings_received(self) -> None:
+        # the server's MAX_CONCURRENT_STREAMS is read here, not per request
+        self._max_streams = min(self._remote_max_streams(), self.settings.max_concurrent_streams)
         if not self.ready.done():
             self.ready.set_result(None)
 

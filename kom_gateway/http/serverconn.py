@@ -218,6 +218,7 @@ class HTTP2ServerConnection(H2Transport):
     # -- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self._loop = asyncio.get_running_loop()
         self.transport.set_write_buffer_limits(high=self.settings.write_buffer_bytes)
         peer = transport.get_extra_info("peername")
         self.remote_addr = peer[0] if peer else ""

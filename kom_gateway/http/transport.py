@@ -23,6 +23,8 @@ KEEPALIVE_PING = b"komgw\x00\x00\x00"
 
 class H2Transport(asyncio.Protocol):
     transport: asyncio.Transport | None = None
+    _loop: asyncio.AbstractEventLoop  # set in connection_made (get_running_loop() costs a
+    # getpid() system call in CPython 3.11, and _write_out runs several times a request)
     _flush_handle: asyncio.Handle | None = None
     _ping_ack: asyncio.Future[None] | None = None
     _keepalive_task: asyncio.Task[None] | None = None
@@ -43,7 +45,7 @@ class H2Transport(asyncio.Protocol):
     # -- write coalescing ----------------------------------------------------------------
     def _write_out(self) -> None:
         if self._flush_handle is None and self.transport is not None:
-            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush_now)
+            self._flush_handle = self._loop.call_soon(self._flush_now)
 
     def _flush_now(self) -> None:
         self._flush_handle = None

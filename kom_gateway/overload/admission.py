@@ -119,27 +119,33 @@ class Admission:
     def admit(
         self, info: RequestInfo, client: Client, group: str, now: float
     ) -> Ticket | Rejection:
+        # Runs on every request: memo, limits and budget lookups are inlined, and empty
+        # match lists are not walked.
         policy = self.policy
         kind = SHORT
+        counts = self.inflight
         if info.is_long_running:
-            kind = WATCH if info.verb == "watch" else OTHER
-        counts = (
-            self.inflight if kind is SHORT else self.watches if kind is WATCH else self.long_running
-        )
-        mine = policy.for_client(client)
-        if _any_match(mine.exempt, info, group):
+            if info.verb == "watch":
+                kind, counts = WATCH, self.watches
+            else:
+                kind, counts = OTHER, self.long_running
+        mine = client.policy_memo
+        if mine is None or mine.policy is not policy:
+            mine = policy.for_client(client)
+        if mine.exempt and _any_match(mine.exempt, info, group):
             return Ticket(counts, group, kind)
         protected = _any_match(mine.protected, info, group)
         client_counts = None
         if not protected:
             key = client.key
-            if self.buffers.over_budget(key):
+            buffers = self.buffers
+            if buffers.max_buffered and buffers.buffered.get(key, 0) >= buffers.max_buffered:
                 return Rejection(
                     "client-buffer",
                     group,
                     self._shed("client", now),
                     "Too many requests, please try again later (this client has not read "
-                    f"{self.buffers.buffered[key]} bytes of responses; read them first)",
+                    f"{buffers.buffered[key]} bytes of responses; read them first)",
                 )
             if kind is SHORT:
                 most = policy.per_client.max_inflight
@@ -155,7 +161,7 @@ class Admission:
             for rule in mine.rate_limits:
                 if not rule.match.matches_request(info, group):
                     continue
-                wait = self._buckets[rule].take(client.key if rule.per_client else "", now)
+                wait = self._buckets[rule].take(key if rule.per_client else "", now)
                 if wait:
                     retry = max(whole_seconds(wait), self._shed(f"rule:{rule.name}", now))
                     return Rejection(
@@ -165,31 +171,32 @@ class Admission:
                         f"Too many requests, please try again later "
                         f"(rate limit {rule.name!r}: {rule.qps:g} qps, burst {rule.burst})",
                     )
-        limits = policy.limits_for(group)
-        if kind is WATCH:
-            if limits.max_watches and self.watches.get(group, 0) >= limits.max_watches:
+        if kind is SHORT:
+            limit = policy.group_limits.get(group, policy.limits).max_inflight
+            if limit:
+                if not protected:
+                    limit -= int(limit * policy.reserved_percent / 100)
+                if counts.get(group, 0) >= limit:
+                    return Rejection(
+                        "inflight",
+                        group,
+                        self._shed(f"inflight:{group}", now),
+                        f"Too many requests, please try again later "
+                        f"(group {group!r} has {limit} requests in flight)",
+                    )
+        elif kind is WATCH:
+            most = policy.group_limits.get(group, policy.limits).max_watches
+            if most and counts.get(group, 0) >= most:
                 return Rejection(
                     "watches",
                     group,
                     self._shed(f"watch:{group}", now),
                     f"Too many requests, please try again later "
-                    f"(group {group!r} holds its limit of {limits.max_watches} watches)",
-                )
-        elif kind is SHORT and limits.max_inflight:
-            limit = limits.max_inflight
-            if not protected:
-                limit -= int(limit * policy.reserved_percent / 100)
-            if self.inflight.get(group, 0) >= limit:
-                return Rejection(
-                    "inflight",
-                    group,
-                    self._shed(f"inflight:{group}", now),
-                    f"Too many requests, please try again later "
-                    f"(group {group!r} has {limit} requests in flight)",
+                    f"(group {group!r} holds its limit of {most} watches)",
                 )
         if protected:
             return Ticket(counts, group, kind)
-        return Ticket(counts, group, kind, client_counts, client.key)
+        return Ticket(counts, group, kind, client_counts, key)
 
     def _shed(self, key: str, now: float) -> int:
         tracker = self._retry.get(key)

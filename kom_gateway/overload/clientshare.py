@@ -13,14 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-Credit = Callable[[], None]
+Credit = Callable[[int], None]  # returns that many bytes of flow-control credit upstream
 
 
 class ClientBuffers:
     def __init__(self, max_buffered: int = 0) -> None:
         self.max_buffered = max_buffered  # bytes per client (0: no budget)
         self.buffered: dict[str, int] = {}  # client key -> bytes held for it now
-        self._held: dict[str, list[Credit]] = {}  # credit owed once under budget
+        self._held: dict[str, list[tuple[Credit, int]]] = {}  # owed once under budget
         self.total = 0
 
     def over_budget(self, key: str) -> bool:
@@ -32,9 +32,10 @@ class ClientBuffers:
             self.buffered[key] = self.buffered.get(key, 0) + size
             self.total += size
 
-    def release(self, key: str, size: int, credit: Credit) -> None:
-        """`size` bytes left for the client (or were dropped with it); `credit` returns
-        their flow-control credit upstream: now, or once the client is under budget."""
+    def release(self, key: str, size: int, credit: Credit, amount: int) -> None:
+        """`size` bytes left for the client (or were dropped with it); `credit(amount)`
+        returns their flow-control credit upstream: now, or once the client is under
+        budget. (A callable and its argument, not a closure: this runs per DATA frame.)"""
         left = self.buffered.get(key, 0) - size
         if size:
             self.total -= size
@@ -43,12 +44,12 @@ class ClientBuffers:
             else:
                 del self.buffered[key]
         if 0 < self.max_buffered <= left:
-            self._held.setdefault(key, []).append(credit)
+            self._held.setdefault(key, []).append((credit, amount))
             return
-        credit()
-        held = self._held.pop(key, None)
-        for owed in held or ():
-            owed()
+        credit(amount)
+        if self._held:
+            for owed, owed_amount in self._held.pop(key, ()):
+                owed(owed_amount)
 
     def largest(self) -> int:
         return max(self.buffered.values(), default=0)

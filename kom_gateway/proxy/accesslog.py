@@ -19,12 +19,12 @@ from typing import IO, TYPE_CHECKING
 from kom_gateway.config.model import AccessLogSettings
 
 if TYPE_CHECKING:
-    from kom_gateway.proxy.outcome import Outcome
+    from kom_gateway.proxy.outcome import Finished
 
 log = logging.getLogger(__name__)
 
 
-def access_record(when: float, outcome: Outcome) -> dict[str, object]:
+def access_record(when: float, outcome: Finished) -> dict[str, object]:
     """The JSON object of one request that started at `when` (pure)."""
     client, info, decision = outcome.client, outcome.info, outcome.decision
     return {

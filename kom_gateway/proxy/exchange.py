@@ -43,7 +43,7 @@ from kom_gateway.proxy.headers import (
     status_headers,
     upstream_request_headers,
 )
-from kom_gateway.proxy.outcome import ANSWERED_BY_GATEWAY, Outcome
+from kom_gateway.proxy.outcome import ANSWERED_BY_GATEWAY
 from kom_gateway.proxy.upstreams import UpstreamEndpoint
 from kom_gateway.proxy.watchframes import WatchFrames
 from kom_gateway.requestinfo import RequestInfo
@@ -87,14 +87,11 @@ class _Attempt:
 
         self.upstream.send_data(chunk[0], sent)
 
-    def _current(self) -> bool:
-        exchange = self.exchange
-        return exchange.attempt is self and not exchange.finished
-
-    # -- StreamListener ------------------------------------------------------------------
+    # -- StreamListener (each checks the attempt is still the exchange's current one) ----
     def on_response(self, status: int, headers: Headers) -> None:
-        if self._current():
-            self.exchange.on_upstream_response(self, status, headers)
+        exchange = self.exchange
+        if exchange.attempt is self and not exchange.finished:
+            exchange.on_upstream_response(self, status, headers)
 
     def on_data(self, data: bytes, flow_len: int) -> None:
         upstream = self.upstream
@@ -114,21 +111,22 @@ class _Attempt:
             return
         buffers = exchange.ctx.buffers
         buffers.hold(key, size)
-        exchange.stream.write(
-            data, lambda: buffers.release(key, size, lambda: upstream.ack(flow_len))
-        )
+        exchange.stream.write(data, lambda: buffers.release(key, size, upstream.ack, flow_len))
 
     def on_end(self) -> None:
-        if self._current():
-            self.exchange.on_upstream_end(self)
+        exchange = self.exchange
+        if exchange.attempt is self and not exchange.finished:
+            exchange.on_upstream_end(self)
 
     def on_reset(self, kind: str, reason: str) -> None:
-        if self._current():
-            self.exchange.on_upstream_reset(self, kind, reason)
+        exchange = self.exchange
+        if exchange.attempt is self and not exchange.finished:
+            exchange.on_upstream_reset(self, kind, reason)
 
 
 class Exchange:
-    """Callbacks in, one `Outcome` out (recorded when the exchange finishes)."""
+    """Callbacks in, one outcome out: when it finishes, the exchange records itself
+    (it has the attributes of `outcome.Finished`)."""
 
     __slots__ = (
         "_busy",
@@ -139,13 +137,16 @@ class Exchange:
         "attempts",
         "body",
         "body_ended",
-        "body_size",
         "broken",
+        "bytes_in",
         "bytes_out",
         "client",
         "ctx",
         "deadline",
         "decision",
+        "duration",
+        "endpoint",
+        "fallback",
         "finished",
         "frames",
         "info",
@@ -176,7 +177,7 @@ class Exchange:
         self.bytes_out = 0  # response body bytes (for the access log)
         self.attempts = Attempts(ctx.upstreams, ctx.metrics, info, stream.method, decision.target)
         self.body: list[list] | None = []  # [data, unacked flow bytes]; kept for replay
-        self.body_size = 0
+        self.bytes_in = 0  # request body bytes
         self.body_ended = False
         self.attempt: _Attempt | None = None
         self.answered_by = decision.target
@@ -186,6 +187,9 @@ class Exchange:
         self.responded = False  # the client's response is ours to finish (or was)
         self.finished = False
         self.broken = False  # the upstream failed after the response had started
+        self.duration = 0.0  # these three are set when it finishes
+        self.endpoint = ""  # the endpoint that answered
+        self.fallback: str | None = None
         self.frames: WatchFrames | None = None  # a watch's event boundaries
         self._busy: UpstreamEndpoint | None = None  # counted in its in_flight
         self._connecting: asyncio.Task[HTTP2ClientConnection] | None = None
@@ -377,8 +381,8 @@ class Exchange:
         if self.finished:  # already answered (413): the rest of the body is dropped
             self.stream.ack_body(flow_len)
             return
-        self.body_size += len(data)
-        if self.body_size > self.active.config.limits.max_request_body_bytes:
+        self.bytes_in += len(data)
+        if self.bytes_in > self.active.config.limits.max_request_body_bytes:
             self._fail_body_too_large()
             return
         chunk = [data, flow_len]
@@ -489,21 +493,10 @@ class Exchange:
         if self.frames is not None:
             ctx.metrics.child(ctx.metrics.watches, self.answered_by).dec()
         attempt = self.attempt
-        ctx.recorder.record(
-            Outcome(
-                self.client,
-                self.info,
-                self.decision,
-                self.answered_by,
-                self.status,
-                time.monotonic() - self.started,
-                attempt.endpoint.name if attempt is not None else "",
-                self.body_size,
-                self.bytes_out,
-                self.attempts.fallback,
-                self.broken,
-            )
-        )
+        self.endpoint = attempt.endpoint.name if attempt is not None else ""
+        self.fallback = self.attempts.fallback
+        self.duration = time.monotonic() - self.started
+        ctx.recorder.record(self)
         self.attempt = None  # exchange <-> attempt: freed by refcount, not the cyclic GC
 
 

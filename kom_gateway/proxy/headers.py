@@ -23,6 +23,8 @@ HOP_BY_HOP = frozenset(
     }
 )
 IDENTITY_PREFIX = b"x-remote-"  # front-proxy identity: only the gateway may set these
+# (method, scheme, authority) -> their pseudo-header fields, encoded once
+_PSEUDO_FIELDS: dict[tuple[str, str, str], tuple[tuple[bytes, bytes], ...]] = {}
 
 
 def is_identity_header(name: bytes) -> bool:
@@ -49,18 +51,29 @@ def upstream_request_headers(
     certificate. Then `identity`,
     the front-proxy headers of a verified client certificate, is added.
     """
-    out: Headers = [
-        (b":method", method.encode("latin-1")),
-        (b":scheme", scheme.encode("latin-1")),
-        (b":authority", authority.encode("latin-1")),
-        (b":path", target.encode("latin-1")),
-    ]
+    key = (method, scheme, authority)
+    prefix = _PSEUDO_FIELDS.get(key)
+    if prefix is None:
+        if len(_PSEUDO_FIELDS) >= 256:  # methods are the client's to choose
+            _PSEUDO_FIELDS.clear()
+        prefix = _PSEUDO_FIELDS[key] = (
+            (b":method", method.encode("latin-1")),
+            (b":scheme", scheme.encode("latin-1")),
+            (b":authority", authority.encode("latin-1")),
+        )
+    out: Headers = [*prefix, (b":path", target.encode("latin-1"))]
     listed = False
-    for name, value in headers:
-        if name in HOP_BY_HOP or is_identity_header(name):
+    for field in headers:
+        name = field[0]
+        # is_identity_header(), inlined: this runs for every header of every request
+        if (
+            name in HOP_BY_HOP
+            or name.startswith(IDENTITY_PREFIX)
+            or (b"_" in name and is_identity_header(name))
+        ):
             listed = listed or name == b"connection"
             continue
-        out.append((name, value))
+        out.append(field)
     if listed:  # HTTP/1.1 only (HTTP/2 has no Connection): drop what it names, too
         named = {v.strip().lower() for n, v in headers if n == b"connection" for v in v.split(b",")}
         out = out[:4] + [(n, v) for n, v in out[4:] if n not in named]
@@ -69,7 +82,7 @@ def upstream_request_headers(
 
 
 def downstream_response_headers(headers: Headers) -> Headers:
-    return [(n, v) for n, v in headers if n not in HOP_BY_HOP]
+    return [field for field in headers if field[0] not in HOP_BY_HOP]
 
 
 def answered_by(name: str, group: str, fallback: str | None) -> Headers:

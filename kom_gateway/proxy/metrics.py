@@ -35,16 +35,22 @@ class Metrics:
         tally = self._tally
         tally[child] = tally.get(child, 0) + amount
 
-    def observe(self, child: Any, value: float) -> None:
-        """`Histogram.observe`, batched the same way: the bucket is found here (bisect
-        in C instead of a loop under a lock) and the counts reach the histogram on
-        `flush()`. Uses the child's `_upper_bounds`, `_buckets` and `_sum`, which
-        prometheus-client has kept for years; tests compare against `observe()`."""
-        tally = self._observed.get(child)
-        if tally is None:
-            tally = self._observed[child] = [0.0] * (len(child._upper_bounds) + 1)
-        tally[0] += value
-        tally[1 + bisect_left(child._upper_bounds, value)] += 1
+    def add(self, counters: tuple[Any, ...], histograms: tuple[Any, ...], value: float) -> None:
+        """Count one in each of `counters` and observe `value` in each of `histograms`,
+        batched as `count` is: the bucket is found here (bisect in C instead of a loop
+        under a lock) and the counts reach the histogram on `flush()`. Uses the child's
+        `_upper_bounds`, `_buckets` and `_sum`, which prometheus-client has kept for
+        years; tests compare against `observe()`."""
+        tally = self._tally
+        for child in counters:
+            tally[child] = tally.get(child, 0) + 1
+        observed = self._observed
+        for child in histograms:
+            counts = observed.get(child)
+            if counts is None:
+                counts = observed[child] = [0.0] * (len(child._upper_bounds) + 1)
+            counts[0] += value
+            counts[1 + bisect_left(child._upper_bounds, value)] += 1
 
     def flush(self) -> None:
         tally, self._tally = self._tally, {}

@@ -5,7 +5,7 @@ exchange, the gateway's own 400/429, an Upgrade)."""
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Protocol
 
 from kom_gateway.proxy.accesslog import AccessLog, access_record
 from kom_gateway.proxy.metrics import Metrics
@@ -15,9 +15,10 @@ from kom_gateway.routing.router import REASON_CUT_OVER, Decision
 
 ANSWERED_BY_GATEWAY = "gateway"  # the access log's answeredBy when no group answered
 _CODE_CLASS = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
+SERIES_CACHE_SIZE = 4096  # kinds of outcome kept (cleared when full)
 
 
-def moved_outcome(outcome: Outcome, group: str) -> str:
+def moved_outcome(outcome: Finished, group: str) -> str:
     """How a request a cut-over rule moved to `group` ended, as the rollout guards
     count it (the `outcome` label of kom_gateway_cutover_outcomes_total)."""
     if outcome.fallback is not None:
@@ -29,8 +30,26 @@ def moved_outcome(outcome: Outcome, group: str) -> str:
     return _CODE_CLASS.get(outcome.status // 100, "5xx")
 
 
+class Finished(Protocol):
+    """What is recorded of a request that ended: an `Outcome`, or the proxy's `Exchange`
+    itself, which keeps these attributes (so a proxied request builds no second object)."""
+
+    client: Client
+    info: RequestInfo
+    decision: Decision | None
+    answered_by: str  # the group that answered, or ANSWERED_BY_GATEWAY
+    status: int  # 499: the client went away first
+    duration: float
+    endpoint: str
+    bytes_in: int
+    bytes_out: int
+    fallback: str | None  # why the request last left a group, if it did
+    broken: bool  # the group failed after the response had started
+
+
 class Outcome:
-    """One request, as it ended."""
+    """One request, as it ended (for the requests the gateway answers itself, and
+    Upgrades)."""
 
     __slots__ = (
         "answered_by",
@@ -63,51 +82,60 @@ class Outcome:
         self.client = client
         self.info = info
         self.decision = decision
-        self.answered_by = answered_by  # the group that answered, or ANSWERED_BY_GATEWAY
-        self.status = status  # 499: the client went away first
+        self.answered_by = answered_by
+        self.status = status
         self.duration = duration
         self.endpoint = endpoint
         self.bytes_in = bytes_in
         self.bytes_out = bytes_out
-        self.fallback = fallback  # why the request last left a group, if it did
-        self.broken = broken  # the group failed after the response had started
+        self.fallback = fallback
+        self.broken = broken
 
 
 class OutcomeRecorder:
+    """Every kind of outcome (group, request kind, status, and for a moved request its
+    rule and how it ended) adds to the same few metric children: they are looked up
+    once per kind and kept (`_series`), so recording is one dict lookup and one call."""
+
     def __init__(self, metrics: Metrics, access_log: AccessLog) -> None:
         self.metrics = metrics
         self.access_log = access_log
-        self._requests: dict[tuple[str, str, str, str, int], Any] = {}
+        self._series: dict[tuple, tuple[tuple[Any, ...], tuple[Any, ...]]] = {}
 
-    def record(self, outcome: Outcome, metric_group: str | None = None) -> None:
+    def record(self, outcome: Finished, metric_group: str | None = None) -> None:
         """Count `outcome` under `metric_group` (default: the group that answered) and
         log it if sampled."""
         info = outcome.info
-        metrics = self.metrics
         group = metric_group or outcome.answered_by
-        key = (group, info.verb, info.resource, info.subresource, outcome.status)
-        counter = self._requests.get(key)  # keyed by the int status: no str() per request
-        if counter is None:
-            counter = self._requests[key] = metrics.requests.labels(
-                group, info.verb, info.resource, info.subresource, str(outcome.status)
-            )
-        metrics.count(counter)
-        if not info.is_long_running:
-            histogram = metrics.child(metrics.duration, group, info.verb)
-            metrics.observe(histogram, outcome.duration)
         decision = outcome.decision
+        # keyed by the int status: no str() per request
+        key: tuple = (group, info.verb, info.resource, info.subresource, info.is_long_running,
+                      outcome.status)  # fmt: skip
         if decision is not None and decision.reason == REASON_CUT_OVER:
-            self._record_moved(outcome, decision)
+            rule = decision.rule
+            key += (rule.label if rule is not None else "none", decision.target,
+                    moved_outcome(outcome, decision.target))  # fmt: skip
+        series = self._series.get(key)
+        if series is None:
+            series = self._new_series(key)
+        self.metrics.add(series[0], series[1], outcome.duration)
         if self.access_log.wants(outcome.status, outcome.fallback):
             self.access_log.write(access_record(time.time() - outcome.duration, outcome))
 
-    def _record_moved(self, outcome: Outcome, decision: Decision) -> None:
-        """Per rule and group, for the rollout guards: only requests a rule moved."""
-        label = decision.rule.label if decision.rule is not None else "none"
-        group = decision.target
-        kind = moved_outcome(outcome, group)
-        metrics = self.metrics
-        metrics.count(metrics.child(metrics.cutover_outcomes, label, group, kind))
-        if kind != "fallback" and kind != "gateway" and not outcome.info.is_long_running:
-            histogram = metrics.child(metrics.cutover_duration, label, group)
-            metrics.observe(histogram, outcome.duration)
+    def _new_series(self, key: tuple) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        """The counters and histograms one kind of outcome adds to: the request counter
+        and duration (not for long-running requests), and for requests a cut-over rule
+        moved, the per-rule counter and duration the rollout guards read."""
+        group, verb, resource, subresource, long_running, status = key[:6]
+        m = self.metrics
+        counters = [m.child(m.requests, group, verb, resource, subresource, str(status))]
+        histograms = [] if long_running else [m.child(m.duration, group, verb)]
+        if len(key) > 6:
+            label, target, kind = key[6:]
+            counters.append(m.child(m.cutover_outcomes, label, target, kind))
+            if kind != "fallback" and kind != "gateway" and not long_running:
+                histograms.append(m.child(m.cutover_duration, label, target))
+        if len(self._series) >= SERIES_CACHE_SIZE:
+            self._series.clear()
+        series = self._series[key] = (tuple(counters), tuple(histograms))
+        return series

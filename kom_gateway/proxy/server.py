@@ -24,6 +24,7 @@ from kom_gateway.proxy.gateway import Gateway
 from kom_gateway.proxy.settings import listener_settings
 
 log = logging.getLogger("kom_gateway")
+GC_YOUNG_THRESHOLD = 10_000  # net allocations between collections of the youngest generation
 
 
 @dataclass
@@ -96,8 +97,12 @@ async def run_gateway(
         started.set_result((port, admin_port))
     # Everything allocated so far (modules, config, pools) lives as long as the process:
     # out of the collector's sight, the collections that allocation churn still triggers
-    # stay small (about 3 µs less CPU per proxied request; see bench/README.md).
+    # stay small (about 3 µs less CPU per proxied request; see bench/README.md). A request
+    # leaves no cycles behind (tested), so the youngest generation is collected every
+    # 10,000 net allocations instead of 700: by then most of a request's objects are
+    # freed, and collections stop costing ~3% of the CPU.
     gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
