@@ -100,7 +100,8 @@ class NgClientConnection(NgSessionOwner, HTTP2ClientConnection):
             raise StreamRefused(f"nghttp2 could not open a stream (error {stream_id})")
         stream = ClientStream(self, stream_id, listener)
         self.streams[stream_id] = stream
-        self._write_out()
+        if self._flush_handle is None:
+            self._write_out()
         return stream
 
     def send_data(self, stream: ClientStream, data: bytes, on_flushed: Flushed | None) -> None:
@@ -118,7 +119,8 @@ class NgClientConnection(NgSessionOwner, HTTP2ClientConnection):
     def ack(self, stream_id: int, flow_len: int) -> None:
         if flow_len > 0 and not self.closed:
             self.session.consume(stream_id, flow_len)
-            self._write_out()
+            if self._flush_handle is None:
+                self._write_out()
 
     def cancel(self, stream_id: int) -> None:
         stream = self.streams.pop(stream_id, None)

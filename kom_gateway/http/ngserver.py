@@ -18,6 +18,7 @@ from kom_gateway.http.serverconn import (
     MAX_STREAM_ID,
     HTTP2ServerConnection,
     HTTP2ServerStream,
+    status_field,
 )
 from kom_gateway.http.stream import Flushed, Headers
 from kom_gateway.http.transport import PROTOCOL_ERROR as PROTOCOL_ERROR_CODE
@@ -29,7 +30,41 @@ EV_PING_ACK, EV_GOAWAY = ng.EV_PING_ACK, ng.EV_GOAWAY
 
 
 class NgServerStream(HTTP2ServerStream):
+    """The response actions call the session directly, not through the connection's
+    primitives: they run for every response."""
+
     __slots__ = ()
+    _conn: NgServerProtocol
+
+    def start_response(self, status: int, headers: Headers, end_stream: bool = False) -> None:
+        if self.closed or self.response_started:
+            return
+        self.response_started = True
+        conn = self._conn
+        if not conn.session.respond(self.stream_id, [status_field(status), *headers], end_stream):
+            conn._forget(self.stream_id)
+        elif conn._flush_handle is None:
+            conn._write_out()
+
+    def write(self, data: bytes, on_flushed: Flushed | None = None) -> None:
+        conn = self._conn
+        if type(data) is not bytes:
+            data = bytes(data)
+        if not self.closed and conn.session.write(self.stream_id, data, on_flushed):
+            if conn._flush_handle is None:
+                conn._write_out()
+        elif on_flushed is not None:
+            on_flushed()  # never sent, but done with: its producer gets its credit back
+
+    def end(self) -> None:
+        if self.closed:
+            return
+        if not self.response_started:
+            self.start_response(200, [], end_stream=True)
+            return
+        conn = self._conn
+        if conn.session.end(self.stream_id) and conn._flush_handle is None:
+            conn._write_out()
 
 
 class NgServerProtocol(NgSessionOwner, HTTP2ServerConnection):
@@ -146,25 +181,7 @@ class NgServerProtocol(NgSessionOwner, HTTP2ServerConnection):
             self._charged[kind] = count
         return False
 
-    # -- primitives ----------------------------------------------------------------------
-    def send_headers(self, stream: HTTP2ServerStream, headers: Headers, end_stream: bool) -> None:
-        if not self.session.respond(stream.stream_id, headers, end_stream):
-            self._forget(stream.stream_id)
-            return
-        self._write_out()
-
-    def write(self, stream: HTTP2ServerStream, data: bytes, on_flushed: Flushed | None) -> None:
-        if not isinstance(data, bytes):
-            data = bytes(data)
-        if self.session.write(stream.stream_id, data, on_flushed):
-            self._write_out()
-        elif on_flushed is not None:
-            on_flushed()  # never sent, but done with
-
-    def end(self, stream: HTTP2ServerStream) -> None:
-        if self.session.end(stream.stream_id):
-            self._write_out()
-
+    # -- primitives (the response actions are NgServerStream's) --------------------------
     def ack(self, stream_id: int, flow_len: int) -> None:
         if flow_len > 0:
             self.session.consume(stream_id, flow_len)

@@ -4,10 +4,11 @@ protocol state machine.
 An engine (`h2server.py`: pure-Python h2; `ngserver.py`: libnghttp2) subclasses
 `HTTP2ServerConnection` and supplies the frame-level primitives (`_start`, `data_received`,
 `send_headers`, `write`, `end`, `ack`, `reset_stream`, `_send_goaway`, `_send_ping`,
-`_data_to_send`, `_waiting_for_client`). The policy lives here once: graceful and
-two-phase GOAWAY with Go's linger, idle and max-age GOAWAY, PING keepalive, the abuse
-budgets, the stalled-reader and write-backlog cut-offs, write coalescing (one transport
-write per connection per event-loop pass).
+`_data_to_send`, `_waiting_for_client`); an engine may instead override the response
+actions on its stream class (the nghttp2 engine does: they run for every response).
+The policy lives here once: graceful and two-phase GOAWAY with Go's linger, idle and
+max-age GOAWAY, PING keepalive, the abuse budgets, the stalled-reader and write-backlog
+cut-offs, write coalescing (one transport write per connection per event-loop pass).
 """
 
 from __future__ import annotations
@@ -70,6 +71,17 @@ def split_request(headers: Headers) -> tuple[str, str, str, Headers]:
     return method, target, authority, regular
 
 
+_STATUS_FIELDS: dict[int, tuple[bytes, bytes]] = {}
+
+
+def status_field(status: int) -> tuple[bytes, bytes]:
+    """The `:status` pseudo-header field, encoded once per status code."""
+    field = _STATUS_FIELDS.get(status)
+    if field is None:
+        field = _STATUS_FIELDS[status] = (b":status", b"%d" % status)
+    return field
+
+
 class HTTP2ServerStream(ServerStream):
     """One request on a downstream HTTP/2 connection; every action goes to the engine."""
 
@@ -105,7 +117,7 @@ class HTTP2ServerStream(ServerStream):
         if self.closed or self.response_started:
             return
         self.response_started = True
-        self._conn.send_headers(self, [(b":status", str(status).encode()), *headers], end_stream)
+        self._conn.send_headers(self, [status_field(status), *headers], end_stream)
 
     def write(self, data: bytes, on_flushed: Flushed | None = None) -> None:
         if self.closed:

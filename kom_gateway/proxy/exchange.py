@@ -245,7 +245,8 @@ class Exchange:
     def _hold(self, endpoint: UpstreamEndpoint) -> None:
         """Count this request in the endpoint's in-flight from the moment it is picked,
         so requests picking while a connection opens see each other."""
-        self._let_go()
+        if self._busy is not None:
+            self._let_go()
         endpoint.in_flight += 1
         self._busy = endpoint
 

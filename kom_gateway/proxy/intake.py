@@ -47,7 +47,7 @@ class Intake:
         ctx = self.ctx
         info = self.parsed.parse(stream.method, stream.target)
         client = self.client_for(stream.headers, stream.remote_addr, stream.peer)
-        if info.bad_target:
+        if info.malformed and info.bad_target:
             message = f"malformed request target: {info.malformed}"
             extra = answered_by(active.config.answered_by_header, ANSWERED_BY_GATEWAY, None)
             answer_status(stream, 400, "BadRequest", message, None, extra)
@@ -55,7 +55,7 @@ class Intake:
             return
         decision = active.router.decide(info, client)
         if decision.home != DEFAULT_GROUP:
-            ctx.metrics.count(self._cutover_counter(active, decision))
+            self._count_cutover(active, decision)
         verdict = self.admission.admit(info, client, decision.target, time.monotonic())
         if isinstance(verdict, Rejection):
             extra = answered_by(active.config.answered_by_header, ANSWERED_BY_GATEWAY, None)
@@ -96,9 +96,9 @@ class Intake:
             self._clients[key] = client
         return client
 
-    def _cutover_counter(self, active: Active, decision: Decision) -> Any:
-        """The cut-over counter of a decision, labelled with its rule's match as operators
-        wrote it (children cached per configuration generation)."""
+    def _count_cutover(self, active: Active, decision: Decision) -> None:
+        """Count a decision on its cut-over counter, labelled with its rule's match as
+        operators wrote it (children cached per configuration generation)."""
         rule = decision.rule
         label = rule.label if rule is not None else "none"
         key = (label, decision.home, decision.target)
@@ -110,7 +110,7 @@ class Intake:
         if child is None:
             m = self.ctx.metrics
             child = children[key] = m.child(m.cutover, label, decision.home, decision.target)
-        return child
+        self.ctx.metrics.count(child)
 
 
 def _new_client(
