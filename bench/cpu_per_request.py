@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import proxy_bench as pb
-from e2e import Process, free_port
+from e2e import free_port
 
 
 def main() -> int:
@@ -33,17 +33,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="kom-cpu-") as tmp:
         root = Path(tmp)
         root.chmod(0o755)
-        (root / "tmp").mkdir()
-        pb.write_upstream_files(root)
-        pb.make_certificate(root)  # nginx.conf also serves TLS
-        up, port, admin = free_port(), free_port(), free_port()
-        nginx_conf = pb.NGINX.format(
-            root=root, port=up, tls_port=free_port(), small=pb.SMALL_PATH, list=pb.LIST_PATH
-        )
-        (root / "nginx.conf").write_text(nginx_conf)
-        (root / "gateway.yaml").write_text(pb.GATEWAY.format(upstream=up))
-        nginx = Process(["nginx", "-c", str(root / "nginx.conf"), "-p", str(root)], None,
-                        root / "nginx.out", wait_port=up)  # fmt: skip
+        nginx, _ = pb.serve_canned_pod(root)
+        port, admin = free_port(), free_port()
         try:
             gateway = pb.start_gateway(
                 root / "gateway.yaml", port, admin, root / "gw.out", 1, args.engine

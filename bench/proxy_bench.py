@@ -203,6 +203,24 @@ def make_certificate(root: Path) -> None:
     (root / "tls.pem").write_text((root / "tls.crt").read_text() + (root / "tls.key").read_text())
 
 
+def serve_canned_pod(root: Path) -> tuple[Process, int]:
+    """nginx serving the canned pod and LIST from `root` (an empty, world-readable
+    directory) on a free port, and the gateway config in front of it as
+    `root/gateway.yaml`: the setup of the quick A/B harnesses (`cpu_per_request.py`,
+    `instructions_per_request.py`). The caller stops the process."""
+    (root / "tmp").mkdir()
+    write_upstream_files(root)
+    make_certificate(root)  # nginx.conf also serves TLS
+    up = free_port()
+    (root / "nginx.conf").write_text(
+        NGINX.format(root=root, port=up, tls_port=free_port(), small=SMALL_PATH, list=LIST_PATH)
+    )
+    (root / "gateway.yaml").write_text(GATEWAY.format(upstream=up))
+    nginx = Process(["nginx", "-c", str(root / "nginx.conf"), "-p", str(root)], None,
+                    root / "nginx.out", wait_port=up)  # fmt: skip
+    return nginx, up
+
+
 def h2load(
     url: str,
     requests: int,
