@@ -45,7 +45,8 @@ def test_one_event_per_header_block_whatever_its_size():
     headers = [*REQUEST, *((b"x-field-%d" % i, b"v" * 30_000) for i in range(30))]  # ~900 KB
     client.send_headers(1, headers, end_stream=True)
     events = server.receive(client.data_to_send())
-    assert kinds(events) == [ng.EV_HEADERS, ng.EV_END]  # no per-header event, no Python call
+    assert kinds(events) == [ng.EV_HEADERS]  # no per-header event, no Python call
+    assert events[0][3] is True  # END_STREAM rides in the event: no EV_END for a GET's worth
     assert events[0][2] == headers[len(REQUEST):]  # regular fields; pseudo-headers split in C
     assert events[0][4] == ("POST", "/api/v1/namespaces/default/configmaps", "gw")
 
@@ -60,6 +61,28 @@ def test_response_status_is_split_off_in_c():
     events = [e for e in client.receive(server.send()) if e[0] == ng.EV_HEADERS]
     assert [(e[1], e[2], e[4]) for e in events] == [
         (stream_id, [(b"content-type", b"application/json")], 404)]
+
+
+def test_a_final_response_after_1xx_is_a_response_and_trailers_end_the_body():
+    """nghttp2 files the final response after a 100 Continue under "other HEADERS", as it
+    does trailers: the session still reports it as the response (Go's server sends 100
+    Continue to a request carrying Expect: 100-continue)."""
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    server.initiate_connection()
+    client = ng.Session(False)
+    client.submit_settings(())
+    server.receive_data(client.send())
+    client.receive(server.data_to_send())
+    stream_id = client.request(REQUEST, False)
+    server.receive_data(client.send())
+    server.send_headers(stream_id, [(b":status", b"100")])
+    server.send_headers(stream_id, [(b":status", b"201"), (b"content-type", b"application/json")])
+    server.send_data(stream_id, b"{}")
+    server.send_headers(stream_id, [(b"grpc-status", b"0")], end_stream=True)
+    events = client.receive(server.data_to_send())
+    assert [(e[0], e[4]) for e in events if e[0] == ng.EV_HEADERS] == [
+        (ng.EV_HEADERS, 100), (ng.EV_HEADERS, 201)]
+    assert kinds(events)[-3:] == [ng.EV_DATA, ng.EV_TRAILERS, ng.EV_END]
 
 
 def test_header_list_over_the_limit_is_reported_for_its_stream_only():

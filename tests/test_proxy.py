@@ -302,3 +302,69 @@ async def test_a_proxied_request_leaves_no_cyclic_garbage(stack):
         gc.garbage.clear()
         gc.enable()
     assert {name: n for name, n in ours.items() if n >= 20} == {}
+
+
+class _ContinueFirst(asyncio.Protocol):
+    """An apiserver that answers 100 Continue before its response, as Go's HTTP/2 server
+    does to a request carrying `Expect: 100-continue` (/readyz answered plainly)."""
+
+    def connection_made(self, transport):
+        import h2.config
+        import h2.connection
+
+        self.transport = transport
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        self.conn.initiate_connection()
+        self.paths = {}
+        transport.write(self.conn.data_to_send())
+
+    def data_received(self, data):
+        import h2.events
+
+        for event in self.conn.receive_data(data):
+            if isinstance(event, h2.events.RequestReceived):
+                self.paths[event.stream_id] = dict(event.headers)[b":path"]
+                if self.paths[event.stream_id] != b"/readyz":
+                    self.conn.send_headers(event.stream_id, [(b":status", b"100")])
+            elif isinstance(event, h2.events.DataReceived):
+                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, h2.events.StreamEnded):
+                body = b"ok" if self.paths[event.stream_id] == b"/readyz" else b'{"kind":"ConfigMap"}'
+                status = b"200" if body == b"ok" else b"201"
+                self.conn.send_headers(event.stream_id, [(b":status", status),
+                                                         (b"content-length", b"%d" % len(body))])
+                self.conn.send_data(event.stream_id, body, end_stream=True)
+        self.transport.write(self.conn.data_to_send())
+
+
+async def test_a_final_response_after_100_continue_is_the_answer(engine):
+    """The upstream's 1xx is not the answer and not a failure: the final response after
+    it reaches the client (on nghttp2 that final HEADERS is not filed as a response)."""
+    from harness import Client
+
+    from kom_gateway.config import ConfigHolder, load_config_text
+    from kom_gateway.http.h2client import H2ClientConnection
+    from kom_gateway.http.settings import H2ClientSettings
+    from kom_gateway.proxy.gateway import Gateway
+    from kom_gateway.proxy.server import new_listener
+
+    loop = asyncio.get_running_loop()
+    upstream = await loop.create_server(_ContinueFirst, "127.0.0.1", 0)
+    port = upstream.sockets[0].getsockname()[1]
+    gateway = Gateway(ConfigHolder(load_config_text(
+        f'groups:\n  default: {{endpoints: ["http://127.0.0.1:{port}"]}}\n')))
+    listener = new_listener(gateway, None)
+    try:
+        gateway_port = await listener.start("127.0.0.1", 0)
+        conn = await H2ClientConnection.connect("127.0.0.1", gateway_port, H2ClientSettings())
+        client = Client(conn, gateway_port)
+        response = await client.request("POST", "/api/v1/namespaces/default/configmaps",
+                                         body=b'{"kind":"ConfigMap"}',
+                                         headers=[(b"expect", b"100-continue")])
+        assert (response.status, response.body) == (201, b'{"kind":"ConfigMap"}')
+        await client.close()
+    finally:
+        gateway.abort_all()
+        await listener.close()
+        await gateway.close()
+        upstream.close()

@@ -265,10 +265,12 @@ SETTINGS_MAX_HEADER_LIST_SIZE = 0x6
 # Events, as the first item of each tuple in `Session.events`:
 # (EV_HEADERS, stream_id, headers | None (over the limit), end_stream, pseudo): `headers`
 # are the regular fields; pseudo-header fields are split off in C: a request's `pseudo` is
-# (method, path, authority) as str, a response's is its status as int
+# (method, path, authority) as str, a response's is its status as int (a 1xx, then the
+# final one, each an EV_HEADERS). `end_stream`: the peer's side ended here, no EV_END
+# follows
 EV_HEADERS = 1
 EV_DATA = 2  # (EV_DATA, stream_id, bytes): a DATA chunk; its length is its flow-control cost
-EV_END = 3  # (EV_END, stream_id): the peer ended its side (END_STREAM)
+EV_END = 3  # (EV_END, stream_id): the peer ended its side on DATA or trailers
 EV_CLOSE = 4  # (EV_CLOSE, stream_id, error_code): the stream is gone (0: both sides ended)
 EV_GOAWAY = 5  # (EV_GOAWAY, last_stream_id, error_code, debug_data)
 EV_PING_ACK = 6  # (EV_PING_ACK, payload)
@@ -709,15 +711,18 @@ cdef int _on_frame_recv(nghttp2_session *s, const nghttp2_frame *frame,
                 self.events.append((EV_END, sid))
         elif kind == T_HEADERS:
             headers, self._headers = self._headers, None
+            # END_STREAM on a request or response rides in its EV_HEADERS (no EV_END: a
+            # GET is one event); only trailers are followed by an EV_END
             if frame.headers.cat == CAT_REQUEST:
                 self.events.append(
                     (EV_HEADERS, sid, headers, end, (self._method, self._path, self._authority)))
-            elif frame.headers.cat == CAT_RESPONSE:
+            elif self._status:  # a response: the first, or the final one after a 1xx
+                # (which nghttp2 files under "other HEADERS", as it does trailers)
                 self.events.append((EV_HEADERS, sid, headers, end, self._status))
-            else:  # trailers (or a response after 1xx): the body's end is what counts
+            else:  # trailers: the body's end is what counts
                 self.events.append((EV_TRAILERS, sid, end))
-            if end:
-                self.events.append((EV_END, sid))
+                if end:
+                    self.events.append((EV_END, sid))
         elif kind == T_RST_STREAM:
             self.resets_received += 1
             self.guarded_frames += 1

@@ -77,6 +77,8 @@ class NgClientConnection(NgSessionOwner, HTTP2ClientConnection):
                         stream.listener.on_data(event[2], len(event[2]))
                 elif kind == EV_HEADERS:
                     self._response(event[1], event[4], event[2] or [])
+                    if event[3]:  # END_STREAM on the headers: no body
+                        self._ended(event[1])
                 elif kind == EV_END:
                     self._ended(event[1])
                 elif kind == EV_CLOSE:
