@@ -275,7 +275,8 @@ class HTTP2ClientConnection(H2Transport):
         if stream is not None:
             stream.listener.on_end()
             stream.listener = NO_LISTENER
-        self._maybe_finish()
+        if self.draining and not self.streams:  # _maybe_finish(), inlined: per response
+            self.close()
 
     def _reset(self, stream_id: int, error_code: int) -> None:
         stream = self.streams.pop(stream_id, None)

@@ -290,8 +290,8 @@ class HTTP2ServerConnection(H2Transport):
             return
         stream = self.stream_class(self, stream_id, method, target, authority, headers)
         self.streams[stream_id] = stream
-        if end_stream:
-            stream._deliver_body_end()
+        if end_stream:  # no body (nobody to tell yet: the handler reads body_done)
+            stream._body_done = True
         try:
             self._handler(stream)
         except Exception:  # a handler bug must not take the connection down

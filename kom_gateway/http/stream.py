@@ -21,8 +21,12 @@ Flushed = Callable[[], None]
 
 
 class BodyConsumer(Protocol):
+    """Who reads a request: its body, its end, and the stream closing (answered and
+    done, reset, or the client gone), whichever comes first."""
+
     def on_body(self, data: bytes, flow_len: int) -> None: ...
     def on_body_end(self) -> None: ...
+    def on_stream_closed(self) -> None: ...
 
 
 class StreamClosed(Exception):
@@ -64,6 +68,9 @@ class ServerStream(ABC):
             consumer.on_body(data, flow_len)
         if self._body_done:
             consumer.on_body_end()
+        if self.closed:  # gone already
+            self._consumer = None
+            consumer.on_stream_closed()
 
     def _deliver_body(self, data: bytes, flow_len: int) -> None:
         if self.closed:  # answered and gone: the rest of the body has no reader
@@ -107,7 +114,10 @@ class ServerStream(ABC):
         if self.closed:
             return
         self.closed = True
-        self._consumer = None  # nothing more can arrive: let the consumer go by refcount
+        # nothing more can arrive: tell the consumer, and let it go by refcount
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            consumer.on_stream_closed()
         callbacks, self._closed_callbacks = self._closed_callbacks, None
         for callback in callbacks or ():
             callback()
@@ -156,7 +166,6 @@ class _BodyCollector:
         self.parts: list[bytes] = []
         self.size = 0
         self.done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        stream.on_closed(self._closed)
 
     def on_body(self, data: bytes, flow_len: int) -> None:
         self.size += len(data)
@@ -171,7 +180,7 @@ class _BodyCollector:
         if not self.done.done():
             self.done.set_result(b"".join(self.parts))
 
-    def _closed(self) -> None:
+    def on_stream_closed(self) -> None:
         if not self.done.done():
             self.done.set_exception(StreamClosed())
 

@@ -203,8 +203,7 @@ class Exchange:
             self.deadline = now + self.active.config.timeouts.request
             ctx.live[self] = None
         stream = self.stream
-        stream.set_body_consumer(self)
-        stream.on_closed(self._client_closed)
+        stream.set_body_consumer(self)  # which also tells us when the stream closes
         self._next_attempt()
 
     # -- choosing where the request goes ---------------------------------------------------
@@ -415,8 +414,9 @@ class Exchange:
             self.stream.reset()
         self._finish()
 
-    def _client_closed(self) -> None:
-        """The client went away: stop working on its behalf (and cancel upstream)."""
+    def on_stream_closed(self) -> None:
+        """The client's stream closed: after our answer, nothing to do; before it, the
+        client went away: stop working on its behalf (and cancel upstream)."""
         if not self.finished:
             self.cancel()
 
