@@ -32,7 +32,13 @@ def is_identity_header(name: bytes) -> bool:
     the apiserver might normalize to one (`X_Remote_User` -> `X-Remote-User`)."""
     if name.startswith(IDENTITY_PREFIX):
         return True
-    return b"_" in name and name.replace(b"_", b"-").startswith(IDENTITY_PREFIX)
+    return _has_underscore(name) and name.replace(b"_", b"-").startswith(IDENTITY_PREFIX)
+
+
+def _has_underscore(name: bytes) -> bool:
+    # not `b"_" in name`: bytes.__contains__ first tries its argument as an int and
+    # formats the TypeError it then discards (~2k instructions per header)
+    return name.find(b"_") != -1
 
 
 def upstream_request_headers(
@@ -69,7 +75,7 @@ def upstream_request_headers(
         if (
             name in HOP_BY_HOP
             or name.startswith(IDENTITY_PREFIX)
-            or (b"_" in name and is_identity_header(name))
+            or (name.find(b"_") != -1 and is_identity_header(name))  # see _has_underscore
         ):
             listed = listed or name == b"connection"
             continue
