@@ -168,3 +168,36 @@ def test_consume_gives_the_connection_window_back_even_for_a_gone_stream():
     assert received == 39_000 and client.receive_window() == 65535 - 39_000
     client.consume(sid, received)  # the stream is closed: the connection is still credited
     assert client.receive_window() == 65535
+
+
+def test_client_events_go_on_after_a_listener_fails():
+    """The client's event loop (in C) reports a listener's exception with the event kind,
+    while it is being handled (so it is logged with its traceback), and handles the events
+    after it: one exchange's bug must not stall the connection's others."""
+    import sys
+
+    calls = []
+
+    class Owner:
+        def __init__(self):
+            self.streams = {1: None, 3: None}
+
+        def _response(self, stream_id, status, headers):
+            if stream_id == 1:
+                raise RuntimeError("listener bug")
+            calls.append(("response", stream_id, status))
+
+        def _ended(self, stream_id):
+            calls.append(("ended", stream_id))
+
+        def _reset(self, stream_id, code):
+            calls.append(("reset", stream_id, code))
+
+        def _event_failed(self, kind):
+            calls.append(("failed", kind, repr(sys.exc_info()[1])))
+
+    ng.Session(False).dispatch_client(Owner(), [
+        (ng.EV_HEADERS, 1, [], True, 200), (ng.EV_HEADERS, 3, None, True, 404),
+        (ng.EV_CLOSE, 3, 8), (ng.EV_CLOSE, 5, 0)])
+    assert calls == [("failed", ng.EV_HEADERS, "RuntimeError('listener bug')"),
+                     ("response", 3, 404), ("ended", 3), ("reset", 3, 8)]

@@ -4,8 +4,9 @@
 nghttp2 parses, validates and frames; Python is told once per frame event, never per
 header. Callbacks run inside `receive()` / `send()` and only gather: a header block becomes
 one list, each event one tuple appended to `events`, each fully framed write's callback one
-entry in `flushed`. The protocol classes then act on those lists with no C frame below them,
-so no Python code ever runs re-entrantly inside nghttp2 and no exception crosses it.
+entry in `flushed`. The protocol classes then act on those lists (the loop over the events
+is here too, `dispatch_server` / `dispatch_client`) once nghttp2 has returned, so no Python
+code ever runs re-entrantly inside nghttp2 and no exception crosses it.
 
 Window updates are manual (`consume`): the connection and stream windows reopen only for
 bytes the other side has actually taken, so a reader that stops stalls only its own stream.
@@ -268,14 +269,23 @@ SETTINGS_MAX_HEADER_LIST_SIZE = 0x6
 # (method, path, authority) as str, a response's is its status as int (a 1xx, then the
 # final one, each an EV_HEADERS). `end_stream`: the peer's side ended here, no EV_END
 # follows
-EV_HEADERS = 1
-EV_DATA = 2  # (EV_DATA, stream_id, bytes): a DATA chunk; its length is its flow-control cost
-EV_END = 3  # (EV_END, stream_id): the peer ended its side on DATA or trailers
-EV_CLOSE = 4  # (EV_CLOSE, stream_id, error_code): the stream is gone (0: both sides ended)
-EV_GOAWAY = 5  # (EV_GOAWAY, last_stream_id, error_code, debug_data)
-EV_PING_ACK = 6  # (EV_PING_ACK, payload)
-EV_SETTINGS = 7  # (EV_SETTINGS,): the peer's SETTINGS arrived (not an ACK)
-EV_TRAILERS = 8  # (EV_TRAILERS, stream_id, end_stream): trailers arrived (dropped)
+cdef enum:
+    _EV_HEADERS = 1
+    _EV_DATA = 2
+    _EV_END = 3
+    _EV_CLOSE = 4
+    _EV_GOAWAY = 5
+    _EV_PING_ACK = 6
+    _EV_SETTINGS = 7
+    _EV_TRAILERS = 8
+EV_HEADERS = _EV_HEADERS
+EV_DATA = _EV_DATA  # (EV_DATA, stream_id, bytes): a DATA chunk; its length is its flow-control cost
+EV_END = _EV_END  # (EV_END, stream_id): the peer ended its side on DATA or trailers
+EV_CLOSE = _EV_CLOSE  # (EV_CLOSE, stream_id, error_code): the stream is gone (0: both sides ended)
+EV_GOAWAY = _EV_GOAWAY  # (EV_GOAWAY, last_stream_id, error_code, debug_data)
+EV_PING_ACK = _EV_PING_ACK  # (EV_PING_ACK, payload)
+EV_SETTINGS = _EV_SETTINGS  # (EV_SETTINGS,): the peer's SETTINGS arrived (not an ACK)
+EV_TRAILERS = _EV_TRAILERS  # (EV_TRAILERS, stream_id, end_stream): trailers arrived (dropped)
 
 # Header names in (nearly) every Kubernetes request or response, kube-apiserver's and
 # client-go's: one of these arrives as this very bytes object instead of a new one (no
@@ -475,6 +485,78 @@ cdef class Session:
             for on_flushed in flushed:
                 on_flushed()
 
+    # -- acting on the events -----------------------------------------------------------
+    # The protocols' loops over `events`, in C: the per-event tuple work and branching
+    # cost ~1k instructions an event in Python. They run after receive()/send() has
+    # returned, never inside nghttp2, and call the protocol's own methods for the rest.
+    def dispatch_server(self, owner, list events) -> None:
+        """Act on `events` for a server connection (`owner`: ngserver.NgServerProtocol)."""
+        cdef tuple event
+        cdef int kind
+        streams = owner.streams
+        for event in events:
+            kind = event[0]
+            if kind == _EV_HEADERS:
+                if event[2] is None:
+                    owner._headers_too_large(event[1])
+                else:
+                    method, target, authority = <tuple>event[4]
+                    owner._new_stream(event[1], method, target, authority, event[2], event[3])
+            elif kind == _EV_CLOSE:
+                owner._forget(event[1])
+            elif kind == _EV_DATA:
+                stream = streams.get(event[1])
+                if stream is None:
+                    self._consume(event[1], PyBytes_GET_SIZE(event[2]))
+                else:
+                    stream._deliver_body(event[2], PyBytes_GET_SIZE(event[2]))
+            elif kind == _EV_END:
+                stream = streams.get(event[1])
+                if stream is not None and not stream.body_done:
+                    stream._deliver_body_end()
+            elif kind == _EV_PING_ACK:
+                owner._ping_ack_received(event[1])
+            elif kind == _EV_GOAWAY:
+                owner._client_left = True  # its open streams still finish
+
+    def dispatch_client(self, owner, list events) -> None:
+        """Act on `events` for a client connection (`owner`: ngclient.NgClientConnection);
+        one listener's failure is reported to `owner._event_failed` and the rest go on."""
+        cdef tuple event
+        cdef int kind = 0
+        streams = owner.streams
+        for event in events:
+            try:
+                kind = event[0]
+                if kind == _EV_DATA:
+                    stream = streams.get(event[1])
+                    if stream is None:
+                        self._consume(event[1], PyBytes_GET_SIZE(event[2]))
+                    else:
+                        stream.listener.on_data(event[2], PyBytes_GET_SIZE(event[2]))
+                elif kind == _EV_HEADERS:
+                    owner._response(event[1], event[4], event[2] or [])
+                    if event[3]:  # END_STREAM on the headers: no body
+                        owner._ended(event[1])
+                elif kind == _EV_CLOSE:
+                    if event[1] in streams:  # closed before it ended: reset
+                        owner._reset(event[1], event[2])
+                elif kind == _EV_END:
+                    owner._ended(event[1])
+                elif kind == _EV_GOAWAY:
+                    owner._goaway(event[1], event[2])
+                elif kind == _EV_SETTINGS:
+                    owner._settings_received()
+                elif kind == _EV_PING_ACK:
+                    owner._keepalive_acked()
+            except Exception:  # one listener's bug must not take the connection down
+                owner._event_failed(kind)
+
+    cdef void _consume(self, int32_t stream_id, size_t size):
+        if self._s != NULL and size:
+            nghttp2_session_consume(self._s, stream_id, size)
+            self.data_consumed += size
+
     def want_io(self) -> bool:
         """False once nghttp2 has nothing left to read or write (after GOAWAY)."""
         if self._s == NULL:
@@ -610,9 +692,7 @@ cdef class Session:
     def consume(self, int32_t stream_id, size_t size) -> None:
         """`size` received bytes were taken: reopen the windows by that much (the
         connection's even when the stream is gone, or the connection would shrink)."""
-        if self._s != NULL and size:
-            nghttp2_session_consume(self._s, stream_id, size)
-            self.data_consumed += size
+        self._consume(stream_id, size)
 
     def receive_window(self) -> int:
         """Connection-level DATA the peer may still send before our next WINDOW_UPDATE."""
@@ -708,28 +788,28 @@ cdef int _on_frame_recv(nghttp2_session *s, const nghttp2_frame *frame,
                 self.empty_data_received += 1
                 self.guarded_frames += 1
             if end:
-                self.events.append((EV_END, sid))
+                self.events.append((_EV_END, sid))
         elif kind == T_HEADERS:
             headers, self._headers = self._headers, None
             # END_STREAM on a request or response rides in its EV_HEADERS (no EV_END: a
             # GET is one event); only trailers are followed by an EV_END
             if frame.headers.cat == CAT_REQUEST:
                 self.events.append(
-                    (EV_HEADERS, sid, headers, end, (self._method, self._path, self._authority)))
+                    (_EV_HEADERS, sid, headers, end, (self._method, self._path, self._authority)))
             elif self._status:  # a response: the first, or the final one after a 1xx
                 # (which nghttp2 files under "other HEADERS", as it does trailers)
-                self.events.append((EV_HEADERS, sid, headers, end, self._status))
+                self.events.append((_EV_HEADERS, sid, headers, end, self._status))
             else:  # trailers: the body's end is what counts
-                self.events.append((EV_TRAILERS, sid, end))
+                self.events.append((_EV_TRAILERS, sid, end))
                 if end:
-                    self.events.append((EV_END, sid))
+                    self.events.append((_EV_END, sid))
         elif kind == T_RST_STREAM:
             self.resets_received += 1
             self.guarded_frames += 1
         elif kind == T_PING:
             if frame.hd.flags & F_ACK:
                 self.events.append(
-                    (EV_PING_ACK, PyBytes_FromStringAndSize(<const char *>frame.ping.opaque_data, 8)))
+                    (_EV_PING_ACK, PyBytes_FromStringAndSize(<const char *>frame.ping.opaque_data, 8)))
             else:
                 self.pings_received += 1
                 self.guarded_frames += 1
@@ -737,9 +817,9 @@ cdef int _on_frame_recv(nghttp2_session *s, const nghttp2_frame *frame,
             if not frame.hd.flags & F_ACK:
                 self.settings_received += 1
                 self.guarded_frames += 1
-                self.events.append((EV_SETTINGS,))
+                self.events.append((_EV_SETTINGS,))
         elif kind == T_GOAWAY:
-            self.events.append((EV_GOAWAY, frame.goaway.last_stream_id,
+            self.events.append((_EV_GOAWAY, frame.goaway.last_stream_id,
                                 frame.goaway.error_code, b""))
         elif kind == T_WINDOW_UPDATE:
             self.control_received += 1
@@ -761,7 +841,7 @@ cdef int _on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t stream_id,
         # keyed by stream id on arrival: a stream reset mid-frame can never leak its
         # chunks into another stream's body
         self.events.append(
-            (EV_DATA, stream_id, PyBytes_FromStringAndSize(<const char *>data, length)))
+            (_EV_DATA, stream_id, PyBytes_FromStringAndSize(<const char *>data, length)))
         self.data_received += length
     except BaseException as exc:
         self._error = exc
@@ -780,7 +860,7 @@ cdef int _on_stream_close(nghttp2_session *s, int32_t stream_id, uint32_t error_
                 if on_flushed is not None:
                     self.flushed.append(on_flushed)
             out.items.clear()
-        self.events.append((EV_CLOSE, stream_id, error_code))
+        self.events.append((_EV_CLOSE, stream_id, error_code))
     except BaseException as exc:
         self._error = exc
         return ERR_CALLBACK_FAILURE

@@ -24,8 +24,6 @@ from kom_gateway.http.transport import CANCEL
 
 log = logging.getLogger(__name__)
 
-EV_HEADERS, EV_DATA, EV_END, EV_CLOSE = ng.EV_HEADERS, ng.EV_DATA, ng.EV_END, ng.EV_CLOSE
-EV_GOAWAY, EV_PING_ACK, EV_SETTINGS = ng.EV_GOAWAY, ng.EV_PING_ACK, ng.EV_SETTINGS
 
 
 class NgClientConnection(NgSessionOwner, HTTP2ClientConnection):
@@ -64,34 +62,11 @@ class NgClientConnection(NgSessionOwner, HTTP2ClientConnection):
         self._write_out()
 
     def _handle(self, events: list[tuple]) -> None:
-        session = self.session
-        streams = self.streams
-        for event in events:
-            kind = event[0]
-            try:
-                if kind == EV_DATA:
-                    stream = streams.get(event[1])
-                    if stream is None:
-                        session.consume(event[1], len(event[2]))
-                    else:
-                        stream.listener.on_data(event[2], len(event[2]))
-                elif kind == EV_HEADERS:
-                    self._response(event[1], event[4], event[2] or [])
-                    if event[3]:  # END_STREAM on the headers: no body
-                        self._ended(event[1])
-                elif kind == EV_END:
-                    self._ended(event[1])
-                elif kind == EV_CLOSE:
-                    if event[1] in streams:  # closed before it ended: reset
-                        self._reset(event[1], event[2])
-                elif kind == EV_GOAWAY:
-                    self._goaway(event[1], event[2])
-                elif kind == EV_SETTINGS:
-                    self._settings_received()
-                elif kind == EV_PING_ACK:
-                    self._keepalive_acked()
-            except Exception:  # one listener's bug must not take the connection down
-                log.exception("handling upstream event %r failed", kind)
+        self.session.dispatch_client(self, events)  # the loop over events is in C
+
+    def _event_failed(self, kind: int) -> None:
+        """A listener failed on an upstream event (called in its except clause)."""
+        log.exception("handling upstream event %r failed", kind)
 
     # -- requests ------------------------------------------------------------------------
     def open_stream(

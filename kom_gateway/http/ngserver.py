@@ -25,8 +25,6 @@ from kom_gateway.http.transport import PROTOCOL_ERROR as PROTOCOL_ERROR_CODE
 
 log = logging.getLogger(__name__)
 
-EV_HEADERS, EV_DATA, EV_END, EV_CLOSE = ng.EV_HEADERS, ng.EV_DATA, ng.EV_END, ng.EV_CLOSE
-EV_PING_ACK, EV_GOAWAY = ng.EV_PING_ACK, ng.EV_GOAWAY
 
 
 class NgServerStream(HTTP2ServerStream):
@@ -130,32 +128,7 @@ class NgServerProtocol(NgSessionOwner, HTTP2ServerConnection):
         self._session_ended()
 
     def _handle(self, events: list[tuple]) -> None:
-        session = self.session
-        streams = self.streams
-        for event in events:
-            kind = event[0]
-            if kind == EV_DATA:
-                stream = streams.get(event[1])
-                if stream is None:
-                    session.consume(event[1], len(event[2]))
-                else:
-                    stream._deliver_body(event[2], len(event[2]))
-            elif kind == EV_HEADERS:
-                if event[2] is None:
-                    self._headers_too_large(event[1])
-                else:
-                    method, target, authority = event[4]
-                    self._new_stream(event[1], method, target, authority, event[2], event[3])
-            elif kind == EV_END:
-                stream = streams.get(event[1])
-                if stream is not None and not stream.body_done:
-                    stream._deliver_body_end()
-            elif kind == EV_CLOSE:
-                self._forget(event[1])
-            elif kind == EV_PING_ACK:
-                self._ping_ack_received(event[1])
-            elif kind == EV_GOAWAY:
-                self._client_left = True  # its open streams still finish
+        self.session.dispatch_server(self, events)  # the loop over events is in C
 
     def _judge_frames(self, now: float) -> bool:
         """Charge what the client sent since the last read to its budgets; True if it
