@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 class NgServerStream(HTTP2ServerStream):
-    """The response actions call the session directly, not through the connection's
+    """start_response and write call the session directly, not through the connection's
     primitives: they run for every response."""
 
     __slots__ = ()
@@ -53,16 +53,6 @@ class NgServerStream(HTTP2ServerStream):
                 conn._write_out()
         elif on_flushed is not None:
             on_flushed()  # never sent, but done with: its producer gets its credit back
-
-    def end(self) -> None:
-        if self.closed:
-            return
-        if not self.response_started:
-            self.start_response(200, [], end_stream=True)
-            return
-        conn = self._conn
-        if conn.session.end(self.stream_id) and conn._flush_handle is None:
-            conn._write_out()
 
 
 class NgServerProtocol(NgSessionOwner, HTTP2ServerConnection):
@@ -154,7 +144,11 @@ class NgServerProtocol(NgSessionOwner, HTTP2ServerConnection):
             self._charged[kind] = count
         return False
 
-    # -- primitives (the response actions are NgServerStream's) --------------------------
+    # -- primitives (start_response and write are NgServerStream's) ----------------------
+    def end(self, stream: HTTP2ServerStream) -> None:
+        if self.session.end(stream.stream_id) and self._flush_handle is None:
+            self._write_out()
+
     def ack(self, stream_id: int, flow_len: int) -> None:
         if flow_len > 0:
             self.session.consume(stream_id, flow_len)

@@ -4,8 +4,8 @@ protocol state machine.
 An engine (`h2server.py`: pure-Python h2; `ngserver.py`: libnghttp2) subclasses
 `HTTP2ServerConnection` and supplies the frame-level primitives (`_start`, `data_received`,
 `send_headers`, `write`, `end`, `ack`, `reset_stream`, `_send_goaway`, `_send_ping`,
-`_data_to_send`, `_waiting_for_client`); an engine may instead override the response
-actions on its stream class (the nghttp2 engine does: they run for every response).
+`_data_to_send`, `_waiting_for_client`); an engine may instead override a response
+action on its stream class (the nghttp2 engine does for the two every response runs).
 The policy lives here once: graceful and two-phase GOAWAY with Go's linger, idle and
 max-age GOAWAY, PING keepalive, the abuse budgets, the stalled-reader and write-backlog
 cut-offs, write coalescing (one transport write per connection per event-loop pass).
