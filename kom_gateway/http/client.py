@@ -197,10 +197,6 @@ class HTTP2ClientConnection(H2Transport):
         raise NotImplementedError
 
     # -- capacity ----------------------------------------------------------------------
-    @property
-    def usable(self) -> bool:
-        return not self.closed and not self.draining and self.ready.done()
-
     def has_capacity(self) -> bool:
         return (
             not self.closed
@@ -275,8 +271,7 @@ class HTTP2ClientConnection(H2Transport):
         if stream is not None:
             stream.listener.on_end()
             stream.listener = NO_LISTENER
-        if self.draining and not self.streams:  # _maybe_finish(), inlined: per response
-            self.close()
+        self._maybe_finish()
 
     def _reset(self, stream_id: int, error_code: int) -> None:
         stream = self.streams.pop(stream_id, None)

@@ -25,7 +25,6 @@ from kom_gateway.http.transport import CANCEL
 log = logging.getLogger(__name__)
 
 
-
 class NgClientConnection(NgSessionOwner, HTTP2ClientConnection):
     engine = "nghttp2"
     setup_errors = (ng.SessionError,)

@@ -26,7 +26,6 @@ from kom_gateway.http.transport import PROTOCOL_ERROR as PROTOCOL_ERROR_CODE
 log = logging.getLogger(__name__)
 
 
-
 class NgServerStream(HTTP2ServerStream):
     """start_response and write call the session directly, not through the connection's
     primitives: they run for every response."""

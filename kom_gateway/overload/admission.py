@@ -119,8 +119,8 @@ class Admission:
     def admit(
         self, info: RequestInfo, client: Client, group: str, now: float
     ) -> Ticket | Rejection:
-        # Runs on every request: memo, limits and budget lookups are inlined, and empty
-        # match lists are not walked.
+        # Runs on every request: the memo and limit lookups are inlined, and empty match
+        # lists are not walked.
         policy = self.policy
         kind = SHORT
         counts = self.inflight
@@ -139,7 +139,7 @@ class Admission:
         if not protected:
             key = client.key
             buffers = self.buffers
-            if buffers.max_buffered and buffers.buffered.get(key, 0) >= buffers.max_buffered:
+            if buffers.over_budget(key):
                 return Rejection(
                     "client-buffer",
                     group,

@@ -136,7 +136,7 @@ class UpstreamEndpoint:
 
     # -- health --------------------------------------------------------------------------
     def report_success(self) -> None:
-        self.health.consecutive_failures = 0  # health.success(), inlined: per response
+        self.health.success()
 
     def report_failure(self, connect_error: bool = False) -> None:
         """A request failed here (5xx, reset, timeout; or its connection was refused)."""
