@@ -104,6 +104,8 @@ async def group_down(stack, group):
 
 async def test_group_down_falls_back_to_default_and_recovers(stack):
     c = await stack.client()
+    endpoint = stack.gateway.upstreams.groups["pod"][0]
+    endpoint._prober.cancel()  # a request, not a probe, is to find pod down (connect-error)
     await group_down(stack, "pod")
     for _ in range(3):
         r = await c.request("POST", "/api/v1/namespaces/default/pods",
@@ -112,6 +114,8 @@ async def test_group_down_falls_back_to_default_and_recovers(stack):
     fallbacks = stack.gateway.metrics.fallbacks
     assert fallbacks.labels("pod", "default", "connect-error")._value.get() >= 1
     await stack.sim.set_down("pod", False)
+    health = stack.gateway.holder.current.config.health
+    endpoint.start_probing(health.interval, health.timeout)  # its probe brings it back
     for _ in range(50):
         if stack.gateway.upstreams.groups["pod"][0].healthy:
             break
