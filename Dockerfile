@@ -1,7 +1,8 @@
 # The image the Helm chart runs: kom-gateway on CPython 3.11, non-root, no shell needed.
 #   docker build -t ghcr.io/kom-gateway/kom-gateway:0.1.0 .
 # The builder stage compiles the nghttp2 HTTP/2 engine (gcc, Cython from PyPI, the runtime
-# libnghttp2.so.14); the runtime stage ships the wheel and that one library, no compiler.
+# libnghttp2.so.14) and the compiled core (mypyc from PyPI); the runtime stage ships the
+# wheel and that one library, no compiler.
 FROM python:3.11-slim-bookworm AS build
 # Not pinned to Debian revisions (hadolint DL3008): bookworm's security updates replace them
 # in place, so a pin would break the next rebuild; the base image tag is what is pinned.
@@ -14,7 +15,8 @@ COPY pyproject.toml setup.py README.md ./
 COPY kom_gateway ./kom_gateway
 RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[kubernetes]" \
     && python -c "import sys, zipfile, glob; w = glob.glob('/wheels/kom_gateway-*.whl')[0]; \
-sys.exit(not any('_nghttp2' in n for n in zipfile.ZipFile(w).namelist()))"
+names = zipfile.ZipFile(w).namelist(); \
+sys.exit(not all(any(p in n for n in names) for p in ('_nghttp2', 'kom_gateway_core__mypyc')))"
 
 FROM python:3.11-slim-bookworm
 ENV PYTHONDONTWRITEBYTECODE=1 \

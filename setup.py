@@ -1,34 +1,79 @@
-"""Builds the optional nghttp2 engine (kom_gateway/http/_nghttp2.pyx), as aiohttp builds
-its llhttp parser: compiled when it can be, skipped with a warning when it cannot (no
-compiler, no libnghttp2), and the package then runs on the pure-Python `h2` engine.
+"""Builds the optional compiled parts, as aiohttp builds its llhttp parser: compiled when
+they can be, skipped with a warning when they cannot, and the package then runs on its
+pure-Python fallbacks.
 
-The extension declares the part of libnghttp2's ABI it uses itself and links the runtime
-library `libnghttp2.so.14` (installed wherever curl is), so no -dev package is needed.
-KOM_GATEWAY_NO_EXTENSIONS=1 skips it (to test the portable install).
+- The nghttp2 engine (kom_gateway/http/_nghttp2.pyx, Cython). It declares the part of
+  libnghttp2's ABI it uses itself and links the runtime library `libnghttp2.so.14`
+  (installed wherever curl is), so no -dev package is needed. Without it: the `h2` engine.
+- The compiled core (kom_gateway/compiled.py lists the modules): the request path's
+  type-annotated modules compiled by mypyc, one group. The SHA-256 of each source is
+  recorded in kom_gateway/_compiled.json, so a source edited after the build runs as
+  Python instead of its stale extension. Without it: the same modules, interpreted.
+
+KOM_GATEWAY_NO_EXTENSIONS=1 skips both (to test the portable install).
 """
 
+import ast
+import hashlib
+import json
 import os
+from pathlib import Path
 
 from setuptools import Extension, setup
 
-ext_modules = []
-if not os.environ.get("KOM_GATEWAY_NO_EXTENSIONS"):
+HERE = Path(__file__).resolve().parent
+
+
+def compiled_core_modules() -> tuple[str, ...]:
+    """MODULES from kom_gateway/compiled.py, read without importing the package."""
+    tree = ast.parse((HERE / "kom_gateway" / "compiled.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "MODULES":
+            return ast.literal_eval(node.value)
+    raise RuntimeError("kom_gateway/compiled.py has no MODULES")
+
+
+def nghttp2_engine() -> list[Extension]:
     try:
         from Cython.Build import cythonize
     except ImportError:  # building without Cython (e.g. no build isolation): h2 only
         print("kom-gateway: Cython is not installed; the nghttp2 engine is not built")
-    else:
-        ext_modules = cythonize(
-            [
-                Extension(
-                    "kom_gateway.http._nghttp2",
-                    ["kom_gateway/http/_nghttp2.pyx"],
-                    extra_compile_args=["-O2"],
-                    extra_link_args=["-l:libnghttp2.so.14"],
-                    optional=True,
-                )
-            ],
-            compiler_directives={"language_level": "3"},
-        )
+        return []
+    return cythonize(
+        [
+            Extension(
+                "kom_gateway.http._nghttp2",
+                ["kom_gateway/http/_nghttp2.pyx"],
+                extra_compile_args=["-O2"],
+                extra_link_args=["-l:libnghttp2.so.14"],
+                optional=True,
+            )
+        ],
+        compiler_directives={"language_level": "3"},
+    )
+
+
+def compiled_core() -> list[Extension]:
+    modules = compiled_core_modules()
+    paths = [m.replace(".", "/") + ".py" for m in modules]
+    try:
+        from mypyc.build import mypycify
+
+        extensions = mypycify(paths, opt_level="3", group_name="kom_gateway_core")
+    except (Exception, SystemExit) as exc:  # no mypyc, or they do not type-check (it
+        # exits then, having printed mypy's errors): the core stays interpreted
+        print(f"kom-gateway: the core is not compiled ({type(exc).__name__}: {exc})")
+        return []
+    for extension in extensions:
+        extension.optional = True  # a failed C build leaves the interpreted core
+    record = {"sources": {m: hashlib.sha256((HERE / p).read_bytes()).hexdigest()
+                          for m, p in zip(modules, paths, strict=True)}}  # fmt: skip
+    (HERE / "kom_gateway" / "_compiled.json").write_text(json.dumps(record, indent=1) + "\n")
+    return extensions
+
+
+ext_modules: list[Extension] = []
+if not os.environ.get("KOM_GATEWAY_NO_EXTENSIONS"):
+    ext_modules = nghttp2_engine() + compiled_core()
 
 setup(ext_modules=ext_modules)

@@ -1,3 +1,7 @@
 """kom-gateway: route Kubernetes API traffic by resource to groups of kube-apiservers."""
 
 __version__ = "0.1.0"
+
+from kom_gateway import compiled
+
+compiled.activate()  # before any module of the compiled core is imported

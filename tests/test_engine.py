@@ -8,6 +8,7 @@ import os
 
 import pytest
 
+from kom_gateway import compiled
 from kom_gateway.config import ConfigHolder, load_config_text
 from kom_gateway.http import engine as engines
 from kom_gateway.proxy.gateway import Gateway
@@ -43,7 +44,12 @@ async def test_engine_comes_from_the_config_and_shows_in_build_info():
         assert gateway.engine.name == "h2"
         sample = gateway.metrics.registry.get_sample_value(
             "kom_gateway_build_info",
-            {"version": "0.1.0", "engine": "h2", "python": gateway.metrics.python_version},
+            {
+                "version": "0.1.0",
+                "engine": "h2",
+                "python": gateway.metrics.python_version,
+                "core": "compiled" if compiled.is_compiled() else "python",
+            },
         )
         assert sample == 1
     finally:

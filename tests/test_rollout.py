@@ -13,6 +13,8 @@ import pytest
 from prometheus_client import generate_latest
 
 from kom_gateway.config.loader import load_config_text
+from kom_gateway.config.model import AccessLogSettings
+from kom_gateway.proxy.accesslog import AccessLog
 from kom_gateway.proxy.metrics import Metrics
 from kom_gateway.proxy.outcome import Outcome, OutcomeRecorder, moved_outcome
 from kom_gateway.requestinfo import parse_request
@@ -378,7 +380,7 @@ def test_moved_requests_are_counted_per_rule_and_outcome():
     if decision.target != "pod":  # 25%: use a decision as if it moved
         decision = Decision(decision.home, "pod", "cut-over", decision.rule, 25.0)
     metrics = Metrics()
-    recorder = OutcomeRecorder(metrics, _NoLog())
+    recorder = OutcomeRecorder(metrics, AccessLog(AccessLogSettings(enabled=False)))
     recorder.record(Outcome(kubelet, info, decision, "pod", 200, 0.02))
     recorder.record(Outcome(kubelet, info, decision, "pod", 503, 0.02))
     recorder.record(Outcome(kubelet, info, decision, "pod", 200, 0.5, broken=True))
@@ -393,11 +395,6 @@ def test_moved_requests_are_counted_per_rule_and_outcome():
     assert got.buckets[float("inf")] == 3  # latency of what the group answered
     assert got.percent == 0.0  # no percent gauge in this registry: the rule moves nobody
     assert moved_outcome(Outcome(kubelet, info, decision, "pod", 101), "pod") == "1xx"
-
-
-class _NoLog:
-    def wants(self, status, fallback):
-        return False
 
 
 def test_promql_strings_are_escaped():

@@ -211,6 +211,7 @@ class Exchange:
         """Try endpoints (and groups, as the fallback policy says) until one takes the
         request, one needs a connection opened first, or the client has been answered."""
         attempts = self.attempts
+        failure: Failure | None
         while not self.finished:
             endpoint = attempts.pick()
             if endpoint is None:

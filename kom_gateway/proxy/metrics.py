@@ -12,13 +12,16 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from kom_gateway import __version__
+from kom_gateway import __version__, compiled
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # set: this process is one of `--workers N`
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
 class Metrics:
+    _tally: dict[Any, float]
+    _observed: dict[Any, list[float]]  # histogram child -> [sum, per bucket]
+
     def child(self, metric: Any, *values: str) -> Any:
         """`metric.labels(*values)`, cached: labels() takes a lock and builds keys, and the
         hot path asks for the same few children on every request."""
@@ -66,18 +69,20 @@ class Metrics:
     python_version = ".".join(map(str, sys.version_info[:3]))
 
     def set_build_info(self, engine: str) -> None:
-        self.build_info.labels(__version__, engine, self.python_version).set(1)
+        core = "compiled" if compiled.is_compiled() else "python"
+        self.build_info.labels(__version__, engine, self.python_version, core).set(1)
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
-        self._tally: dict[Any, float] = {}
-        self._observed: dict[Any, list[float]] = {}  # histogram child -> [sum, per bucket]
+        self._tally = {}
+        self._observed = {}
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.build_info = Gauge(
             "kom_gateway_build_info",
-            "1, labelled with the version, the HTTP/2 engine and the Python version.",
-            ["version", "engine", "python"],
+            "1, labelled with the version, the HTTP/2 engine, the Python version and "
+            "whether the request path runs compiled (core) or interpreted.",
+            ["version", "engine", "python", "core"],
             registry=r,
             multiprocess_mode="max",
         )

@@ -36,7 +36,6 @@ class Finished(Protocol):
 
     client: Client
     info: RequestInfo
-    decision: Decision | None
     answered_by: str  # the group that answered, or ANSWERED_BY_GATEWAY
     status: int  # 499: the client went away first
     duration: float
@@ -45,6 +44,9 @@ class Finished(Protocol):
     bytes_out: int
     fallback: str | None  # why the request last left a group, if it did
     broken: bool  # the group failed after the response had started
+
+    @property  # read-only: an Exchange always has a Decision, an Outcome may not
+    def decision(self) -> Decision | None: ...
 
 
 class Outcome:

@@ -11,6 +11,7 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from kom_gateway import compiled
 from kom_gateway.config import ConfigError, ConfigHolder, load_config_file
 from kom_gateway.config.model import Address
 from kom_gateway.config.tlscheck import tls_problems
@@ -43,6 +44,8 @@ class RunOptions:
 async def run_gateway(
     options: RunOptions, started: asyncio.Future[tuple[int, int]] | None = None
 ) -> int:
+    if (warning := compiled.start_warning()) is not None:
+        log.warning(warning)
     config = load_config_file(options.config_path)
     holder = ConfigHolder(config)
     flags = {
@@ -87,7 +90,7 @@ async def run_gateway(
         )
         admin_text = f"admin on {admin_address.host}:{admin_port}"
     scheme = "https: h2 + http/1.1 via ALPN" if serving_tls else "h2c + http/1.1"
-    scheme += f", HTTP/2 engine {gateway.engine.name}"
+    scheme += f", HTTP/2 engine {gateway.engine.name}, core {compiled.activate()}"
     print(
         f"kom-gateway listening on {listen.host}:{port} ({scheme}); {admin_text}; "
         f"config {options.config_path} generation {holder.current.generation}",
