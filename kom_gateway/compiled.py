@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
 
-# What a proxied request runs outside the HTTP/2 engine. setup.py reads this list.
+# What a proxied request runs in Python. setup.py reads this list.
 # (overload/policy.py is not here: mypyc mishandles its frozen dataclasses' defaults.)
 MODULES = (
     "kom_gateway.requestinfo",
@@ -54,6 +54,15 @@ MODULES = (
     "kom_gateway.proxy.outcome",
     "kom_gateway.proxy.metrics",
     "kom_gateway.proxy.accesslog",
+    # the nghttp2 engine's Python and the bases it shares with the h2 and HTTP/1.1
+    # engines, which stay interpreted (their bases allow interpreted subclasses)
+    "kom_gateway.http.stream",
+    "kom_gateway.http.transport",
+    "kom_gateway.http.serverconn",
+    "kom_gateway.http.client",
+    "kom_gateway.http.ngsession",
+    "kom_gateway.http.ngserver",
+    "kom_gateway.http.ngclient",
 )
 GROUP = "kom_gateway_core"  # mypyc's group name: its runtime is `kom_gateway_core__mypyc`
 MANIFEST = "_compiled.json"  # in the package: {"sources": {module: SHA-256 of its source}}

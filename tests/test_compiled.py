@@ -18,7 +18,8 @@ import pytest
 from kom_gateway import compiled
 
 ROOT = Path(__file__).resolve().parent.parent
-# the tests that drive the compiled modules: sans-IO cores and the in-process proxy
+# the tests that drive the compiled modules: sans-IO cores, the in-process proxy and the
+# protocol suite (each on both HTTP/2 engines)
 CORE_TESTS = (
     "tests/test_requestinfo.py",
     "tests/test_identity.py",
@@ -31,6 +32,8 @@ CORE_TESTS = (
     "tests/test_proxy.py",
     "tests/test_fallback.py",
     "tests/test_overload_proxy.py",
+    "tests/test_http2.py",
+    "tests/test_hardening.py",
 )
 
 

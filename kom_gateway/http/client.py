@@ -21,7 +21,9 @@ import asyncio
 import logging
 import ssl
 import time
-from typing import Protocol, cast
+from typing import ClassVar, Protocol, cast
+
+from mypy_extensions import mypyc_attr
 
 from kom_gateway.http.settings import H2ClientSettings
 from kom_gateway.http.stream import Flushed, Headers
@@ -111,15 +113,16 @@ class ClientStream:
         self._conn.cancel(self.stream_id)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # the h2 / HTTP/1.1 engines extend it
 class HTTP2ClientConnection(H2Transport):
-    engine = ""
+    engine: ClassVar[str] = ""  # (ClassVar: see HTTP2ServerConnection)
     # what the engine raises while the connection is being set up
-    setup_errors: tuple[type[BaseException], ...] = ()
+    setup_errors: ClassVar[tuple[type[BaseException], ...]] = ()
 
     def __init__(self, settings: H2ClientSettings) -> None:
+        super().__init__()
         self.settings = settings
         self.streams: dict[int, ClientStream] = {}
-        self.transport: asyncio.Transport | None = None
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.closed = False
         self.draining = False  # GOAWAY received (or sent): no new streams
@@ -137,6 +140,7 @@ class HTTP2ClientConnection(H2Transport):
         server_hostname: str | None = None,
     ) -> HTTP2ClientConnection:
         loop = asyncio.get_running_loop()
+        failures: tuple[type[BaseException], ...] = (OSError, TimeoutError, *cls.setup_errors)
         try:
             async with asyncio.timeout(settings.connect_timeout):
                 _, protocol = await loop.create_connection(
@@ -147,7 +151,7 @@ class HTTP2ClientConnection(H2Transport):
                     server_hostname=server_hostname if ssl_context else None,
                 )
                 await protocol.ready
-        except (OSError, TimeoutError, ssl.SSLError, *cls.setup_errors) as exc:
+        except failures as exc:  # (ssl.SSLError is an OSError)
             raise ConnectError(f"{host}:{port}: {exc or type(exc).__name__}") from exc
         if ssl_context is not None:
             assert protocol.transport is not None

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import ClassVar
 
-from kom_gateway.http import _nghttp2 as ng
+from kom_gateway.http import _nghttp2 as ng  # type: ignore[attr-defined]  # no stub
 from kom_gateway.http.client import (
     NO_LISTENER,
     ClientStream,
@@ -18,16 +19,17 @@ from kom_gateway.http.client import (
     StreamListener,
     StreamRefused,
 )
-from kom_gateway.http.ngsession import NgSessionOwner
+from kom_gateway.http.ngsession import drain, free
 from kom_gateway.http.stream import Flushed, Headers
 from kom_gateway.http.transport import CANCEL
 
 log = logging.getLogger(__name__)
 
 
-class NgClientConnection(NgSessionOwner, HTTP2ClientConnection):
+class NgClientConnection(HTTP2ClientConnection):
     engine = "nghttp2"
-    setup_errors = (ng.SessionError,)
+    session: ng.Session
+    setup_errors: ClassVar[tuple[type[BaseException], ...]] = (ng.SessionError,)
 
     def _start(self) -> None:
         s = self.settings
@@ -59,6 +61,12 @@ class NgClientConnection(NgSessionOwner, HTTP2ClientConnection):
         self._handle(events)
         self.session.run_flushed()
         self._write_out()
+
+    def _data_to_send(self) -> bytes:
+        return drain(self.session, self._handle) if not self._paused else b""
+
+    def _closed(self) -> None:
+        free(self.session)
 
     def _handle(self, events: list[tuple]) -> None:
         self.session.dispatch_client(self, events)  # the loop over events is in C

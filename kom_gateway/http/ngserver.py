@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import cast
 
-from kom_gateway.http import _nghttp2 as ng
+from kom_gateway.http import _nghttp2 as ng  # type: ignore[attr-defined]  # no stub
 from kom_gateway.http.h2guard import CONTINUATION_FLOOD, PROTOCOL_ERROR
-from kom_gateway.http.ngsession import NgSessionOwner
+from kom_gateway.http.ngsession import drain, free
 from kom_gateway.http.serverconn import (
     MAX_STREAM_ID,
     HTTP2ServerConnection,
@@ -30,21 +31,18 @@ class NgServerStream(HTTP2ServerStream):
     """start_response and write call the session directly, not through the connection's
     primitives: they run for every response."""
 
-    __slots__ = ()
-    _conn: NgServerProtocol
-
     def start_response(self, status: int, headers: Headers, end_stream: bool = False) -> None:
         if self.closed or self.response_started:
             return
         self.response_started = True
-        conn = self._conn
+        conn = cast(NgServerProtocol, self._conn)  # (a subclass may not narrow it)
         if not conn.session.respond(self.stream_id, [status_field(status), *headers], end_stream):
             conn._forget(self.stream_id)
         elif conn._flush_handle is None:
             conn._write_out()
 
     def write(self, data: bytes, on_flushed: Flushed | None = None) -> None:
-        conn = self._conn
+        conn = cast(NgServerProtocol, self._conn)  # (a subclass may not narrow it)
         if type(data) is not bytes:
             data = bytes(data)
         if not self.closed and conn.session.write(self.stream_id, data, on_flushed):
@@ -54,8 +52,9 @@ class NgServerStream(HTTP2ServerStream):
             on_flushed()  # never sent, but done with: its producer gets its credit back
 
 
-class NgServerProtocol(NgSessionOwner, HTTP2ServerConnection):
+class NgServerProtocol(HTTP2ServerConnection):
     engine = "nghttp2"
+    session: ng.Session
     stream_class = NgServerStream
 
     def _start(self) -> None:
@@ -115,6 +114,12 @@ class NgServerProtocol(NgSessionOwner, HTTP2ServerConnection):
     def _flush_now(self) -> None:
         super()._flush_now()
         self._session_ended()
+
+    def _data_to_send(self) -> bytes:
+        return drain(self.session, self._handle) if not self._paused else b""
+
+    def _closed(self) -> None:
+        free(self.session)
 
     def _handle(self, events: list[tuple]) -> None:
         self.session.dispatch_server(self, events)  # the loop over events is in C

@@ -19,7 +19,9 @@ import random
 import ssl
 import time
 from collections.abc import Callable
-from typing import cast
+from typing import ClassVar, cast
+
+from mypy_extensions import mypyc_attr
 
 from kom_gateway.http.h2guard import STALLED_READER, WRITE_BACKLOG, H2Guard
 from kom_gateway.http.settings import H2ServerSettings
@@ -82,6 +84,7 @@ def status_field(status: int) -> tuple[bytes, bytes]:
     return field
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # the h2 / HTTP/1.1 engines extend it
 class HTTP2ServerStream(ServerStream):
     """One request on a downstream HTTP/2 connection; every action goes to the engine."""
 
@@ -96,6 +99,7 @@ class HTTP2ServerStream(ServerStream):
         authority: str,
         headers: Headers,
     ) -> None:
+        super().__init__()
         self._conn = conn
         self.stream_id = stream_id
         self.remote_addr = conn.remote_addr
@@ -147,11 +151,14 @@ class HTTP2ServerStream(ServerStream):
         a shared connection window). Engines that hold data override this."""
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # the h2 / HTTP/1.1 engines extend it
 class HTTP2ServerConnection(H2Transport):
     """One downstream HTTP/2 connection: the policy; the engine subclass the frames."""
 
-    engine = ""
-    stream_class: type[HTTP2ServerStream] = HTTP2ServerStream
+    # ClassVars: each engine's subclass sets them (compiled, a plain annotation would be
+    # a per-instance slot that a subclass's class attribute cannot override)
+    engine: ClassVar[str] = ""
+    stream_class: ClassVar[type[HTTP2ServerStream]] = HTTP2ServerStream
     streams: dict[int, HTTP2ServerStream]
 
     def __init__(
@@ -162,6 +169,7 @@ class HTTP2ServerConnection(H2Transport):
         on_abuse: AbuseListener | None = None,
         on_goaway: GoawayListener | None = None,
     ) -> None:
+        super().__init__()
         self.settings = settings or H2ServerSettings()
         self._handler = handler
         self._on_close = on_close
@@ -183,7 +191,6 @@ class HTTP2ServerConnection(H2Transport):
         self._paused = False
         self._paused_backlog = 0  # bytes buffered when the transport paused us
         self.streams = {}
-        self.transport: asyncio.Transport | None = None
         self.remote_addr = ""
         self.peer: PeerIdentity | None = None
         self.ssl_object: ssl.SSLObject | None = None

@@ -14,6 +14,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Protocol
 
+from mypy_extensions import mypyc_attr
+
 from kom_gateway.identity import PeerIdentity
 
 Headers = list[tuple[bytes, bytes]]  # lower-case names; values as received
@@ -33,6 +35,7 @@ class StreamClosed(Exception):
     """The client went away (reset, disconnect) before the exchange finished."""
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # the h2 / HTTP/1.1 engines extend it
 class ServerStream(ABC):
     """One client request and the sink for its response."""
 
@@ -45,14 +48,16 @@ class ServerStream(ABC):
     peer: PeerIdentity | None  # from a verified client certificate, if any
     ssl_object: ssl.SSLObject | None  # the connection's TLS, if any
 
-    # Class-level defaults, not per-instance assignments: a stream is made per request.
-    _consumer: BodyConsumer | None = None
-    _early: list[tuple[bytes, int]] | None = None  # body that arrived before a consumer
-    _body_done = False
-    _closed_callbacks: list[Callable[[], None]] | None = None
-    closed = False
-    response_started = False
-    upgrade = False  # an HTTP/1.1 request asking to switch protocols (`switch_protocols`)
+    def __init__(self) -> None:
+        # set here, not as class-level defaults: compiled, the class is native and an
+        # interpreted engine's subclass would not get those
+        self._consumer: BodyConsumer | None = None
+        self._early: list[tuple[bytes, int]] | None = None  # body that came before a consumer
+        self._body_done = False
+        self._closed_callbacks: list[Callable[[], None]] | None = None
+        self.closed = False
+        self.response_started = False
+        self.upgrade = False  # an HTTP/1.1 request asking to switch protocols
 
     def goaway_connection(self, reason: str) -> None:  # noqa: B027 (a no-op by default)
         """Ask the client to take its next requests to a new connection, gracefully
@@ -151,9 +156,9 @@ class ServerStream(ABC):
             raise StreamClosed()
         loop = asyncio.get_running_loop()
         flushed = loop.create_future()
-        self.write(data, lambda: flushed.done() or flushed.set_result(None))
+        self.write(data, lambda: _settle(flushed))
         closed = loop.create_future()
-        self.on_closed(lambda: closed.done() or closed.set_result(None))
+        self.on_closed(lambda: _settle(closed))
         await asyncio.wait((flushed, closed), return_when=asyncio.FIRST_COMPLETED)
         if not flushed.done():
             raise StreamClosed()
@@ -189,3 +194,8 @@ class BodyTooLarge(Exception):
     def __init__(self, limit: int) -> None:
         super().__init__(f"request body larger than {limit} bytes")
         self.limit = limit
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

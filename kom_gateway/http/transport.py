@@ -10,6 +10,8 @@ import asyncio
 import logging
 import time
 
+from mypy_extensions import mypyc_attr
+
 log = logging.getLogger(__name__)
 
 NO_ERROR = 0x0
@@ -21,14 +23,18 @@ ENHANCE_YOUR_CALM = 0xB
 KEEPALIVE_PING = b"komgw\x00\x00\x00"
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # the h2 / HTTP/1.1 engines extend it
 class H2Transport(asyncio.Protocol):
-    transport: asyncio.Transport | None = None
     _loop: asyncio.AbstractEventLoop  # set in connection_made (get_running_loop() costs a
     # getpid() system call in CPython 3.11, and _write_out runs several times a request)
-    _flush_handle: asyncio.Handle | None = None
-    _ping_ack: asyncio.Future[None] | None = None
-    _keepalive_task: asyncio.Task[None] | None = None
-    _last_read: float = 0.0
+
+    def __init__(self) -> None:
+        # set here, not as class-level defaults: see ServerStream.__init__
+        self.transport: asyncio.Transport | None = None
+        self._flush_handle: asyncio.Handle | None = None
+        self._ping_ack: asyncio.Future[None] | None = None
+        self._keepalive_task: asyncio.Task[None] | None = None
+        self._last_read = 0.0
 
     def _send_ping(self, payload: bytes) -> None:
         raise NotImplementedError
