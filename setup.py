@@ -13,24 +13,27 @@ pure-Python fallbacks.
 KOM_GATEWAY_NO_EXTENSIONS=1 skips both (to test the portable install).
 """
 
-import ast
-import hashlib
+import importlib.util
 import json
 import os
 from pathlib import Path
+from types import ModuleType
 
 from setuptools import Extension, setup
 
 HERE = Path(__file__).resolve().parent
 
 
-def compiled_core_modules() -> tuple[str, ...]:
-    """MODULES from kom_gateway/compiled.py, read without importing the package."""
-    tree = ast.parse((HERE / "kom_gateway" / "compiled.py").read_text())
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "MODULES":
-            return ast.literal_eval(node.value)
-    raise RuntimeError("kom_gateway/compiled.py has no MODULES")
+def load_compiled_module() -> ModuleType:
+    """kom_gateway/compiled.py, loaded on its own (it needs only the standard library;
+    the package and its dependencies are not installed yet): the build half of its
+    contract, what to compile and how to record it, lives there with the run half."""
+    spec = importlib.util.spec_from_file_location(
+        "kom_gateway_compiled_build", HERE / "kom_gateway" / "compiled.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def nghttp2_engine() -> list[Extension]:
@@ -54,21 +57,20 @@ def nghttp2_engine() -> list[Extension]:
 
 
 def compiled_core() -> list[Extension]:
-    modules = compiled_core_modules()
-    paths = [m.replace(".", "/") + ".py" for m in modules]
+    core = load_compiled_module()
+    paths = [str(core.source_path(m, HERE).relative_to(HERE)) for m in core.MODULES]
     try:
         from mypyc.build import mypycify
 
-        extensions = mypycify(paths, opt_level="3", group_name="kom_gateway_core")
+        extensions = mypycify(paths, opt_level="3", group_name=core.GROUP)
     except (Exception, SystemExit) as exc:  # no mypyc, or they do not type-check (it
         # exits then, having printed mypy's errors): the core stays interpreted
         print(f"kom-gateway: the core is not compiled ({type(exc).__name__}: {exc})")
         return []
     for extension in extensions:
         extension.optional = True  # a failed C build leaves the interpreted core
-    record = {"sources": {m: hashlib.sha256((HERE / p).read_bytes()).hexdigest()
-                          for m, p in zip(modules, paths, strict=True)}}  # fmt: skip
-    (HERE / "kom_gateway" / "_compiled.json").write_text(json.dumps(record, indent=1) + "\n")
+    record = json.dumps(core.build_record(HERE), indent=1) + "\n"
+    (HERE / "kom_gateway" / core.MANIFEST).write_text(record)
     return extensions
 
 

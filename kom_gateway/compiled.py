@@ -2,10 +2,11 @@
 their Python source kept as the portable fallback (as aiohttp keeps its parser's).
 
 mypyc turns these type-annotated modules into C extensions: native classes (attributes
-at fixed offsets) and calls between them in C. That is about a quarter of a proxied
-request's CPU. They are compiled as one group whose modules call each other natively, so
-it is all of them or none. The extensions sit next to the sources and Python's importer
-prefers them; `activate()`, run once when the package is imported, decides which run:
+at fixed offsets) and calls between them in C. A proxied request costs ~40% fewer
+instructions (bench/README.md, "Fifth round"). They are compiled as one group whose
+modules call each other natively, so it is all of them or none. The extensions sit
+next to the sources and Python's importer prefers them; `activate()`, run once when the
+package is imported, decides which run:
 
 - the compiled group, when every module was built from the source now on disk (the
   build records each source's SHA-256 in `_compiled.json`);
@@ -74,6 +75,15 @@ def source_path(module: str, root: Path = ROOT) -> Path:
     return root.joinpath(*module.split(".")).with_suffix(".py")
 
 
+def source_digest(module: str, root: Path = ROOT) -> str:
+    return hashlib.sha256(source_path(module, root).read_bytes()).hexdigest()
+
+
+def build_record(root: Path = ROOT) -> dict[str, dict[str, str]]:
+    """What the build writes to MANIFEST (setup.py loads this file to do so)."""
+    return {"sources": {m: source_digest(m, root) for m in MODULES}}
+
+
 def _extension_exists(module: str, root: Path) -> bool:
     source = source_path(module, root)
     return any(source.with_suffix(s).exists() for s in importlib.machinery.EXTENSION_SUFFIXES)
@@ -92,10 +102,7 @@ def pure_reason(environ: Mapping[str, str] = os.environ, root: Path = ROOT) -> s
         recorded = json.loads((root / "kom_gateway" / MANIFEST).read_text())["sources"]
     except (OSError, ValueError, KeyError, TypeError):
         return f"no build record ({MANIFEST})"
-    changed = [
-        m for m in MODULES
-        if recorded.get(m) != hashlib.sha256(source_path(m, root).read_bytes()).hexdigest()
-    ]  # fmt: skip
+    changed = [m for m in MODULES if recorded.get(m) != source_digest(m, root)]
     if changed:
         return f"stale build: {', '.join(changed)} changed since it was compiled; reinstall"
     try:
@@ -143,6 +150,6 @@ def start_warning() -> str | None:
     if state == "compiled" or PURE_ENV in state:
         return None
     return (
-        f"the request path runs as {state}: about a third more CPU per request. "
+        f"the request path runs as {state}: ~1.6x the instructions per proxied request. "
         "Reinstall with a C compiler present (pip install .) to compile it."
     )

@@ -4,7 +4,6 @@ after the build; and the core's own tests pass on the fallback too."""
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.machinery
 import json
@@ -96,11 +95,8 @@ def _fake_build(root: Path, modules: tuple[str, ...] = compiled.MODULES) -> None
 
 
 def _record(root: Path) -> None:
-    sources = {
-        m: hashlib.sha256(compiled.source_path(m, root).read_bytes()).hexdigest()
-        for m in compiled.MODULES
-    }
-    (root / "kom_gateway" / compiled.MANIFEST).write_text(json.dumps({"sources": sources}))
+    record = compiled.build_record(root)
+    (root / "kom_gateway" / compiled.MANIFEST).write_text(json.dumps(record))
 
 
 def test_the_environment_variable_asks_for_the_sources(tmp_path):
