@@ -83,7 +83,6 @@ LONG_RUNNING_SUBRESOURCES = frozenset({"attach", "exec", "proxy", "log", "portfo
 
 _CONTROL_CHAR = re.compile(r"[\x00-\x1f\x7f]")  # Go's net/url refuses these in a URL
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
-_INT64 = re.compile(r"[+-]?[0-9]+\Z")
 _INT64_MAX = 2**63 - 1
 _INT64_MIN = -(2**63)
 
@@ -310,9 +309,16 @@ def _list_verb_and_name(query: str) -> tuple[str, str]:
 
 
 def _is_int64(value: str) -> bool:
+    """strconv.ParseInt(value, 10, 64) succeeds. Never int() of a client's string as it
+    is: past Python's int_max_str_digits that raises, and below it costs quadratic time."""
     if value.isascii() and value.isdigit() and len(value) < 19:
         return True
-    return bool(_INT64.match(value)) and _INT64_MIN <= int(value) <= _INT64_MAX
+    sign = value[:1] if value[:1] in ("+", "-") else ""
+    digits = value[len(sign) :]
+    if not (digits.isascii() and digits.isdigit()):
+        return False
+    digits = digits.lstrip("0")
+    return len(digits) <= 19 and _INT64_MIN <= int(sign + (digits or "0")) <= _INT64_MAX
 
 
 def parse_field_selector(selector: str) -> list[tuple[str, str, str]] | None:

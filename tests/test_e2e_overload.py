@@ -332,3 +332,37 @@ def test_a_port_in_use_is_one_clear_line_not_a_traceback(tmp_path):
             assert f"({what}): " in lines[0] and "--reuse-port" in lines[0]
     finally:
         cluster.stop()
+
+
+@pytest.mark.parametrize("start", ["python -m from the repository", "console script"])
+def test_workers_import_the_supervisors_package(tmp_path, start):
+    """Every worker runs the package the supervisor runs, whatever the current directory:
+    from the repository root (where `python -m` would put the uncompiled sources first),
+    and from a directory holding a planted `kom_gateway/` that must never run."""
+    from kom_gateway import compiled
+
+    repo = Path(__file__).resolve().parent.parent
+    if start == "console script":
+        cwd = tmp_path / "elsewhere"
+        (cwd / "kom_gateway").mkdir(parents=True)
+        (cwd / "kom_gateway" / "__init__.py").write_text("raise SystemExit('planted code ran')\n")
+        (cwd / "kom_gateway" / "__main__.py").write_text("raise SystemExit('planted code ran')\n")
+        exe = [str(Path(sys.executable).parent / "kom-gateway")]
+        if not Path(exe[0]).exists():
+            pytest.skip("no kom-gateway console script beside this interpreter")
+    else:
+        cwd, exe = repo, [sys.executable, "-m", "kom_gateway"]
+    config = tmp_path / "gw.yaml"
+    config.write_text('groups: {default: {endpoints: ["http://127.0.0.1:9"]}}\n')
+    supervisor = Process([*exe, "run", "--config", str(config), "--listen", "127.0.0.1:0",
+                          "--admin", "127.0.0.1:0", "--workers", "2"],
+                         "kom-gateway listening", tmp_path / "supervisor.log", cwd=cwd)
+    try:
+        log = supervisor.log.read_text()
+        reports = re.findall(r"^worker (\d) \(pid \d+\): (.*)$", log, re.M)
+        assert sorted(i for i, _ in reports) == ["0", "1"], log
+        own = f"core {compiled.activate()}"
+        assert all(scheme.endswith(own) for _, scheme in reports), (own, log)
+        assert "does not run the supervisor's" not in log and "planted" not in log
+    finally:
+        supervisor.stop()

@@ -63,6 +63,13 @@ MORE_CASES = [
     ("GET", "/api/v1/pods?fieldSelector=metadata.name=p&timeoutSeconds=-1", "list", "", "", "pods", "", "p"),
     ("GET", "/api/v1/pods?fieldSelector=metadata.name=p&timeoutSeconds=99999999999999999999", "list", "", "", "pods", "", ""),
     ("GET", "/api/v1/pods?fieldSelector=metadata.name=p+q", "list", "", "", "pods", "", "p q"),
+    # a client's 5,000 digits: not an int64 (and never int()-converted whole)
+    ("GET", "/api/v1/pods?fieldSelector=metadata.name=p&limit=" + "9" * 5000, "list", "", "", "pods", "", ""),
+    ("GET", "/api/v1/pods?fieldSelector=metadata.name=p&limit=-" + "0" * 5000 + "7", "list", "", "", "pods", "", "p"),
+    ("GET", "/api/v1/pods?fieldSelector=metadata.name=p&limit=%2B0009223372036854775807", "list", "", "", "pods", "", "p"),
+    ("GET", "/api/v1/pods?fieldSelector=metadata.name=p&limit=9223372036854775808", "list", "", "", "pods", "", ""),
+    ("GET", "/api/v1/pods?fieldSelector=metadata.name=p&limit=-9223372036854775808", "list", "", "", "pods", "", "p"),
+    ("GET", "/api/v1/pods?fieldSelector=metadata.name=p&limit=%2B", "list", "", "", "pods", "", ""),
     # namespace subresources
     ("PUT", "/api/v1/namespaces/ns/status", "update", "", "ns", "namespaces", "status", "ns"),
     ("GET", "/api/v1/namespaces/ns/status", "get", "", "ns", "namespaces", "status", "ns"),

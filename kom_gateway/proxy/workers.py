@@ -1,7 +1,10 @@
 """`kom-gateway run --workers N`: N gateway processes on one port, and a supervisor.
 
 Each worker is an ordinary `kom-gateway run` with the same config, bound with
-SO_REUSEPORT, so the kernel spreads new connections over the workers. Workers write
+SO_REUSEPORT, so the kernel spreads new connections over the workers. A worker imports
+the very package the supervisor runs (`WORKER_BOOT`), not whatever `python -m` would
+find first in the current directory: a source checkout there would run uncompiled, and
+a planted `kom_gateway/` would run instead of the gateway. Workers write
 their metrics to files (prometheus-client's multiprocess mode) and the supervisor's
 admin port serves them combined. SIGHUP and SIGTERM are passed on to every worker (each
 reloads or drains itself); a worker that dies is restarted.
@@ -22,6 +25,7 @@ import tempfile
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
+from kom_gateway import compiled
 from kom_gateway.config import load_config_file
 from kom_gateway.http.admin import start_admin
 from kom_gateway.proxy.metrics import MULTIPROC_ENV
@@ -30,6 +34,18 @@ from kom_gateway.proxy.server import RunOptions
 log = logging.getLogger("kom_gateway.workers")
 
 READY_LINE = "kom-gateway listening on"
+# `python -P -c WORKER_BOOT ROOT ARGS...`: -P keeps the current directory off sys.path;
+# ROOT (the directory holding the supervisor's package) goes first when the package
+# would otherwise be found elsewhere.
+WORKER_BOOT = """\
+import importlib.util, os, sys
+root = sys.argv.pop(1)
+spec = importlib.util.find_spec("kom_gateway")
+if spec is None or os.path.dirname(os.path.dirname(os.path.realpath(spec.origin))) != root:
+    sys.path.insert(0, root)
+from kom_gateway.cli import main
+sys.exit(main())
+"""
 START_TIMEOUT = 30.0
 RESTART_PAUSE = 1.0
 
@@ -55,7 +71,8 @@ class Worker:
                 if not line:
                     raise RuntimeError(f"worker {self.index} exited before listening")
                 if READY_LINE in line:
-                    self.scheme = line.split("(", 1)[1].split(")", 1)[0] if "(" in line else ""
+                    # "... on H:P (SCHEME); no admin port ...": SCHEME may hold parentheses
+                    self.scheme = line.split(" (", 1)[-1].split("); ", 1)[0]
                     break
                 print(line, end="", flush=True)
         self._output = asyncio.get_running_loop().create_task(self._forward_output())
@@ -92,8 +109,10 @@ async def run_workers(options: RunOptions, count: int, log_level: str = "info") 
     host = f"[{listen.host}]" if ":" in listen.host else listen.host
     argv = [
         sys.executable,
-        "-m",
-        "kom_gateway",
+        "-P",
+        "-c",
+        WORKER_BOOT,
+        os.path.realpath(compiled.ROOT),
         "run",
         "--config",
         options.config_path,
@@ -118,6 +137,8 @@ async def run_workers(options: RunOptions, count: int, log_level: str = "info") 
         await asyncio.gather(*(w.start() for w in workers))
         if reservation is not None:
             reservation.close()
+        for worker in workers:
+            _report(worker)
         stopping = False
 
         def is_ready() -> tuple[bool, str]:
@@ -180,6 +201,18 @@ async def _supervise(worker: Worker, metrics_dir: str) -> None:
             await worker.start()
         except (RuntimeError, TimeoutError, OSError) as exc:
             log.error("worker %d did not restart: %s", worker.index, exc)
+        else:
+            _report(worker)
+
+
+def _report(worker: Worker) -> None:
+    """Say what a worker runs; warn when its core is not the supervisor's."""
+    assert worker.proc is not None
+    print(f"worker {worker.index} (pid {worker.proc.pid}): {worker.scheme}", flush=True)
+    own = f"core {compiled.activate()}"
+    if not worker.scheme.endswith(own):
+        log.warning("worker %d does not run the supervisor's %s: %s", worker.index, own,
+                    worker.scheme)  # fmt: skip
 
 
 async def _wait_all(workers: list[Worker], timeout: float) -> None:
