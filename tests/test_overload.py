@@ -127,13 +127,23 @@ def test_lease_updates_use_the_reserve_and_are_shed_last():
     assert isinstance(adm.admit(LEASE_UPDATE, KUBELET, "config", 0), Rejection)  # full limit
 
 
-def test_exempt_clients_are_admitted_and_counted():
-    adm = admission(limits=GroupLimits(max_inflight=1))
-    adm.admit(LIST_PODS, OPERATOR, "pod", 0)
-    assert isinstance(adm.admit(LIST_PODS, OPERATOR, "pod", 0), Rejection)
-    assert isinstance(adm.admit(LIST_PODS, ADMIN, "pod", 0), Ticket)  # system:masters
-    assert adm.inflight["pod"] == 2
-    assert adm.load() == 2.0
+def test_exempt_clients_are_admitted_and_take_no_ones_seat():
+    adm = admission(limits=GroupLimits(max_inflight=2, max_watches=1))
+    exempt = [adm.admit(LIST_PODS, ADMIN, "pod", 0) for _ in range(50)]  # system:masters
+    exempt += [adm.admit(WATCH_PODS, ADMIN, "pod", 0) for _ in range(5)]
+    assert all(isinstance(t, Ticket) for t in exempt)
+    assert adm.exempt["pod"] == 55 and adm.load() == 0.0  # counted apart
+    # everyone else still finds the group's seats free
+    assert isinstance(adm.admit(LIST_PODS, OPERATOR, "pod", 0), Ticket)
+    assert isinstance(adm.admit(WATCH_PODS, KUBELET, "pod", 0), Ticket)
+    assert adm.inflight["pod"] == 1 and adm.load() == 0.5
+    # an exempt client's responses are held to the buffered-bytes budget like anyone's
+    assert {t.client for t in exempt} == {ADMIN.key}
+    adm.buffers.hold(ADMIN.key, adm.policy.per_client.max_buffered_bytes)
+    assert isinstance(adm.admit(LIST_PODS, ADMIN, "pod", 0), Ticket)  # but never shed
+    for ticket in exempt:
+        ticket.release()
+    assert adm.exempt["pod"] == 1
 
 
 def test_watch_limit_and_other_long_running_requests_are_not_in_flight():
@@ -396,7 +406,9 @@ def test_a_client_over_its_byte_budget_gets_no_new_request_until_it_reads():
     assert isinstance(refused, Rejection) and refused.reason == "client-buffer"
     assert isinstance(admission.admit(LIST_PODS, OPERATOR, "pod", 0.0), Ticket)
     assert isinstance(admission.admit(LEASE_UPDATE, KUBELET, "config", 0.0), Ticket)
-    assert admission.admit(LIST_PODS, ADMIN, "pod", 0.0).client == ""  # exempt: not held
+    # exempt: admitted, its responses held to its own budget (issue 22: never shed, but
+    # a stalled exempt reader waits on itself too)
+    assert admission.admit(LIST_PODS, ADMIN, "pod", 0.0).client == ADMIN.key
 
 
 def test_credit_is_held_back_past_the_budget_and_returned_once_under_it():

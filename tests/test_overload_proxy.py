@@ -5,6 +5,7 @@ and a drain that lets requests finish and ends watches cleanly."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import h2.events
 import h2.settings
@@ -54,6 +55,49 @@ async def test_over_the_inflight_limit_clients_get_429_not_timeouts():
         assert stack.gateway.admission.inflight["pod"] == 0  # every ticket came back
         # other groups have their own limit
         assert (await client.request("GET", "/api/v1/nodes")).status == 200
+    finally:
+        await stack.close()
+
+
+async def test_a_stalled_exempt_client_starves_no_one():
+    """An exempt client (here by User-Agent) with ten LISTs it never reads holds no seat
+    of the group: a normal client beside it is never shed. Its unread responses are held
+    to its buffered-bytes budget, and the stalled-reader timeout cuts it off like anyone."""
+    budget = 100_000
+    stack = await started(
+        "overload: {maxInflight: 4, reservedPercent: 0, exempt: [{userAgent: \"admin/*\"}],"
+        f" perClient: {{maxBufferedBytes: {budget}}}}}\n"
+        "limits: {stalledWriteTimeoutSeconds: 3}\n")
+    try:
+        client = await stack.client()
+        body = json.dumps({"metadata": {"name": "big"}, "data": {"k": "v" * 400_000}}).encode()
+        created = await client.request("POST", "/api/v1/namespaces/default/configmaps", body=body)
+        assert created.status == 201
+        raw = await RawH2.connect(stack.port)
+        raw.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+        for _ in range(10):
+            raw.send("/api/v1/namespaces/default/configmaps", user_agent=b"admin/1.0")
+        admission = stack.gateway.admission
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if admission.exempt.get("config") == 10:
+                break
+        assert admission.exempt.get("config") == 10  # in flight, and stalled
+        # the normal client: every request answered, none shed
+        responses = await asyncio.gather(*(
+            client.request("GET", "/api/v1/namespaces/default/configmaps") for _ in range(4)))
+        assert [r.status for r in responses] == [200] * 4  # the limit, all its own
+        assert shed(stack, "config", "inflight") == 0
+        # the exempt reader's unread bytes are counted against its own budget: past it,
+        # the group is credited no more for it (at most one window per stream beyond)
+        key = "addr:127.0.0.1|admin"
+        window = stack.gateway.holder.current.config.http2_upstream.initial_stream_window
+        held = admission.buffers.buffered.get(key, 0)
+        assert budget <= held <= budget + 10 * window, held
+        goaway = await raw.until_closed(15)
+        assert goaway.additional_data == b"stalled-reader"
+        assert admission.exempt.get("config", 0) == 0
+        assert admission.buffers.buffered.get(key, 0) == 0
     finally:
         await stack.close()
 

@@ -2,7 +2,11 @@
 the Retry-After to send. Pure: counts and buckets in memory, time passed in.
 
 Order of decision, cheapest and most important first:
-1. exempt requests are always admitted (and counted, so load stays visible);
+1. exempt requests are always admitted. As kube-apiserver's APF keeps exempt outside
+   every priority level, they take none of the seats other clients are admitted against
+   (a stalled admin must not starve everyone): they are counted apart (`exempt`, shown
+   as in-flight kind "exempt"). Their responses are still held to the per-client
+   buffered-bytes budget, so a stalled exempt reader waits on itself like anyone;
 2. fair share, for requests that are neither exempt nor protected: one client (client
    key) may have `per_client.max_inflight` non-long-running requests in flight, and no
    new request while the gateway holds more than `per_client.max_buffered_bytes` of
@@ -49,7 +53,7 @@ class Ticket:
         self.kind = kind
         self.released = False
         self._client_counts = client_counts
-        self.client = client  # held to the client's fair share (else "": exempt, protected)
+        self.client = client  # its responses held to the buffered-bytes budget ("": protected)
         if counts is not None:
             counts[group] = counts.get(group, 0) + 1
         if client_counts is not None:
@@ -91,6 +95,7 @@ class Admission:
         self.inflight: dict[str, int] = {}
         self.watches: dict[str, int] = {}
         self.long_running: dict[str, int] = {}
+        self.exempt: dict[str, int] = {}  # group -> exempt requests in flight, any kind
         self.client_inflight: dict[str, int] = {}  # client key -> short requests (unprotected)
         self.buffers = ClientBuffers()
         self._retry: dict[str, RetryAfter] = {}
@@ -133,7 +138,8 @@ class Admission:
         if mine is None or mine.policy is not policy:
             mine = policy.for_client(client)
         if mine.exempt and _any_match(mine.exempt, info, group):
-            return Ticket(counts, group, kind)
+            # never shed, in no group's seats; its buffered responses count (its key)
+            return Ticket(self.exempt, group, kind, None, client.key)
         protected = _any_match(mine.protected, info, group)
         client_counts = None
         if not protected:

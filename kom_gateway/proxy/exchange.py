@@ -106,7 +106,7 @@ class _Attempt:
         if exchange.frames is not None:
             exchange.frames.feed(data)
         key = exchange.ticket.client
-        if not key:  # exempt or protected: not held to a fair share
+        if not key:  # protected (lease renewals, small): not held to a budget
             exchange.stream.write(data, lambda: upstream.ack(flow_len))
             return
         buffers = exchange.ctx.buffers

@@ -117,6 +117,8 @@ class Gateway:
         m.client_inflight_max.set(max(a.client_inflight.values(), default=0))
         for group, count in a.inflight.items():
             m.child(m.in_flight, group, "short").set(count)
+        for group, count in a.exempt.items():
+            m.child(m.in_flight, group, "exempt").set(count)
         for group in a.watches.keys() | a.long_running.keys():
             long_running = a.watches.get(group, 0) + a.long_running.get(group, 0)
             m.child(m.in_flight, group, "long-running").set(long_running)
