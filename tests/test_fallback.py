@@ -85,17 +85,27 @@ async def test_writes_are_not_replayed(fault):
         await s.close()
 
 
-async def test_a_lone_endpoint_that_fails_requests_but_passes_probes_stays_reads_go_default():
+async def test_a_lone_endpoint_that_fails_requests_is_ejected_though_its_probe_passes():
+    """Default can answer whatever another group cannot, so a group's last endpoint is
+    ejected like any other: after `consecutiveFailures` failed reads (each answered by
+    default) its writes go to default too instead of failing, until it is back."""
     s = await Stack().start(extra=HEALTH)
     try:
         c = await s.client()
         s.sim.groups["pod"].faults.status_override = 503
         reads = [await c.request("GET", "/api/v1/pods") for _ in range(12)]
         assert {(r.status, r.group) for r in reads} == {(200, "default")}
-        await asyncio.sleep(0.5)  # its probes ran (and passed)
+        assert s.sim.groups["pod"].served["list pods"] == 3  # the threshold, then ejected
         endpoint = s.gateway.upstreams.groups["pod"][0]
-        assert endpoint.healthy  # never ejected: the group's last endpoint, and ready
-        assert not s.gateway.metrics.ejections._metrics
+        assert not endpoint.healthy
+        assert s.gateway.metrics.registry.get_sample_value(
+            "kom_gateway_upstream_ejections_total",
+            {"group": "pod", "endpoint": endpoint.name, "reason": "consecutive-failures"}) == 1
+        write = await c.request("POST", "/api/v1/namespaces/default/pods", body=POD)
+        assert (write.status, write.group) == (201, "default")
+        s.sim.groups["pod"].faults.status_override = 0
+        await asyncio.sleep(0.8)  # its ejection time is up
+        assert (await c.request("GET", "/api/v1/pods")).group == "pod"
     finally:
         await s.close()
 
@@ -109,8 +119,10 @@ async def test_a_lone_endpoint_whose_probe_fails_too_is_taken_out_then_writes_go
         s.sim.groups["pod"].faults.update({"status_override": 500, "readyz_status": 500})
         for _ in range(5):
             assert (await c.request("GET", "/api/v1/pods")).status == 200
-        await until(lambda: not endpoint.healthy)  # the failures asked for a probe at once
-        assert value(m.ejections, "pod", endpoint.name, "probe") == 1
+        await until(lambda: not endpoint.healthy)
+        assert value(m.ejections, "pod", endpoint.name, "consecutive-failures") == 1
+        await asyncio.sleep(1.0)  # past its ejection time (0.6 s): its failing probe
+        assert not endpoint.healthy and endpoint.health.probe_down  # keeps it out
         write = await c.request("POST", "/api/v1/namespaces/default/pods", body=POD)
         assert (write.status, write.group) == (201, "default")  # nothing was sent to pod
         assert value(m.fallbacks, "pod", "default", "no-healthy-endpoint") >= 1
@@ -242,3 +254,53 @@ async def test_an_opt_in_header_names_who_answered():
         assert b"x-kom-answered-by" not in r.headers  # off by default
     finally:
         await off.close()
+
+
+@pytest.mark.parametrize("fault", ["reset_after_headers", "reset_mid_body"])
+async def test_a_group_breaking_its_responses_fails_at_most_the_threshold_of_reads(fault):
+    """A group that resets every read after its response headers: each broken response
+    counts toward the endpoint's ejection, so after `consecutiveFailures` (3) of them the
+    reads go to default, whatever its probe says. One broken before any body byte
+    reached the client is retried on default at once (its headers were held): 0 failed.
+    One broken mid-body cannot be: at most the threshold of reads fail."""
+    s = await Stack().start(extra=HEALTH)
+    try:
+        c = await s.client()
+        assert (await c.request("POST", "/api/v1/namespaces/default/pods", body=POD)).status == 201
+        s.sim.groups["pod"].faults.update({fault: True})
+        paths = ["/api/v1/namespaces/default/pods/p1", "/api/v1/pods"] * 10
+        reads = [await c.request("GET", path) for path in paths]
+        failed = [r for r in reads if r.status != 200 or r.reset]
+        endpoint = s.gateway.upstreams.groups["pod"][0]
+        m = s.gateway.metrics
+        assert value(m.ejections, "pod", endpoint.name, "consecutive-failures") == 1
+        served = s.sim.groups["pod"].served
+        assert served["get pods"] + served["list pods"] == 3  # then ejected
+        if fault == "reset_after_headers":
+            assert failed == []
+            assert value(m.fallbacks, "pod", "default", "reset-before-body") == 3
+            assert {r.group for r in reads} == {"default"}
+        else:
+            assert len(failed) == 3  # the threshold; the rest from default
+            assert all(r.group == "default" for r in reads[3:])
+            assert value(m.fallbacks, "pod", "default", "no-healthy-endpoint") == 17
+    finally:
+        await s.close()
+
+
+async def test_held_response_headers_go_out_with_the_body_and_writes_are_not_held():
+    """What holding a read's headers must not change: a response without a body (HEAD,
+    an empty answer) still gets its headers, and a write's answer is not held."""
+    s = await Stack().start(extra=HEALTH)
+    try:
+        c = await s.client()
+        created = await c.request("POST", "/api/v1/namespaces/default/pods", body=POD)
+        assert (created.status, created.group) == (201, "pod")
+        head = await c.request("HEAD", "/api/v1/namespaces/default/pods/p1")
+        assert (head.status, head.group, head.body) == (200, "pod", b"")
+        missing = await c.request("GET", "/api/v1/namespaces/default/pods/nope")
+        assert (missing.status, missing.group) == (404, "pod")
+        endpoint = s.gateway.upstreams.groups["pod"][0]
+        assert endpoint.health.consecutive_failures == 0
+    finally:
+        await s.close()

@@ -37,7 +37,8 @@ def test_repeated_ejections_last_longer_up_to_the_cap_and_are_forgiven_later():
     assert fail(h, 3, now)[-1] and h.ejected_until - now == 10
 
 
-def test_the_last_endpoint_is_not_ejected_its_probe_decides():
+def test_defaults_last_endpoint_is_not_ejected_its_probe_decides():
+    """(may_eject is False only for default's last endpoint: nothing to fall back to.)"""
     h = EndpointHealth(POLICY)
     assert fail(h, 5, 0.0, may_eject=False) == [False] * 5
     assert h.available(0.0) and h.wants_probe()
@@ -68,3 +69,12 @@ def test_failures_while_ejected_do_not_extend_the_ejection():
     until = h.ejected_until
     assert fail(h, 6, 1.0) == [False] * 6  # requests sent before it was ejected
     assert h.ejected_until == until
+
+
+def test_a_passing_probe_does_not_clear_a_run_of_failed_requests():
+    """/readyz can pass while every request breaks: the run must still reach the
+    threshold, however often probes pass in between."""
+    h = EndpointHealth(POLICY)
+    fail(h, 2, 0.0)
+    assert h.probe_result(True) is None
+    assert fail(h, 1, 0.0) == [True]

@@ -101,9 +101,11 @@ class Health:
     Ejection as Envoy's outlier detection does it (same defaults): `consecutive_failures`
     gateway-visible failures in a row (5xx, reset, timeout, connection error) eject an
     endpoint for `base_ejection` x the number of times it was ejected, at most
-    `max_ejection`. Unlike Envoy, the last endpoint of a group is only ejected if its
-    probe fails too: default can always answer, but a group must not go dark because
-    of one bad request pattern while its apiserver is ready.
+    `max_ejection`. A response that breaks after its headers is a failure too (the
+    clearest there is). Any success in between starts the run over, so one bad request
+    pattern ejects nothing. Unlike Envoy, the last endpoint of a group is ejected too:
+    its requests fall back to default, which can answer all of them; only default's own
+    last endpoint stays in until its probe fails.
     """
 
     interval: float = 5.0  # active GET /readyz per endpoint

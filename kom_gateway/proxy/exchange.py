@@ -36,7 +36,7 @@ from kom_gateway.kubestatus import status_body
 from kom_gateway.overload.admission import Ticket
 from kom_gateway.proxy.attempts import Attempts
 from kom_gateway.proxy.context import ProxyContext
-from kom_gateway.proxy.fallback import Failure, falls_back_on_status
+from kom_gateway.proxy.fallback import Failure, falls_back_on_status, holds_response_headers
 from kom_gateway.proxy.headers import (
     answered_by,
     downstream_response_headers,
@@ -100,11 +100,17 @@ class _Attempt:
         if exchange.attempt is not self or exchange.finished:
             upstream.ack(flow_len)
             return
+        if exchange.held is not None:
+            exchange.send_held()
         size = len(data)
         self.metrics.count(self.received, size)
         exchange.bytes_out += size
-        if exchange.frames is not None:
-            exchange.frames.feed(data)
+        frames = exchange.frames
+        if frames is not None:
+            frames.feed(data)
+            if not exchange.proven and frames.at_boundary:  # a whole event: it works
+                exchange.proven = True
+                self.endpoint.report_success()
         key = exchange.ticket.client
         if not key:  # protected (lease renewals, small): not held to a budget
             exchange.stream.write(data, lambda: upstream.ack(flow_len))
@@ -149,7 +155,9 @@ class Exchange:
         "fallback",
         "finished",
         "frames",
+        "held",
         "info",
+        "proven",
         "responded",
         "started",
         "status",
@@ -191,6 +199,11 @@ class Exchange:
         self.endpoint = ""  # the endpoint that answered
         self.fallback: str | None = None
         self.frames: WatchFrames | None = None  # a watch's event boundaries
+        # response headers not yet sent (`holds_response_headers`), and whether the
+        # answering endpoint was reported healthy yet (at the end of its response, or a
+        # watch's first whole event: a response that breaks before is a failure)
+        self.held: Headers | None = None
+        self.proven = False
         self._busy: UpstreamEndpoint | None = None  # counted in its in_flight
         self._connecting: asyncio.Task[HTTP2ClientConnection] | None = None
 
@@ -291,6 +304,7 @@ class Exchange:
         group = self.attempts.group
         attempt = _Attempt(self, endpoint, group)
         self.attempt = attempt
+        self.proven = False
         self.answered_by = group
         stream = self.stream
         headers = upstream_request_headers(
@@ -318,45 +332,74 @@ class Exchange:
     def on_upstream_response(self, attempt: _Attempt, status: int, headers: Headers) -> None:
         """Response headers arrived. A non-default group's 5xx to a read is not the
         answer (default shares its etcd and can give the right one); anything else is,
-        whatever its status (an apiserver's 429 or 4xx is its answer)."""
+        whatever its status (an apiserver's 429 or 4xx is its answer). A short read's
+        headers from a non-default group wait for its first body byte, so that a response
+        that breaks before any of it reached the client can still fall back."""
         endpoint = attempt.endpoint
+        method = self.stream.method
         if status >= 500:
             endpoint.report_failure()
-            if falls_back_on_status(status, self.info, self.stream.method, attempt.group):
+            self.proven = True  # (not a success to report later)
+            if falls_back_on_status(status, self.info, method, attempt.group):
                 self._abort_upstream()
                 log.info(
                     "%s %s: %d from %s, falling back",
-                    self.stream.method,
+                    method,
                     self.stream.target,
                     status,
                     endpoint.name,
                 )
                 self._failed(endpoint, Failure.UPSTREAM_5XX)
                 return
-        else:
-            endpoint.report_success()
+        elif self.info.is_long_running and self.info.verb != "watch":
+            endpoint.report_success()  # exec, logs -f: may run for hours
+            self.proven = True
         self.status = status
+        if holds_response_headers(self.info, method, attempt.group):
+            self.held = headers
+            return
+        self._start_response(attempt, headers)
+
+    def send_held(self) -> None:
+        """The first body byte (or the end) of a response whose headers were held."""
+        headers = self.held
+        self.held = None
+        assert headers is not None and self.attempt is not None
+        self._start_response(self.attempt, headers)
+
+    def _start_response(self, attempt: _Attempt, headers: Headers) -> None:
         self.body = None  # no replay from here on
         self.responded = True
-        if self.info.verb == "watch" and status == 200:
+        if self.info.verb == "watch" and self.status == 200:
             self.frames = WatchFrames(_content_type(headers))
             self.ctx.metrics.child(self.ctx.metrics.watches, attempt.group).inc()
         out = downstream_response_headers(headers)
         header = self.active.config.answered_by_header
         if header:  # (off: no call on the hot path)
             out += answered_by(header, attempt.group, self.attempts.fallback)
-        self.stream.start_response(status, out)
+        self.stream.start_response(self.status, out)
 
     def on_upstream_end(self, attempt: _Attempt) -> None:
-        if not self.responded:  # ended without response headers: as good as a reset
+        if self.held is not None:
+            self.send_held()
+        elif not self.responded:  # ended without response headers: as good as a reset
             self.on_upstream_reset(attempt, RESET_BROKEN, "upstream ended the stream unanswered")
             return
+        if not self.proven:
+            attempt.endpoint.report_success()
         self.stream.end()
         self._finish()
 
     def on_upstream_reset(self, attempt: _Attempt, kind: str, reason: str) -> None:
+        stream = self.stream
+        if self.held is not None:  # broke before any of it reached the client: a read
+            self.held = None
+            log.info("%s %s: %s on %s after its headers", stream.method, stream.target, reason,
+                     attempt.endpoint.name)  # fmt: skip
+            attempt.endpoint.report_failure()
+            self._failed(attempt.endpoint, Failure.RESET_BEFORE_BODY)
+            return
         if not self.responded:
-            stream = self.stream
             log.info("%s %s: %s on %s", stream.method, stream.target, reason, attempt.endpoint.name)
             failure = _FAILURE_OF_RESET[kind]
             if not failure.unsent:  # "not processed, try again" is not ill health
@@ -366,13 +409,15 @@ class Exchange:
         # The response had started: never write an error into a 200 stream. A watch cut
         # between two events ends cleanly (the client re-watches from its last
         # resourceVersion and lands on a healthy group); cut inside an event, or any
-        # other response cut short, it is reset so the client sees the break.
+        # other response cut short, it is reset so the client sees the break. Either way
+        # the endpoint failed it: a broken response counts toward its ejection.
         frames = self.frames
         if frames is not None and frames.at_boundary:
-            self.stream.end()
+            stream.end()
         else:
-            self.stream.reset()
+            stream.reset()
         self.broken = True
+        attempt.endpoint.report_failure()
         metrics = self.ctx.metrics
         metrics.child(metrics.broken_responses, attempt.group, self.info.verb).inc()
         self._finish()
@@ -469,6 +514,7 @@ class Exchange:
             attempt.upstream.cancel()
 
     def _answer(self, status: int, reason: str, message: str, retry_after: int | None) -> None:
+        self.held = None
         self.status = status
         self.responded = True
         self.attempt = None  # no upstream answered this

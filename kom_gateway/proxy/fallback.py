@@ -13,6 +13,9 @@ the only question is whether retrying is *safe*:
 - a non-default group answered a read with 500/502/503/504 (`falls_back_on_status`),
   before any of it went to the client: retried on default, which shares the group's etcd
   and can give the right answer; a write's 5xx is its answer (it may have been applied);
+- a non-default group's response to a (short) read broke after its headers but before
+  any body byte reached the client (its headers are held until then:
+  `holds_response_headers`): retried on default, like a 5xx;
 - default itself failed: try its other endpoints for unsent requests, else 503.
 
 Failures after the response started are not retried here: a watch is ended cleanly so the
@@ -34,6 +37,7 @@ class Failure(Enum):
     GOAWAY = "goaway"  # above the upstream's GOAWAY last-stream-id: not processed
     REFUSED = "refused"  # RST_STREAM(REFUSED_STREAM): not processed
     RESET_BEFORE_HEADERS = "reset-before-headers"  # sent; may have been processed
+    RESET_BEFORE_BODY = "reset-before-body"  # headers came (held), then a reset: a read
     UPSTREAM_5XX = "upstream-5xx"  # a read answered 500/502/503/504 by a non-default group
 
     @property
@@ -65,13 +69,25 @@ def is_idempotent_read(info: RequestInfo, method: str) -> bool:
 FALLBACK_STATUSES = frozenset({500, 502, 503, 504})
 
 
+def may_fall_back(info: RequestInfo, method: str, group: str) -> bool:
+    """Whether a failed answer from `group` may be replaced by default's: reads only
+    (a write may have been applied), and never from default itself."""
+    return group != DEFAULT_GROUP and is_idempotent_read(info, method)
+
+
 def falls_back_on_status(status: int, info: RequestInfo, method: str, group: str) -> bool:
     """Whether a response with `status` from `group` is retried on default instead of
     being relayed. Never for writes (they may have been applied), never for default
     itself, never for 4xx or 429 (those are the apiserver's answer, not ill health)."""
-    return (
-        status in FALLBACK_STATUSES and group != DEFAULT_GROUP and is_idempotent_read(info, method)
-    )
+    return status in FALLBACK_STATUSES and may_fall_back(info, method, group)
+
+
+def holds_response_headers(info: RequestInfo, method: str, group: str) -> bool:
+    """Whether `group`'s response headers wait for its first body byte (or its end)
+    before going to the client: so that a response that breaks before any of it reached
+    the client can still be retried on default. Short reads only: a watch's headers must
+    not wait for its first event, which may be minutes away."""
+    return not info.is_long_running and may_fall_back(info, method, group)
 
 
 def after_failure(

@@ -5,12 +5,15 @@ Two judges, as Envoy has them:
   a row take the endpoint out, one passing probe brings it back. A refused connection
   takes it out at once (and asks for a probe right away).
 - **outlier ejection** (passive): `consecutive_failures` failed requests in a row (5xx,
-  reset, timeout) eject it for `base_ejection` x its ejection count, at most
-  `max_ejection`; it comes back by itself when that time is up. The count is forgotten
-  after the endpoint has gone `max_ejection` without an ejection.
+  reset, a response broken after its headers, timeout) eject it for `base_ejection` x
+  its ejection count, at most `max_ejection`; it comes back by itself when that time is
+  up. The count is forgotten after the endpoint has gone `max_ejection` without an
+  ejection.
 
-Any response that is not a failure resets the run of failures: a group that answers
-most requests well is not ejected for a few bad ones.
+A response that completes (a watch: its first whole event) resets the run of failures:
+a group that answers most requests well is not ejected for a few bad ones. A response
+counts only once it is whole, or a group that resets every stream after its headers
+would look healthy between its failures.
 """
 
 from __future__ import annotations
@@ -77,10 +80,12 @@ class EndpointHealth:
         None if that did not change."""
         if ok:
             self.probe_failures = 0
-            self.consecutive_failures = 0  # ready: let requests show it again before a probe
             if self.probe_down:
                 self.probe_down = False
+                self.consecutive_failures = 0  # back: let requests show it again
                 return True
+            # (a passing probe does not clear a run of failed requests: /readyz can pass
+            # while every request breaks, and that run must still reach the threshold)
             return None
         self.probe_failures += 1
         if not self.probe_down and (

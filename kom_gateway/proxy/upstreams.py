@@ -40,6 +40,7 @@ from kom_gateway.proxy.health import (
     EndpointHealth,
 )
 from kom_gateway.proxy.settings import upstream_settings
+from kom_gateway.routing.router import DEFAULT_GROUP
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,10 @@ class UpstreamEndpoint:
             self._probe_now.set()
             return
         now = time.monotonic()
-        may_eject = any(p is not self and p.health.available(now) for p in self.peers)
+        # a group's last endpoint too, but for default's: the others fall back to it
+        may_eject = self.group != DEFAULT_GROUP or any(
+            p is not self and p.health.available(now) for p in self.peers
+        )
         if self.health.failure(now, may_eject):
             seconds = self.health.ejected_until - now
             log.warning(

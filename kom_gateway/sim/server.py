@@ -54,7 +54,8 @@ class Faults:
     throttle: float = 0.0  # share of requests answered 429 + Retry-After
     retry_after: int = 1
     goaway_chance: float = 0.0  # per HTTP/2 request: graceful GOAWAY of its connection
-    reset_mid_body: bool = False  # LIST/WATCH/log responses are reset after the first chunk
+    reset_mid_body: bool = False  # GET/LIST/WATCH/log responses are reset after the first chunk
+    reset_after_headers: bool = False  # GET/LIST: response headers, then a reset (no body)
     reset_before_headers: bool = False  # read the request, then reset without answering
     refuse_streams: bool = False  # HTTP/2 RST_STREAM(REFUSED_STREAM): "not processed"
     status_override: int = 0  # answer every resource request with this status
@@ -305,11 +306,13 @@ class Simulator:
     ) -> None:
         group.served[served_key(info)] += 1
         if isinstance(reply, Reply):
+            read = info.verb in ("get", "list") and info.is_resource_request
             self._reply(
                 group,
                 stream,
                 reply,
-                reset_after_half=group.faults.reset_mid_body and info.verb == "list",
+                reset_after_half=group.faults.reset_mid_body and read,
+                reset_after_headers=group.faults.reset_after_headers and read,
             )
         elif isinstance(reply, WatchReply):
             await self._watch(group, stream, reply)
@@ -338,7 +341,12 @@ class Simulator:
         return out
 
     def _reply(
-        self, group: SimGroup, stream: ServerStream, reply: Reply, reset_after_half: bool = False
+        self,
+        group: SimGroup,
+        stream: ServerStream,
+        reply: Reply,
+        reset_after_half: bool = False,
+        reset_after_headers: bool = False,
     ) -> None:
         headers = self._headers(group, reply.content_type, reply.headers)
         headers.append((b"content-length", str(len(reply.body)).encode()))
@@ -346,6 +354,9 @@ class Simulator:
             stream.start_response(reply.status, headers, end_stream=True)
             return
         stream.start_response(reply.status, headers)
+        if reset_after_headers:
+            stream.reset()
+            return
         if reset_after_half and len(reply.body) > 1:
             stream.write(reply.body[: len(reply.body) // 2], stream.reset)
             return
