@@ -138,8 +138,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--reuse-port",
         action="store_true",
-        help="bind with SO_REUSEPORT, so another instance can share the port (for "
-        "restarts without a gap)",
+        help="bind with SO_REUSEPORT, so another instance can share the port, and hand "
+        "the listening sockets to a replacement started with the same command (restarts "
+        "in place without a refused or reset connection)",
     )
     run.add_argument(
         "--engine",
@@ -148,6 +149,8 @@ def _parser() -> argparse.ArgumentParser:
         "nghttp2 when its extension is installed, else h2)",
     )
     run.add_argument("--no-admin", action="store_true", help=argparse.SUPPRESS)  # workers
+    # workers: each binds its own SO_REUSEPORT socket, none takes another's
+    run.add_argument("--no-handover", action="store_true", help=argparse.SUPPRESS)
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.set_defaults(func=cmd_run)
 
@@ -256,6 +259,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             watch_seconds=args.watch_interval,
             reuse_port=args.reuse_port,
             serve_admin=not args.no_admin,
+            handover=not args.no_handover,
             engine=args.engine,
         )
         if args.workers > 1:

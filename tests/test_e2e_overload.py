@@ -366,3 +366,68 @@ def test_workers_import_the_supervisors_package(tmp_path, start):
         assert "does not run the supervisor's" not in log and "planted" not in log
     finally:
         supervisor.stop()
+
+
+async def _connection_per_request_load(port: int, stop: asyncio.Event, tasks: int = 48) -> dict:
+    """HTTP/1.1 clients that open a new connection for every request (as curl in a loop,
+    or a client without keep-alive): what a restart that drops queued connections hurts."""
+    from collections import Counter
+
+    outcomes: Counter = Counter()
+    request = (b"GET /api/v1/namespaces/default/configmaps HTTP/1.1\r\nHost: gw\r\n"
+               b"User-Agent: per-request/1.0\r\nConnection: close\r\n\r\n")
+
+    async def client() -> None:
+        while not stop.is_set():
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(request)
+                response = await asyncio.wait_for(reader.read(), 10)
+                writer.close()
+                outcomes[response.split(b" ", 2)[1].decode() if response else "empty"] += 1
+            except OSError as exc:
+                outcomes[type(exc).__name__] += 1
+
+    await asyncio.gather(*(client() for _ in range(tasks)))
+    return dict(outcomes)
+
+
+@pytest.mark.parametrize("order", ["SIGTERM first", "replacement first"])
+def test_restart_in_place_loses_no_queued_connection(tmp_path, order):
+    """With --reuse-port the replacement serves on the old instance's own listening
+    sockets (handed over): connections the kernel had queued for the old one are
+    accepted by the new one, so clients opening a connection per request see not one
+    reset or refused connection, whichever of the two steps comes first."""
+    cluster = Cluster(tmp_path, gateway_args=("--reuse-port", "--drain-seconds", "3"))
+    same_command = ("--admin", f"127.0.0.1:{cluster.admin}", "--reuse-port",
+                    "--drain-seconds", "3")
+    replacements: list[Process] = []
+    try:
+        async def scenario() -> tuple[dict, int]:
+            stop = asyncio.Event()
+            running = asyncio.ensure_future(_connection_per_request_load(cluster.port, stop))
+            await asyncio.sleep(1)
+            if order == "SIGTERM first":
+                cluster.gateway.proc.send_signal(signal.SIGTERM)
+            replacements.append(await asyncio.to_thread(
+                gateway, cluster, tmp_path, "replacement", *same_command))
+            if order == "replacement first":
+                await asyncio.sleep(1)
+                cluster.gateway.proc.send_signal(signal.SIGTERM)
+            code = await asyncio.to_thread(cluster.gateway.proc.wait, 20)
+            await asyncio.sleep(1)
+            stop.set()
+            return await running, code
+
+        outcomes, old_code = asyncio.run(scenario())
+        assert old_code == 0
+        assert set(outcomes) == {"200"}, outcomes  # no reset, refused or empty answer
+        assert outcomes["200"] > 200, outcomes  # (it was under load)
+        log = replacements[0].log.read_text()
+        assert f"listening sockets of pid {cluster.gateway.proc.pid}" in log, log
+        assert "took over the listening sockets" in cluster.gateway.log.read_text()
+        assert ready_status(cluster.admin) == 200  # the admin port is the replacement's now
+    finally:
+        for p in replacements:
+            p.stop()
+        cluster.stop()

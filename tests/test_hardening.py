@@ -51,6 +51,7 @@ async def test_rapid_reset_is_cut_off(stack):
     assert goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
     assert goaway.additional_data == b"rapid-reset"
     assert abuse(stack, "rapid-reset") == 1
+    assert abuse(stack, "protocol-error") == 0  # one flood, counted once
     await still_serving(stack)
     await asyncio.sleep(0.2)
     assert not stack.gateway.exchanges  # every exchange the resets started is gone
@@ -71,6 +72,7 @@ async def test_control_frame_floods_are_cut_off(stack, flood, kind):
     assert goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
     assert goaway.additional_data == kind.encode()
     assert abuse(stack, kind) == 1
+    assert abuse(stack, "protocol-error") == 0  # one flood, counted once
     await still_serving(stack)
 
 

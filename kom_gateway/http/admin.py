@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 
 from aiohttp import web
@@ -17,9 +18,11 @@ async def start_admin(
     is_ready: Callable[[], tuple[bool, str]],
     before_scrape: Callable[[], None] = lambda: None,
     reuse_port: bool = False,
+    sock: socket.socket | None = None,
 ) -> tuple[web.AppRunner, int]:
     """Serve the admin endpoints. With `reuse_port`, a replacement instance binds the same
-    port while this one drains (each answers /readyz for itself)."""
+    port while this one drains (each answers /readyz for itself); `sock`: a listening
+    socket handed over by the instance this one replaces."""
 
     async def metrics_handler(request: web.Request) -> web.Response:
         before_scrape()  # batched counters reach prometheus-client first
@@ -40,12 +43,32 @@ async def start_admin(
     app.router.add_get("/readyz", readyz)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True, reuse_port=reuse_port or None)
+    site: web.BaseSite
+    if sock is not None:
+        site = web.SockSite(runner, sock)
+    else:
+        site = web.TCPSite(runner, host, port, reuse_address=True, reuse_port=reuse_port or None)
     try:
         await site.start()
     except OSError as exc:
         await runner.cleanup()
         raise BindError("admin", host, port, exc, "--admin / admin.address") from None
-    server = site._server
-    assert server is not None
-    return runner, int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
+    sock = admin_socket(runner)
+    assert sock is not None
+    return runner, int(sock.getsockname()[1])
+
+
+def admin_socket(runner: web.AppRunner) -> socket.socket | None:
+    """The admin port's listening socket (to hand to a replacement)."""
+    for site in runner.sites:
+        server = site._server  # (aiohttp keeps the asyncio server private)
+        if server is not None and server.sockets:  # type: ignore[attr-defined]
+            return server.sockets[0]  # type: ignore[attr-defined,no-any-return]
+    return None
+
+
+async def stop_accepting(runner: web.AppRunner) -> None:
+    """Close the admin port's listening socket (one handed over lives on there), leaving
+    the connections already open."""
+    for site in list(runner.sites):
+        await site.stop()

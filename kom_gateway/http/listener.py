@@ -211,22 +211,33 @@ class Listener:
         self.on_connections()
         return self.h1_server()
 
-    async def start(self, host: str, port: int, reuse_port: bool = False) -> int:
-        """Bind and serve; returns the bound port (useful with port 0)."""
+    async def start(
+        self, host: str, port: int, reuse_port: bool = False, sock: socket.socket | None = None
+    ) -> int:
+        """Bind and serve (or serve on `sock`, a listening socket handed over by the
+        instance this one replaces); returns the bound port (useful with port 0)."""
         loop = asyncio.get_running_loop()
+        handshake_timeout = self.limits.tls_handshake_timeout if self.ssl_context else None
         try:
-            self.server = await loop.create_server(
-                lambda: _Sniffer(self),
-                host,
-                port,
-                ssl=self.ssl_context,
-                ssl_handshake_timeout=(
-                    self.limits.tls_handshake_timeout if self.ssl_context else None
-                ),
-                reuse_address=True,
-                reuse_port=reuse_port or None,
-                backlog=4096,
-            )
+            if sock is not None:
+                self.server = await loop.create_server(
+                    lambda: _Sniffer(self),
+                    sock=sock,
+                    ssl=self.ssl_context,
+                    ssl_handshake_timeout=handshake_timeout,
+                    backlog=4096,
+                )
+            else:
+                self.server = await loop.create_server(
+                    lambda: _Sniffer(self),
+                    host,
+                    port,
+                    ssl=self.ssl_context,
+                    ssl_handshake_timeout=handshake_timeout,
+                    reuse_address=True,
+                    reuse_port=reuse_port or None,
+                    backlog=4096,
+                )
         except OSError as exc:
             raise BindError("serving", host, port, exc, "--listen / listen.address") from None
         sock = self.server.sockets[0]
@@ -234,9 +245,17 @@ class Listener:
         self.port = int(sock.getsockname()[1])
         return self.port
 
+    @property
+    def listening_socket(self) -> socket.socket | None:
+        """The socket to hand to a replacement (see http/handover.py)."""
+        if self.server is None or not self.server.sockets:
+            return None
+        return self.server.sockets[0]  # type: ignore[return-value]  (a TransportSocket)
+
     def stop_accepting(self) -> None:
         """Close the listening socket: with SO_REUSEPORT, the kernel sends new
-        connections to the other instances from now on."""
+        connections to the other instances from now on; a socket handed over to a
+        replacement lives on there."""
         if self.server is not None:
             self.server.close()
 

@@ -104,7 +104,7 @@ class NgServerProtocol(HTTP2ServerConnection):
         nothing is open. Our own graceful GOAWAY closes by its linger instead."""
         if self.session.want_io() or self.goaway_sent or self.transport is None:
             return False
-        if not self._client_left:
+        if not self._client_left and not self._cut_off:  # (a cut-off was counted as such)
             log.info("HTTP/2 protocol error from %s", self.remote_addr)
             self._report(PROTOCOL_ERROR)
         self.goaway_sent = True  # once

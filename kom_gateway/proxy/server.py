@@ -11,13 +11,15 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from aiohttp import web
+
 from kom_gateway import compiled
 from kom_gateway.config import ConfigError, ConfigHolder, load_config_file
 from kom_gateway.config.model import Address
 from kom_gateway.config.tlscheck import tls_problems
 from kom_gateway.filewatch import FileSet
-from kom_gateway.http.admin import start_admin
-from kom_gateway.http.handover import others_listening
+from kom_gateway.http import admin
+from kom_gateway.http.handover import HandoverServer, others_listening, take_over
 from kom_gateway.http.listener import Listener
 from kom_gateway.http.serverconn import GOAWAY_LINGER_SECONDS
 from kom_gateway.http.tlsfiles import ServerTLSContext
@@ -37,6 +39,7 @@ class RunOptions:
     shutdown_delay: float = 0.0  # SIGTERM: report unready this long before draining
     watch_seconds: float = 5.0  # how often the config and certificate files are checked
     reuse_port: bool = False  # SO_REUSEPORT: several instances or workers on one port
+    handover: bool = True  # with reuse_port: take/hand over the listening sockets
     serve_admin: bool = True  # False in workers: the supervisor serves /metrics
     engine: str | None = None  # HTTP/2 engine (auto | nghttp2 | h2); None: the config's
 
@@ -68,7 +71,13 @@ async def run_gateway(
             raise ConfigError.tls_files("listen.tls", exc, options.config_path) from None
     listener = new_listener(gateway, serving_tls.listening if serving_tls else None)
     listen = options.listen or config.listen
-    port = await listener.start(listen.host, listen.port, options.reuse_port)
+    handing_over = options.reuse_port and options.handover
+    # a running instance on our port (the one this replaces) hands us its sockets
+    inherited = take_over(listen.host, listen.port) if handing_over else None
+    sockets = inherited.sockets if inherited is not None else {}
+    port = await listener.start(
+        listen.host, listen.port, options.reuse_port, sock=sockets.get("serving")
+    )
     gateway.start_load_sampling(listener.open_streams)
     draining = False
 
@@ -80,15 +89,22 @@ async def run_gateway(
     admin_port = 0
     if options.serve_admin:
         admin_address = options.admin or config.admin
-        runner, admin_port = await start_admin(
+        runner, admin_port = await admin.start_admin(
             gateway.metrics.registry,
             admin_address.host,
             admin_address.port,
             is_ready,
             gateway.metrics.flush,
             reuse_port=options.reuse_port,
+            sock=sockets.get("admin"),
         )
         admin_text = f"admin on {admin_address.host}:{admin_port}"
+    elif "admin" in sockets:
+        sockets["admin"].close()
+    handover = _serve_handover(listener, runner, listen.host, port) if handing_over else None
+    if inherited is not None:
+        inherited.confirm()
+        log.info("serving on the listening sockets of pid %d, which this replaces", inherited.pid)
     scheme = "https: h2 + http/1.1 via ALPN" if serving_tls else "h2c + http/1.1"
     scheme += f", HTTP/2 engine {gateway.engine.name}, core {compiled.activate()}"
     print(
@@ -135,7 +151,7 @@ async def run_gateway(
     finally:
         watcher.cancel()
         draining = True
-        await drain(gateway, listener, options)
+        await drain(gateway, listener, options, handover, runner)
         gateway.abort_all()
         await gateway.close()
         if runner is not None:
@@ -143,19 +159,41 @@ async def run_gateway(
     return 0
 
 
-async def drain(gateway: Gateway, listener: Listener, options: RunOptions) -> None:
+def _serve_handover(
+    listener: Listener, runner: web.AppRunner | None, host: str, port: int
+) -> HandoverServer:
+    """Offer our listening sockets to the instance that will replace this one."""
+    sockets = {"serving": listener.listening_socket}
+    if runner is not None:
+        sockets["admin"] = admin.admin_socket(runner)
+    handover = HandoverServer({role: s for role, s in sockets.items() if s is not None})
+    handover.start(host, port)
+    return handover
+
+
+async def drain(
+    gateway: Gateway,
+    listener: Listener,
+    options: RunOptions,
+    handover: HandoverServer | None = None,
+    runner: web.AppRunner | None = None,
+) -> None:
     """SIGTERM, in order: unready for `shutdown_delay` (load balancers take the replica
     out); stop accepting (SO_REUSEPORT peers get the new connections); graceful GOAWAY to
     every HTTP/2 client; requests in flight get `drain_seconds` to finish; watches are
     ended cleanly (clients re-watch elsewhere); connections close once empty. With
-    --reuse-port, accepting stops only once another process listens on the port (at most
-    `drain_seconds` later): a replacement started with the same command takes over
-    without a single refused connection."""
+    --reuse-port, accepting stops only once a replacement started with the same command
+    serves on our listening sockets (handed over: not one queued connection is lost) or
+    listens on the port with its own (at most `drain_seconds` later)."""
     if options.shutdown_delay > 0:
         log.info("shutting down: unready for %.0fs before draining", options.shutdown_delay)
         await asyncio.sleep(options.shutdown_delay)
     if options.reuse_port and listener.port:
-        await _hand_over(listener.port, options.drain_seconds)
+        await _hand_over(handover, listener.port, options.drain_seconds)
+    if handover is not None:
+        handover.close()
+        if handover.taken.is_set() and runner is not None:
+            await admin.stop_accepting(runner)  # its /readyz is the replacement's now
     log.info(
         "draining: GOAWAY to HTTP/2 clients, %.0fs for requests in flight", options.drain_seconds
     )
@@ -165,14 +203,18 @@ async def drain(gateway: Gateway, listener: Listener, options: RunOptions) -> No
     await listener.close(GOAWAY_LINGER_SECONDS + 1.0)
 
 
-async def _hand_over(port: int, limit: float) -> None:
-    """Keep accepting until another process listens on `port` (a replacement started
-    with the same command), at most `limit` seconds: no client finds the port closed."""
+async def _hand_over(handover: HandoverServer | None, port: int, limit: float) -> None:
+    """Keep accepting until a replacement serves on our sockets or on its own, at most
+    `limit` seconds: no client finds the port closed."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + limit
-    if not others_listening(port):
+
+    def replaced() -> bool:
+        return (handover is not None and handover.taken.is_set()) or others_listening(port)
+
+    if not replaced():
         log.info("keeping port %d open until a replacement listens (at most %.0fs)", port, limit)
-    while not others_listening(port) and loop.time() < deadline:
+    while not replaced() and loop.time() < deadline:
         await asyncio.sleep(0.05)
 
 

@@ -119,6 +119,7 @@ async def run_workers(options: RunOptions, count: int, log_level: str = "info") 
         "--listen",
         f"{host}:{port}",
         "--reuse-port",
+        "--no-handover",
         "--no-admin",
         "--drain-seconds",
         str(options.drain_seconds),
