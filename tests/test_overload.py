@@ -137,8 +137,10 @@ def test_exempt_clients_are_admitted_and_take_no_ones_seat():
     assert isinstance(adm.admit(LIST_PODS, OPERATOR, "pod", 0), Ticket)
     assert isinstance(adm.admit(WATCH_PODS, KUBELET, "pod", 0), Ticket)
     assert adm.inflight["pod"] == 1 and adm.load() == 0.5
-    # an exempt client's responses are held to the buffered-bytes budget like anyone's
+    # an exempt client's responses are held to the buffered-bytes budget like anyone's,
+    # and its short requests fetch with one of its own seats (clientshare.py)
     assert {t.client for t in exempt} == {ADMIN.key}
+    assert [t.exempt for t in exempt] == [True] * 50 + [False] * 5
     adm.buffers.hold(ADMIN.key, adm.policy.per_client.max_buffered_bytes)
     assert isinstance(adm.admit(LIST_PODS, ADMIN, "pod", 0), Ticket)  # but never shed
     for ticket in exempt:
@@ -444,3 +446,21 @@ def test_per_client_limits_from_yaml():
     assert config.overload.per_client == ClientLimits(20, 0)
     default = load_config_text('groups:\n  default: {endpoints: ["http://127.0.0.1:1"]}\n')
     assert default.overload.per_client == ClientLimits()
+
+
+def test_exempt_requests_wait_for_their_own_clients_seat_never_shed():
+    buffers = ClientBuffers(max_buffered=1000)
+    buffers.max_seats = 2
+    started = []
+    assert buffers.seat("admin", lambda: started.append(1))
+    assert buffers.seat("admin", lambda: started.append(2))
+    assert not buffers.seat("admin", lambda: started.append(3))  # waits its turn
+    assert buffers.seat("other", lambda: None)  # another client's seats are its own
+    buffers.unseat("admin")
+    assert started == [3] and buffers.seated["admin"] == 2
+    # over its budget: no seat, though one is free, until it reads
+    buffers.hold("admin", 1000)
+    buffers.unseat("admin")
+    assert not buffers.seat("admin", lambda: started.append(4)) and buffers.waiting("admin") == 1
+    buffers.release("admin", 1000, lambda n: None, 1000)
+    assert started == [3, 4] and buffers.waiting("admin") == 0

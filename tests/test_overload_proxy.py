@@ -66,7 +66,7 @@ async def test_a_stalled_exempt_client_starves_no_one():
     budget = 100_000
     stack = await started(
         "overload: {maxInflight: 4, reservedPercent: 0, exempt: [{userAgent: \"admin/*\"}],"
-        f" perClient: {{maxBufferedBytes: {budget}}}}}\n"
+        f" perClient: {{maxInflight: 6, maxBufferedBytes: {budget}}}}}\n"
         "limits: {stalledWriteTimeoutSeconds: 3}\n")
     try:
         client = await stack.client()
@@ -89,15 +89,19 @@ async def test_a_stalled_exempt_client_starves_no_one():
         assert [r.status for r in responses] == [200] * 4  # the limit, all its own
         assert shed(stack, "config", "inflight") == 0
         # the exempt reader's unread bytes are counted against its own budget: past it,
-        # the group is credited no more for it (at most one window per stream beyond)
+        # the group is credited no more for it, and its requests beyond its client's
+        # seats (perClient.maxInflight) wait their turn, unshed, pulling no window
         key = "addr:127.0.0.1|admin"
         window = stack.gateway.holder.current.config.http2_upstream.initial_stream_window
         held = admission.buffers.buffered.get(key, 0)
-        assert budget <= held <= budget + 10 * window, held
+        assert budget <= held <= budget + 6 * window, held
+        assert (admission.buffers.seated[key], admission.buffers.waiting(key)) == (6, 4)
+        assert shed(stack, "config", "client-inflight") == 0
         goaway = await raw.until_closed(15)
         assert goaway.additional_data == b"stalled-reader"
         assert admission.exempt.get("config", 0) == 0
         assert admission.buffers.buffered.get(key, 0) == 0
+        assert not admission.buffers.seated and not admission.buffers.waiting(key)
     finally:
         await stack.close()
 

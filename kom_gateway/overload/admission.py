@@ -5,8 +5,10 @@ Order of decision, cheapest and most important first:
 1. exempt requests are always admitted. As kube-apiserver's APF keeps exempt outside
    every priority level, they take none of the seats other clients are admitted against
    (a stalled admin must not starve everyone): they are counted apart (`exempt`, shown
-   as in-flight kind "exempt"). Their responses are still held to the per-client
-   buffered-bytes budget, so a stalled exempt reader waits on itself like anyone;
+   as in-flight kind "exempt"). They are bounded like anyone without being shed: their
+   responses count against the per-client buffered-bytes budget, and a short one
+   fetches only with one of its client's `per_client.max_inflight` seats, none while
+   the client is over budget; without one it waits its turn (`clientshare.py`);
 2. fair share, for requests that are neither exempt nor protected: one client (client
    key) may have `per_client.max_inflight` non-long-running requests in flight, and no
    new request while the gateway holds more than `per_client.max_buffered_bytes` of
@@ -38,7 +40,7 @@ OTHER = "long-running"
 class Ticket:
     """An admitted request's place; `release()` exactly once when it ends."""
 
-    __slots__ = ("_client_counts", "_counts", "client", "group", "kind", "released")
+    __slots__ = ("_client_counts", "_counts", "client", "exempt", "group", "kind", "released")
 
     def __init__(
         self,
@@ -47,10 +49,12 @@ class Ticket:
         kind: str,
         client_counts: dict[str, int] | None = None,
         client: str = "",
+        exempt: bool = False,
     ) -> None:
         self._counts = counts
         self.group = group
         self.kind = kind
+        self.exempt = exempt  # never shed: a short one fetches with a seat of its client's
         self.released = False
         self._client_counts = client_counts
         self.client = client  # its responses held to the buffered-bytes budget ("": protected)
@@ -108,6 +112,7 @@ class Admission:
         keeps its buckets."""
         old, self.policy = self.policy, policy
         self.buffers.max_buffered = policy.per_client.max_buffered_bytes
+        self.buffers.max_seats = policy.per_client.max_inflight
         kept = self._buckets
         self._buckets = {}
         for rule in policy.rate_limits:
@@ -139,7 +144,7 @@ class Admission:
             mine = policy.for_client(client)
         if mine.exempt and _any_match(mine.exempt, info, group):
             # never shed, in no group's seats; its buffered responses count (its key)
-            return Ticket(self.exempt, group, kind, None, client.key)
+            return Ticket(self.exempt, group, kind, None, client.key, kind is SHORT)
         protected = _any_match(mine.protected, info, group)
         client_counts = None
         if not protected:

@@ -7,10 +7,18 @@ Past `max_buffered` bytes across a client's streams, credit for bytes it does ta
 held back too, and handed out once it is back under the budget: the client then waits
 on itself, and nobody else's memory or upstream window is spent on it. (The number of
 its requests in flight is `Admission`'s business.)
+
+Each stream still pulls one window, so what a client can pin is bounded by the budget
+plus its streams' windows, and others' streams are bounded by their per-client in-flight
+limit. Exempt clients are never shed, so they are bounded here instead: an exempt
+request fetches only with a seat (at most `max_seats` per client, and none while the
+client is over budget); without one it waits its turn, unshed, until its own client
+reads or finishes something.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 
 Credit = Callable[[int], None]  # returns that many bytes of flow-control credit upstream
@@ -22,6 +30,43 @@ class ClientBuffers:
         self.buffered: dict[str, int] = {}  # client key -> bytes held for it now
         self._held: dict[str, list[tuple[Credit, int]]] = {}  # owed once under budget
         self.total = 0
+        self.max_seats = 0  # exempt requests fetching at once, per client (0: no cap)
+        self.seated: dict[str, int] = {}
+        self._waiting: dict[str, deque[Callable[[], None]]] = {}  # exempt, in turn
+
+    def seat(self, key: str, start: Callable[[], None]) -> bool:
+        """An exempt request may fetch now (True: it holds a seat until `unseat`), or
+        `start()` is called once it may (holding a seat then)."""
+        if key not in self._waiting and self._may_seat(key):
+            self.seated[key] = self.seated.get(key, 0) + 1
+            return True
+        self._waiting.setdefault(key, deque()).append(start)
+        return False
+
+    def unseat(self, key: str) -> None:
+        left = self.seated[key] - 1
+        if left:
+            self.seated[key] = left
+        else:
+            del self.seated[key]
+        if self._waiting:
+            self._wake(key)
+
+    def waiting(self, key: str) -> int:
+        return len(self._waiting.get(key, ()))
+
+    def _may_seat(self, key: str) -> bool:
+        most = self.max_seats
+        return not self.over_budget(key) and (not most or self.seated.get(key, 0) < most)
+
+    def _wake(self, key: str) -> None:
+        queue = self._waiting.get(key)
+        while queue and self._may_seat(key):
+            start = queue.popleft()
+            self.seated[key] = self.seated.get(key, 0) + 1
+            start()
+        if not queue:
+            self._waiting.pop(key, None)
 
     def over_budget(self, key: str) -> bool:
         return 0 < self.max_buffered <= self.buffered.get(key, 0)
@@ -50,6 +95,8 @@ class ClientBuffers:
         if self._held:
             for owed, owed_amount in self._held.pop(key, ()):
                 owed(owed_amount)
+        if self._waiting:
+            self._wake(key)
 
     def largest(self) -> int:
         return max(self.buffered.values(), default=0)

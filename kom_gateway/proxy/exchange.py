@@ -159,6 +159,7 @@ class Exchange:
         "info",
         "proven",
         "responded",
+        "seated",
         "started",
         "status",
         "stream",
@@ -194,6 +195,7 @@ class Exchange:
         self.deadline = float("inf")  # when the request timeout answers it
         self.responded = False  # the client's response is ours to finish (or was)
         self.finished = False
+        self.seated = False  # holds one of its exempt client's seats (clientshare.py)
         self.broken = False  # the upstream failed after the response had started
         self.duration = 0.0  # these three are set when it finishes
         self.endpoint = ""  # the endpoint that answered
@@ -217,6 +219,19 @@ class Exchange:
             ctx.live[self] = None
         stream = self.stream
         stream.set_body_consumer(self)  # which also tells us when the stream closes
+        ticket = self.ticket
+        if ticket.exempt:
+            if not ctx.buffers.seat(ticket.client, self._seated_later):
+                return  # an exempt client over its share waits its turn (never shed)
+            self.seated = True
+        self._next_attempt()
+
+    def _seated_later(self) -> None:
+        """An exempt request that waited got its client's seat."""
+        if self.finished:  # answered (timeout) or cancelled while it waited
+            self.ctx.buffers.unseat(self.ticket.client)
+            return
+        self.seated = True
         self._next_attempt()
 
     # -- choosing where the request goes ---------------------------------------------------
@@ -537,7 +552,10 @@ class Exchange:
         if self._connecting is not None:
             self._connecting.cancel()
         self._let_go()
-        self.ticket.release()
+        ticket = self.ticket
+        ticket.release()
+        if self.seated:
+            ctx.buffers.unseat(ticket.client)
         if self.frames is not None:
             ctx.metrics.child(ctx.metrics.watches, self.answered_by).dec()
         attempt = self.attempt
