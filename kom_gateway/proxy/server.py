@@ -23,6 +23,7 @@ from kom_gateway.http.handover import HandoverServer, others_listening, take_ove
 from kom_gateway.http.listener import Listener
 from kom_gateway.http.serverconn import GOAWAY_LINGER_SECONDS
 from kom_gateway.http.tlsfiles import ServerTLSContext
+from kom_gateway.memtrim import MemoryTrimmer
 from kom_gateway.proxy.gateway import Gateway
 from kom_gateway.proxy.settings import listener_settings
 
@@ -252,9 +253,12 @@ async def _watch_files(
     interval: float,
 ) -> None:
     """Every `interval`: reload the config if its file changed (an edit, or a ConfigMap
-    volume's symlink swap), and re-read serving and upstream TLS files that changed."""
+    volume's symlink swap), re-read serving and upstream TLS files that changed, and
+    give memory freed after a burst back to the OS (memtrim.py)."""
+    trimmer = MemoryTrimmer()
     while True:
         await asyncio.sleep(interval)
+        trimmer.maybe_trim()
         if config_file.changed():
             log.info("%s changed on disk: reloading", config_file.paths[0])
             reload()
