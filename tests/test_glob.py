@@ -108,7 +108,7 @@ def _source_module():
     """routing/glob.py loaded from its source (the installed one may be compiled, and
     compiled code runs no Python lines to count)."""
     spec = importlib.util.spec_from_file_location(
-        "glob_source", Path(glob_module.__file__).with_suffix(".py")
+        "glob_source", Path(glob_module.__file__).parent / "glob.py"
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
