@@ -1,0 +1,3 @@
+module kom-gateway/bench/cluster
+
+go 1.19

@@ -1,0 +1,454 @@
+"""The cluster-shaped load model: N kubelets, controllers and pod churn, through the
+gateway, HAProxy and directly, in one run; with faults for the SLO test.
+
+    python bench/cluster_bench.py [--nodes 1000] [--seconds 120] [--churn 20]
+        [--targets direct,haproxy,gateway,gateway-workers] [--kill-at 60] [--repeats 1]
+
+Clients: `bench/cluster/fleet.go` (Go's net/http: client-go's HTTP/2 stack, built with
+the Debian `golang-go` toolchain, standard library only): every kubelet on its own TLS
+connection with its own certificate (CN=system:node:<name>, O=system:nodes), doing what
+a kubelet does (own-pod LIST+WATCH, lease renewals every 10 s, node status every 60 s,
+events for its pods); a scheduler binding every new pod; informers over all pods and
+nodes relisting every minute; a writer creating and deleting pods at --churn a second.
+
+Upstream: the project's simulator (`kom-gateway sim`: four groups on one store and one
+resourceVersion counter), over TLS with kube-apiserver's authentication (x509 client
+certificates, the front-proxy request header). It is restarted for every target, so each
+starts from the same empty store.
+
+Targets, one after another: `direct` (the fleet talks to the simulator), `haproxy`
+(HAProxy 2.6, 2 threads, TLS with client certificates, the same path routing, identity
+passed as X-Remote-User/Group with the front-proxy certificate), `gateway` (one process)
+and `gateway-workers` (`--workers 2`). With --kill-at, the target is SIGKILLed at that
+second and started again at once on the same port (a replica killed and restarted in
+place: every kubelet reconnects at once).
+
+Per target: watch delivery latency (binding sent -> the owning kubelet's watch event),
+lease and node-status p99, failures by kind, pods never delivered, seconds until every
+kubelet's watch is up after the start storm (and after the kill), the target's CPU
+seconds and peak RSS, and both per 1,000 kubelets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from e2e import Process, free_port  # noqa: E402  (the tests' process helpers)
+from pki import PKI, make_pki  # noqa: E402  (a kubeadm-shaped PKI, made with openssl)
+
+FLEET_SOURCE = ROOT / "bench" / "cluster"
+GROUPS = ("default", "pod", "config", "event")
+
+GATEWAY_CONFIG = """
+listen:
+  address: "127.0.0.1:{port}"
+  tls: {{certFile: {pki.server_cert}, keyFile: {pki.server_key}, clientCAFile: {pki.ca}}}
+admin: {{address: "127.0.0.1:{admin}"}}
+upstream:
+  tls: {{caFile: {pki.ca}, certFile: {pki.front_proxy_cert}, keyFile: {pki.front_proxy_key}}}
+groups:
+  default: {{endpoints: ["https://127.0.0.1:{default}"]}}
+  pod:     {{endpoints: ["https://127.0.0.1:{pod}"], resources: [pods, bindings]}}
+  config:
+    endpoints: ["https://127.0.0.1:{config}"]
+    resources: [nodes, configmaps, secrets, namespaces, leases.coordination.k8s.io]
+  event:   {{endpoints: ["https://127.0.0.1:{event}"], resources: [events, events.events.k8s.io]}}
+cutover:
+{rules}  - percent: {{pod: 100, config: 100, event: 100}}
+{extra}"""
+
+HAPROXY_CONFIG = """
+global
+  nbthread 2
+  maxconn 9000
+  tune.ssl.default-dh-param 2048
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 600s
+  timeout server 600s
+  timeout tunnel 600s
+frontend fe
+  bind 127.0.0.1:{port} ssl crt {root}/server.pem ca-file {pki.ca} verify required alpn h2,http/1.1
+  http-request del-header X-Remote-User
+  http-request del-header X-Remote-Group
+  http-request del-header X-Remote-Extra-.*
+  http-request set-header X-Remote-User %[ssl_c_s_dn(CN)]
+  http-request set-header X-Remote-Group %[ssl_c_s_dn(O)] if {{ ssl_c_s_dn(O) -m found }}
+  acl pod path_reg ^/api/v1/(namespaces/[^/]+/)?pods(/|$|\\?)
+  acl cfg path_reg ^/api/v1/(namespaces/[^/]+/)?(nodes|configmaps|secrets|namespaces)(/|$|\\?)
+  acl cfg path_reg ^/apis/coordination\\.k8s\\.io/v1/(namespaces/[^/]+/)?leases(/|$|\\?)
+  acl evt path_reg ^/api/v1/(namespaces/[^/]+/)?events(/|$|\\?)
+  acl evt path_reg ^/apis/events\\.k8s\\.io/v1/(namespaces/[^/]+/)?events(/|$|\\?)
+  use_backend pod if pod
+  use_backend config if cfg
+  use_backend event if evt
+  default_backend default
+{backends}"""
+
+BACKEND = """backend {name}
+  server s1 127.0.0.1:{port} ssl verify required ca-file {pki.ca} crt {root}/front-proxy.pem alpn h2
+"""
+
+
+def proc_tree(pid: int) -> list[int]:
+    """pid and all its descendants (a supervisor and its workers)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, ()))
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def rss_mib(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total / 1024
+
+
+def build_fleet(out: Path) -> Path:
+    """`go build` the fleet (standard library only: no module download)."""
+    go = shutil.which("go")
+    if go is None:
+        sys.exit("the load model needs Go: apt-get install golang-go")
+    binary = out / "fleet"
+    # everything Go writes stays in `out` (no cache or GOPATH in the user's home)
+    env = {**os.environ, "GOPROXY": "off", "GOCACHE": str(out / "gocache"),
+           "GOPATH": str(out / "gopath"), "CGO_ENABLED": "0"}  # fmt: skip
+    subprocess.run([go, "build", "-o", str(binary), "."], cwd=FLEET_SOURCE, env=env, check=True)
+    return binary
+
+
+@dataclass
+class Upstream:
+    """The simulator's four groups over TLS, authenticating like kube-apiserver."""
+
+    root: Path
+    pki: PKI
+    ports: dict[str, int] = field(default_factory=lambda: {g: free_port() for g in GROUPS})
+    control: int = field(default_factory=free_port)
+    process: Process | None = None
+
+    def start(self) -> None:
+        config = self.root / "sim.yaml"
+        config.write_text("groups:\n" + "".join(
+            f'  {g}: {{endpoints: ["https://127.0.0.1:{p}"]}}\n' for g, p in self.ports.items()))
+        pki = self.pki
+        self.process = Process(
+            [sys.executable, "-m", "kom_gateway", "sim", "--config", str(config),
+             "--control-port", str(self.control), "--bookmark-interval", "60",
+             "--tls-cert-file", str(pki.server_cert), "--tls-private-key-file", str(pki.server_key),
+             "--client-ca-file", str(pki.ca), "--requestheader-client-ca-file",
+             str(pki.front_proxy_ca), "--requestheader-allowed-names", "front-proxy-client"],
+            "kom-gateway sim serving", self.root / "sim.log")  # fmt: skip
+
+    def control_call(self, method: str, path: str, body: object = None) -> object:
+        import urllib.request
+
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{self.control}{path}", data=data,
+                                     method=method)  # fmt: skip
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+
+
+class Target:
+    """What the fleet talks to; `start()` returns its port, `pids()` what it costs."""
+
+    name = ""
+
+    def __init__(self, root: Path, upstream: Upstream, extra: str = "", rules: str = "") -> None:
+        self.root = root
+        self.upstream = upstream
+        self.port = free_port()
+        self.admin = free_port()
+        self.extra = extra  # more of the gateway's config
+        self.rules = rules  # cut-over rules before the one that moves everyone
+        self.config = root / f"{self.name}.yaml"
+        self.process: Process | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def ready(self) -> str | None:
+        return "kom-gateway listening"
+
+    def start(self) -> int:
+        self.process = Process(self.command(), self.ready(), self.root / f"{self.name}.log",
+                               wait_port=self.port)  # fmt: skip
+        return self.port
+
+    def pids(self) -> list[int]:
+        return proc_tree(self.process.proc.pid) if self.process is not None else []
+
+    def kill_and_restart(self) -> None:
+        """A replica SIGKILLed and started again in place (same port)."""
+        assert self.process is not None
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.process.proc.wait()
+        self.process.handle.close()
+        self.start()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+
+
+class Direct(Target):
+    name = "direct"
+
+    def start(self) -> int:
+        return self.upstream.ports["default"]
+
+    def pids(self) -> list[int]:
+        assert self.upstream.process is not None
+        return []  # the upstream itself: nothing between
+
+    def kill_and_restart(self) -> None:
+        pass
+
+
+class Gateway(Target):
+    name = "gateway"
+    workers = 1
+
+    def command(self) -> list[str]:
+        self.config.write_text(GATEWAY_CONFIG.format(
+            pki=self.upstream.pki, port=self.port, admin=self.admin, extra=self.extra,
+            rules=self.rules, **self.upstream.ports))  # fmt: skip
+        return [sys.executable, "-m", "kom_gateway", "run", "--config", str(self.config),
+                "--log-level", "warning", "--reuse-port", "--workers", str(self.workers)]
+
+
+class GatewayWorkers(Gateway):
+    name = "gateway-workers"
+    workers = 2
+
+
+class HAProxy(Target):
+    name = "haproxy"
+
+    def ready(self) -> str | None:
+        return None
+
+    def command(self) -> list[str]:
+        pki = self.upstream.pki
+        (self.root / "server.pem").write_text(
+            pki.server_cert.read_text() + pki.server_key.read_text())
+        (self.root / "front-proxy.pem").write_text(
+            pki.front_proxy_cert.read_text() + pki.front_proxy_key.read_text())
+        backends = "".join(BACKEND.format(name=g, port=p, pki=pki, root=self.root)
+                           for g, p in self.upstream.ports.items())  # fmt: skip
+        cfg = self.root / "haproxy.cfg"
+        cfg.write_text(HAPROXY_CONFIG.format(port=self.port, root=self.root, pki=pki,
+                                             backends=backends))  # fmt: skip
+        return ["haproxy", "-f", str(cfg)]
+
+
+TARGETS = {t.name: t for t in (Direct, HAProxy, Gateway, GatewayWorkers)}
+
+
+Fault = tuple[float, Callable[[], object]]
+
+
+def run_fleet(
+    fleet: Path,
+    pki: PKI,
+    port: int,
+    args: argparse.Namespace,
+    log: Path,
+    faults: list[Fault] | None = None,
+) -> tuple[dict, list[dict]]:
+    """Run the fleet against 127.0.0.1:port; `faults`: (second, callable) to run then.
+    Returns its summary and its progress lines (and failure lines)."""
+    cmd = [str(fleet), "-target", f"https://127.0.0.1:{port}", "-ca", str(pki.ca),
+           "-ca-key", str(pki.dir / "ca.key"), "-nodes", str(args.nodes),
+           "-duration", f"{args.seconds}s", "-churn", str(args.churn),
+           "-lease-interval", f"{args.lease_interval}s", "-status-interval",
+           f"{args.status_interval}s", "-relist", f"{args.relist}s",
+           "-live", str(args.live), "-informers", str(args.informers)]  # fmt: skip
+    progress: list[dict] = []
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        began = time.monotonic()
+
+        def read_progress() -> None:
+            assert proc.stderr is not None
+            for line in proc.stderr:
+                err.write(line)
+                if line.startswith("{"):
+                    progress.append(json.loads(line))
+
+        reader = threading.Thread(target=read_progress, daemon=True)
+        reader.start()
+        for at, action in sorted(faults or [], key=lambda f: f[0]):
+            delay = at - (time.monotonic() - began)
+            if delay > 0:
+                time.sleep(delay)
+            action()
+        out, _ = proc.communicate(timeout=args.seconds + 120)
+        reader.join(5)
+    return json.loads(out), progress
+
+
+def seconds_until_all_up(progress: list[dict], since: float, nodes: int) -> float | None:
+    """From `since` (fleet seconds) until every kubelet's watch was up again."""
+    dipped = False
+    for line in progress:
+        if "watches_up" not in line or line["t"] < since:
+            continue
+        if line["watches_up"] < nodes:
+            dipped = True
+        elif dipped:
+            return round(line["t"] - since, 1)
+    return None
+
+
+def measure(target_name: str, fleet: Path, pki: PKI, root: Path, args: argparse.Namespace) -> dict:
+    upstream = Upstream(root, pki)
+    upstream.start()
+    target = TARGETS[target_name](root, upstream)
+    try:
+        port = target.start()
+        pids = target.pids()
+        cpu0 = cpu_seconds(pids)
+        peak = [rss_mib(pids)]
+        stop = threading.Event()
+
+        def sample_rss() -> None:
+            while not stop.wait(0.5):
+                peak.append(rss_mib(target.pids()))
+
+        threading.Thread(target=sample_rss, daemon=True).start()
+        faults: list[Fault] = []
+        killed: dict[str, float] = {}
+        if args.kill_at and target_name != "direct":
+            def kill() -> None:
+                killed["cpu_before"] = cpu_seconds(target.pids())
+                killed["at"] = time.monotonic()
+                target.kill_and_restart()
+
+            faults.append((args.kill_at, kill))
+        began = time.monotonic()
+        log = root / f"fleet-{target_name}.log"
+        summary, progress = run_fleet(fleet, pki, port, args, log, faults)
+        stop.set()
+        cpu = cpu_seconds(target.pids()) - (cpu0 if not killed else 0)
+        if killed:
+            cpu += killed["cpu_before"] - cpu0
+        result = {
+            "target": target_name,
+            "cpu_seconds": round(cpu, 2),
+            "cpu_seconds_per_1000_kubelets": round(cpu * 1000 / args.nodes, 2),
+            "cpu_share_of_a_core": round(cpu / args.seconds, 3),
+            "peak_rss_mib": round(max(peak), 1),
+            "peak_rss_mib_per_1000_kubelets": round(max(peak) * 1000 / args.nodes, 1),
+            **summary,
+        }
+        if killed:
+            result["all_watches_up_after_kill_s"] = seconds_until_all_up(
+                progress, killed["at"] - began, args.nodes)
+        return result
+    finally:
+        target.stop()
+        upstream.stop()
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nodes", type=int, default=1000)
+    parser.add_argument("--seconds", type=int, default=120)
+    parser.add_argument("--churn", type=float, default=20.0, help="pods created per second")
+    parser.add_argument("--live", type=int, default=600, help="pods kept alive")
+    parser.add_argument("--lease-interval", type=float, default=10.0)
+    parser.add_argument("--status-interval", type=float, default=60.0)
+    parser.add_argument("--relist", type=float, default=60.0)
+    parser.add_argument("--informers", type=int, default=2)
+    parser.add_argument("--kill-at", type=float, default=0.0,
+                        help="SIGKILL the target at this second and restart it in place")
+    parser.add_argument("--targets", default="direct,haproxy,gateway,gateway-workers")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--out", help="also write the results (JSON) here")
+    return parser
+
+
+def main() -> int:
+    args = parser().parse_args()
+    for tool in ("openssl", "haproxy"):
+        if shutil.which(tool) is None and (tool != "haproxy" or "haproxy" in args.targets):
+            sys.exit(f"{tool} is needed: apt-get install {tool}")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="kom-cluster-") as tmp:
+        root = Path(tmp)
+        fleet = build_fleet(root)
+        pki = make_pki(root)
+        for i in range(args.repeats):
+            for name in args.targets.split(","):
+                run_root = root / f"{name}-{i}"
+                run_root.mkdir()
+                result = measure(name, fleet, pki, run_root, args)
+                results.append(result)
+                print(json.dumps(result), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    print(f"\n{'target':16} {'cpu s/1k':>9} {'rss MiB':>8} {'watch p50/p99 ms':>17} "
+          f"{'lease p99':>9} {'status p99':>10} {'up s':>5} {'kill up s':>9} {'never':>5} failures")
+    for r in results:
+        w = r["watch_delivery_ms"]
+        print(f"{r['target']:16} {r['cpu_seconds_per_1000_kubelets']:9.2f} "
+              f"{r['peak_rss_mib']:8.1f} {w['p50']:8.1f}/{w['p99']:<8.1f} "
+              f"{r['lease_ms']['p99']:9.1f} {r['status_ms']['p99']:10.1f} "
+              f"{r['all_watches_up_s']:5.1f} {r.get('all_watches_up_after_kill_s') or '-':>9} "
+              f"{r['pods_never_delivered']:5d} {sum(r['failures'].values())}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
