@@ -5,14 +5,15 @@
 
 - **user-agent**: the cut-over rule `userAgent: "*/* (linux/*) kubernetes/*"`; 8 steady
   HTTP/2 clients read nodes in a loop while one HTTP/1.1 request arrives with a
-  User-Agent of `"x/ (linux/" x N` (10, 20, 60 KB). Reported: that request's own time,
+  User-Agent of `"x/ (linux/" x N` (10, 20, 60 KB: --ua-kb). Reported: its own time,
   and the steady clients' p50/p99/max latency while it ran (a backtracking matcher froze
   everyone: 2.2 s at 10 KB, 15.5 s at 20 KB).
 - **exempt-stall**: `overload.maxInflight: 100`; an exempt client (by User-Agent here;
   `system:masters` in a cluster) opens 10 connections x 100 LISTs of a 400 KB list and
   never reads. Beside it, a normal client reads the same list 400 times, 20 at once.
   Reported: the normal client's answers (200 / 429) and p99, the exempt requests in
-  flight, and the gateway's bytes held for the exempt client against its budget.
+  flight, and the gateway's bytes held for the exempt client against its bound (the
+  budget, 32 MiB by default, plus one 256 KiB upstream window per seat: 100 seats).
 - **restart**: 48 HTTP/1.1 clients opening a new connection per request; the gateway
   (`--reuse-port`) gets SIGTERM and the same command starts at once, with the listening
   sockets handed over (the default) and, as the baseline in the same run, with
@@ -87,11 +88,11 @@ async def http1_request(port: int, user_agent: bytes, path: str = "/api/v1/nodes
     return response.split(b"\r\n", 1)[0]
 
 
-def user_agent_run(root: Path) -> list[dict]:
+def user_agent_run(root: Path, sizes_kb: list[int]) -> list[dict]:
     cluster = Cluster(root, extra=HOSTILE_RULE)  # the last cut-over rule: all are tried
     results = []
     try:
-        for size_kb in (10, 20, 60):
+        for size_kb in sizes_kb:
             user_agent = b"x/ (linux/" * (size_kb * 1024 // 10)
 
             async def scenario(ua: bytes = user_agent, size: int = size_kb) -> dict:
@@ -118,7 +119,7 @@ def user_agent_run(root: Path) -> list[dict]:
 
 
 def exempt_stall_run(root: Path) -> dict:
-    budget = 4 << 20
+    budget = 32 << 20  # the default perClient.maxBufferedBytes
     cluster = Cluster(root, extra=(
         'overload: {maxInflight: 100, reservedPercent: 0, exempt: [{userAgent: "admin/*"}],'
         f" perClient: {{maxBufferedBytes: {budget}}}}}\n"
@@ -282,6 +283,7 @@ def main() -> int:
     parser.add_argument("scenarios", nargs="*",
                         default=["user-agent", "exempt-stall", "restart", "burst-rss"])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--ua-kb", default="10,20,60", help="hostile User-Agent sizes (KB)")
     args = parser.parse_args()
     out: dict[str, object] = {}
     with tempfile.TemporaryDirectory(prefix="kom-hostile-") as tmp:
@@ -292,7 +294,7 @@ def main() -> int:
                 run_root = root / f"{name}-{i}"
                 run_root.mkdir()
                 if name == "user-agent":
-                    runs.append(user_agent_run(run_root))
+                    runs.append(user_agent_run(run_root, [int(k) for k in args.ua_kb.split(",")]))
                 elif name == "exempt-stall":
                     runs.append(exempt_stall_run(run_root))
                 elif name == "restart":

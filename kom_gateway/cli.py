@@ -447,7 +447,10 @@ def describe_config(config: Config) -> str:
         limits = o.limits_for(name)
         inflight = limits.max_inflight or "no limit"
         watches = limits.max_watches or "no limit"
-        lines.append(f"  {name:<{width}}  in flight: {inflight}, watches: {watches}")
+        queue = f"{limits.max_queue_wait:g}s" if limits.max_queue_wait else "none"
+        lines.append(
+            f"  {name:<{width}}  in flight: {inflight} (queue: {queue}), watches: {watches}"
+        )
     lines.append(f"  protected (shed last, {format_percent(o.reserved_percent)} reserve): "
                  + ("; ".join(m.describe() for m in o.protected) or "none"))  # fmt: skip
     lines.append("  exempt (never shed): " + ("; ".join(m.describe() for m in o.exempt) or "none"))

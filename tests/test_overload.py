@@ -103,7 +103,7 @@ def admission(**kwargs) -> Admission:
 
 
 def test_inflight_limit_sheds_with_429_material_and_a_release_makes_room():
-    adm = admission(limits=GroupLimits(max_inflight=10), reserved_percent=20)
+    adm = admission(limits=GroupLimits(max_queue_wait=0, max_inflight=10), reserved_percent=20)
     tickets = [adm.admit(LIST_PODS, OPERATOR, "pod", 0) for _ in range(8)]
     assert all(isinstance(t, Ticket) for t in tickets)
     shed = adm.admit(LIST_PODS, OPERATOR, "pod", 0)
@@ -118,7 +118,7 @@ def test_inflight_limit_sheds_with_429_material_and_a_release_makes_room():
 
 
 def test_lease_updates_use_the_reserve_and_are_shed_last():
-    adm = admission(limits=GroupLimits(max_inflight=10), reserved_percent=20)
+    adm = admission(limits=GroupLimits(max_queue_wait=0, max_inflight=10), reserved_percent=20)
     for _ in range(8):
         adm.admit(LIST_PODS, OPERATOR, "config", 0)
     assert isinstance(adm.admit(LIST_PODS, OPERATOR, "config", 0), Rejection)
@@ -128,7 +128,7 @@ def test_lease_updates_use_the_reserve_and_are_shed_last():
 
 
 def test_exempt_clients_are_admitted_and_take_no_ones_seat():
-    adm = admission(limits=GroupLimits(max_inflight=2, max_watches=1))
+    adm = admission(limits=GroupLimits(max_queue_wait=0, max_inflight=2, max_watches=1))
     exempt = [adm.admit(LIST_PODS, ADMIN, "pod", 0) for _ in range(50)]  # system:masters
     exempt += [adm.admit(WATCH_PODS, ADMIN, "pod", 0) for _ in range(5)]
     assert all(isinstance(t, Ticket) for t in exempt)
@@ -149,7 +149,7 @@ def test_exempt_clients_are_admitted_and_take_no_ones_seat():
 
 
 def test_watch_limit_and_other_long_running_requests_are_not_in_flight():
-    adm = admission(limits=GroupLimits(max_inflight=1, max_watches=2))
+    adm = admission(limits=GroupLimits(max_queue_wait=0, max_inflight=1, max_watches=2))
     for _ in range(2):
         assert isinstance(adm.admit(WATCH_PODS, KUBELET, "pod", 0), Ticket)
     shed = adm.admit(WATCH_PODS, KUBELET, "pod", 0)
@@ -210,7 +210,7 @@ def test_request_match_conditions():
 
 
 def test_retry_after_grows_for_a_group_that_stays_overloaded():
-    adm = admission(limits=GroupLimits(max_inflight=1))
+    adm = admission(limits=GroupLimits(max_queue_wait=0, max_inflight=1))
     adm.admit(LIST_PODS, OPERATOR, "pod", 0)
     values = []
     for second in range(12):
@@ -223,11 +223,11 @@ def test_retry_after_grows_for_a_group_that_stays_overloaded():
 
 def test_reconfigure_keeps_counts_and_unchanged_buckets():
     rule = RateLimitRule("r", RequestMatch(), qps=1, burst=1)
-    adm = admission(rate_limits=(rule,), limits=GroupLimits(max_inflight=5))
+    adm = admission(rate_limits=(rule,), limits=GroupLimits(max_queue_wait=0, max_inflight=5))
     ticket = adm.admit(LIST_PODS, OPERATOR, "pod", 0)
-    adm.configure(OverloadPolicy(rate_limits=(rule,), limits=GroupLimits(max_inflight=1)))
+    adm.configure(OverloadPolicy(rate_limits=(rule,), limits=GroupLimits(max_queue_wait=0, max_inflight=1)))
     assert isinstance(adm.admit(LIST_PODS, OPERATOR, "pod", 0), Rejection)  # bucket kept
-    adm.configure(OverloadPolicy(limits=GroupLimits(max_inflight=1)))
+    adm.configure(OverloadPolicy(limits=GroupLimits(max_queue_wait=0, max_inflight=1)))
     assert isinstance(adm.admit(LIST_PODS, OPERATOR, "pod", 0), Rejection)  # count kept
     assert isinstance(ticket, Ticket)
     ticket.release()
@@ -464,3 +464,36 @@ def test_exempt_requests_wait_for_their_own_clients_seat_never_shed():
     assert not buffers.seat("admin", lambda: started.append(4)) and buffers.waiting("admin") == 1
     buffers.release("admin", 1000, lambda n: None, 1000)
     assert started == [3, 4] and buffers.waiting("admin") == 0
+
+
+def test_a_full_group_queues_its_requests_in_order_then_sheds_the_rest():
+    """As APF queues before it rejects: a request finding its group full waits for a
+    seat (FIFO), leaves the queue when its client gives up, and is shed after its wait;
+    at most QUEUE_PER_SEAT per seat wait, the rest are shed at once."""
+    adm = admission(limits=GroupLimits(max_inflight=2, max_queue_wait=3), reserved_percent=0)
+    seated = [adm.admit(LIST_PODS, OPERATOR, "pod", 0) for _ in range(2)]
+    waiting = [adm.admit(LIST_PODS, KUBELET, "pod", 0) for _ in range(3)]
+    assert [t.pending for t in seated + waiting] == [False] * 2 + [True] * 3
+    assert adm.client_inflight[KUBELET.key] == 3  # they are its requests in flight
+    order = []
+    for i, ticket in enumerate(waiting):
+        ticket.wait(lambda i=i: order.append(i))
+    assert adm.queued == 3 and adm.inflight["pod"] == 2
+    seated[0].release()
+    assert order == [0] and not waiting[0].pending and adm.inflight["pod"] == 2
+    waiting[1].release()  # its client went away while it waited
+    shed = waiting[2].give_up(0.0)  # its wait is over
+    assert isinstance(shed, Rejection) and shed.reason == "inflight" and shed.retry_after >= 1
+    waiting[2].release()
+    assert adm.queued == 0 and order == [0]
+    for ticket in (seated[1], waiting[0]):
+        ticket.release()
+    assert adm.inflight["pod"] == 0 and not adm.client_inflight
+    # the queue's bound: 4 per seat
+    full = [adm.admit(LIST_PODS, OPERATOR, "pod", 0) for _ in range(2)]
+    queued = [adm.admit(LIST_PODS, OPERATOR, "pod", 0) for _ in range(8)]
+    for ticket in queued:
+        ticket.wait(lambda: None)
+    assert all(t.pending for t in queued)
+    assert isinstance(adm.admit(LIST_PODS, OPERATOR, "pod", 0), Rejection)
+    del full

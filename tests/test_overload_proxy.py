@@ -40,7 +40,7 @@ def assert_too_many_requests(response) -> None:
 
 
 async def test_over_the_inflight_limit_clients_get_429_not_timeouts():
-    stack = await started("overload: {maxInflight: 4, reservedPercent: 0, exempt: []}\n")
+    stack = await started("overload: {maxInflight: 4, maxQueueWaitSeconds: 0, reservedPercent: 0, exempt: []}\n")
     try:
         stack.sim.groups["pod"].faults.latency = 0.5
         client = await stack.client()
@@ -55,6 +55,46 @@ async def test_over_the_inflight_limit_clients_get_429_not_timeouts():
         assert stack.gateway.admission.inflight["pod"] == 0  # every ticket came back
         # other groups have their own limit
         assert (await client.request("GET", "/api/v1/nodes")).status == 200
+    finally:
+        await stack.close()
+
+
+SLOW_PROBES = "health: {intervalSeconds: 0.2, timeoutSeconds: 5, failureThreshold: 2}\n"
+
+
+async def test_a_full_group_queues_requests_instead_of_shedding_them():
+    """A burst of 12 against 4 seats (each request 0.5 s at the apiserver): all served
+    by their group, none shed, since each waits less than maxQueueWaitSeconds (3 s by
+    default) for a seat."""
+    stack = await Stack().start(
+        extra=SLOW_PROBES + "overload: {maxInflight: 4, reservedPercent: 0, exempt: []}\n")
+    try:
+        stack.sim.groups["pod"].faults.latency = 0.5
+        client = await stack.client()
+        responses = await asyncio.gather(
+            *(client.request("GET", "/api/v1/pods", timeout=10) for _ in range(12)))
+        assert [(r.status, r.group) for r in responses] == [(200, "pod")] * 12
+        assert shed(stack, "pod", "inflight") == 0
+        assert stack.gateway.admission.queued == 0
+    finally:
+        await stack.close()
+
+
+async def test_requests_left_waiting_past_the_queue_wait_get_429():
+    stack = await Stack().start(extra=SLOW_PROBES + (
+        "overload: {maxInflight: 4, maxQueueWaitSeconds: 0.2, reservedPercent: 0, exempt: []}\n"))
+    try:
+        stack.sim.groups["pod"].faults.latency = 1.0
+        client = await stack.client()
+        responses = await asyncio.gather(
+            *(client.request("GET", "/api/v1/pods", timeout=10) for _ in range(8)))
+        assert sorted(r.status for r in responses) == [200] * 4 + [429] * 4
+        for response in responses:
+            if response.status == 429:
+                assert_too_many_requests(response)
+        assert shed(stack, "pod", "inflight") == 4
+        admission = stack.gateway.admission
+        assert (admission.queued, admission.inflight["pod"]) == (0, 0)
     finally:
         await stack.close()
 
@@ -107,7 +147,7 @@ async def test_a_stalled_exempt_client_starves_no_one():
 
 
 async def test_leases_are_shed_last():
-    stack = await started("overload: {maxInflight: 5, reservedPercent: 40, exempt: []}\n")
+    stack = await started("overload: {maxInflight: 5, maxQueueWaitSeconds: 0, reservedPercent: 40, exempt: []}\n")
     try:
         stack.sim.groups["config"].faults.latency = 0.5
         client = await stack.client()
@@ -211,7 +251,7 @@ async def test_load_goaway_is_two_phase_and_loses_nothing():
 
 
 async def test_goaway_chance_rises_with_inflight_load():
-    stack = await started("overload: {maxInflight: 4, reservedPercent: 0}\n"
+    stack = await started("overload: {maxInflight: 4, maxQueueWaitSeconds: 0, reservedPercent: 0}\n"
                           "goaway: {chance: 0.001, maxChance: 0.02, softLoad: 0.5}\n")
     try:
         stack.gateway.update_load()
@@ -272,7 +312,7 @@ async def test_drain_lets_requests_finish_and_ends_watches_cleanly():
 
 
 async def test_reload_applies_new_limits_to_the_next_request(tmp_path):
-    stack = await started("overload: {maxInflight: 1, reservedPercent: 0, exempt: []}\n")
+    stack = await started("overload: {maxInflight: 1, maxQueueWaitSeconds: 0, reservedPercent: 0, exempt: []}\n")
     try:
         stack.sim.groups["pod"].faults.latency = 0.5
         client = await stack.client()
@@ -281,7 +321,7 @@ async def test_reload_applies_new_limits_to_the_next_request(tmp_path):
         assert_too_many_requests(await client.request("GET", "/api/v1/pods"))
         ports = {name: g.port for name, g in stack.sim.groups.items()}
         path = tmp_path / "gw.yaml"
-        path.write_text(config_text(ports, EVERYONE_CUT_OVER, "overload: {maxInflight: 5}\n"))
+        path.write_text(config_text(ports, EVERYONE_CUT_OVER, "overload: {maxInflight: 5, maxQueueWaitSeconds: 0}\n"))
         assert (await stack.gateway.reload(str(path))).applied
         assert (await client.request("GET", "/api/v1/pods")).status == 200
         await slow.done

@@ -357,7 +357,14 @@ func (k *kubelet) run(ctx context.Context, wg *sync.WaitGroup) {
 	defer wg.Done()
 	node := map[string]any{"apiVersion": "v1", "kind": "Node", "metadata": map[string]any{
 		"name": k.node, "labels": map[string]string{"kubernetes.io/hostname": k.node}}}
-	k.do(ctx, "create-node", "POST", "/api/v1/nodes", "application/json", node, 30*time.Second)
+	// registerWithAPIServer: until it is registered, with the kubelet's backoff
+	for backoff := 100 * time.Millisecond; ctx.Err() == nil; backoff = min(2*backoff, 7*time.Second) {
+		a, err := k.do(ctx, "create-node", "POST", "/api/v1/nodes", "application/json", node, 30*time.Second)
+		if err == nil && (a.status == 201 || a.status == 409) {
+			break
+		}
+		sleep(ctx, backoff)
+	}
 	k.createLease(ctx)
 	go k.renewLoop(ctx)
 	go k.statusLoop(ctx)
@@ -463,6 +470,10 @@ func (k *kubelet) renewLoop(ctx context.Context) {
 func (k *kubelet) renew(ctx context.Context) bool {
 	if k.lease == nil {
 		a, err := k.do(ctx, "lease-get", "GET", leasePath+"/"+k.node, "", nil, 10*time.Second)
+		if err == nil && a.status == 404 { // ensureLease: none yet, create it
+			k.createLease(ctx)
+			return false
+		}
 		if err != nil || a.status != 200 || json.Unmarshal(a.body, &k.lease) != nil {
 			k.lease = nil
 			return false
@@ -659,6 +670,13 @@ func (inf *informer) consistent(c *client, kind, path string) bool {
 }
 
 // ---- main ------------------------------------------------------------------------------
+
+func min(a, b time.Duration) time.Duration {
+	if a < b {
+		return a
+	}
+	return b
+}
 
 func sleep(ctx context.Context, d time.Duration) {
 	t := time.NewTimer(d)

@@ -16,6 +16,7 @@ from kom_gateway.config.schema import (
     HTTP2_DOWNSTREAM_KEYS,
     HTTP2_UPSTREAM_KEYS,
     LIMIT_KEYS,
+    OVERLOAD_GROUP_KEYS,
     PER_CLIENT_KEYS,
     TIMEOUT_KEYS,
     Field,
@@ -150,10 +151,8 @@ def _overload(old: Config, new: Config) -> Iterable[str]:
 
 def _limit_changes(before: GroupLimits, after: GroupLimits) -> list[str]:
     out = []
-    for label, b, a in (
-        ("maxInflight", before.max_inflight, after.max_inflight),
-        ("maxWatches", before.max_watches, after.max_watches),
-    ):
+    for label, f in OVERLOAD_GROUP_KEYS.items():
+        b, a = getattr(before, f.attr), getattr(after, f.attr)
         if a != b:
             out.append(f"{label} {b or 'off'} -> {a or 'off'}")
     return out

@@ -125,6 +125,7 @@ HTTP2_UPSTREAM_KEYS: dict[str, Field] = {
 OVERLOAD_GROUP_KEYS: dict[str, Field] = {
     "maxInflight": Field("max_inflight", whole=True, zero=True),
     "maxWatches": Field("max_watches", whole=True, zero=True),
+    "maxQueueWaitSeconds": Field("max_queue_wait", zero=True, maximum=60),
 }
 PER_CLIENT_KEYS: dict[str, Field] = {
     "maxInflight": Field("max_inflight", whole=True, zero=True),
@@ -387,9 +388,8 @@ class _Builder:
         for name, spec in g.items():
             if name in groups:
                 given = self.mapping(spec, (*path, "groups", name), tuple(OVERLOAD_GROUP_KEYS))
-                merged = {
-                    "maxInflight": limits.max_inflight,
-                    "maxWatches": limits.max_watches,
+                merged = {  # a group's own keys over the section's
+                    **{key: getattr(limits, f.attr) for key, f in OVERLOAD_GROUP_KEYS.items()},
                     **(given or {}),
                 }
                 per_group[name] = self.fields(

@@ -23,10 +23,17 @@ Order of decision, cheapest and most important first:
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kom_gateway.overload.clientshare import ClientBuffers
-from kom_gateway.overload.policy import OverloadPolicy, RateLimitRule, RequestMatch
+from kom_gateway.overload.policy import (
+    QUEUE_PER_SEAT,
+    OverloadPolicy,
+    RateLimitRule,
+    RequestMatch,
+)
 from kom_gateway.overload.ratelimit import BucketSet, whole_seconds
 from kom_gateway.overload.retryafter import RetryAfter
 from kom_gateway.requestinfo import RequestInfo
@@ -38,9 +45,26 @@ OTHER = "long-running"
 
 
 class Ticket:
-    """An admitted request's place; `release()` exactly once when it ends."""
+    """An admitted request's place; `release()` exactly once when it ends.
 
-    __slots__ = ("_client_counts", "_counts", "client", "exempt", "group", "kind", "released")
+    A `pending` ticket found its group full: it holds no seat yet and waits in the
+    group's queue (`wait`) until a seat frees (`on_seat` is called) or its client gives
+    up on it (`give_up`, after `max_wait` seconds: then it is shed)."""
+
+    __slots__ = (
+        "_admission",
+        "_client_counts",
+        "_counts",
+        "client",
+        "exempt",
+        "group",
+        "kind",
+        "limit",
+        "max_wait",
+        "on_seat",
+        "pending",
+        "released",
+    )
 
     def __init__(
         self,
@@ -50,6 +74,9 @@ class Ticket:
         client_counts: dict[str, int] | None = None,
         client: str = "",
         exempt: bool = False,
+        admission: Admission | None = None,
+        limit: int = 0,
+        max_wait: float = 0.0,
     ) -> None:
         self._counts = counts
         self.group = group
@@ -58,16 +85,32 @@ class Ticket:
         self.released = False
         self._client_counts = client_counts
         self.client = client  # its responses held to the buffered-bytes budget ("": protected)
-        if counts is not None:
+        self._admission = admission  # whose queue frees seats to (group-limited requests)
+        self.limit = limit  # the seats it may take (its group's limit, less any reserve)
+        self.max_wait = max_wait
+        self.pending = counts is not None and limit > 0 and counts.get(group, 0) >= limit
+        self.on_seat: Callable[[], None] | None = None
+        if counts is not None and not self.pending:
             counts[group] = counts.get(group, 0) + 1
         if client_counts is not None:
             client_counts[client] = client_counts.get(client, 0) + 1
+
+    def wait(self, on_seat: Callable[[], None]) -> None:
+        """Queue for a seat of the group (a pending ticket)."""
+        assert self._admission is not None
+        self.on_seat = on_seat
+        self._admission.enqueue(self)
+
+    def give_up(self, now: float) -> Rejection:
+        """Its wait is over without a seat: leave the queue, and be shed."""
+        assert self._admission is not None
+        return self._admission.give_up(self, now)
 
     def release(self) -> None:
         if self.released:
             return
         self.released = True
-        if self._counts is not None:
+        if self._counts is not None and not self.pending:
             self._counts[self.group] -= 1
         if self._client_counts is not None:
             left = self._client_counts[self.client] - 1
@@ -75,6 +118,9 @@ class Ticket:
                 self._client_counts[self.client] = left
             else:
                 del self._client_counts[self.client]
+        admission = self._admission
+        if admission is not None and admission.queued:
+            admission.released(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +146,8 @@ class Admission:
         self.watches: dict[str, int] = {}
         self.long_running: dict[str, int] = {}
         self.exempt: dict[str, int] = {}  # group -> exempt requests in flight, any kind
+        self.queues: dict[str, deque[Ticket]] = {}  # group -> pending short requests, FIFO
+        self.queued = 0  # in all queues
         self.client_inflight: dict[str, int] = {}  # client key -> short requests (unprotected)
         self.buffers = ClientBuffers()
         self._retry: dict[str, RetryAfter] = {}
@@ -147,6 +195,7 @@ class Admission:
             return Ticket(self.exempt, group, kind, None, client.key, kind is SHORT)
         protected = _any_match(mine.protected, info, group)
         client_counts = None
+        key = ""  # protected requests are held to no client's share
         if not protected:
             key = client.key
             buffers = self.buffers
@@ -183,18 +232,19 @@ class Admission:
                         f"(rate limit {rule.name!r}: {rule.qps:g} qps, burst {rule.burst})",
                     )
         if kind is SHORT:
-            limit = policy.group_limits.get(group, policy.limits).max_inflight
+            limits = policy.group_limits.get(group, policy.limits)
+            limit = limits.max_inflight
             if limit:
                 if not protected:
                     limit -= int(limit * policy.reserved_percent / 100)
                 if counts.get(group, 0) >= limit:
-                    return Rejection(
-                        "inflight",
-                        group,
-                        self._shed(f"inflight:{group}", now),
-                        f"Too many requests, please try again later "
-                        f"(group {group!r} has {limit} requests in flight)",
-                    )
+                    queue = self.queues.get(group)
+                    waiting = len(queue) if queue is not None else 0
+                    if not limits.max_queue_wait or waiting >= QUEUE_PER_SEAT * limit:
+                        return self._inflight_rejection(group, limit, now)
+                # (a pending ticket when the group is full: the caller queues it)
+                return Ticket(counts, group, kind, client_counts, key, False, self, limit,
+                              limits.max_queue_wait)  # fmt: skip
         elif kind is WATCH:
             most = policy.group_limits.get(group, policy.limits).max_watches
             if most and counts.get(group, 0) >= most:
@@ -208,6 +258,53 @@ class Admission:
         if protected:
             return Ticket(counts, group, kind)
         return Ticket(counts, group, kind, client_counts, key)
+
+    def _inflight_rejection(self, group: str, limit: int, now: float) -> Rejection:
+        return Rejection(
+            "inflight",
+            group,
+            self._shed(f"inflight:{group}", now),
+            f"Too many requests, please try again later "
+            f"(group {group!r} has {limit} requests in flight)",
+        )
+
+    # -- the queue of a full group (FIFO): APF queues before it rejects ------------------
+    def enqueue(self, ticket: Ticket) -> None:
+        queue = self.queues.get(ticket.group)
+        if queue is None:
+            queue = self.queues[ticket.group] = deque()
+        queue.append(ticket)
+        self.queued += 1
+        self._seat(ticket.group)  # a seat may have freed meanwhile
+
+    def give_up(self, ticket: Ticket, now: float) -> Rejection:
+        self._leave(ticket)
+        return self._inflight_rejection(ticket.group, ticket.limit, now)
+
+    def released(self, ticket: Ticket) -> None:
+        """A ticket ended: a pending one leaves its queue; a seat it held goes to the
+        first in line."""
+        if ticket.pending:
+            self._leave(ticket)
+        else:
+            self._seat(ticket.group)
+
+    def _leave(self, ticket: Ticket) -> None:
+        queue = self.queues.get(ticket.group)
+        if queue is not None and ticket in queue:
+            queue.remove(ticket)
+            self.queued -= 1
+
+    def _seat(self, group: str) -> None:
+        queue = self.queues.get(group)
+        counts = self.inflight
+        while queue and counts.get(group, 0) < queue[0].limit:
+            ticket = queue.popleft()
+            self.queued -= 1
+            ticket.pending = False
+            counts[group] = counts.get(group, 0) + 1
+            if ticket.on_seat is not None:
+                ticket.on_seat()
 
     def _shed(self, key: str, now: float) -> int:
         tracker = self._retry.get(key)

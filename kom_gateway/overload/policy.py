@@ -68,10 +68,16 @@ def _covers(claim: ResourceClaim, info: RequestInfo) -> bool:
     )
 
 
+QUEUE_PER_SEAT = 4  # requests that may wait for a group's seats: 4 per seat
+
+
 @dataclass(frozen=True, slots=True)
 class GroupLimits:
     max_inflight: int = 1000  # non-long-running requests in flight (0: no limit)
     max_watches: int = 0  # open watches (0: no limit)
+    # a request finding the group full waits this long for a seat before its 429 (as
+    # APF queues before it rejects): a reconnect storm's LISTs are served, not shed
+    max_queue_wait: float = 3.0
 
 
 @dataclass(frozen=True, slots=True)

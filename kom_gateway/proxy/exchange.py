@@ -137,6 +137,7 @@ class Exchange:
     __slots__ = (
         "_busy",
         "_connecting",
+        "_queued",
         "active",
         "answered_by",
         "attempt",
@@ -208,6 +209,7 @@ class Exchange:
         self.proven = False
         self._busy: UpstreamEndpoint | None = None  # counted in its in_flight
         self._connecting: asyncio.Task[HTTP2ClientConnection] | None = None
+        self._queued: asyncio.TimerHandle | None = None  # its wait for a seat ends
 
     def start(self) -> None:
         ctx = self.ctx
@@ -220,11 +222,36 @@ class Exchange:
         stream = self.stream
         stream.set_body_consumer(self)  # which also tells us when the stream closes
         ticket = self.ticket
+        if ticket.pending:  # its group is full: wait for a seat, at most max_wait
+            ticket.wait(self._admitted)
+            if ticket.pending:
+                loop = asyncio.get_running_loop()
+                self._queued = loop.call_later(ticket.max_wait, self._queue_expired)
+            return
+        self._admitted()
+
+    def _admitted(self) -> None:
+        """It holds its group's seat (at once, or after waiting for one)."""
+        if self._queued is not None:
+            self._queued.cancel()
+            self._queued = None
+        ticket = self.ticket
         if ticket.exempt:
-            if not ctx.buffers.seat(ticket.client, self._seated_later):
+            if not self.ctx.buffers.seat(ticket.client, self._seated_later):
                 return  # an exempt client over its share waits its turn (never shed)
             self.seated = True
         self._next_attempt()
+
+    def _queue_expired(self) -> None:
+        """No seat within the group's max_queue_wait: shed it, as at once before."""
+        self._queued = None
+        if self.finished or not self.ticket.pending:
+            return
+        rejection = self.ticket.give_up(time.monotonic())
+        m = self.ctx.metrics
+        m.child(m.shed, rejection.detail, rejection.reason).inc()
+        self._answer(429, "TooManyRequests", rejection.message, rejection.retry_after)
+        self._finish()
 
     def _seated_later(self) -> None:
         """An exempt request that waited got its client's seat."""
@@ -551,6 +578,8 @@ class Exchange:
             del ctx.live[self]
         if self._connecting is not None:
             self._connecting.cancel()
+        if self._queued is not None:
+            self._queued.cancel()
         self._let_go()
         ticket = self.ticket
         ticket.release()

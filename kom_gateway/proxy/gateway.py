@@ -119,6 +119,8 @@ class Gateway:
             m.child(m.in_flight, group, "short").set(count)
         for group, count in a.exempt.items():
             m.child(m.in_flight, group, "exempt").set(count)
+        for group, queue in a.queues.items():
+            m.child(m.in_flight, group, "queued").set(len(queue))
         for group in a.watches.keys() | a.long_running.keys():
             long_running = a.watches.get(group, 0) + a.long_running.get(group, 0)
             m.child(m.in_flight, group, "long-running").set(long_running)

@@ -103,8 +103,9 @@ class Metrics:
         )
         self.in_flight = Gauge(
             "kom_gateway_inflight_requests",
-            "Requests in flight by target group and kind (short, long-running, exempt: "
-            "sampled every 250 ms; upgrade: exec/attach/port-forward streams).",
+            "Requests in flight by target group and kind (short, long-running, exempt, "
+            "queued: waiting for a seat of a full group; sampled every 250 ms; upgrade: "
+            "exec/attach/port-forward streams).",
             ["group", "kind"],
             registry=r,
             multiprocess_mode="livesum",
