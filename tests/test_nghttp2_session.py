@@ -201,3 +201,46 @@ def test_client_events_go_on_after_a_listener_fails():
         (ng.EV_CLOSE, 3, 8), (ng.EV_CLOSE, 5, 0)])
     assert calls == [("failed", ng.EV_HEADERS, "RuntimeError('listener bug')"),
                      ("response", 3, 404), ("ended", 3), ("reset", 3, 8)]
+
+
+def test_bad_arguments_raise_instead_of_reaching_c():
+    """None where bytes belong, or a header that is not a pair of bytes, is a TypeError
+    (the header array is freed on the way out), never a pointer into nothing."""
+    server, client = pair()
+    with pytest.raises(TypeError):
+        server.goaway(0, 0, None)
+    sender = ng.Session(False)
+    sender.submit_settings(())
+    for bad in ([(b"x", None)], [("x", b"v")], [(b"x",)], [b"xv"]):
+        with pytest.raises((TypeError, ValueError)):
+            sender.request([*REQUEST, *bad], True)
+    assert sender.request(REQUEST, True) == 1  # the session is still sound
+
+
+def test_one_events_failure_does_not_drop_the_rest():
+    """dispatch_server reports a failing event to the owner and handles the ones after
+    it: a stream's close behind a failing stream's headers is not lost."""
+    server, client = pair()
+    client.send_headers(1, REQUEST, end_stream=True)
+    client.send_headers(3, REQUEST, end_stream=True)
+    client.reset_stream(3)
+    events = server.receive(client.data_to_send())
+
+    class Owner:
+        streams: dict = {}  # noqa: RUF012
+        failed: list = []  # noqa: RUF012
+        forgotten: list = []  # noqa: RUF012
+
+        def _new_stream(self, stream_id, *args):
+            raise RuntimeError("a bug in one stream's handling")
+
+        def _forget(self, stream_id):
+            self.forgotten.append(stream_id)
+
+        def _event_failed(self, kind):
+            self.failed.append(kind)
+
+    owner = Owner()
+    server.dispatch_server(owner, events)
+    assert owner.failed == [ng.EV_HEADERS, ng.EV_HEADERS]
+    assert 3 in owner.forgotten  # the close after them was still handled

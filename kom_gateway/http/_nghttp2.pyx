@@ -414,7 +414,11 @@ cdef class Session:
 
     def close(self) -> None:
         """Free the session. Every later call is a harmless no-op (a flush scheduled
-        before the connection dropped must not touch freed memory)."""
+        before the connection dropped must not touch freed memory).
+
+        Order matters: nghttp2 holds each open stream's `_Outgoing` as a borrowed
+        pointer (its data source), kept alive only by `self._out`; so the session is
+        deleted first (nothing reads those pointers after), and `_out` cleared after."""
         cdef _Outgoing out
         if self._s != NULL:
             nghttp2_session_del(self._s)  # calls no stream-close callback: free our side here
@@ -491,34 +495,41 @@ cdef class Session:
     # run after receive()/send() has returned, never inside nghttp2, and call the
     # protocol's own methods for the rest.
     def dispatch_server(self, owner, list events) -> None:
-        """Act on `events` for a server connection (`owner`: ngserver.NgServerProtocol)."""
+        """Act on `events` for a server connection (`owner`: ngserver.NgServerProtocol);
+        one event's failure is reported to `owner._event_failed` and the rest go on (a
+        stream's close must not be lost to another stream's bug)."""
         cdef tuple event
-        cdef int kind
         streams = owner.streams
         for event in events:
-            kind = event[0]
-            if kind == _EV_HEADERS:
-                if event[2] is None:
-                    owner._headers_too_large(event[1])
-                else:
-                    method, target, authority = <tuple>event[4]
-                    owner._new_stream(event[1], method, target, authority, event[2], event[3])
-            elif kind == _EV_CLOSE:
-                owner._forget(event[1])
-            elif kind == _EV_DATA:
-                stream = streams.get(event[1])
-                if stream is None:
-                    self._consume(event[1], PyBytes_GET_SIZE(event[2]))
-                else:
-                    stream._deliver_body(event[2], PyBytes_GET_SIZE(event[2]))
-            elif kind == _EV_END:
-                stream = streams.get(event[1])
-                if stream is not None and not stream.body_done:
-                    stream._deliver_body_end()
-            elif kind == _EV_PING_ACK:
-                owner._ping_ack_received(event[1])
-            elif kind == _EV_GOAWAY:
-                owner._client_left = True  # its open streams still finish
+            try:
+                self._dispatch_server_event(owner, streams, event)
+            except Exception:
+                owner._event_failed(event[0])
+
+    cdef _dispatch_server_event(self, owner, streams, tuple event):
+        cdef int kind = event[0]
+        if kind == _EV_HEADERS:
+            if event[2] is None:
+                owner._headers_too_large(event[1])
+            else:
+                method, target, authority = <tuple>event[4]
+                owner._new_stream(event[1], method, target, authority, event[2], event[3])
+        elif kind == _EV_CLOSE:
+            owner._forget(event[1])
+        elif kind == _EV_DATA:
+            stream = streams.get(event[1])
+            if stream is None:
+                self._consume(event[1], PyBytes_GET_SIZE(event[2]))
+            else:
+                stream._deliver_body(event[2], PyBytes_GET_SIZE(event[2]))
+        elif kind == _EV_END:
+            stream = streams.get(event[1])
+            if stream is not None and not stream.body_done:
+                stream._deliver_body_end()
+        elif kind == _EV_PING_ACK:
+            owner._ping_ack_received(event[1])
+        elif kind == _EV_GOAWAY:
+            owner._client_left = True  # its open streams still finish
 
     def dispatch_client(self, owner, list events) -> None:
         """Act on `events` for a client connection (`owner`: ngclient.NgClientConnection);
@@ -600,7 +611,8 @@ cdef class Session:
         if self._s != NULL:
             nghttp2_submit_shutdown_notice(self._s)
 
-    def goaway(self, int32_t last_stream_id, uint32_t error_code=0, bytes debug=b"") -> None:
+    def goaway(self, int32_t last_stream_id, uint32_t error_code=0,
+               bytes debug not None=b"") -> None:
         if self._s != NULL:
             nghttp2_submit_goaway(self._s, 0, last_stream_id, error_code,
                                   <const uint8_t *>PyBytes_AS_STRING(debug),
@@ -718,13 +730,19 @@ cdef nghttp2_nv *_nv_array(list headers) except NULL:
     cdef bytes name, value
     if nva == NULL:
         raise MemoryError()
-    for i in range(n):
-        name, value = headers[i]
-        nva[i].name = <uint8_t *>PyBytes_AS_STRING(name)
-        nva[i].namelen = PyBytes_GET_SIZE(name)
-        nva[i].value = <uint8_t *>PyBytes_AS_STRING(value)
-        nva[i].valuelen = PyBytes_GET_SIZE(value)
-        nva[i].flags = NV_NO_INDEX if name in NEVER_INDEXED else 0
+    try:
+        for i in range(n):
+            name, value = headers[i]  # TypeError unless a pair of bytes (None included)
+            if name is None or value is None:
+                raise TypeError("a header is a pair of bytes")
+            nva[i].name = <uint8_t *>PyBytes_AS_STRING(name)
+            nva[i].namelen = PyBytes_GET_SIZE(name)
+            nva[i].value = <uint8_t *>PyBytes_AS_STRING(value)
+            nva[i].valuelen = PyBytes_GET_SIZE(value)
+            nva[i].flags = NV_NO_INDEX if name in NEVER_INDEXED else 0
+    except BaseException:
+        free(nva)  # the caller frees only what it was given
+        raise
     return nva
 
 
@@ -741,10 +759,14 @@ cdef int _status_code(const uint8_t *value, size_t length) noexcept:
 cdef int _on_begin_headers(nghttp2_session *s, const nghttp2_frame *frame,
                            void *user_data) noexcept:
     cdef Session self = <Session>user_data
-    self._headers = []
-    self._method = self._path = self._authority = ""
-    self._status = 0
-    self._header_bytes = 0
+    try:
+        self._headers = []
+        self._method = self._path = self._authority = ""
+        self._status = 0
+        self._header_bytes = 0
+    except BaseException as exc:  # (a MemoryError): as every callback, never raise into C
+        self._error = exc
+        return ERR_CALLBACK_FAILURE
     return 0
 
 

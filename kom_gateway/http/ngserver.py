@@ -124,6 +124,11 @@ class NgServerProtocol(HTTP2ServerConnection):
     def _handle(self, events: list[tuple]) -> None:
         self.session.dispatch_server(self, events)  # the loop over events is in C
 
+    def _event_failed(self, kind: int) -> None:
+        """Handling one client event failed (called in the binding's except clause); the
+        events after it are still handled."""
+        log.exception("handling HTTP/2 event %r from %s failed", kind, self.remote_addr)
+
     def _judge_frames(self, now: float) -> bool:
         """Charge what the client sent since the last read to its budgets; True if it
         was cut off."""
