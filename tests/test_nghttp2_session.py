@@ -206,7 +206,7 @@ def test_client_events_go_on_after_a_listener_fails():
 def test_bad_arguments_raise_instead_of_reaching_c():
     """None where bytes belong, or a header that is not a pair of bytes, is a TypeError
     (the header array is freed on the way out), never a pointer into nothing."""
-    server, client = pair()
+    server, _client = pair()
     with pytest.raises(TypeError):
         server.goaway(0, 0, None)
     sender = ng.Session(False)
