@@ -92,6 +92,8 @@ def test_optional_objects_follow_their_values():
     kinds = lambda values: sorted(o["kind"] for o in render(values))  # noqa: E731
     assert "HorizontalPodAutoscaler" not in kinds({})
     assert "HorizontalPodAutoscaler" in kinds(MATRIX["hpa"])
+    hpa = next(o for o in render(MATRIX["hpa"]) if o["kind"] == "HorizontalPodAutoscaler")
+    assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 600
     assert {"ServiceMonitor", "PrometheusRule"} <= set(kinds(MATRIX["monitoring"]))
     rule = next(o for o in render(MATRIX["monitoring"]) if o["kind"] == "PrometheusRule")
     alerts = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]}
