@@ -311,6 +311,24 @@ async def test_drain_lets_requests_finish_and_ends_watches_cleanly():
         await stack.close()
 
 
+async def test_drain_answers_the_first_request_of_a_connection_accepted_just_before():
+    """An HTTP/1.1 connection accepted a moment before the drain, its request not yet
+    read, is not idle: its first request is answered (with Connection: close), as Go's
+    Shutdown does, instead of being dropped (a restart in place under a load that opens
+    a connection per request saw empty answers)."""
+    stack = await started("")
+    try:
+        fresh = await asyncio.open_connection("127.0.0.1", stack.port)
+        await asyncio.sleep(0.2)  # accepted; nothing sent yet
+        stack.listener.goaway_all("drain")
+        fresh[1].write(b"GET /api/v1/nodes HTTP/1.1\r\nHost: gw\r\nUser-Agent: t/1\r\n\r\n")
+        answer = await asyncio.wait_for(fresh[0].read(), 5)  # then closed
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+        assert b"Connection: close" in answer.split(b"\r\n\r\n")[0]
+    finally:
+        await stack.close()
+
+
 async def test_reload_applies_new_limits_to_the_next_request(tmp_path):
     stack = await started("overload: {maxInflight: 1, maxQueueWaitSeconds: 0, reservedPercent: 0, exempt: []}\n")
     try:

@@ -133,6 +133,8 @@ class H1ServerStream(ServerStream):
                 elif kind == "start":
                     _, status, headers, end_stream = op
                     response = _response(status, headers)
+                    if getattr(request.protocol, "closing", False):  # draining: the last
+                        response.force_close()
                     await response.prepare(request)
                     if end_stream:
                         await response.write_eof()
@@ -274,6 +276,8 @@ class _RequestHandler(RequestHandler):
 
     header_timeout: float = 0.0
     on_lost: Callable[[asyncio.BaseTransport], None] | None = None
+    opened = 0.0  # loop time of connection_made
+    closing = False  # draining: its first request is its last (see _Server.pre_shutdown)
     ssl_object: ssl.SSLObject | None = None
     peer: PeerIdentity | None = None
     _header_timer: asyncio.TimerHandle | None = None
@@ -281,12 +285,17 @@ class _RequestHandler(RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        self.opened = asyncio.get_running_loop().time()
         self.ssl_object = transport.get_extra_info("ssl_object")
         self.peer = identity_of_ssl(self.ssl_object)
         self._arm_header_deadline()  # the first request: from the connection's start
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
+        if self.closing and self._request_count:
+            # draining: this request is its last. (Set only now: aiohttp ignores data
+            # that arrives once a connection is closing, the first request's too.)
+            self._close = True
         if self._request_count > self._answered:  # a request's headers are all in
             if self._header_timer is not None:
                 self._header_timer.cancel()
@@ -346,6 +355,9 @@ class _RequestHandler(RequestHandler):
         return response
 
 
+FRESH_GRACE = 5.0  # Go's Shutdown treats a new connection as idle after 5 s
+
+
 class _Server(web.Server):
     """aiohttp's low-level server, making `_RequestHandler`s."""
 
@@ -359,12 +371,33 @@ class _Server(web.Server):
         super().__init__(handler, **kwargs)
         self._header_timeout = header_timeout
         self._on_lost = on_lost
+        self.draining = False
 
     def __call__(self) -> RequestHandler:
         protocol = _RequestHandler(self, loop=self._loop, **self._kwargs)
         protocol.header_timeout = self._header_timeout
         protocol.on_lost = self._on_lost
+        protocol.closing = self.draining  # told apart from HTTP/2 after the drain began
         return protocol
+
+    def pre_shutdown(self) -> None:
+        """Drain: idle keep-alive connections close now. A connection that has not sent
+        its first request yet is not idle: it may have been accepted a moment before
+        the drain, its request on the way (a restart in place under a connection-per-
+        request load). As Go's Shutdown, such a connection is given FRESH_GRACE seconds
+        (within its header deadline) and its first request is answered, with
+        `Connection: close`, before it closes."""
+        self.draining = True
+        now = self._loop.time()
+        for conn in self._connections:
+            if (
+                isinstance(conn, _RequestHandler)
+                and conn._request_count == 0
+                and now - conn.opened < FRESH_GRACE
+            ):
+                conn.closing = True  # (closed after its first request: data_received)
+            else:
+                conn.close()
 
 
 def aiohttp_server(

@@ -261,7 +261,9 @@ class Listener:
 
     def goaway_all(self, reason: str = "drain") -> None:
         """Ask every client to go: HTTP/2 gets a graceful GOAWAY; HTTP/1.1 connections
-        close once their current response is done (idle ones at once)."""
+        close once their current response is done, a connection that has not sent its
+        first request yet once that one is answered (h1server's pre_shutdown); idle
+        keep-alive ones at the end of the drain (`close`)."""
         for protocol in list(self.h2_connections):
             protocol.goaway(reason)
         for server in (*self._retired_h1, self.h1_server):
