@@ -360,11 +360,14 @@ def measure(target_name: str, fleet: Path, pki: PKI, root: Path, args: argparse.
         pids = target.pids()
         cpu0 = cpu_seconds(pids)
         peak = [rss_mib(pids)]
+        cpu_at: list[tuple[float, float]] = []  # (monotonic time, the target's CPU s)
         stop = threading.Event()
 
         def sample_rss() -> None:
             while not stop.wait(0.5):
-                peak.append(rss_mib(target.pids()))
+                now_pids = target.pids()
+                peak.append(rss_mib(now_pids))
+                cpu_at.append((time.monotonic(), cpu_seconds(now_pids)))
 
         threading.Thread(target=sample_rss, daemon=True).start()
         faults: list[Fault] = []
@@ -395,6 +398,13 @@ def measure(target_name: str, fleet: Path, pki: PKI, root: Path, args: argparse.
         if killed:
             result["all_watches_up_after_kill_s"] = seconds_until_all_up(
                 progress, killed["at"] - began, args.nodes)
+        up = summary.get("all_watches_up_s", -1)
+        if up > 0 and cpu_at and not killed and target_name != "direct":
+            # the start storm (connections, handshakes, first LISTs) apart from the rest
+            at_up = next((c for t, c in cpu_at if t - began >= up), cpu_at[-1][1])
+            result["storm_cpu_seconds"] = round(at_up - cpu0, 2)
+            steady = args.seconds - up
+            result["steady_cpu_share_of_a_core"] = round((cpu - (at_up - cpu0)) / steady, 3)
         return result
     finally:
         target.stop()

@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from e2e import Cluster, Process  # noqa: E402  (the tests' process helpers)
 from goaway_client import GoawayClient  # noqa: E402  (a Go-like HTTP/2 client)
 from harness import RawH2  # noqa: E402  (a bare HTTP/2 client)
+from per_request_client import connection_per_request  # noqa: E402
 
 # appended to the test cluster's cut-over rules: "any Kubernetes client"
 HOSTILE_RULE = '  - match: {userAgent: "*/* (linux/*) kubernetes/*"}\n    percent: {pod: 50}\n'
@@ -180,26 +181,6 @@ def scrape(admin: int) -> str:
 def sample(text: str, name: str, labels: str = "") -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.split("{")[0].split(" ")[0] == name and labels in line)  # fmt: skip
-
-
-async def connection_per_request(port: int, stop: asyncio.Event, tasks: int = 48) -> Counter:
-    outcomes: Counter = Counter()
-    request = (b"GET /api/v1/namespaces/default/configmaps HTTP/1.1\r\nHost: gw\r\n"
-               b"User-Agent: per-request/1.0\r\nConnection: close\r\n\r\n")
-
-    async def client() -> None:
-        while not stop.is_set():
-            try:
-                reader, writer = await asyncio.open_connection("127.0.0.1", port)
-                writer.write(request)
-                response = await asyncio.wait_for(reader.read(), 10)
-                writer.close()
-                outcomes[response.split(b" ", 2)[1].decode() if response else "empty"] += 1
-            except OSError as exc:
-                outcomes[type(exc).__name__] += 1
-
-    await asyncio.gather(*(client() for _ in range(tasks)))
-    return outcomes
 
 
 def restart_once(root: Path, handover: bool) -> dict:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from e2e import Cluster, Process
 from goaway_client import GoawayClient
+from per_request_client import connection_per_request
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -368,30 +369,6 @@ def test_workers_import_the_supervisors_package(tmp_path, start):
         supervisor.stop()
 
 
-async def _connection_per_request_load(port: int, stop: asyncio.Event, tasks: int = 48) -> dict:
-    """HTTP/1.1 clients that open a new connection for every request (as curl in a loop,
-    or a client without keep-alive): what a restart that drops queued connections hurts."""
-    from collections import Counter
-
-    outcomes: Counter = Counter()
-    request = (b"GET /api/v1/namespaces/default/configmaps HTTP/1.1\r\nHost: gw\r\n"
-               b"User-Agent: per-request/1.0\r\nConnection: close\r\n\r\n")
-
-    async def client() -> None:
-        while not stop.is_set():
-            try:
-                reader, writer = await asyncio.open_connection("127.0.0.1", port)
-                writer.write(request)
-                response = await asyncio.wait_for(reader.read(), 10)
-                writer.close()
-                outcomes[response.split(b" ", 2)[1].decode() if response else "empty"] += 1
-            except OSError as exc:
-                outcomes[type(exc).__name__] += 1
-
-    await asyncio.gather(*(client() for _ in range(tasks)))
-    return dict(outcomes)
-
-
 @pytest.mark.parametrize("order", ["SIGTERM first", "replacement first"])
 def test_restart_in_place_loses_no_queued_connection(tmp_path, order):
     """With --reuse-port the replacement serves on the old instance's own listening
@@ -405,7 +382,7 @@ def test_restart_in_place_loses_no_queued_connection(tmp_path, order):
     try:
         async def scenario() -> tuple[dict, int]:
             stop = asyncio.Event()
-            running = asyncio.ensure_future(_connection_per_request_load(cluster.port, stop))
+            running = asyncio.ensure_future(connection_per_request(cluster.port, stop))
             await asyncio.sleep(1)
             if order == "SIGTERM first":
                 cluster.gateway.proc.send_signal(signal.SIGTERM)

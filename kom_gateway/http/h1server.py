@@ -277,6 +277,11 @@ class _RequestHandler(RequestHandler):
     header_timeout: float = 0.0
     on_lost: Callable[[asyncio.BaseTransport], None] | None = None
     opened = 0.0  # loop time of connection_made
+
+    @property
+    def requests_seen(self) -> int:
+        """Requests whose headers have arrived on this connection."""
+        return self._request_count
     closing = False  # draining: its first request is its last (see _Server.pre_shutdown)
     ssl_object: ssl.SSLObject | None = None
     peer: PeerIdentity | None = None
@@ -358,6 +363,14 @@ class _RequestHandler(RequestHandler):
 FRESH_GRACE = 5.0  # Go's Shutdown treats a new connection as idle after 5 s
 
 
+def awaiting_first_request(server: web.Server) -> bool:
+    """Draining, a connection of `server` still waits for its first request."""
+    return any(
+        isinstance(conn, _RequestHandler) and conn.closing and not conn.requests_seen
+        for conn in server.connections
+    )
+
+
 class _Server(web.Server):
     """aiohttp's low-level server, making `_RequestHandler`s."""
 
@@ -392,7 +405,7 @@ class _Server(web.Server):
         for conn in self._connections:
             if (
                 isinstance(conn, _RequestHandler)
-                and conn._request_count == 0
+                and not conn.requests_seen
                 and now - conn.opened < FRESH_GRACE
             ):
                 conn.closing = True  # (closed after its first request: data_received)

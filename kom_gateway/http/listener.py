@@ -20,7 +20,12 @@ from h2.errors import ErrorCodes
 
 from kom_gateway.http import engine as engines
 from kom_gateway.http.bind import BindError
-from kom_gateway.http.h1server import StreamHandler, UpgradeHandler, aiohttp_server
+from kom_gateway.http.h1server import (
+    StreamHandler,
+    UpgradeHandler,
+    aiohttp_server,
+    awaiting_first_request,
+)
 from kom_gateway.http.serverconn import HTTP2ServerConnection
 from kom_gateway.http.settings import ConnectionLimits, H2ServerSettings
 from kom_gateway.kubestatus import status_body
@@ -250,7 +255,8 @@ class Listener:
         """The socket to hand to a replacement (see http/handover.py)."""
         if self.server is None or not self.server.sockets:
             return None
-        return self.server.sockets[0]  # type: ignore[return-value]  (a TransportSocket)
+        # (asyncio hands out a TransportSocket: a socket as far as fileno() goes)
+        return self.server.sockets[0]  # type: ignore[return-value]
 
     def stop_accepting(self) -> None:
         """Close the listening socket: with SO_REUSEPORT, the kernel sends new
@@ -258,6 +264,9 @@ class Listener:
         replacement lives on there."""
         if self.server is not None:
             self.server.close()
+
+    def _awaiting_first_request(self) -> bool:
+        return any(awaiting_first_request(s) for s in (*self._retired_h1, self.h1_server))
 
     def goaway_all(self, reason: str = "drain") -> None:
         """Ask every client to go: HTTP/2 gets a graceful GOAWAY; HTTP/1.1 connections
@@ -290,6 +299,10 @@ class Listener:
         self.goaway_all()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
+        # a connection accepted just before whose first request has not arrived yet
+        # (slow client, busy machine) is answered, not closed under it (h1server.py)
+        while (self.sniffing or self._awaiting_first_request()) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
         # aiohttp waits without end for a timeout of 0: every shutdown here is bounded
         await asyncio.gather(
             *(server.shutdown(max(grace, 0.1)) for server in (*self._retired_h1, self.h1_server))
