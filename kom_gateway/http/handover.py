@@ -8,8 +8,8 @@ the new one, where a socket of its own would have left them to die with the old 
 (connection resets under a new-connection-per-request load).
 
 The exchange, on the abstract Unix socket named after the serving address (Linux; no
-file to clean up, gone with its process; only a peer of the same user, or root, is
-answered):
+file to clean up, gone with its process; each side talks only to a peer of its own user,
+or root):
 
     new -> old   b"take\\n"
     old -> new   {"pid": ..., "roles": ["serving", "admin"]} + those fds (SCM_RIGHTS)
@@ -45,6 +45,14 @@ ASK_TIMEOUT = 2.0  # the new instance waits this long for the old one's answer
 CONFIRM_TIMEOUT = 30.0  # the old one waits this long for "ok" before keeping its sockets
 
 
+def peer_credentials(conn: socket.socket) -> tuple[int, int]:
+    """(pid, uid) of the process at the other end of a Unix socket."""
+    pid, uid, _gid = struct.unpack(
+        "3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    )
+    return pid, uid
+
+
 def handover_name(host: str, port: int) -> str:
     """The abstract socket an instance serving on host:port answers on."""
     return f"\0kom-gateway/handover/{host}:{port}"
@@ -76,6 +84,11 @@ def take_over(host: str, port: int) -> Inherited | None:
     conn.settimeout(ASK_TIMEOUT)
     try:
         conn.connect(handover_name(host, port))
+        _pid, uid = peer_credentials(conn)
+        if uid not in (os.getuid(), 0):  # a squatter on the name: not our predecessor
+            log.warning("the handover socket for port %d belongs to uid %d: ignored", port, uid)
+            conn.close()
+            return None
         conn.sendall(TAKE)
         message, fds, _flags, _addr = socket.recv_fds(conn, 4096, 8)
     except OSError:
@@ -143,9 +156,7 @@ class HandoverServer:
         self._release()
 
     async def _answer(self, loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
-        pid, uid, _gid = struct.unpack(
-            "3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        )
+        pid, uid = peer_credentials(conn)
         if uid not in (os.getuid(), 0):
             log.warning("refused to hand the listening sockets to pid %d of uid %d", pid, uid)
             return
