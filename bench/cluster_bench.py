@@ -426,6 +426,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--targets", default="direct,haproxy,gateway,gateway-workers")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", help="also write the results (JSON) here")
+    parser.add_argument("--keep", metavar="DIR",
+                        help="work in DIR and keep it (logs of every process, the fleet's "
+                        "failure lines) instead of a temporary directory")
     return parser
 
 
@@ -435,8 +438,12 @@ def main() -> int:
         if shutil.which(tool) is None and (tool != "haproxy" or "haproxy" in args.targets):
             sys.exit(f"{tool} is needed: apt-get install {tool}")
     results = []
-    with tempfile.TemporaryDirectory(prefix="kom-cluster-") as tmp:
-        root = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        if args.keep:
+            root = Path(args.keep)
+            root.mkdir(parents=True, exist_ok=True)
+        else:
+            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kom-cluster-")))
         fleet = build_fleet(root)
         pki = make_pki(root)
         for i in range(args.repeats):
