@@ -28,7 +28,6 @@ import (
 	"crypto/x509/pkix"
 	"encoding/json"
 	"encoding/pem"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -191,6 +190,7 @@ func (c *client) do(ctx context.Context, kind, method, path, contentType string,
 		raw, _ := json.Marshal(body)
 		reader = bytes.NewReader(raw)
 	}
+	day := ctx
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	req, _ := http.NewRequestWithContext(ctx, method, *target+path, reader)
@@ -201,8 +201,8 @@ func (c *client) do(ctx context.Context, kind, method, path, contentType string,
 	}
 	resp, err := c.http.Do(req)
 	if err != nil {
-		if ctx.Err() != nil && errors.Is(ctx.Err(), context.Canceled) {
-			return answer{}, err // the day ended
+		if day.Err() != nil {
+			return answer{}, err // the day ended with it in flight: not a failure
 		}
 		failed(kind + " " + transportError(err))
 		return answer{}, err
@@ -210,7 +210,9 @@ func (c *client) do(ctx context.Context, kind, method, path, contentType string,
 	data, err := io.ReadAll(resp.Body)
 	resp.Body.Close()
 	if err != nil {
-		failed(kind + " " + transportError(err))
+		if day.Err() == nil {
+			failed(kind + " " + transportError(err))
+		}
 		return answer{}, err
 	}
 	a := answer{resp.StatusCode, data, resp.Header.Get("Retry-After")}
