@@ -8,6 +8,7 @@ import asyncio
 import ipaddress
 import json
 import logging
+import os
 import signal
 import sys
 import textwrap
@@ -40,7 +41,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except BrokenPipeError:
+        # the reader went away (`kom-gateway route ... | head -1`): as any Unix tool, stop
+        # quietly. stdout points at nothing now, so the flush at exit cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -209,7 +216,14 @@ def _parser() -> argparse.ArgumentParser:
 
     rollout_command.add_parser(sub)
 
-    demo = sub.add_parser("demo", help="simulated groups + the gateway, with live routing output")
+    demo = sub.add_parser(
+        "demo",
+        help="simulated groups + the gateway, with live routing output",
+        description="Start simulated apiserver groups (Pod, Config, Event, Default: one "
+        "store) and the gateway in front of them from config/demo.yaml, write a kubeconfig "
+        "for kubectl, print how to point kubectl and curl at it, and show live which group "
+        "served each request. Ctrl-C stops everything.",
+    )
     demo.add_argument("--config", metavar="CONFIG", help="default: config/demo.yaml")
     demo.add_argument(
         "--kubeconfig",

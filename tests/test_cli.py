@@ -196,3 +196,22 @@ def test_check_opens_the_tls_files_and_names_each_problem(tmp_path, capsys, pki)
     # the test PKI's certificates live two days: check says so (a warning, still OK)
     assert f"warning: listen.tls.certFile: {pki.server_cert}: a certificate in it expires in" in (
         capsys.readouterr().err)
+
+
+def test_a_reader_that_goes_away_gets_no_traceback():
+    """`kom-gateway route ... | head -1`: the pipe's reader is gone before the output is
+    written (here: closed before the process starts writing); the command stops quietly."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kom_gateway", "route", "--config", EXAMPLE, "GET", "/api/v1/pods"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader leaves at once
+    _, stderr = proc.communicate(timeout=60)
+    assert b"Traceback" not in stderr and b"BrokenPipeError" not in stderr, stderr.decode()
+    assert proc.returncode == 1
+
+
+def test_demo_help_says_what_the_demo_does(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    out = capsys.readouterr().out
+    assert "simulated apiserver groups" in out and "kubeconfig" in out
