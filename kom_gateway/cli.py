@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from kom_gateway import __version__
 from kom_gateway.config import Config, ConfigError, load_config_file
 from kom_gateway.config.model import Address
-from kom_gateway.config.tlscheck import tls_problems, tls_warnings
+from kom_gateway.config.tlscheck import MISSING_FILE, tls_problems, tls_warnings
 from kom_gateway.http.bind import BindError
 from kom_gateway.http.settings import HTTP2_ENGINES
 from kom_gateway.identity import parse_x509_identity, token_identity
@@ -361,6 +361,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     problems = [] if args.no_files else tls_problems(config)
     if problems:  # the gateway would refuse to start with these files
         print(ConfigError(problems, config.source).render(), file=err)
+        if any(issue.message.endswith(MISSING_FILE) for issue in problems):
+            print("hint: these files are read where the gateway runs; to check the routing "
+                  "here without them, add --no-files", file=err)  # fmt: skip
         return 1
     print(describe_config(config), file=out)
     for warning in (*config.warnings, *([] if args.no_files else tls_warnings(config))):

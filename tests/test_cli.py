@@ -187,6 +187,7 @@ def test_check_opens_the_tls_files_and_names_each_problem(tmp_path, capsys, pki)
     assert f"listen.tls: the key {pki.kubelet_key} does not belong to the certificate" in err
     assert f"listen.tls.clientCAFile: {pki.tokens}: not a PEM CA certificate" in err
     assert f"upstream.tls.caFile: {tmp_path}/missing-ca.crt: no such file" in err
+    assert "add --no-files" in err  # a missing file: perhaps checked on another machine
     assert main(["check", "--no-files", str(config)]) == 0  # for another machine
     good = text.replace(str(pki.kubelet_key), str(pki.server_key)).replace(
         str(pki.tokens), str(pki.ca)).replace(f"{tmp_path}/missing-ca.crt", str(pki.ca))

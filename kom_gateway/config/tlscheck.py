@@ -29,9 +29,12 @@ def tls_problems(config: Config, listen: bool = True, upstream: bool = True) -> 
     return issues
 
 
+MISSING_FILE = "no such file"  # how a missing file's issue ends (`check` adds a hint)
+
+
 def _unreadable(key: str, path: str) -> ConfigIssue | None:
     if not os.path.exists(path):
-        return ConfigIssue(key, 0, f"{path}: no such file")
+        return ConfigIssue(key, 0, f"{path}: {MISSING_FILE}")
     if not os.path.isfile(path):
         return ConfigIssue(key, 0, f"{path}: not a regular file")
     if not os.access(path, os.R_OK):
