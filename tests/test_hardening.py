@@ -283,7 +283,32 @@ async def test_malformed_request_resets_only_its_stream(stack, problem):
     raw.writer.close()
 
 
-async def test_connect_and_a_path_without_slash_get_400(stack):
+@pytest.mark.parametrize("path", [b"api/v1/nodes", b"*", b"http://gw/api/v1/nodes"])
+async def test_a_path_that_is_not_absolute_resets_its_stream_on_both_engines(stack, path):
+    """RFC 9113 8.3.1: `:path` is an absolute path ("*" only for OPTIONS): otherwise the
+    request is malformed, a stream error, whichever engine (nghttp2 judges it itself)."""
+    raw = await RawH2.connect(stack.port)
+    bad = [(n, path if n == b":path" else v) for n, v in REQUEST]
+    raw.conn.send_headers(1, bad, end_stream=True)
+    raw.conn.send_headers(3, REQUEST, end_stream=True)
+    raw.flush()
+    reset, answered = None, None
+    async with asyncio.timeout(5):
+        while answered is None or reset is None:
+            for event in await raw.events():
+                if isinstance(event, h2.events.StreamReset) and event.stream_id == 1:
+                    reset = event.error_code
+                elif isinstance(event, h2.events.ResponseReceived):
+                    if event.stream_id == 1:
+                        reset = dict(event.headers)[b":status"]  # (would fail below)
+                    else:
+                        answered = dict(event.headers)[b":status"]
+    assert reset == h2.errors.ErrorCodes.PROTOCOL_ERROR
+    assert answered == b"200"
+    raw.writer.close()
+
+
+async def test_connect_gets_400(stack):
     raw = await RawH2.connect(stack.port)
     raw.conn.send_headers(1, [(b":method", b"CONNECT"), (b":authority", b"example:443")],
                           end_stream=True)

@@ -3,8 +3,9 @@
 A malformed request is a stream error (RFC 9113 8.1.1): the stream is reset with
 PROTOCOL_ERROR and the connection lives on, as nghttp2 and Go's server do. h2 would judge
 the same headers as a connection error, so the h2 engine turns its own checks off and
-asks this module, per stream. What is well-formed but meaningless to a Kubernetes API
-(CONNECT, a `:path` without a leading `/`) is not malformed: the gateway answers it 400.
+asks this module, per stream. A `:path` that is not an absolute path (no leading `/`) is
+malformed, as nghttp2 and Go's server judge it. What is well-formed but meaningless to a
+Kubernetes API (CONNECT) is not malformed: the gateway answers it 400.
 """
 
 from __future__ import annotations
@@ -50,6 +51,11 @@ def malformed_request(headers: Headers) -> str | None:
     if b":method" not in seen:
         return "no :method"
     method = next(v for n, v in headers if n == b":method")
-    if method != b"CONNECT" and not {b":scheme", b":path"} <= seen:
-        return "no :scheme or :path"
+    if method != b"CONNECT":
+        if not {b":scheme", b":path"} <= seen:
+            return "no :scheme or :path"
+        path = next(v for n, v in headers if n == b":path")
+        # an absolute path (RFC 9113 8.3.1), or "*" for OPTIONS: as nghttp2 and Go judge it
+        if path[:1] != b"/" and not (method == b"OPTIONS" and path == b"*"):
+            return "a :path that is not an absolute path"
     return None
