@@ -266,46 +266,42 @@ async def test_oversized_http2_header_list_gets_431_on_its_stream_only():
 async def test_malformed_request_resets_only_its_stream(stack, problem):
     """RFC 9113 8.1.1: a malformed request is a stream error (RST_STREAM
     PROTOCOL_ERROR), as nghttp2 and Go answer it; the connection keeps serving."""
-    raw = await RawH2.connect(stack.port)
-    raw.conn.send_headers(1, [*REQUEST, *problem], end_stream=True)
-    raw.conn.send_headers(3, REQUEST, end_stream=True)
-    raw.flush()
-    reset, answered = None, None
-    async with asyncio.timeout(5):
-        while answered is None or reset is None:
-            for event in await raw.events():
-                if isinstance(event, h2.events.StreamReset) and event.stream_id == 1:
-                    reset = event.error_code
-                elif isinstance(event, h2.events.ResponseReceived) and event.stream_id == 3:
-                    answered = dict(event.headers)[b":status"]
+    reset, answered = await _first_reset_second_answered(stack, [*REQUEST, *problem])
     assert reset == h2.errors.ErrorCodes.PROTOCOL_ERROR
     assert answered == b"200"
+
+
+async def _first_reset_second_answered(stack, headers):
+    """Send `headers` on stream 1 and a good request on stream 3 of one connection: how
+    stream 1 ended (its reset's error code, or its status) and stream 3's status."""
+    raw = await RawH2.connect(stack.port)
+    raw.conn.send_headers(1, headers, end_stream=True)
+    raw.conn.send_headers(3, REQUEST, end_stream=True)
+    raw.flush()
+    first, answered = None, None
+    async with asyncio.timeout(5):
+        while answered is None or first is None:
+            for event in await raw.events():
+                if isinstance(event, h2.events.StreamReset) and event.stream_id == 1:
+                    first = event.error_code
+                elif isinstance(event, h2.events.ResponseReceived):
+                    status = dict(event.headers)[b":status"]
+                    if event.stream_id == 1:
+                        first = status
+                    else:
+                        answered = status
     raw.writer.close()
+    return first, answered
 
 
 @pytest.mark.parametrize("path", [b"api/v1/nodes", b"*", b"http://gw/api/v1/nodes"])
 async def test_a_path_that_is_not_absolute_resets_its_stream_on_both_engines(stack, path):
     """RFC 9113 8.3.1: `:path` is an absolute path ("*" only for OPTIONS): otherwise the
     request is malformed, a stream error, whichever engine (nghttp2 judges it itself)."""
-    raw = await RawH2.connect(stack.port)
     bad = [(n, path if n == b":path" else v) for n, v in REQUEST]
-    raw.conn.send_headers(1, bad, end_stream=True)
-    raw.conn.send_headers(3, REQUEST, end_stream=True)
-    raw.flush()
-    reset, answered = None, None
-    async with asyncio.timeout(5):
-        while answered is None or reset is None:
-            for event in await raw.events():
-                if isinstance(event, h2.events.StreamReset) and event.stream_id == 1:
-                    reset = event.error_code
-                elif isinstance(event, h2.events.ResponseReceived):
-                    if event.stream_id == 1:
-                        reset = dict(event.headers)[b":status"]  # (would fail below)
-                    else:
-                        answered = dict(event.headers)[b":status"]
+    reset, answered = await _first_reset_second_answered(stack, bad)
     assert reset == h2.errors.ErrorCodes.PROTOCOL_ERROR
     assert answered == b"200"
-    raw.writer.close()
 
 
 async def test_connect_gets_400(stack):
