@@ -11,7 +11,7 @@ import logging
 import socket
 import ssl
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 import h2.config
 import h2.connection
@@ -223,26 +223,19 @@ class Listener:
         instance this one replaces); returns the bound port (useful with port 0)."""
         loop = asyncio.get_running_loop()
         handshake_timeout = self.limits.tls_handshake_timeout if self.ssl_context else None
+        # where: the socket handed over, or an address to bind (the rest is the same)
+        where: dict[str, Any] = {"sock": sock}
+        if sock is None:
+            where = {"host": host, "port": port, "reuse_address": True}
+            where["reuse_port"] = reuse_port or None
         try:
-            if sock is not None:
-                self.server = await loop.create_server(
-                    lambda: _Sniffer(self),
-                    sock=sock,
-                    ssl=self.ssl_context,
-                    ssl_handshake_timeout=handshake_timeout,
-                    backlog=4096,
-                )
-            else:
-                self.server = await loop.create_server(
-                    lambda: _Sniffer(self),
-                    host,
-                    port,
-                    ssl=self.ssl_context,
-                    ssl_handshake_timeout=handshake_timeout,
-                    reuse_address=True,
-                    reuse_port=reuse_port or None,
-                    backlog=4096,
-                )
+            self.server = await loop.create_server(
+                lambda: _Sniffer(self),
+                ssl=self.ssl_context,
+                ssl_handshake_timeout=handshake_timeout,
+                backlog=4096,
+                **where,
+            )
         except OSError as exc:
             raise BindError("serving", host, port, exc, "--listen / listen.address") from None
         sock = self.server.sockets[0]

@@ -291,9 +291,13 @@ class Admission:
 
     def _leave(self, ticket: Ticket) -> None:
         queue = self.queues.get(ticket.group)
-        if queue is not None and ticket in queue:
+        if queue is None:
+            return
+        try:
             queue.remove(ticket)
-            self.queued -= 1
+        except ValueError:  # seated, or already gone (its wait ended)
+            return
+        self.queued -= 1
 
     def _seat(self, group: str) -> None:
         queue = self.queues.get(group)
