@@ -23,7 +23,7 @@ from kom_gateway.config.tlscheck import MISSING_FILE, tls_problems, tls_warnings
 from kom_gateway.http.bind import BindError
 from kom_gateway.http.settings import HTTP2_ENGINES
 from kom_gateway.identity import parse_x509_identity, token_identity
-from kom_gateway.requestinfo import parse_request
+from kom_gateway.requestinfo import RequestInfo, parse_request
 from kom_gateway.rollout import command as rollout_command
 from kom_gateway.routing import DEFAULT_GROUP, Client, Decision
 from kom_gateway.routing.cutover import format_percent, user_agent_product
@@ -104,8 +104,15 @@ def _parser() -> argparse.ArgumentParser:
         metavar="GROUP",
         help="verified user group (for match.userGroup); repeat for several",
     )
-    route.add_argument("method", metavar="METHOD")
-    route.add_argument("url", metavar="URL", help="path with query, or a full URL")
+    route.add_argument(
+        "--log-line",
+        default="",
+        metavar="JSON",
+        help="one line of the access log: decide for that request and client exactly as the "
+        "data plane did (instead of METHOD URL and the client flags)",
+    )
+    route.add_argument("method", metavar="METHOD", nargs="?")
+    route.add_argument("url", metavar="URL", nargs="?", help="path with query, or a full URL")
     route.set_defaults(func=cmd_route)
 
     run = sub.add_parser("run", help="run the gateway")
@@ -485,32 +492,13 @@ def cmd_route(args: argparse.Namespace) -> int:
     config = _load(args.config, err)
     if config is None:
         return 1
-    parts = urlsplit(args.url)
-    target = parts.path or "/"
-    if parts.query:
-        target += "?" + parts.query
-    info = parse_request(args.method.upper(), target)
     try:
-        identity, remote_addr, program = parse_client_key(args.client)
+        info, client = (
+            logged_request(args.log_line) if args.log_line else _route_request(args, config)
+        )
     except ValueError as exc:
-        print(f"--client: {exc}", file=err)
+        print(exc, file=err)
         return 2
-    if args.token:
-        if identity:
-            print("--client and --token name two identities: give one", file=err)
-            return 2
-        identity = token_identity(args.token.encode())
-    user_agent = args.user_agent or program
-    if program and user_agent_product(user_agent) != program:
-        print(f"--client is for program {program!r}, --user-agent for "
-              f"{user_agent_product(user_agent)!r}: give one", file=err)  # fmt: skip
-        return 2
-    user, groups = args.user, tuple(args.groups)
-    from_cert = parse_x509_identity(identity)
-    if from_cert is not None:  # a verified certificate names its user and groups
-        user = user or from_cert[0]
-        groups = groups or from_cert[1]
-    client = Client(user_agent, identity, remote_addr, user, groups)
     router = config.router()
     decision = router.decide(info, client)
     rule = decision.rule
@@ -539,6 +527,73 @@ def cmd_route(args: argparse.Namespace) -> int:
     }
     print(json.dumps(result, indent=2), file=out)
     return 0
+
+
+def _route_request(args: argparse.Namespace, config: Config) -> tuple[RequestInfo, Client]:
+    """The request and client `route`'s flags describe; ValueError saying what to fix."""
+    if not args.method or not args.url:
+        raise ValueError("give METHOD and URL (or --log-line)")
+    parts = urlsplit(args.url)
+    target = parts.path or "/"
+    if parts.query:
+        target += "?" + parts.query
+    info = parse_request(args.method.upper(), target)
+    try:
+        identity, remote_addr, program = parse_client_key(args.client)
+    except ValueError as exc:
+        raise ValueError(f"--client: {exc}") from None
+    if args.token:
+        if identity:
+            raise ValueError("--client and --token name two identities: give one")
+        identity = token_identity(args.token.encode())
+    if program and not args.user_agent and any(r.match.user_agent for r in config.cutover):
+        # the key names the program; rules match the whole User-Agent, which it does not
+        # carry: a guess here would be a confident wrong answer
+        raise ValueError(
+            f"--client names the program {program!r}, but cut-over rules match the whole "
+            "User-Agent: add --user-agent as the access log's `userAgent` shows it, or give "
+            "the whole line with --log-line"
+        )
+    user_agent = args.user_agent or program
+    if program and user_agent_product(user_agent) != program:
+        raise ValueError(
+            f"--client is for program {program!r}, --user-agent for "
+            f"{user_agent_product(user_agent)!r}: give one"
+        )
+    user, groups = args.user, tuple(args.groups)
+    from_cert = parse_x509_identity(identity)
+    if from_cert is not None:  # a verified certificate names its user and groups
+        user = user or from_cert[0]
+        groups = groups or from_cert[1]
+    return info, Client(user_agent, identity, remote_addr, user, groups)
+
+
+def logged_request(line: str) -> tuple[RequestInfo, Client]:
+    """The request and client of one access-log line, as the data plane saw them (what
+    routing reads: the resource, the User-Agent, the identity and what it verified)."""
+    try:
+        entry = json.loads(line)
+        key, user_agent = entry["client"], entry.get("userAgent") or ""
+        identity, remote_addr, _ = parse_client_key(key)
+        path = entry.get("path")
+        info = RequestInfo(
+            verb=entry["verb"],
+            path=path or "",
+            is_resource_request=path is None,
+            api_group=entry.get("apiGroup") or "",
+            api_version=entry.get("apiVersion") or "",
+            namespace=entry.get("namespace") or "",
+            resource=entry.get("resource") or "",
+            subresource=entry.get("subresource") or "",
+            name=entry.get("name") or "",
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"--log-line: not an access-log line ({exc})") from None
+    user, groups = entry.get("user") or "", ()
+    from_cert = parse_x509_identity(identity)
+    if from_cert is not None:
+        user, groups = from_cert
+    return info, Client(user_agent, identity, remote_addr, user, groups)
 
 
 def explain(decision: Decision, client: Client) -> str:

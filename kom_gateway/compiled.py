@@ -58,6 +58,7 @@ MODULES = (
     # the nghttp2 engine's Python and the bases it shares with the h2 and HTTP/1.1
     # engines, which stay interpreted (their bases allow interpreted subclasses)
     "kom_gateway.http.stream",
+    "kom_gateway.http.events",
     "kom_gateway.http.transport",
     "kom_gateway.http.serverconn",
     "kom_gateway.http.client",

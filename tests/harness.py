@@ -239,7 +239,8 @@ class Stack:
             ports[name] = [group.port]
             for i in range(1, (replicas or {}).get(name, 1)):
                 ports[name].append((await self.sim.add_group(f"{name}-{i}", "127.0.0.1", 0)).port)
-        config = load_config_text(config_text(ports, cutover, extra))
+        self.config_text = config_text(ports, cutover, extra)
+        config = load_config_text(self.config_text)
         self.gateway = Gateway(ConfigHolder(config))
         self.listener = new_listener(self.gateway, None)
         self.port = await self.listener.start("127.0.0.1", 0)

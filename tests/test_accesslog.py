@@ -125,3 +125,82 @@ async def test_sampling_in_the_proxy(tmp_path):
             (200, "default", "upstream-5xx"), (503, "config", None)]
     finally:
         await stack.close()
+
+
+REPLAY_RULES = """cutover:
+  - match: {userAgent: "kubelet/*"}
+    percent: {pod: 100}
+  - match: {userAgent: "kube-proxy/v1.31.0 (linux/amd64)"}
+    percent: {pod: 100, config: 100}
+  - match: {userAgent: "kube-proxy*"}
+    percent: {config: 0}
+  - match: {user: "system:serviceaccount:*"}
+    percent: {pod: 100}
+  - percent: {pod: 50, config: 50}
+"""
+REPLAY_CLIENTS = [  # User-Agent, extra headers: each a client key of its own
+    ("kubelet/v1.31.0 (linux/amd64) kubernetes/abc", []),
+    ("kubelet", []),  # the bare product: "kubelet/*" does not match it
+    ("kube-proxy/v1.31.0 (linux/amd64)", []),
+    ("kube-proxy/v1.30.2 (linux/amd64)", []),
+    ("kubectl/v1.31.0", [(b"authorization", b"Bearer token-a")]),
+    ("kubectl/v1.31.0", [(b"authorization", b"Bearer token-b")]),
+    ("python-requests/2.32", []),
+    ("", []),
+]
+
+
+async def test_route_decides_every_logged_request_as_the_data_plane_did(tmp_path, capsys):
+    """Issue: `route --client KEY` answered "default" for a request the data plane had
+    sent to `pod` (the key carries the program, rules match the whole User-Agent). Every
+    line of a real access log, replayed with --log-line, gets the group that was logged;
+    --client with the logged userAgent does too; --client alone refuses to guess."""
+    from kom_gateway.cli import main
+
+    path = tmp_path / "access.log"
+    stack = await Stack().start(cutover=REPLAY_RULES, extra=FAST_HEALTH
+                                + f"accessLog: {{enabled: true, path: {path}}}\n")  # fmt: skip
+    try:
+        client = await stack.client()
+        for user_agent, headers in REPLAY_CLIENTS:
+            for target in ("/api/v1/namespaces/default/pods", "/api/v1/nodes",
+                           "/api/v1/namespaces/default/configmaps/c", "/version"):  # fmt: skip
+                await client.request("GET", target, user_agent=user_agent, headers=headers)
+        stack.gateway.access_log.flush()
+        config = tmp_path / "gw.yaml"
+        config.write_text(stack.config_text)
+    finally:
+        await stack.close()
+    lines = path.read_text().splitlines()
+    logged = [json.loads(line) for line in lines]
+    assert len(lines) == 4 * len(REPLAY_CLIENTS)
+    assert {r["chosenGroup"] for r in logged} == {"pod", "config", "default"}
+    # one key, two decisions: kube-proxy v1.31.0 and v1.30.2 share `addr:...|kube-proxy`
+    # but only one matches the exact rule (why a key alone cannot be routed)
+    by_key: dict[tuple[str, str], set[str]] = {}
+    for r in logged:
+        by_key.setdefault((r["client"], r["resource"]), set()).add(r["chosenGroup"])
+    assert len({key for key, _ in by_key}) == 6
+    assert by_key[("addr:127.0.0.1|kube-proxy", "nodes")] == {"config", "default"}
+    capsys.readouterr()
+
+    def route(*args: str) -> tuple[int, str]:
+        code = main(["route", "--config", str(config), *args])
+        out = capsys.readouterr()
+        return code, out.out + out.err
+
+    for line, record in zip(lines, logged, strict=True):
+        code, out = route("--log-line", line)
+        assert code == 0, out
+        assert json.loads(out)["chosenGroup"] == record["chosenGroup"], line
+        url = record["path"] or "/api/v1/" + "/".join(
+            p for p in ("namespaces", record["namespace"]) if record["namespace"]
+        ) + f"/{record['resource']}" + (f"/{record['name']}" if record["name"] else "")
+        if record["path"] is None and record["namespace"] is None:
+            url = f"/api/v1/{record['resource']}"
+        code, out = route("--client", record["client"], "--user-agent", record["userAgent"],
+                          "GET", url)  # fmt: skip
+        assert code == 0 and json.loads(out)["chosenGroup"] == record["chosenGroup"], (url, out)
+        if "|" in record["client"] and not record["client"].endswith("|"):
+            code, out = route("--client", record["client"], "GET", url)
+            assert code == 2 and "--user-agent" in out and "--log-line" in out

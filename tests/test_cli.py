@@ -146,17 +146,19 @@ def test_route_takes_back_the_key_the_access_log_prints(capsys):
 
     data_plane = _new_client("10.0.0.9", None, b"kubelet/v1.31.0 (linux/amd64)",
                              b"Bearer demo-token")  # fmt: skip
-    for args in (["--client", data_plane.key],  # the access log's form
+    for args in (["--client", data_plane.key,  # the access log's `client` and `userAgent`
+                  "--user-agent", "kubelet/v1.31.0 (linux/amd64)"],
                  ["--token", "demo-token", "--user-agent", "kubelet/v1.31.0 (linux/amd64)"],
                  ["--client", data_plane.key.split("|")[0], "--user-agent", "kubelet/v1.31"]):
         result = route(capsys, *args, "GET", "/api/v1/pods")
         assert result["client"]["key"] == data_plane.key, args
         assert result["client"]["bucket"] == round(data_plane.bucket, 4)
-    x509 = route(capsys, "--client", "x509:CN=system:node:n7,O=system:nodes|kubelet", "GET",
-                 "/api/v1/nodes/n7")  # fmt: skip
+    x509 = route(capsys, "--client", "x509:CN=system:node:n7,O=system:nodes|kubelet",
+                 "--user-agent", KUBELET_UA, "GET", "/api/v1/nodes/n7")  # fmt: skip
     assert x509["client"]["key"] == "x509:CN=system:node:n7,O=system:nodes|kubelet"
     assert x509["client"]["groups"] == ["system:nodes"]
-    addr = route(capsys, "--client", "addr:10.2.3.4|curl", "GET", "/api/v1/nodes")
+    addr = route(capsys, "--client", "addr:10.2.3.4|curl", "--user-agent", "curl/8.1",
+                 "GET", "/api/v1/nodes")  # fmt: skip
     assert addr["client"]["key"] == "addr:10.2.3.4|curl"
 
 
@@ -165,6 +167,8 @@ def test_route_takes_back_the_key_the_access_log_prints(capsys):
     (["--client", "bob"], "accepted: x509:"),
     (["--client", "addr:10.0.0.1|kubelet", "--user-agent", "kubectl/v1.31"], "give one"),
     (["--client", "x509:CN=a|kubectl", "--token", "t"], "two identities"),
+    # the key names the program, the config's rules match whole User-Agents: no guess
+    (["--client", "addr:10.0.0.1|kubelet"], "add --user-agent as the access log"),
 ])
 def test_route_refuses_what_is_not_a_client_key(capsys, args, says):
     assert main(["route", "--config", EXAMPLE, *args, "GET", "/api/v1/pods"]) == 2

@@ -33,6 +33,7 @@ CORE_TESTS = (
     "tests/test_overload_proxy.py",
     "tests/test_http2.py",
     "tests/test_hardening.py",
+    "tests/test_engine_events.py",
 )
 
 

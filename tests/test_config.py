@@ -369,7 +369,7 @@ def test_describe_changes_in_plain_words():
         "cutover userAgent=kubelet/* userGroup=system:nodes: pod 25% -> 50%",
         "cutover userAgent=kube-controller-manager/* removed (was event 100%): "
         "its clients go back to default",
-        "overload event: maxInflight 300 -> 200",
+        "overload.groups.event.maxInflight: 300 -> 200",
         "limits.idleTimeoutSeconds: 90 -> 60",
         "timeouts.requestSeconds: 60 -> 30",  # named as the YAML names them
         "health.consecutiveFailures: 5 -> 3",
@@ -413,3 +413,106 @@ def test_debug_answered_by_header():
     for bad in ("Content-Length", "x kom", "''"):
         with pytest.raises(ConfigError, match=r"debug\.answeredByHeader"):
             load(MINIMAL + f"debug: {{answeredByHeader: {bad}}}\n")
+
+
+def test_each_connection_setting_has_one_default_the_http_layers():
+    """The YAML sections' defaults are the HTTP layer's own (http/settings.py): an
+    empty config translates into exactly the settings an engine starts with."""
+    from kom_gateway.config.model import Config
+    from kom_gateway.http.settings import ConnectionLimits, H2ClientSettings, H2ServerSettings
+    from kom_gateway.proxy.settings import listener_settings, upstream_settings
+
+    config = Config(groups={})
+    assert listener_settings(config) == (ConnectionLimits(), H2ServerSettings())
+    assert upstream_settings(config) == H2ClientSettings()
+
+
+def _changed_number(field, default):
+    """A valid value for a numeric key other than its default."""
+    if not default:
+        return field.minimum * 2 if field.minimum else (1 if field.whole else 0.01)
+    value = default * 2
+    if field.maximum is not None and value > field.maximum:
+        value = (default + (field.minimum or 0)) / 2 if not field.whole else default - 1
+    return value
+
+
+def _every_key_and_a_change() -> list[tuple[str, dict]]:
+    """(YAML key path, a config fragment changing it) for every key the schema accepts
+    outside groups, cut-over rules and overload rules (whose own lines are tested above)."""
+    import dataclasses
+
+    from kom_gateway.config import schema
+    from kom_gateway.config.model import (
+        Health,
+        Http2Downstream,
+        Http2Upstream,
+        Limits,
+        Timeouts,
+    )
+    from kom_gateway.overload.load import GoawayPolicy
+    from kom_gateway.overload.policy import ClientLimits, GroupLimits
+
+    tables = [
+        (("limits",), schema.LIMIT_KEYS, Limits()),
+        (("timeouts",), schema.TIMEOUT_KEYS, Timeouts()),
+        (("health",), schema.HEALTH_KEYS, Health()),
+        (("http2", "downstream"), schema.HTTP2_DOWNSTREAM_KEYS, Http2Downstream()),
+        (("http2", "upstream"), schema.HTTP2_UPSTREAM_KEYS, Http2Upstream()),
+        (("goaway",), schema.GOAWAY_KEYS, GoawayPolicy()),
+        (("overload", "perClient"), schema.PER_CLIENT_KEYS, ClientLimits()),
+        (("overload",), schema.OVERLOAD_GROUP_KEYS, GroupLimits()),
+    ]
+    cases = []
+    for path, table, defaults in tables:
+        assert {f.attr for f in table.values()} <= {f.name for f in dataclasses.fields(defaults)}
+        for key, field in table.items():
+            fragment: dict = {}
+            node = fragment
+            for part in path:
+                node = node.setdefault(part, {})
+            node[key] = _changed_number(field, getattr(defaults, field.attr))
+            cases.append((".".join((*path, key)), fragment))
+    for key, value in {"enabled": True, "path": "other.log", "sampleRate": 0.5,
+                       "alwaysLogErrors": False}.items():  # fmt: skip
+        assert key in schema.ACCESS_LOG_KEYS
+        cases.append((f"accessLog.{key}", {"accessLog": {key: value}}))
+    cases += [
+        ("debug.answeredByHeader", {"debug": {"answeredByHeader": "X-Answered-By"}}),
+        ("upstream.tls.serverName", {"upstream": {"tls": {"serverName": "apiserver"}}}),
+        ("listen.address", {"listen": {"address": "127.0.0.1:9443"}}),
+        ("admin.address", {"admin": {"address": "127.0.0.1:9444"}}),
+        ("http2.engine", {"http2": {"engine": "h2"}}),
+        ("overload.reservedPercent", {"overload": {"reservedPercent": 20}}),
+        ("overload.retryAfter", {"overload": {"retryAfter": {"minSeconds": 2, "maxSeconds": 9}}}),
+    ]
+    return cases
+
+
+@pytest.mark.parametrize(("key", "fragment"), _every_key_and_a_change(), ids=lambda c: str(c)[:60])
+def test_every_schema_key_change_is_named_in_the_reload_log(key, fragment):
+    """Issue: turning accessLog.enabled on and adding debug.answeredByHeader took effect
+    but the reload log said "no changes". Each key's change is named by its YAML path."""
+    import yaml
+
+    from kom_gateway.config.diff import describe_changes
+
+    base = {"groups": {"default": {"endpoints": ["https://10.0.0.1:6443"]}}}
+    before = load_config_text(yaml.safe_dump(base))
+    after = load_config_text(yaml.safe_dump({**base, **fragment}))
+    lines = describe_changes(before, after)
+    assert lines != ["no changes"]
+    if key.startswith("overload.") and key.count(".") == 1 and key != "overload.reservedPercent" \
+            and key != "overload.retryAfter":  # a default for every group: named per group
+        key = key.replace("overload.", "overload.groups.default.")
+    assert any(line.startswith((f"{key}:", f"{key} ")) for line in lines), lines
+
+
+def test_the_reload_log_names_every_section_of_the_config():
+    import dataclasses
+
+    from kom_gateway.config.diff import YAML_SECTIONS
+    from kom_gateway.config.model import Config
+
+    fields = {f.name for f in dataclasses.fields(Config)} - {"warnings", "source"}
+    assert set(YAML_SECTIONS) == fields

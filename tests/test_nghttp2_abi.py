@@ -26,7 +26,8 @@ int main(void) {
   OFF(nghttp2_frame_hd, type); OFF(nghttp2_frame_hd, flags);
   OFF(nghttp2_headers, cat); OFF(nghttp2_rst_stream, error_code);
   OFF(nghttp2_ping, opaque_data); OFF(nghttp2_goaway, last_stream_id);
-  OFF(nghttp2_goaway, error_code); OFF(nghttp2_settings_entry, value);
+  OFF(nghttp2_goaway, error_code); OFF(nghttp2_goaway, opaque_data);
+  OFF(nghttp2_goaway, opaque_data_len); OFF(nghttp2_settings_entry, value);
   printf("settings_entry %zu\n", sizeof(nghttp2_settings_entry));
   OFF(nghttp2_data_provider, read_callback);
   printf("data_provider %zu\n", sizeof(nghttp2_data_provider));

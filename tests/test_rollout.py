@@ -612,3 +612,31 @@ def test_a_conflict_after_the_config_write_does_not_lose_the_step():
     state = RolloutState.from_json(target.state)
     assert state.phase == "Succeeded" and state.writing is None
     assert not [h for h in state.history if h["action"] == "pause"]
+
+
+def test_a_hand_edit_after_a_completed_rollout_is_named_with_what_to_run(tmp_path, capsys):
+    """Issue: after a completed rollout the percent was set back to 0 by hand; `status`
+    said "Succeeded, 0%" and `run` "already completed at 100%: nothing to do". Both now
+    say the config and the rollout disagree, and what to run."""
+    from kom_gateway.cli import main
+    from kom_gateway.rollout.state import SUCCEEDED
+
+    config = tmp_path / "config.yaml"
+    config.write_text(EXAMPLE)  # kubelet/* holds pod 25%
+    spec_file = tmp_path / "spec.yaml"
+    text = SPEC.replace("/etc/kom-gateway/config.yaml", str(config)).replace(
+        'rule: {userAgent: "kubelet/*"}', 'rule: {userAgent: "kubelet/*", userGroup: system:nodes}')
+    spec_file.write_text(text)
+    the_spec = parse_spec(text, str(spec_file))
+    target = FileTargetIO(FileTarget(str(config)), the_spec.label, "pod")
+    done = machine.new_state(the_spec, 100.0, 0)
+    done.phase, done.percent = SUCCEEDED, 100.0
+    target.write(target.read(), EXAMPLE, done)  # completed at 100%; the config says 25%
+    assert main(["rollout", "status", str(spec_file)]) == 0
+    out = capsys.readouterr().out
+    assert "phase: Succeeded" in out
+    assert "drift: the config holds 25% for pod but this rollout ended Succeeded at 100%" in out
+    assert "`rollout run --restart`" in out and "--resume" in out
+    assert main(["rollout", "run", str(spec_file)]) == 1
+    err = capsys.readouterr().err
+    assert "edited by hand" in err and "nothing to do" not in err

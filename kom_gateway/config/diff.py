@@ -11,6 +11,7 @@ from typing import Any
 
 from kom_gateway.config.model import Config
 from kom_gateway.config.schema import (
+    ACCESS_LOG_KEYS,
     GOAWAY_KEYS,
     HEALTH_KEYS,
     HTTP2_DOWNSTREAM_KEYS,
@@ -44,6 +45,12 @@ def describe_changes(
     lines += _fields("timeouts", old.timeouts, new.timeouts, TIMEOUT_KEYS)
     lines += _fields("health", old.health, new.health, HEALTH_KEYS)
     lines += _named_fields("upstream.tls", old.upstream_tls, new.upstream_tls, UPSTREAM_TLS_KEYS)
+    lines += _named_fields("accessLog", old.access_log, new.access_log, ACCESS_LOG_KEYS)
+    if old.answered_by_header != new.answered_by_header:
+        lines.append(
+            f"debug.answeredByHeader: {old.answered_by_header or 'off'} -> "
+            f"{new.answered_by_header or 'off'}"
+        )
     for name, before, after in (
         ("listen.address", old.listen, new.listen),
         ("listen.tls", old.listen_tls, new.listen_tls),
@@ -57,7 +64,42 @@ def describe_changes(
                 else "takes effect on restart"
             )
             lines.append(f"{name}: {_show(before)} -> {_show(after)} ({when})")
+    # whatever changed without a line above (a new setting, a change no describer
+    # words) is still named: the reload log never says "no changes" when there were
+    for attr, yaml in YAML_SECTIONS.items():
+        prefixes = _LINE_PREFIXES.get(attr, (f"{yaml}:", f"{yaml}."))
+        if getattr(old, attr) != getattr(new, attr) and not any(
+            line.startswith(prefixes) for line in lines
+        ):
+            lines.append(f"{yaml}: changed")
     return lines or ["no changes"]
+
+
+# Config's fields -> the YAML they come from (every field but `warnings` and `source`;
+# tests/test_config.py checks the table is complete)
+YAML_SECTIONS: dict[str, str] = {
+    "groups": "groups",
+    "cutover": "cutover",
+    "listen": "listen.address",
+    "listen_tls": "listen.tls",
+    "admin": "admin.address",
+    "upstream_tls": "upstream.tls",
+    "timeouts": "timeouts",
+    "health": "health",
+    "limits": "limits",
+    "http2_downstream": "http2.downstream",
+    "http2_upstream": "http2.upstream",
+    "http2_engine": "http2.engine",
+    "overload": "overload",
+    "goaway": "goaway",
+    "access_log": "accessLog",
+    "answered_by_header": "debug.answeredByHeader",
+}
+_LINE_PREFIXES = {  # how the lines of sections worded in their own way begin
+    "groups": ("group ",),
+    "cutover": ("cutover ",),
+    "overload": ("overload.", "rate limit "),
+}
 
 
 def _groups(old: Config, new: Config) -> Iterable[str]:
@@ -120,10 +162,11 @@ def _overload(old: Config, new: Config) -> Iterable[str]:
     for name in sorted(set(old.groups) | set(new.groups)):
         before, after = o.limits_for(name), n.limits_for(name)
         if name in old.groups and name in new.groups and before != after:
-            yield f"overload {name}: " + ", ".join(_limit_changes(before, after))
+            for change in _limit_changes(before, after):
+                yield f"overload.groups.{name}.{change}"
     if o.reserved_percent != n.reserved_percent:
         yield (
-            f"overload reservedPercent: {format_percent(o.reserved_percent)} -> "
+            f"overload.reservedPercent: {format_percent(o.reserved_percent)} -> "
             f"{format_percent(n.reserved_percent)}"
         )
     for label, before_m, after_m in (
@@ -131,12 +174,12 @@ def _overload(old: Config, new: Config) -> Iterable[str]:
         ("exempt", o.exempt, n.exempt),
     ):
         if before_m != after_m:
-            yield (f"overload {label}: {'; '.join(m.describe() for m in after_m) or 'none'}"
+            yield (f"overload.{label}: {'; '.join(m.describe() for m in after_m) or 'none'}"
                    f" (was {'; '.join(m.describe() for m in before_m) or 'none'})")  # fmt: skip
     if (o.retry_after_min, o.retry_after_max) != (n.retry_after_min, n.retry_after_max):
-        yield (f"overload retryAfter: {o.retry_after_min}-{o.retry_after_max} s -> "
+        yield (f"overload.retryAfter: {o.retry_after_min}-{o.retry_after_max} s -> "
                f"{n.retry_after_min}-{n.retry_after_max} s")  # fmt: skip
-    yield from _fields("overload perClient", o.per_client, n.per_client, PER_CLIENT_KEYS)
+    yield from _fields("overload.perClient", o.per_client, n.per_client, PER_CLIENT_KEYS)
     rules_before = {r.name: r for r in o.rate_limits}
     rules_after = {r.name: r for r in n.rate_limits}
     for name, rule in rules_after.items():
@@ -154,7 +197,7 @@ def _limit_changes(before: GroupLimits, after: GroupLimits) -> list[str]:
     for label, f in OVERLOAD_GROUP_KEYS.items():
         b, a = getattr(before, f.attr), getattr(after, f.attr)
         if a != b:
-            out.append(f"{label} {b or 'off'} -> {a or 'off'}")
+            out.append(f"{label}: {_number(b) if b else 'off'} -> {_number(a) if a else 'off'}")
     return out
 
 
@@ -168,7 +211,7 @@ def _fields(section: str, before: Any, after: Any, table: dict[str, Field]) -> I
     for key, f in table.items():
         b, a = getattr(before, f.attr), getattr(after, f.attr)
         if a != b:
-            yield f"{section}.{key}: {b:g} -> {a:g}"
+            yield f"{section}.{key}: {_number(b)} -> {_number(a)}"
 
 
 UPSTREAM_TLS_KEYS = {
@@ -187,5 +230,11 @@ def _named_fields(section: str, before: Any, after: Any, names: dict[str, str]) 
             yield f"{section}.{key}: {_show(b)} -> {_show(a)}"
 
 
+def _number(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
 def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
     return "none" if value is None else str(value)

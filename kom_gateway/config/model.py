@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from kom_gateway.http.settings import ConnectionLimits, H2ClientSettings, H2ServerSettings
 from kom_gateway.overload.load import GoawayPolicy
 from kom_gateway.overload.policy import OverloadPolicy
 from kom_gateway.routing.claims import ResourceClaim
@@ -91,7 +92,8 @@ class Group:
 @dataclass(frozen=True)
 class Timeouts:
     request: float = 60.0  # non-long-running requests (kube-apiserver's default)
-    connect: float = 5.0  # TCP + TLS + HTTP/2 settings exchange with an apiserver
+    # TCP + TLS + HTTP/2 settings exchange with an apiserver
+    connect: float = H2ClientSettings.connect_timeout
 
 
 @dataclass(frozen=True)
@@ -116,44 +118,50 @@ class Health:
     max_ejection: float = 300.0
 
 
+# The connection sections below are the YAML's shape of the HTTP layer's settings; each
+# default is the HTTP layer's own (kom_gateway/http/settings.py, where each setting is
+# defined and explained once), and proxy/settings.py maps one onto the other.
+_LIMITS, _SERVER, _CLIENT = ConnectionLimits, H2ServerSettings, H2ClientSettings
+
+
 @dataclass(frozen=True)
 class Limits:
     """What one client may take; defaults are kube-apiserver's where it has one."""
 
     max_request_body_bytes: int = 3 * 1024 * 1024  # kube-apiserver's own cap
-    max_header_bytes: int = 1 << 20  # Go's MaxHeaderBytes as kube-apiserver sets it
-    max_streams_per_connection: int = 100  # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS
-    max_connections_per_address: int = 0  # 0: no limit (addresses behind NAT/LB are shared)
-    tls_handshake_timeout: float = 10.0
-    header_read_timeout: float = 32.0  # kube-apiserver's ReadHeaderTimeout
-    idle_timeout: float = 90.0  # kube-apiserver's IdleTimeout (HTTP/1.1 and HTTP/2)
-    stalled_write_timeout: float = 120.0  # data waiting on a client that opens no window
+    max_header_bytes: int = _LIMITS.max_header_bytes
+    max_streams_per_connection: int = _SERVER.max_concurrent_streams
+    max_connections_per_address: int = _LIMITS.max_connections_per_address
+    tls_handshake_timeout: float = _LIMITS.tls_handshake_timeout
+    header_read_timeout: float = _LIMITS.header_read_timeout
+    idle_timeout: float = _LIMITS.idle_timeout
+    stalled_write_timeout: float = _SERVER.stalled_write_timeout
 
 
 @dataclass(frozen=True)
 class Http2Downstream:
     """HTTP/2 towards clients (streams per connection and idle time are in `limits`)."""
 
-    ping_interval: float = 30.0  # PING a client silent this long (0: never)
-    ping_timeout: float = 15.0  # ...and close it if no ACK comes (client-go's values)
-    initial_stream_window: int = 256 * 1024  # request bodies, per stream (kube-apiserver's)
-    connection_window: int = 0  # 0: streams x stream window, so no stream starves others
-    max_frame_size: int = 256 * 1024  # largest frame we accept (kube-apiserver's)
-    write_buffer_bytes: int = 256 * 1024  # socket buffer above which producers pause
-    max_write_backlog_bytes: int = 4 << 20  # growth while paused that cuts a client off
+    ping_interval: float = _SERVER.ping_interval
+    ping_timeout: float = _SERVER.ping_timeout
+    initial_stream_window: int = _SERVER.initial_window
+    connection_window: int = _SERVER.connection_window
+    max_frame_size: int = _SERVER.max_frame_size
+    write_buffer_bytes: int = _SERVER.write_buffer_bytes
+    max_write_backlog_bytes: int = _SERVER.max_write_backlog
 
 
 @dataclass(frozen=True)
 class Http2Upstream:
     """HTTP/2 towards apiservers."""
 
-    ping_interval: float = 30.0
-    ping_timeout: float = 15.0
-    max_concurrent_streams: int = 100  # ours per connection, also capped by the server's
-    initial_stream_window: int = 256 * 1024  # response bytes in flight per stream
-    connection_window: int = 0  # 0: streams x stream window
-    max_frame_size: int = 256 * 1024
-    write_buffer_bytes: int = 256 * 1024
+    ping_interval: float = _CLIENT.ping_interval
+    ping_timeout: float = _CLIENT.ping_timeout
+    max_concurrent_streams: int = _CLIENT.max_concurrent_streams
+    initial_stream_window: int = _CLIENT.stream_window
+    connection_window: int = _CLIENT.connection_window
+    max_frame_size: int = _CLIENT.max_frame_size
+    write_buffer_bytes: int = _CLIENT.write_buffer_bytes
 
 
 @dataclass(frozen=True)

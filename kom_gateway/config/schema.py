@@ -131,6 +131,13 @@ PER_CLIENT_KEYS: dict[str, Field] = {
     "maxInflight": Field("max_inflight", whole=True, zero=True),
     "maxBufferedBytes": Field("max_buffered_bytes", whole=True, zero=True),
 }
+# accessLog's keys -> AccessLogSettings fields (validated one by one in access_log())
+ACCESS_LOG_KEYS: dict[str, str] = {
+    "enabled": "enabled",
+    "path": "path",
+    "sampleRate": "sample_rate",
+    "alwaysLogErrors": "always_log_errors",
+}
 GOAWAY_KEYS: dict[str, Field] = {
     "chance": Field("chance", zero=True, maximum=1.0),
     "maxChance": Field("max_chance", zero=True, maximum=1.0),
@@ -526,8 +533,7 @@ class _Builder:
 
     def access_log(self, value: Any) -> AccessLogSettings:
         path: YamlPath = ("accessLog",)
-        keys = ("enabled", "path", "sampleRate", "alwaysLogErrors")
-        a = self.mapping(value, path, keys) or {}
+        a = self.mapping(value, path, tuple(ACCESS_LOG_KEYS)) or {}
         flags = {}
         for key in ("enabled", "alwaysLogErrors"):
             flag = a.get(key, key == "alwaysLogErrors")

@@ -1,12 +1,13 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: language_level=3, cdivision=True
 """libnghttp2 sessions for the HTTP/2 engine `nghttp2` (see `ngserver.py`, `ngclient.py`).
 
 nghttp2 parses, validates and frames; Python is told once per frame event, never per
 header. Callbacks run inside `receive()` / `send()` and only gather: a header block becomes
-one list, each event one tuple appended to `events`, each fully framed write's callback one
-entry in `flushed`. The protocol classes then act on those lists (the loop over the events
-is here too, `dispatch_server` / `dispatch_client`) once nghttp2 has returned, so no Python
-code ever runs re-entrantly inside nghttp2 and no exception crosses it.
+one list, each frame event one `Event` (the vocabulary of kom_gateway/http/events.py),
+each fully framed write's callback one entry for `run_flushed`. Python then acts on the
+events (`HTTP2ServerConnection._handle`, `HTTP2ClientConnection._handle`) once nghttp2 has
+returned: the binding calls no Python code but the producers' `on_flushed` callbacks,
+nothing runs re-entrantly inside nghttp2 and no exception crosses it.
 
 Window updates are manual (`consume`): the connection and stream windows reopen only for
 bytes the other side has actually taken, so a reader that stops stalls only its own stream.
@@ -37,6 +38,7 @@ cdef extern from *:
     typedef struct nghttp2_session nghttp2_session;
     typedef struct nghttp2_session_callbacks nghttp2_session_callbacks;
     typedef struct nghttp2_option nghttp2_option;
+    typedef struct nghttp2_stream nghttp2_stream;
     typedef struct { uint8_t *name; uint8_t *value; size_t namelen; size_t valuelen;
                      uint8_t flags; } nghttp2_nv;
     typedef struct { size_t length; int32_t stream_id; uint8_t type; uint8_t flags;
@@ -104,6 +106,7 @@ cdef extern from *:
     int nghttp2_session_resume_data(nghttp2_session *, int32_t);
     int nghttp2_session_want_read(nghttp2_session *);
     int nghttp2_session_want_write(nghttp2_session *);
+    nghttp2_stream *nghttp2_session_find_stream(nghttp2_session *, int32_t);
     int nghttp2_session_consume(nghttp2_session *, int32_t, size_t);
     int nghttp2_session_set_local_window_size(nghttp2_session *, uint8_t, int32_t, int32_t);
     uint32_t nghttp2_session_get_remote_settings(nghttp2_session *, int);
@@ -128,6 +131,7 @@ cdef extern from *:
     ctypedef struct nghttp2_session
     ctypedef struct nghttp2_session_callbacks
     ctypedef struct nghttp2_option
+    ctypedef struct nghttp2_stream
     ctypedef struct nghttp2_nv:
         uint8_t *name
         uint8_t *value
@@ -154,6 +158,8 @@ cdef extern from *:
         nghttp2_frame_hd hd
         int32_t last_stream_id
         uint32_t error_code
+        uint8_t *opaque_data
+        size_t opaque_data_len
     ctypedef struct nghttp2_settings_entry:
         int32_t settings_id
         uint32_t value
@@ -213,6 +219,7 @@ cdef extern from *:
     int nghttp2_session_resume_data(nghttp2_session *, int32_t)
     int nghttp2_session_want_read(nghttp2_session *)
     int nghttp2_session_want_write(nghttp2_session *)
+    nghttp2_stream *nghttp2_session_find_stream(nghttp2_session *, int32_t)
     int nghttp2_session_consume(nghttp2_session *, int32_t, size_t)
     int nghttp2_session_set_local_window_size(nghttp2_session *, uint8_t, int32_t, int32_t)
     uint32_t nghttp2_session_get_remote_settings(nghttp2_session *, int)
@@ -263,12 +270,8 @@ SETTINGS_INITIAL_WINDOW_SIZE = 0x4
 SETTINGS_MAX_FRAME_SIZE = 0x5
 SETTINGS_MAX_HEADER_LIST_SIZE = 0x6
 
-# Events, as the first item of each tuple in `Session.events`:
-# (EV_HEADERS, stream_id, headers | None (over the limit), end_stream, pseudo): `headers`
-# are the regular fields; pseudo-header fields are split off in C: a request's `pseudo` is
-# (method, path, authority) as str, a response's is its status as int (a 1xx, then the
-# final one, each an EV_HEADERS). `end_stream`: the peer's side ended here, no EV_END
-# follows
+# Event kinds: the numbers of kom_gateway/http/events.py (tests/test_engine_events.py
+# checks they agree), as C constants for the callbacks.
 cdef enum:
     _EV_HEADERS = 1
     _EV_DATA = 2
@@ -277,15 +280,41 @@ cdef enum:
     _EV_GOAWAY = 5
     _EV_PING_ACK = 6
     _EV_SETTINGS = 7
-    _EV_TRAILERS = 8
-EV_HEADERS = _EV_HEADERS
-EV_DATA = _EV_DATA  # (EV_DATA, stream_id, bytes): a DATA chunk; its length is its flow-control cost
-EV_END = _EV_END  # (EV_END, stream_id): the peer ended its side on DATA or trailers
-EV_CLOSE = _EV_CLOSE  # (EV_CLOSE, stream_id, error_code): the stream is gone (0: both sides ended)
-EV_GOAWAY = _EV_GOAWAY  # (EV_GOAWAY, last_stream_id, error_code, debug_data)
-EV_PING_ACK = _EV_PING_ACK  # (EV_PING_ACK, payload)
-EV_SETTINGS = _EV_SETTINGS  # (EV_SETTINGS,): the peer's SETTINGS arrived (not an ACK)
-EV_TRAILERS = _EV_TRAILERS  # (EV_TRAILERS, stream_id, end_stream): trailers arrived (dropped)
+    _EV_RESET = 8
+    _EV_PING = 9
+    _EV_WINDOW_UPDATE = 10
+    _EV_PRIORITY = 11
+
+
+cdef class Event:
+    """One thing the peer did (kom_gateway/http/events.py says what each kind carries).
+    Made in C with no Python call; Python only reads it."""
+    cdef readonly int kind
+    cdef readonly int32_t stream_id
+    cdef readonly bint end_stream
+    cdef readonly list headers
+    cdef readonly str method, path, authority
+    cdef readonly int status
+    cdef readonly bytes data
+    cdef readonly Py_ssize_t flow_len
+    cdef readonly uint32_t error_code
+    cdef readonly int32_t last_stream_id
+
+    def __repr__(self):
+        return f"Event({self.kind}, stream {self.stream_id})"
+
+
+cdef bytes _EMPTY = b""
+
+
+cdef inline Event _event(int kind, int32_t stream_id):
+    cdef Event ev = Event.__new__(Event)
+    ev.kind = kind
+    ev.stream_id = stream_id
+    ev.method = ev.path = ev.authority = ""
+    ev.data = _EMPTY
+    return ev
+
 
 # Header names in (nearly) every Kubernetes request or response, kube-apiserver's and
 # client-go's: one of these arrives as this very bytes object instead of a new one (no
@@ -346,8 +375,8 @@ cdef class _Outgoing:
 cdef class Session:
     """One HTTP/2 connection's state machine (server or client side)."""
     cdef nghttp2_session *_s
-    cdef public list events
-    cdef public list flushed  # on_flushed callbacks whose data has been framed
+    cdef list _events  # Events gathered since they were last taken
+    cdef list _flushed  # on_flushed callbacks whose data has been framed
     cdef dict _out  # stream id -> _Outgoing
     cdef list _headers  # the header block being received (regular fields)
     cdef object _method, _path, _authority  # its pseudo-header fields (str)
@@ -355,11 +384,7 @@ cdef class Session:
     cdef size_t _header_bytes
     cdef size_t max_header_list
     cdef object _error
-    # counts of frames the peer sent, for the abuse budgets (read after each receive)
-    cdef public uint64_t resets_received, pings_received, settings_received
-    cdef public uint64_t control_received, empty_data_received, window_updates_received
-    cdef public uint64_t data_received, data_consumed  # DATA bytes in, and credited back
-    cdef public uint64_t guarded_frames  # resets + pings + settings + control + empty DATA
+    cdef readonly uint64_t data_received, data_consumed  # DATA bytes in, and credited back
 
     def __cinit__(self, bint server, size_t max_header_list=1 << 20,
                   size_t max_send_header_block=(1 << 20) + 65536):
@@ -367,8 +392,8 @@ cdef class Session:
         cdef nghttp2_option *opt
         cdef int rv
         self._s = NULL
-        self.events = []
-        self.flushed = []
+        self._events = []
+        self._flushed = []
         self._out = {}
         self._headers = None
         self.max_header_list = max_header_list
@@ -417,8 +442,10 @@ cdef class Session:
         before the connection dropped must not touch freed memory).
 
         Order matters: nghttp2 holds each open stream's `_Outgoing` as a borrowed
-        pointer (its data source), kept alive only by `self._out`; so the session is
-        deleted first (nothing reads those pointers after), and `_out` cleared after."""
+        pointer (its data source), kept alive only by `self._out`, where it stays from
+        submit until the stream's close callback (an entry is never replaced: `respond`
+        refuses a stream that has one). So the session is deleted first (nothing reads
+        those pointers after), and `_out` cleared after."""
         cdef _Outgoing out
         if self._s != NULL:
             nghttp2_session_del(self._s)  # calls no stream-close callback: free our side here
@@ -426,18 +453,17 @@ cdef class Session:
         for out in self._out.values():  # never sent: its producers get their credit back
             for _, on_flushed in out.items:
                 if on_flushed is not None:
-                    self.flushed.append(on_flushed)
+                    self._flushed.append(on_flushed)
             out.items.clear()
         self._out.clear()
 
     # -- input ---------------------------------------------------------------------------
     def receive(self, const uint8_t[::1] data not None) -> list:
-        """Feed bytes from the peer; returns the events they produced (and resets the
-        list). Raises SessionError when nghttp2 ends the connection."""
+        """Feed bytes from the peer; returns the events they produced. Raises
+        SessionError when nghttp2 ends the connection (what it had gathered until then
+        is still there for `take_events`)."""
         cdef ssize_t rv
-        if self._s == NULL:
-            return []
-        if data.shape[0] == 0:
+        if self._s == NULL or data.shape[0] == 0:
             return []
         rv = nghttp2_session_mem_recv(self._s, &data[0], data.shape[0])
         if self._error is not None:
@@ -445,8 +471,14 @@ cdef class Session:
             raise error
         if rv < 0:
             raise SessionError(rv)
-        events = self.events
-        self.events = []
+        return self.take_events()
+
+    def take_events(self) -> list:
+        """The events gathered since the last call (`send` gathers the closes of streams
+        whose last frame it framed)."""
+        events = self._events
+        if events:
+            self._events = []
         return events
 
     # -- output --------------------------------------------------------------------------
@@ -483,91 +515,15 @@ cdef class Session:
     def run_flushed(self) -> None:
         """Tell producers their data has been framed, or will never be sent (upstream,
         that credits the windows back). Called outside nghttp2, never from a callback."""
-        flushed = self.flushed
+        flushed = self._flushed
         if flushed:
-            self.flushed = []
+            self._flushed = []
             for on_flushed in flushed:
                 on_flushed()
 
-    # -- acting on the events -----------------------------------------------------------
-    # The protocols' loops over `events`, in C: the per-event tuple work and branching
-    # cost a few hundred instructions an event in Python (~1% of a proxied GET). They
-    # run after receive()/send() has returned, never inside nghttp2, and call the
-    # protocol's own methods for the rest.
-    def dispatch_server(self, owner, list events) -> None:
-        """Act on `events` for a server connection (`owner`: ngserver.NgServerProtocol);
-        one event's failure is reported to `owner._event_failed` and the rest go on (a
-        stream's close must not be lost to another stream's bug)."""
-        cdef tuple event
-        streams = owner.streams
-        for event in events:
-            try:
-                self._dispatch_server_event(owner, streams, event)
-            except Exception:
-                owner._event_failed(event[0])
-
-    cdef _dispatch_server_event(self, owner, streams, tuple event):
-        cdef int kind = event[0]
-        if kind == _EV_HEADERS:
-            if event[2] is None:
-                owner._headers_too_large(event[1])
-            else:
-                method, target, authority = <tuple>event[4]
-                owner._new_stream(event[1], method, target, authority, event[2], event[3])
-        elif kind == _EV_CLOSE:
-            owner._forget(event[1])
-        elif kind == _EV_DATA:
-            stream = streams.get(event[1])
-            if stream is None:
-                self._consume(event[1], PyBytes_GET_SIZE(event[2]))
-            else:
-                stream._deliver_body(event[2], PyBytes_GET_SIZE(event[2]))
-        elif kind == _EV_END:
-            stream = streams.get(event[1])
-            if stream is not None and not stream.body_done:
-                stream._deliver_body_end()
-        elif kind == _EV_PING_ACK:
-            owner._ping_ack_received(event[1])
-        elif kind == _EV_GOAWAY:
-            owner._client_left = True  # its open streams still finish
-
-    def dispatch_client(self, owner, list events) -> None:
-        """Act on `events` for a client connection (`owner`: ngclient.NgClientConnection);
-        one listener's failure is reported to `owner._event_failed` and the rest go on."""
-        cdef tuple event
-        cdef int kind = 0
-        streams = owner.streams
-        for event in events:
-            try:
-                kind = event[0]
-                if kind == _EV_DATA:
-                    stream = streams.get(event[1])
-                    if stream is None:
-                        self._consume(event[1], PyBytes_GET_SIZE(event[2]))
-                    else:
-                        stream.listener.on_data(event[2], PyBytes_GET_SIZE(event[2]))
-                elif kind == _EV_HEADERS:
-                    owner._response(event[1], event[4], event[2] or [])
-                    if event[3]:  # END_STREAM on the headers: no body
-                        owner._ended(event[1])
-                elif kind == _EV_CLOSE:
-                    if event[1] in streams:  # closed before it ended: reset
-                        owner._reset(event[1], event[2])
-                elif kind == _EV_END:
-                    owner._ended(event[1])
-                elif kind == _EV_GOAWAY:
-                    owner._goaway(event[1], event[2])
-                elif kind == _EV_SETTINGS:
-                    owner._settings_received()
-                elif kind == _EV_PING_ACK:
-                    owner._keepalive_acked()
-            except Exception:  # one listener's bug must not take the connection down
-                owner._event_failed(kind)
-
-    cdef void _consume(self, int32_t stream_id, size_t size):
-        if self._s != NULL and size:
-            nghttp2_session_consume(self._s, stream_id, size)
-            self.data_consumed += size
+    def flushed_pending(self) -> int:
+        """How many producers `run_flushed` would tell now."""
+        return len(self._flushed)
 
     def want_io(self) -> bool:
         """False once nghttp2 has nothing left to read or write (after GOAWAY)."""
@@ -621,10 +577,12 @@ cdef class Session:
     # -- streams -------------------------------------------------------------------------
     def respond(self, int32_t stream_id, list headers, bint end_stream) -> bool:
         """Submit response headers; with a body to follow unless `end_stream`. False if
-        the stream is gone."""
+        the stream is gone, was never opened, or has its response already (the body
+        queue nghttp2 reads from must stay the one it was given: see `close`)."""
         cdef nghttp2_data_provider prd
         cdef _Outgoing out
-        if self._s == NULL:
+        if (self._s == NULL or stream_id in self._out
+                or nghttp2_session_find_stream(self._s, stream_id) == NULL):
             return False
         cdef nghttp2_nv *nva = _nv_array(headers)
         cdef size_t n = len(headers)
@@ -705,7 +663,9 @@ cdef class Session:
     def consume(self, int32_t stream_id, size_t size) -> None:
         """`size` received bytes were taken: reopen the windows by that much (the
         connection's even when the stream is gone, or the connection would shrink)."""
-        self._consume(stream_id, size)
+        if self._s != NULL and size:
+            nghttp2_session_consume(self._s, stream_id, size)
+            self.data_consumed += size
 
     def receive_window(self) -> int:
         """Connection-level DATA the peer may still send before our next WINDOW_UPDATE."""
@@ -805,52 +765,55 @@ cdef int _on_frame_recv(nghttp2_session *s, const nghttp2_frame *frame,
     cdef uint8_t kind = frame.hd.type
     cdef int32_t sid = frame.hd.stream_id
     cdef bint end = (frame.hd.flags & F_END_STREAM) != 0
+    cdef Event ev
     try:
         if kind == T_DATA:
-            if frame.hd.length == 0 and not end:
-                self.empty_data_received += 1
-                self.guarded_frames += 1
+            if frame.hd.length == 0 and not end:  # an empty DATA frame (a flood's unit)
+                self._events.append(_event(_EV_DATA, sid))
             if end:
-                self.events.append((_EV_END, sid))
+                self._events.append(_event(_EV_END, sid))
         elif kind == T_HEADERS:
-            headers, self._headers = self._headers, None
-            # END_STREAM on a request or response rides in its EV_HEADERS (no EV_END: a
-            # GET is one event); only trailers are followed by an EV_END
-            if frame.headers.cat == CAT_REQUEST:
-                self.events.append(
-                    (_EV_HEADERS, sid, headers, end, (self._method, self._path, self._authority)))
-            elif self._status:  # a response: the first, or the final one after a 1xx
-                # (which nghttp2 files under "other HEADERS", as it does trailers)
-                self.events.append((_EV_HEADERS, sid, headers, end, self._status))
-            else:  # trailers: the body's end is what counts
-                self.events.append((_EV_TRAILERS, sid, end))
+            if frame.headers.cat == CAT_REQUEST or self._status:
+                # a request, or a response (the first, or the final one after a 1xx, which
+                # nghttp2 files under "other HEADERS" as it does trailers); END_STREAM
+                # rides in the event: a GET is one event
+                ev = _event(_EV_HEADERS, sid)
+                ev.end_stream = end
+                ev.headers, self._headers = self._headers, None
+                if frame.headers.cat == CAT_REQUEST:
+                    ev.method, ev.path, ev.authority = self._method, self._path, self._authority
+                else:
+                    ev.status = self._status
+                self._events.append(ev)
+            else:  # trailers (dropped): the body's end is what counts
+                self._headers = None
                 if end:
-                    self.events.append((_EV_END, sid))
+                    self._events.append(_event(_EV_END, sid))
         elif kind == T_RST_STREAM:
-            self.resets_received += 1
-            self.guarded_frames += 1
+            ev = _event(_EV_RESET, sid)
+            ev.error_code = frame.rst_stream.error_code
+            self._events.append(ev)
         elif kind == T_PING:
             if frame.hd.flags & F_ACK:
-                self.events.append(
-                    (_EV_PING_ACK, PyBytes_FromStringAndSize(<const char *>frame.ping.opaque_data, 8)))
+                ev = _event(_EV_PING_ACK, 0)
+                ev.data = PyBytes_FromStringAndSize(<const char *>frame.ping.opaque_data, 8)
+                self._events.append(ev)
             else:
-                self.pings_received += 1
-                self.guarded_frames += 1
+                self._events.append(_event(_EV_PING, 0))
         elif kind == T_SETTINGS:
             if not frame.hd.flags & F_ACK:
-                self.settings_received += 1
-                self.guarded_frames += 1
-                self.events.append((_EV_SETTINGS,))
+                self._events.append(_event(_EV_SETTINGS, 0))
         elif kind == T_GOAWAY:
-            self.events.append((_EV_GOAWAY, frame.goaway.last_stream_id,
-                                frame.goaway.error_code, b""))
+            ev = _event(_EV_GOAWAY, 0)
+            ev.last_stream_id = frame.goaway.last_stream_id
+            ev.error_code = frame.goaway.error_code
+            ev.data = PyBytes_FromStringAndSize(<const char *>frame.goaway.opaque_data,
+                                                frame.goaway.opaque_data_len)
+            self._events.append(ev)
         elif kind == T_WINDOW_UPDATE:
-            self.control_received += 1
-            self.guarded_frames += 1
-            self.window_updates_received += 1
+            self._events.append(_event(_EV_WINDOW_UPDATE, sid))
         elif kind == T_PRIORITY:
-            self.control_received += 1
-            self.guarded_frames += 1
+            self._events.append(_event(_EV_PRIORITY, sid))
     except BaseException as exc:
         self._error = exc
         return ERR_CALLBACK_FAILURE
@@ -860,11 +823,14 @@ cdef int _on_frame_recv(nghttp2_session *s, const nghttp2_frame *frame,
 cdef int _on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t stream_id,
                         const uint8_t *data, size_t length, void *user_data) noexcept:
     cdef Session self = <Session>user_data
+    cdef Event ev
     try:
         # keyed by stream id on arrival: a stream reset mid-frame can never leak its
         # chunks into another stream's body
-        self.events.append(
-            (_EV_DATA, stream_id, PyBytes_FromStringAndSize(<const char *>data, length)))
+        ev = _event(_EV_DATA, stream_id)
+        ev.data = PyBytes_FromStringAndSize(<const char *>data, length)
+        ev.flow_len = length
+        self._events.append(ev)
         self.data_received += length
     except BaseException as exc:
         self._error = exc
@@ -876,14 +842,17 @@ cdef int _on_stream_close(nghttp2_session *s, int32_t stream_id, uint32_t error_
                           void *user_data) noexcept:
     cdef Session self = <Session>user_data
     cdef _Outgoing out
+    cdef Event ev
     try:
         out = self._out.pop(stream_id, None)
         if out is not None:  # never sent: its producers still get their credit back
             for _, on_flushed in out.items:
                 if on_flushed is not None:
-                    self.flushed.append(on_flushed)
+                    self._flushed.append(on_flushed)
             out.items.clear()
-        self.events.append((_EV_CLOSE, stream_id, error_code))
+        ev = _event(_EV_CLOSE, stream_id)
+        ev.error_code = error_code
+        self._events.append(ev)
     except BaseException as exc:
         self._error = exc
         return ERR_CALLBACK_FAILURE
@@ -911,7 +880,7 @@ cdef ssize_t _read_body(nghttp2_session *s, int32_t stream_id, uint8_t *buf, siz
                 items.popleft()
                 out.offset = 0
                 if on_flushed is not None:
-                    self.flushed.append(on_flushed)
+                    self._flushed.append(on_flushed)
             else:
                 out.offset += take
         out.queued -= copied

@@ -25,6 +25,8 @@ from typing import ClassVar, Protocol, cast
 
 from mypy_extensions import mypyc_attr
 
+from kom_gateway.http import events as ev
+from kom_gateway.http.events import EngineEvent
 from kom_gateway.http.settings import H2ClientSettings
 from kom_gateway.http.stream import Flushed, Headers
 from kom_gateway.http.transport import REFUSED_STREAM, H2Transport
@@ -63,18 +65,6 @@ class _NoListener:
 
 
 NO_LISTENER = _NoListener()
-
-
-def split_response(headers: Headers) -> tuple[int, Headers]:
-    """(status, regular fields) of a response's header list (nghttp2 does this in C)."""
-    status = 0
-    regular: Headers = []
-    for name, value in headers:
-        if name == b":status":
-            status = int(value)
-        elif name[:1] != b":":
-            regular.append((name, value))
-    return status, regular
 
 
 class ConnectError(Exception):
@@ -243,7 +233,41 @@ class HTTP2ClientConnection(H2Transport):
     def _resumed(self) -> None:
         self._write_out()
 
-    # -- events the engines report -------------------------------------------------------
+    # -- what the server did ---------------------------------------------------------------
+    def _handle(self, events: list[EngineEvent]) -> None:
+        """Act on what the server sent, in order (either engine's events); one
+        listener's failure is logged and the rest go on."""
+        streams = self.streams
+        for event in events:
+            try:
+                kind = event.kind
+                if kind == ev.DATA:
+                    flow_len = event.flow_len
+                    stream = streams.get(event.stream_id)
+                    if stream is None:  # nobody wants it: the window still reopens
+                        self.ack(event.stream_id, flow_len)
+                    elif flow_len:
+                        stream.listener.on_data(event.data, flow_len)
+                elif kind == ev.HEADERS:
+                    self._response(event.stream_id, event.status, event.headers or [])
+                    if event.end_stream:  # no body
+                        self._ended(event.stream_id)
+                elif kind == ev.CLOSE:
+                    if event.stream_id in streams:  # closed before it ended: reset
+                        self._reset(event.stream_id, event.error_code)
+                elif kind == ev.END:
+                    self._ended(event.stream_id)
+                elif kind == ev.GOAWAY:
+                    self._goaway(event.last_stream_id, event.error_code)
+                elif kind == ev.SETTINGS:
+                    self._settings_received()
+                elif kind == ev.PING_ACK:
+                    self._keepalive_acked()
+                elif kind == ev.WINDOW_UPDATE:
+                    self._window_opened(event.stream_id)
+            except Exception:  # one listener's bug must not take the connection down
+                log.exception("handling upstream %s failed", ev.NAMES.get(event.kind))
+
     def _settings_received(self) -> None:
         # the server's MAX_CONCURRENT_STREAMS is read here, not per request
         self._max_streams = min(self._remote_max_streams(), self.settings.max_concurrent_streams)

@@ -23,6 +23,8 @@ from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict
 
+from kom_gateway import compat
+from kom_gateway.http.settings import ConnectionLimits
 from kom_gateway.http.stream import Flushed, Headers, ServerStream
 from kom_gateway.identity import PeerIdentity, identity_of_ssl
 from kom_gateway.kubestatus import status_body
@@ -220,7 +222,7 @@ async def _splice(
         while chunk := await reader.read(65536):
             transport.write(chunk)
             if protocol.writing_paused:
-                await protocol._drain_helper()  # as aiohttp's own WebSocket writer does
+                await compat.drain_writes(protocol)
         if transport.can_write_eof() and not transport.is_closing():
             transport.write_eof()  # the upstream is done: so are we, towards the client
         with contextlib.suppress(TimeoutError):
@@ -281,7 +283,8 @@ class _RequestHandler(RequestHandler):
     @property
     def requests_seen(self) -> int:
         """Requests whose headers have arrived on this connection."""
-        return self._request_count
+        return compat.requests_seen(self)  # (aiohttp's own count)
+
     closing = False  # draining: its first request is its last (see _Server.pre_shutdown)
     ssl_object: ssl.SSLObject | None = None
     peer: PeerIdentity | None = None
@@ -297,11 +300,11 @@ class _RequestHandler(RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if self.closing and self._request_count:
+        if self.closing and self.requests_seen:
             # draining: this request is its last. (Set only now: aiohttp ignores data
             # that arrives once a connection is closing, the first request's too.)
             self._close = True
-        if self._request_count > self._answered:  # a request's headers are all in
+        if self.requests_seen > self._answered:  # a request's headers are all in
             if self._header_timer is not None:
                 self._header_timer.cancel()
                 self._header_timer = None
@@ -316,13 +319,13 @@ class _RequestHandler(RequestHandler):
     def _arm_header_deadline(self) -> None:
         if self.header_timeout > 0 and self.transport is not None:
             self._header_timer = asyncio.get_running_loop().call_later(
-                self.header_timeout, self._header_deadline, self._request_count
+                self.header_timeout, self._header_deadline, self.requests_seen
             )
 
     def _header_deadline(self, count: int) -> None:
         self._header_timer = None
         transport = self.transport
-        if self._request_count == count and transport is not None and not transport.is_closing():
+        if self.requests_seen == count and transport is not None and not transport.is_closing():
             log.info("no complete request headers within %ss: closing", self.header_timeout)
             transport.close()
 
@@ -387,7 +390,7 @@ class _Server(web.Server):
         self.draining = False
 
     def __call__(self) -> RequestHandler:
-        protocol = _RequestHandler(self, loop=self._loop, **self._kwargs)
+        protocol = cast(_RequestHandler, compat.new_request_handler(self, _RequestHandler))
         protocol.header_timeout = self._header_timeout
         protocol.on_lost = self._on_lost
         protocol.closing = self.draining  # told apart from HTTP/2 after the drain began
@@ -401,8 +404,8 @@ class _Server(web.Server):
         (within its header deadline) and its first request is answered, with
         `Connection: close`, before it closes."""
         self.draining = True
-        now = self._loop.time()
-        for conn in self._connections:
+        now = compat.server_loop_time(self)
+        for conn in compat.server_connections(self):
             if (
                 isinstance(conn, _RequestHandler)
                 and not conn.requests_seen
@@ -416,7 +419,7 @@ class _Server(web.Server):
 def aiohttp_server(
     handler: StreamHandler,
     upgrade_handler: UpgradeHandler | None = None,
-    max_header_bytes: int = 1 << 20,
+    max_header_bytes: int = ConnectionLimits.max_header_bytes,
     header_timeout: float = 32.0,
     idle_timeout: float = 90.0,
     on_lost: Callable[[asyncio.BaseTransport], None] | None = None,

@@ -7,22 +7,22 @@ import logging
 import time
 from collections import deque
 
-import h2.events
 import h2.exceptions
 from h2.errors import ErrorCodes
 
+from kom_gateway import compat
 from kom_gateway.http.client import (
     NO_LISTENER,
     ClientStream,
     HTTP2ClientConnection,
     StreamListener,
     StreamRefused,
-    split_response,
 )
 from kom_gateway.http.h2conn import (
     STREAM_GONE,
     BlockedStreams,
     PendingData,
+    engine_events,
     make_connection,
     open_connection_window,
     send_pending,
@@ -64,42 +64,12 @@ class H2ClientConnection(BlockedStreams, HTTP2ClientConnection):
             self._write_out()
             self.close()
             return
-        for event in events:
-            try:
-                self._dispatch(event)
-            except Exception:  # one listener's bug must not take the connection down
-                log.exception("handling %s failed", type(event).__name__)
+        self._handle(engine_events(events))
         self._write_out()
 
-    def _dispatch(self, event: h2.events.Event) -> None:
-        if isinstance(event, h2.events.DataReceived):
-            stream = self.streams.get(event.stream_id)
-            if stream is None:
-                self.ack(event.stream_id, event.flow_controlled_length)
-            else:
-                stream.listener.on_data(event.data, event.flow_controlled_length)
-            if event.stream_ended is not None:
-                self._ended(event.stream_id)
-        elif isinstance(event, h2.events.ResponseReceived):
-            self._response(event.stream_id, *split_response(event.headers))
-            if event.stream_ended is not None:
-                self._ended(event.stream_id)
-        elif isinstance(event, h2.events.StreamEnded):
-            self._ended(event.stream_id)
-        elif isinstance(event, h2.events.TrailersReceived):
-            if event.stream_ended is not None:
-                self._ended(event.stream_id)
-        elif isinstance(event, h2.events.StreamReset):
-            self._blocked.discard(event.stream_id)
-            self._reset(event.stream_id, int(event.error_code))
-        elif isinstance(event, h2.events.WindowUpdated):
-            self._window_opened(event.stream_id)
-        elif isinstance(event, h2.events.RemoteSettingsChanged):
-            self._settings_received()
-        elif isinstance(event, h2.events.PingAckReceived):
-            self._keepalive_acked()
-        elif isinstance(event, h2.events.ConnectionTerminated):
-            self._goaway(event.last_stream_id or 0, event.error_code)
+    def _reset(self, stream_id: int, error_code: int) -> None:
+        self._blocked.discard(stream_id)
+        super()._reset(stream_id, error_code)
 
     def _ended(self, stream_id: int) -> None:
         self._blocked.discard(stream_id)
@@ -183,6 +153,4 @@ class H2ClientConnection(BlockedStreams, HTTP2ClientConnection):
         return int(self.conn.local_settings.initial_window_size)
 
     def unreturned_bytes(self) -> int:
-        window = self.conn._inbound_flow_control_window_manager
-        # h2 counts credited bytes as processed until it sends their WINDOW_UPDATE
-        return int(window.max_window_size - window.current_window_size - window._bytes_processed)
+        return compat.h2_unreturned_bytes(self.conn)

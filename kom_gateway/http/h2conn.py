@@ -1,4 +1,5 @@
-"""h2 connection objects with a graceful GOAWAY and the settings both sides share."""
+"""h2 connection objects with a graceful GOAWAY and the settings both sides share, and
+h2's events translated into the engines' vocabulary (`events.py`)."""
 
 from __future__ import annotations
 
@@ -15,49 +16,16 @@ import h2.settings
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
+from kom_gateway import compat
+from kom_gateway.http import events as ev
+from kom_gateway.http.events import Event
 from kom_gateway.http.hpack_encoder import MEMO_MAX_BYTES, StatelessEncoder
+from kom_gateway.http.settings import ConnectionLimits
+from kom_gateway.http.stream import Headers
 
-
-def _memoize_huffman_decoding() -> None:
-    """hpack decodes Huffman literals in pure Python, per character. Go and nginx send
-    response headers as Huffman literals *without* indexing, so the same few strings
-    (content-type, a Date that changes once a second, ...) are decoded on every request.
-    The decoder is a pure function of its bytes (hpack slices bytes, never views), so an
-    LRU memo is exact. Measured: a quarter of the proxy's CPU before, near zero after."""
-    import functools
-
-    import hpack.hpack
-
-    if hasattr(hpack.hpack.decode_huffman, "memoized"):
-        return
-    decode = hpack.hpack.decode_huffman
-    cached = functools.lru_cache(maxsize=4096)(decode)
-
-    def decode_huffman(data: bytes) -> bytes:
-        # only short strings repeat; a long one would pin its bytes in the memo
-        return cached(data) if len(data) <= MEMO_MAX_BYTES else decode(data)
-
-    decode_huffman.memoized = True  # type: ignore[attr-defined]
-    hpack.hpack.decode_huffman = decode_huffman
-
-
-_memoize_huffman_decoding()
-
-
-def _silence_hpack_debug_logging() -> None:
-    """hpack calls `log.debug` for every header and integer it codes (64 calls for a
-    small proxied request, ~4% of the CPU even with debug logging off). Its debug output
-    is of no use to an operator; a no-op logger removes the calls' cost."""
-    import hpack.hpack
-
-    class _Silent:
-        def debug(self, *args: object, **kwargs: object) -> None:
-            pass
-
-    hpack.hpack.log = _Silent()  # type: ignore[assignment]
-
-
-_silence_hpack_debug_logging()
+# the h2 engine's two hpack cost fixes (measured reasons in compat.py)
+compat.memoize_huffman_decoding(MEMO_MAX_BYTES)
+compat.silence_hpack_debug_logging()
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +33,7 @@ log = logging.getLogger(__name__)
 STREAM_GONE = (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError)
 
 
-class GracefulH2Connection(h2.connection.H2Connection):
+class GracefulH2Connection(compat.H2ConnectionHooks):
     """An H2Connection that keeps working after GOAWAY, received or sent.
 
     Stock h2 moves the connection to CLOSED and drops queued output on GOAWAY, so the
@@ -83,10 +51,10 @@ class GracefulH2Connection(h2.connection.H2Connection):
         if last_stream_id is None:
             last_stream_id = self.highest_inbound_stream_id
         frame = GoAwayFrame(stream_id=0, last_stream_id=last_stream_id, error_code=0)
-        self._data_to_send += frame.serialize()
+        self.queue_frame(frame.serialize())
         return last_stream_id
 
-    def _receive_goaway_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
+    def on_goaway_frame(self, frame: Any) -> list[Any]:
         event = h2.events.ConnectionTerminated()
         try:
             event.error_code = ErrorCodes(frame.error_code)
@@ -94,7 +62,7 @@ class GracefulH2Connection(h2.connection.H2Connection):
             event.error_code = frame.error_code
         event.last_stream_id = frame.last_stream_id
         event.additional_data = frame.additional_data or None
-        return [], [event]
+        return [event]
 
 
 def make_connection(
@@ -103,7 +71,7 @@ def make_connection(
     max_concurrent_streams: int,
     initial_window: int,
     max_frame_size: int = 16384,
-    max_header_list_size: int = 1 << 20,
+    max_header_list_size: int = ConnectionLimits.max_header_bytes,
     decoder_header_list_limit: int | None = None,
     validate_inbound: bool = True,
 ) -> GracefulH2Connection:
@@ -147,6 +115,97 @@ def open_connection_window(conn: h2.connection.H2Connection, target: int) -> Non
     current = conn.inbound_flow_control_window
     if target > current:
         conn.increment_flow_control_window(target - current)
+
+
+RequestTranslator = Callable[[h2.events.RequestReceived], "Event | None"]
+
+
+def engine_events(
+    events: list[h2.events.Event], request: RequestTranslator | None = None
+) -> list[Event]:
+    """h2's events as the engines' events. `request` turns a request's headers into
+    its HEADERS event, or None when the engine refused it (the server validates them);
+    nghttp2's binding produces the same sequence for the same frames."""
+    out: list[Event] = []
+    add = out.append
+    ended_on_headers = 0  # h2 follows END_STREAM on HEADERS with a StreamEnded: not news
+    for event in events:
+        if isinstance(event, h2.events.DataReceived):
+            flow_len = event.flow_controlled_length
+            # an empty DATA frame that ends the stream is only its END (as nghttp2 says)
+            if event.data or flow_len or event.stream_ended is None:
+                add(Event(ev.DATA, event.stream_id, data=event.data, flow_len=flow_len))
+        elif isinstance(event, h2.events.StreamEnded):
+            if event.stream_id != ended_on_headers:
+                add(Event(ev.END, event.stream_id))
+        elif isinstance(event, h2.events.RequestReceived):
+            if event.stream_ended is not None:
+                ended_on_headers = event.stream_id
+            if request is not None:
+                headers_event = request(event)
+                if headers_event is not None:
+                    add(headers_event)
+        elif isinstance(
+            event, (h2.events.ResponseReceived, h2.events.InformationalResponseReceived)
+        ):
+            status, regular = split_response(event.headers)
+            ended = getattr(event, "stream_ended", None) is not None
+            if ended:
+                ended_on_headers = event.stream_id
+            add(Event(ev.HEADERS, event.stream_id, end_stream=ended, headers=regular,
+                      status=status))  # fmt: skip
+        elif isinstance(event, h2.events.StreamReset):
+            code = int(event.error_code)
+            if event.remote_reset:
+                add(Event(ev.RESET, event.stream_id, error_code=code))
+            add(Event(ev.CLOSE, event.stream_id, error_code=code))
+        elif isinstance(event, h2.events.WindowUpdated):
+            add(Event(ev.WINDOW_UPDATE, event.stream_id))
+        elif isinstance(event, h2.events.PingReceived):
+            add(Event(ev.PING))
+        elif isinstance(event, h2.events.PingAckReceived):
+            add(Event(ev.PING_ACK, data=event.ping_data))
+        elif isinstance(event, h2.events.RemoteSettingsChanged):
+            add(Event(ev.SETTINGS))
+        elif isinstance(event, h2.events.PriorityUpdated):
+            add(Event(ev.PRIORITY, event.stream_id))
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            add(Event(ev.GOAWAY, last_stream_id=event.last_stream_id or 0,
+                      error_code=int(event.error_code or 0),
+                      data=event.additional_data or b""))  # fmt: skip
+        # TrailersReceived: dropped (the stream's END follows); SettingsAcknowledged,
+        # UnknownFrameReceived and the rest change nothing the gateway acts on
+    return out
+
+
+def split_request(headers: Headers) -> tuple[str, str, str, Headers]:
+    """(method, path, authority, regular fields) of a request's header list (the
+    nghttp2 engine does this in C)."""
+    method = target = authority = ""
+    regular: Headers = []
+    for name, value in headers:
+        if name[:1] == b":":
+            if name == b":method":
+                method = value.decode("latin-1")
+            elif name == b":path":
+                target = value.decode("latin-1")
+            elif name == b":authority":
+                authority = value.decode("latin-1")
+        else:
+            regular.append((name, value))
+    return method, target, authority, regular
+
+
+def split_response(headers: Headers) -> tuple[int, Headers]:
+    """(status, regular fields) of a response's header list (nghttp2 does this in C)."""
+    status = 0
+    regular: Headers = []
+    for name, value in headers:
+        if name == b":status":
+            status = int(value)
+        elif name[:1] != b":":
+            regular.append((name, value))
+    return status, regular
 
 
 PendingData = deque[tuple["bytes | memoryview", "Callable[[], None] | None"]]

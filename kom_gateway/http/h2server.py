@@ -22,16 +22,19 @@ import h2.events
 import h2.exceptions
 from h2.errors import ErrorCodes
 
+from kom_gateway.http.events import HEADERS, Event
 from kom_gateway.http.h2conn import (
     STREAM_GONE,
     BlockedStreams,
+    engine_events,
     make_connection,
     open_connection_window,
     send_pending,
+    split_request,
 )
 from kom_gateway.http.h2guard import protocol_error_kind
 from kom_gateway.http.h2validate import header_list_size, malformed_request
-from kom_gateway.http.serverconn import HTTP2ServerConnection, HTTP2ServerStream, split_request
+from kom_gateway.http.serverconn import HTTP2ServerConnection, HTTP2ServerStream
 from kom_gateway.http.stream import Flushed, Headers
 from kom_gateway.http.transport import PROTOCOL_ERROR
 
@@ -86,63 +89,25 @@ class H2ServerProtocol(BlockedStreams, HTTP2ServerConnection):
             self._report(protocol_error_kind(str(exc)))
             self._close_transport()
             return
-        for event in events:
-            self._dispatch(event)
-            if self._cut_off:  # for abuse: the rest of what it sent is not served
-                return
+        self._handle(engine_events(events, self._request_event))
         self._write_out()
 
-    def _dispatch(self, event: h2.events.Event) -> None:
-        if isinstance(event, h2.events.DataReceived):
-            if (
-                not event.data
-                and event.stream_ended is None
-                and self._over(self._guard.on_empty_data(self._last_read))
-            ):
-                return
-            stream = self.streams.get(event.stream_id)
-            if stream is None:
-                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-                return
-            stream._deliver_body(event.data, event.flow_controlled_length)
-            if event.stream_ended is not None:
-                stream._deliver_body_end()
-        elif isinstance(event, h2.events.RequestReceived):
-            if header_list_size(event.headers) > self.settings.max_header_list_size:
-                self._headers_too_large(event.stream_id)
-                return
-            problem = malformed_request(event.headers)
-            if problem is not None:
-                log.info("malformed HTTP/2 request from %s: %s", self.remote_addr, problem)
-                self.reset_stream(event.stream_id, PROTOCOL_ERROR)
-                return
-            method, target, authority, regular = split_request(event.headers)
-            self._new_stream(
-                event.stream_id, method, target, authority, regular, event.stream_ended is not None
-            )
-        elif isinstance(event, h2.events.StreamEnded):
-            stream = self.streams.get(event.stream_id)
-            if stream is not None and not stream.body_done:
-                stream._deliver_body_end()
-        elif isinstance(event, h2.events.WindowUpdated):
-            self._progress_at = self._last_read
-            if self._over(self._guard.on_control(self._last_read)):
-                return
-            self._window_opened(event.stream_id)
-        elif isinstance(event, h2.events.StreamReset):
-            self._forget(event.stream_id)
-            if event.remote_reset:
-                self._over(self._guard.on_reset(self._last_read))
-        elif isinstance(event, h2.events.PingReceived):
-            self._over(self._guard.on_ping(self._last_read))
-        elif isinstance(event, h2.events.RemoteSettingsChanged):
-            self._over(self._guard.on_settings(self._last_read))
-        elif isinstance(event, h2.events.PriorityUpdated):
-            self._over(self._guard.on_control(self._last_read))
-        elif isinstance(event, h2.events.PingAckReceived):
-            self._ping_ack_received(event.ping_data)
-        elif isinstance(event, h2.events.ConnectionTerminated):
-            self._close_transport()
+    def _request_event(self, event: h2.events.RequestReceived) -> Event | None:
+        """A request's HEADERS event, once it passes the checks nghttp2 makes (headers
+        over the limit still make one, answered 431); a malformed request is reset here."""
+        if header_list_size(event.headers) > self.settings.max_header_list_size:
+            return Event(HEADERS, event.stream_id, headers=None)
+        problem = malformed_request(event.headers)
+        if problem is not None:
+            log.info("malformed HTTP/2 request from %s: %s", self.remote_addr, problem)
+            self.reset_stream(event.stream_id, PROTOCOL_ERROR)
+            return None
+        method, path, authority, regular = split_request(event.headers)
+        return Event(HEADERS, event.stream_id, end_stream=event.stream_ended is not None,
+                     headers=regular, method=method, path=path, authority=authority)  # fmt: skip
+
+    def _client_goaway(self) -> None:
+        self._close_transport()  # h2's state machine is closed: nothing more can be sent
 
     # -- primitives ----------------------------------------------------------------------
     def send_headers(self, stream: HTTP2ServerStream, headers: Headers, end_stream: bool) -> None:

@@ -62,9 +62,7 @@ class Inherited:
     """Listening sockets received from the instance being replaced; `confirm()` once
     serving on them."""
 
-    def __init__(
-        self, conn: socket.socket, pid: int, sockets: dict[str, socket.socket]
-    ) -> None:
+    def __init__(self, conn: socket.socket, pid: int, sockets: dict[str, socket.socket]) -> None:
         self._conn = conn
         self.pid = pid
         self.sockets = sockets

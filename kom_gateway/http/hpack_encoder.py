@@ -22,11 +22,14 @@ from collections.abc import Iterable
 from typing import Any
 
 from hpack import NeverIndexedHeaderTuple
-from hpack.hpack import encode_integer
-from hpack.huffman import HuffmanEncoder
-from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
-from hpack.table import HeaderTable
 
+from kom_gateway.compat import (
+    REQUEST_CODES,
+    REQUEST_CODES_LENGTH,
+    STATIC_TABLE,
+    HuffmanEncoder,
+    encode_integer,
+)
 from kom_gateway.http.settings import NEVER_INDEXED
 
 _HUFFMAN = HuffmanEncoder(REQUEST_CODES, REQUEST_CODES_LENGTH)
@@ -39,7 +42,7 @@ HUFFMAN_MAX_BYTES = 1024  # longer values go as plain literals (see _string)
 def _static_indexes() -> tuple[dict[tuple[bytes, bytes], int], dict[bytes, int]]:
     fields: dict[tuple[bytes, bytes], int] = {}
     names: dict[bytes, int] = {}
-    for index, (name, value) in enumerate(HeaderTable.STATIC_TABLE, start=1):
+    for index, (name, value) in enumerate(STATIC_TABLE, start=1):
         fields.setdefault((name, value), index)
         names.setdefault(name, index)
     return fields, names

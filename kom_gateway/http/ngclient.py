@@ -11,7 +11,7 @@ import logging
 import time
 from typing import ClassVar
 
-from kom_gateway.http import _nghttp2 as ng  # type: ignore[attr-defined]  # no stub
+from kom_gateway.http import _nghttp2 as ng
 from kom_gateway.http.client import (
     NO_LISTENER,
     ClientStream,
@@ -67,13 +67,6 @@ class NgClientConnection(HTTP2ClientConnection):
 
     def _closed(self) -> None:
         free(self.session)
-
-    def _handle(self, events: list[tuple]) -> None:
-        self.session.dispatch_client(self, events)  # the loop over events is in C
-
-    def _event_failed(self, kind: int) -> None:
-        """A listener failed on an upstream event (called in its except clause)."""
-        log.exception("handling upstream event %r failed", kind)
 
     # -- requests ------------------------------------------------------------------------
     def open_stream(

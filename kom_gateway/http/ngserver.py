@@ -12,7 +12,7 @@ import logging
 import time
 from typing import cast
 
-from kom_gateway.http import _nghttp2 as ng  # type: ignore[attr-defined]  # no stub
+from kom_gateway.http import _nghttp2 as ng
 from kom_gateway.http.h2guard import CONTINUATION_FLOOD, PROTOCOL_ERROR
 from kom_gateway.http.ngsession import drain, free
 from kom_gateway.http.serverconn import (
@@ -60,10 +60,6 @@ class NgServerProtocol(HTTP2ServerConnection):
     def _start(self) -> None:
         s = self.settings
         self.session = session = ng.Session(True, s.max_header_list_size)
-        self._frames_seen = 0  # frames charged to the abuse budgets so far
-        self._charged = [0, 0, 0, 0, 0]  # ...of each kind
-        self._window_updates = 0
-        self._client_left = False  # the client sent GOAWAY
         session.submit_settings(
             (
                 (ng.SETTINGS_MAX_CONCURRENT_STREAMS, s.max_concurrent_streams),
@@ -77,21 +73,20 @@ class NgServerProtocol(HTTP2ServerConnection):
         )
 
     def data_received(self, data: bytes) -> None:
-        now = self._last_read = time.monotonic()
+        self._last_read = time.monotonic()
         session = self.session
         try:
             events = session.receive(data)
         except ng.SessionError as exc:  # fatal: nghttp2 queues no GOAWAY, so we do
             # nghttp2's own flood limits may fire before ours saw the frames: ours first
-            if self._judge_frames(now):
-                return
+            for event in session.take_events():
+                if self._charge(event):
+                    return
             log.info("HTTP/2 protocol error from %s: %s", self.remote_addr, exc)
             kind = CONTINUATION_FLOOD if exc.code == ng.CONTINUATION_FLOOD else PROTOCOL_ERROR
             self._report(kind)
             session.goaway(session.last_proc_stream_id(), PROTOCOL_ERROR_CODE, kind.encode())
             self._close_transport()
-            return
-        if session.guarded_frames != self._frames_seen and self._judge_frames(now):
             return
         self._handle(events)
         self.session.run_flushed()
@@ -120,38 +115,6 @@ class NgServerProtocol(HTTP2ServerConnection):
 
     def _closed(self) -> None:
         free(self.session)
-
-    def _handle(self, events: list[tuple]) -> None:
-        self.session.dispatch_server(self, events)  # the loop over events is in C
-
-    def _event_failed(self, kind: int) -> None:
-        """Handling one client event failed (called in the binding's except clause); the
-        events after it are still handled."""
-        log.exception("handling HTTP/2 event %r from %s failed", kind, self.remote_addr)
-
-    def _judge_frames(self, now: float) -> bool:
-        """Charge what the client sent since the last read to its budgets; True if it
-        was cut off."""
-        s = self.session
-        g = self._guard
-        self._frames_seen = s.guarded_frames
-        if s.window_updates_received != self._window_updates:
-            self._window_updates = s.window_updates_received
-            self._progress_at = now
-        counts = (
-            s.resets_received,
-            s.pings_received,
-            s.settings_received,
-            s.control_received,
-            s.empty_data_received,
-        )
-        charges = (g.on_reset, g.on_ping, g.on_settings, g.on_control, g.on_empty_data)
-        for kind, (count, charge) in enumerate(zip(counts, charges, strict=True)):
-            for _ in range(count - self._charged[kind]):
-                if self._over(charge(now)):
-                    return True
-            self._charged[kind] = count
-        return False
 
     # -- primitives (start_response and write are NgServerStream's) ----------------------
     def end(self, stream: HTTP2ServerStream) -> None:

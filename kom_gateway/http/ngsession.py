@@ -6,17 +6,20 @@ compiled core's classes take one base class each."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
-Session = Any  # kom_gateway.http._nghttp2.Session (a Cython class, no stub)
+from kom_gateway.http.events import EngineEvent
+
+if TYPE_CHECKING:  # (the engine imports the binding; this module only needs its type)
+    from kom_gateway.http._nghttp2 import Session
 
 
-def drain(session: Session, handle: Callable[[list[tuple]], None]) -> bytes:
+def drain(session: Session, handle: Callable[[list[EngineEvent]], None]) -> bytes:
     """The frames nghttp2 has ready; events of streams that closed as their last frame
     went out are handed to `handle`, and producers whose data went out hear so."""
-    data: bytes = session.send()
-    if session.events:
-        events, session.events = session.events, []
+    data = session.send()
+    events = session.take_events()
+    if events:
         handle(events)
     session.run_flushed()
     return data

@@ -23,6 +23,8 @@ from typing import ClassVar, cast
 
 from mypy_extensions import mypyc_attr
 
+from kom_gateway.http import events as ev
+from kom_gateway.http.events import EngineEvent
 from kom_gateway.http.h2guard import STALLED_READER, WRITE_BACKLOG, H2Guard
 from kom_gateway.http.settings import H2ServerSettings
 from kom_gateway.http.stream import Flushed, Headers, ServerStream
@@ -53,24 +55,6 @@ def connection_deadline(opened_at: float, max_age: float, jitter: float, u: floa
     if max_age <= 0:
         return None
     return opened_at + max_age * (1.0 + jitter * (2.0 * u - 1.0))
-
-
-def split_request(headers: Headers) -> tuple[str, str, str, Headers]:
-    """(method, path, authority, regular fields) of a request's header list (the
-    nghttp2 engine does this in C)."""
-    method = target = authority = ""
-    regular: Headers = []
-    for name, value in headers:
-        if name[:1] == b":":
-            if name == b":method":
-                method = value.decode("latin-1")
-            elif name == b":path":
-                target = value.decode("latin-1")
-            elif name == b":authority":
-                authority = value.decode("latin-1")
-        else:
-            regular.append((name, value))
-    return method, target, authority, regular
 
 
 _STATUS_FIELDS: dict[int, tuple[bytes, bytes]] = {}
@@ -188,6 +172,7 @@ class HTTP2ServerConnection(H2Transport):
         self._last_read = now
         self._watchdog: asyncio.TimerHandle | None = None
         self._cut_off = False
+        self._client_left = False  # the client sent GOAWAY
         self._paused = False
         self._paused_backlog = 0  # bytes buffered when the transport paused us
         self.streams = {}
@@ -229,6 +214,11 @@ class HTTP2ServerConnection(H2Transport):
     def _waiting_for_client(self) -> bool:
         """Some stream has data that waits for the client's flow-control window."""
         raise NotImplementedError
+
+    def _client_goaway(self) -> None:
+        """The client sent GOAWAY: its open streams still finish (an engine whose state
+        machine cannot finish them closes instead)."""
+        self._client_left = True
 
     def buffered_bytes(self) -> int:
         """Response bytes held for this client, waiting for its window."""
@@ -279,6 +269,83 @@ class HTTP2ServerConnection(H2Transport):
     def _resumed(self) -> None:
         """The transport drained: engines holding data back while paused send it now."""
         self._write_out()
+
+    # -- what the client did ---------------------------------------------------------------
+    def _handle(self, events: list[EngineEvent]) -> None:
+        """Act on what the client sent, in order (either engine's events). Once the
+        client is cut off for abuse, the rest is not served; one event's failure is
+        logged and the rest go on (a stream's close must not be lost to another stream's
+        bug)."""
+        for event in events:
+            if self._cut_off:
+                return
+            try:
+                self._on_event(event)
+            except Exception:
+                log.exception(
+                    "handling HTTP/2 %s from %s failed", ev.NAMES.get(event.kind), self.remote_addr
+                )
+
+    def _on_event(self, event: EngineEvent) -> None:
+        kind = event.kind
+        if kind == ev.DATA:
+            flow_len = event.flow_len
+            if flow_len == 0:  # an empty frame: nothing to deliver, a budget to charge
+                self._charge(event)
+                return
+            stream = self.streams.get(event.stream_id)
+            if stream is None:  # gone: its bytes still reopen the connection's window
+                self.ack(event.stream_id, flow_len)
+            else:
+                stream._deliver_body(event.data, flow_len)
+        elif kind == ev.HEADERS:
+            headers = event.headers
+            if headers is None:
+                self._headers_too_large(event.stream_id)
+            else:
+                self._new_stream(
+                    event.stream_id,
+                    event.method,
+                    event.path,
+                    event.authority,
+                    headers,
+                    event.end_stream,
+                )
+        elif kind == ev.CLOSE:
+            self._forget(event.stream_id)
+        elif kind == ev.END:
+            stream = self.streams.get(event.stream_id)
+            if stream is not None and not stream.body_done:
+                stream._deliver_body_end()
+        elif kind == ev.WINDOW_UPDATE:
+            self._progress_at = self._last_read
+            if not self._charge(event):
+                self._window_opened(event.stream_id)
+        elif kind == ev.PING_ACK:
+            self._ping_ack_received(event.data)
+        elif kind == ev.GOAWAY:
+            self._client_goaway()
+        else:  # RESET, PING, SETTINGS, PRIORITY: the engine has acted; only budgets left
+            self._charge(event)
+
+    def _charge(self, event: EngineEvent) -> bool:
+        """The one place a client's frames are charged to its abuse budgets (both
+        engines; the nghttp2 engine also for frames it read before it ended the
+        connection itself). True if this frame cut the client off."""
+        kind = event.kind
+        g = self._guard
+        now = self._last_read
+        if kind == ev.RESET:
+            return self._over(g.on_reset(now))
+        if kind == ev.PING:
+            return self._over(g.on_ping(now))
+        if kind == ev.SETTINGS:
+            return self._over(g.on_settings(now))
+        if kind == ev.WINDOW_UPDATE or kind == ev.PRIORITY:
+            return self._over(g.on_control(now))
+        if kind == ev.DATA and event.flow_len == 0:
+            return self._over(g.on_empty_data(now))
+        return False
 
     # -- streams -------------------------------------------------------------------------
     def _new_stream(

@@ -41,6 +41,7 @@ class H2ServerSettings:
     write_buffer_bytes: int = 256 * 1024  # transport buffer above which producers pause
     max_connection_age: float = 0.0  # GOAWAY a connection this old (0: never)
     max_connection_age_jitter: float = 0.1  # +/- share, so connections do not expire together
+    # (the YAML's goaway.maxConnectionAge*: overload/load.py's GoawayPolicy takes these)
     guard: GuardLimits = field(default_factory=GuardLimits)
 
 

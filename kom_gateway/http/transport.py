@@ -48,6 +48,10 @@ class H2Transport(asyncio.Protocol):
     def _peer_name(self) -> str:
         raise NotImplementedError
 
+    def _window_opened(self, stream_id: int) -> None:
+        """The peer sent WINDOW_UPDATE (0: for the connection). Engines that hold data
+        for the window send it on here; nghttp2 does that itself."""
+
     # -- write coalescing ----------------------------------------------------------------
     def _write_out(self) -> None:
         if self._flush_handle is None and self.transport is not None:

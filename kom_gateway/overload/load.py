@@ -12,14 +12,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kom_gateway.http.settings import H2ServerSettings
+
 
 @dataclass(frozen=True)
 class GoawayPolicy:
     chance: float = 0.0  # per HTTP/2 request below soft_load (kube-apiserver: off; 0.001)
     max_chance: float = 0.02  # at full load (kube-apiserver caps --goaway-chance at 0.02)
     soft_load: float = 0.7
-    max_connection_age: float = 0.0  # seconds; 0: connections live as long as clients like
-    max_connection_age_jitter: float = 0.1  # +/- this share, so connections do not expire together
+    # seconds; 0: connections live as long as clients like (the HTTP layer's defaults)
+    max_connection_age: float = H2ServerSettings.max_connection_age
+    max_connection_age_jitter: float = H2ServerSettings.max_connection_age_jitter
     lag_budget: float = 0.1  # event-loop lag (s) that counts as full load
     stream_budget: int = 0  # open HTTP/2 streams that count as full load (0: not counted)
 

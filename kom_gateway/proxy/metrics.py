@@ -12,7 +12,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from kom_gateway import __version__, compiled
+from kom_gateway import __version__, compat, compiled
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # set: this process is one of `--workers N`
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -20,7 +20,8 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 
 class Metrics:
     _tally: dict[Any, float]
-    _observed: dict[Any, list[float]]  # histogram child -> [sum, per bucket]
+    # histogram child -> (its upper bounds, [sum, count per bucket])
+    _observed: dict[Any, tuple[list[float], list[float]]]
 
     def child(self, metric: Any, *values: str) -> Any:
         """`metric.labels(*values)`, cached: labels() takes a lock and builds keys, and the
@@ -41,30 +42,29 @@ class Metrics:
     def add(self, counters: tuple[Any, ...], histograms: tuple[Any, ...], value: float) -> None:
         """Count one in each of `counters` and observe `value` in each of `histograms`,
         batched as `count` is: the bucket is found here (bisect in C instead of a loop
-        under a lock) and the counts reach the histogram on `flush()`. Uses the child's
-        `_upper_bounds`, `_buckets` and `_sum`, which prometheus-client has kept for
-        years; tests compare against `observe()`."""
+        under a lock) and the counts reach the histogram on `flush()` (through
+        `compat`: prometheus-client has no public batch API; tests compare against
+        `observe()`)."""
         tally = self._tally
         for child in counters:
             tally[child] = tally.get(child, 0) + 1
         observed = self._observed
         for child in histograms:
-            counts = observed.get(child)
-            if counts is None:
-                counts = observed[child] = [0.0] * (len(child._upper_bounds) + 1)
+            entry = observed.get(child)
+            if entry is None:
+                bounds = compat.histogram_upper_bounds(child)
+                entry = observed[child] = (bounds, [0.0] * (len(bounds) + 1))
+            bounds, counts = entry
             counts[0] += value
-            counts[1 + bisect_left(child._upper_bounds, value)] += 1
+            counts[1 + bisect_left(bounds, value)] += 1
 
     def flush(self) -> None:
         tally, self._tally = self._tally, {}
         for child, amount in tally.items():
             child.inc(amount)
         observed, self._observed = self._observed, {}
-        for child, counts in observed.items():
-            child._sum.inc(counts[0])
-            for bucket, count in zip(child._buckets, counts[1:], strict=True):
-                if count:
-                    bucket.inc(count)
+        for child, (_, counts) in observed.items():
+            compat.histogram_add(child, counts)
 
     python_version = ".".join(map(str, sys.version_info[:3]))
 

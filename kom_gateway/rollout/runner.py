@@ -118,6 +118,8 @@ class Rollout:
                 message += "; " + "; ".join(notes)
             if state.phase in ENDED and resume:
                 message = machine.resume(state, self.spec, configured, now)
+        if state.phase in ENDED and configured != state.percent and not resume:
+            raise RolloutError(hand_edit_advice(self.spec, state, configured))
         if state.phase == SUCCEEDED:  # running a completed rollout again changes nothing
             log.info(
                 "the rollout already completed at %s: nothing to do (--restart runs it again)",
@@ -314,12 +316,24 @@ def status(spec: RolloutSpec, target: Target, out: TextIO, as_json: bool, now: f
         "lastReadings",
         "lastVerdict",
         "reason",
+        "drift",
         "next",
     ):
         value = report.get(key)
         if value not in (None, ""):
             print(f"{key}: {value if not isinstance(value, dict) else json.dumps(value)}", file=out)
     return 0
+
+
+def hand_edit_advice(spec: RolloutSpec, state: RolloutState, configured: float) -> str:
+    """An ended rollout whose percent was changed by hand since: say so, and what to run."""
+    return (
+        f"the config holds {pct(configured)} for {spec.group} but this rollout ended "
+        f"{state.phase} at {pct(state.percent)}: the percent was edited by hand since. "
+        f"`rollout run --restart` rolls out again from {pct(configured)}; `rollout run "
+        f"--resume` continues the steps from {pct(configured)}; or set it back to "
+        f"{pct(state.percent)} to match"
+    )
 
 
 def status_report(
@@ -355,7 +369,10 @@ def status_report(
         report["held"] = (
             f"{format_duration(now - state.step_applied)} of {format_duration(spec.hold)}"
         )
-    if configured != state.percent:
+    if configured != state.percent and state.phase in ENDED:
+        report["drift"] = hand_edit_advice(spec, state, configured)
+        report["next"] = "nothing until you choose (see drift)"
+    elif configured != state.percent:
         report["next"] = (
             f"the config holds {pct(configured)} but the rollout wrote {pct(state.percent)}: "
             "a running controller pauses"
