@@ -33,6 +33,7 @@ from kom_gateway.routing.router import (
     REASON_NO_RULE,
     REASON_NOT_CUT_OVER,
 )
+from kom_gateway.sim.faults import CONTROL_PORT, control_api_help
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -173,9 +174,11 @@ def _parser() -> argparse.ArgumentParser:
         help="run simulated apiserver groups (test equipment)",
         description="Serve simulated kube-apiserver groups sharing one store, on the ports of "
         "CONFIG's http:// endpoints, with a control API for faults and counters.",
+        epilog=control_api_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sim.add_argument("--config", metavar="CONFIG", help="default: config/demo.yaml")
-    sim.add_argument("--control-port", type=int, default=16440, metavar="PORT")
+    sim.add_argument("--control-port", type=int, default=CONTROL_PORT, metavar="PORT")
     sim.add_argument("--bookmark-interval", type=float, default=5.0, metavar="SECONDS")
     for flag, what in (
         ("--tls-cert-file", "serve https:// endpoints with this certificate"),
@@ -228,8 +231,10 @@ def _parser() -> argparse.ArgumentParser:
         help="simulated groups + the gateway, with live routing output",
         description="Start simulated apiserver groups (Pod, Config, Event, Default: one "
         "store) and the gateway in front of them from config/demo.yaml, write a kubeconfig "
-        "for kubectl, print how to point kubectl and curl at it, and show live which group "
-        "served each request. Ctrl-C stops everything.",
+        "for kubectl, print how to point kubectl and curl at it and how to break a group "
+        "(the simulator's control API), and show live which group answered each request, "
+        "fallbacks included (from an access log it writes, which `plan` reads). Ctrl-C "
+        "stops everything and removes what it wrote.",
     )
     demo.add_argument("--config", metavar="CONFIG", help="default: config/demo.yaml")
     demo.add_argument(
@@ -237,6 +242,20 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="write the demo's kubeconfig here (default: a new directory of its own); "
         "it is removed when the demo stops",
+    )
+    demo.add_argument(
+        "--port-offset",
+        type=int,
+        default=0,
+        metavar="N",
+        help="move every port (gateway 8443, admin 9090, groups 16443-16446, control 16440) "
+        "by N, when something else uses them",
+    )
+    demo.add_argument(
+        "--control-port",
+        type=int,
+        metavar="PORT",
+        help=f"the simulator's control API (default {CONTROL_PORT}, plus --port-offset)",
     )
     demo.set_defaults(func=cmd_demo)
     return parser
@@ -343,7 +362,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
     try:
-        return _run_async(run_demo(args.config, args.kubeconfig))
+        return _run_async(
+            run_demo(args.config, args.kubeconfig, args.port_offset, args.control_port)
+        )
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
         return 1

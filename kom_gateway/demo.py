@@ -1,22 +1,32 @@
 """`kom-gateway demo`: simulated apiserver groups + the gateway, in one process.
 
-Starts the groups named in config/demo.yaml on their ports, the gateway in front of them,
-writes a kubeconfig, and prints which group served what as traffic arrives.
+Starts the groups named in config/demo.yaml on their ports, the simulator's control API
+(to break a group and watch the fallback), the gateway in front of them with an access
+log of its own, writes a kubeconfig, and prints which group answered what as traffic
+arrives (from that access log: where each request was routed, who answered, and why,
+fallbacks included). `--port-offset N` moves every port by N (through a copy of the
+config in the demo's own directory); everything it writes is removed when it stops.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import yaml
 
 from kom_gateway.config import load_config_file
 from kom_gateway.config.model import Address
 from kom_gateway.proxy.server import RunOptions, run_gateway
-from kom_gateway.requestinfo import parse_request
 from kom_gateway.sim.auth import SimSecurity
-from kom_gateway.sim.server import Simulator, served_key
+from kom_gateway.sim.faults import CONTROL_PORT
+from kom_gateway.sim.server import Simulator
 
 KUBECONFIG = """apiVersion: v1
 kind: Config
@@ -72,29 +82,115 @@ async def start_simulator(
     return sim
 
 
-async def run_demo(config_path: str | None = None, kubeconfig_path: str | None = None) -> int:
-    """The demo. Its kubeconfig goes to `kubeconfig_path`, else to a directory of its
-    own (never a fixed path another demo or a test run would overwrite), and is removed
-    when the demo stops."""
+def moved_config(path: str, offset: int, out_dir: Path) -> str:
+    """A copy of the config at `path` with every port (listen, admin, endpoints) moved by
+    `offset`, written to `out_dir`; its relative file paths still resolve."""
+    data: dict[str, Any] = yaml.safe_load(Path(path).read_text()) or {}
+
+    def moved(address: str) -> str:
+        host, _, port = address.rpartition(":")
+        return f"{host}:{int(port) + offset}"
+
+    for section in ("listen", "admin"):
+        if isinstance(data.get(section), dict) and "address" in data[section]:
+            data[section]["address"] = moved(str(data[section]["address"]))
+    for group in (data.get("groups") or {}).values():
+        urls = []
+        for url in group.get("endpoints", []):
+            parts = urlsplit(url)
+            urls.append(urlunsplit(parts._replace(netloc=moved(parts.netloc))))
+        group["endpoints"] = urls
+    copy = out_dir / Path(path).name
+    copy.write_text(f"# {path}, every port moved by {offset} (kom-gateway demo)\n"
+                    + yaml.safe_dump(data, sort_keys=False))  # fmt: skip
+    return str(copy)
+
+
+class LiveView:
+    """The demo's running account, from the gateway's access log: per second, what each
+    group answered, and where a request was routed but answered elsewhere (fallback)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self.totals: dict[tuple[str, str, str], int] = {}
+
+    def lines(self) -> list[str]:
+        if not self.path.exists():
+            return []
+        with self.path.open("rb") as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        complete = chunk[: chunk.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        counts: dict[tuple[str, str, str], int] = {}
+        for raw in complete.splitlines():
+            try:
+                r = json.loads(raw)
+            except ValueError:
+                continue
+            sub = f"/{r['subresource']}" if r["subresource"] else ""
+            what = r["path"] or r["resource"] + sub
+            routed = ""
+            if r["fallback"]:
+                routed = f"  [routed to {r['chosenGroup']}; fell back: {r['fallback']}]"
+            elif r["answeredBy"] == "gateway":
+                routed = f"  [{r['status']} from the gateway]"
+            key = (r["answeredBy"], f"{r['verb']} {what}", routed)
+            counts[key] = counts.get(key, 0) + 1
+        out = []
+        for key, count in counts.items():
+            total = self.totals[key] = self.totals.get(key, 0) + count
+            answered, what, routed = key
+            out.append(f"  {answered:<8} <- {what}  (+{count}, total {total}){routed}")
+        return out
+
+
+async def run_demo(
+    config_path: str | None = None,
+    kubeconfig_path: str | None = None,
+    port_offset: int = 0,
+    control_port: int | None = None,
+) -> int:
+    """The demo. What it writes (kubeconfig, access log, a moved config) goes to a
+    directory of its own (never a fixed path another demo or a test run would
+    overwrite; the kubeconfig to `kubeconfig_path` if given), removed when it stops."""
+    own_dir = Path(tempfile.mkdtemp(prefix="kom-gateway-demo-"))
+    try:
+        control = CONTROL_PORT + port_offset if control_port is None else control_port
+        return await _demo(config_path, kubeconfig_path, port_offset, control, own_dir)
+    finally:
+        shutil.rmtree(own_dir, ignore_errors=True)
+
+
+async def _demo(
+    config_path: str | None,
+    kubeconfig_path: str | None,
+    port_offset: int,
+    control_port: int,
+    own_dir: Path,
+) -> int:
     path = config_path or find_demo_config()
+    if port_offset:
+        path = moved_config(path, port_offset, own_dir)
     config = load_config_file(path)
-    sim = await start_simulator(path, control_port=0)
+    sim = await start_simulator(path, control_port=control_port)
+    access_log = own_dir / "access.log"
     started: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
-    gateway = asyncio.ensure_future(run_gateway(RunOptions(path), started))
+    gateway = asyncio.ensure_future(
+        run_gateway(RunOptions(path, access_log=str(access_log)), started)
+    )
     port, admin_port = await started
     address = Address(config.listen.host, port)
-    own_dir: Path | None = None
-    if kubeconfig_path:
-        kubeconfig = Path(kubeconfig_path)
-    else:
-        own_dir = Path(tempfile.mkdtemp(prefix="kom-gateway-demo-"))
-        kubeconfig = own_dir / "kubeconfig"
+    kubeconfig = Path(kubeconfig_path) if kubeconfig_path else own_dir / "kubeconfig"
     kubeconfig.write_text(KUBECONFIG.format(address=address))
     groups = ", ".join(f"{g.name} :{g.port}" for g in sim.groups.values())
+    control = f"http://127.0.0.1:{control_port}"
     print(
         f"""
 Simulated apiserver groups (one shared store): {groups}
 Gateway: http://{address}   metrics: http://{config.admin.host}:{admin_port}/metrics
+Config: {path} (edit it while the demo runs: the reload is logged below, in words)
 
 Try, in another shell:
   export KUBECONFIG={kubeconfig}
@@ -105,31 +201,32 @@ Try, in another shell:
   curl -s --http2-prior-knowledge -A 'kubelet/v1.31.0' http://{address}/api/v1/pods
                                            # as another program: kubectl cannot change its
                                            # User-Agent, curl -A can
-  kom-gateway route --config {path} --user-agent kubelet/v1.31 --client 10.0.0.7 GET /api/v1/pods
 
-Who served what (updates live; Ctrl-C to stop):""",
+Break a group and watch the fallback (the simulator's control API, {control}):
+  curl -s -X POST {control}/groups/pod/down     # pod's apiserver goes away
+  kubectl get pods                              # still answered, by default
+  curl -s -X POST {control}/groups/pod/up       # and back
+  curl -s -X PUT -d '{{"status_override": 500}}' {control}/groups/config/faults
+  curl -s -X POST {control}/reset               # every fault off
+  curl -s {control}/groups                      # each group's faults and counters
+
+Every request is in the access log: {access_log}
+  kom-gateway plan {access_log}         # what a cut-over would move
+  kom-gateway route --config {path} --log-line "$(tail -1 {access_log})"
+
+Who answered what (updates live; Ctrl-C to stop):""",
         flush=True,
     )
     logging.getLogger("kom_gateway.proxy.gateway").setLevel(logging.INFO)  # reloads, in words
-    seen = 0  # sequence number of the last request shown
+    view = LiveView(access_log)
     try:
         while not gateway.done():
             await asyncio.sleep(1.0)
-            # in the order they arrived: the last second's requests, counted per kind
-            counts: dict[tuple[str, str], int] = {}
-            for entry in list(sim.requests):
-                if entry["seq"] <= seen or "readyz" in entry["target"]:  # probes: ours
-                    continue
-                key = (entry["group"], served_key(parse_request(entry["method"], entry["target"])))
-                counts[key] = counts.get(key, 0) + 1
-            seen = sim.request_count
-            for (name, what), count in counts.items():
-                total = sim.groups[name].served.get(what, 0)
-                print(f"  {name:<8} <- {what}  (+{count}, total {total})", flush=True)
+            for line in view.lines():
+                print(line, flush=True)
     finally:
         gateway.cancel()
         await sim.close()
-        kubeconfig.unlink(missing_ok=True)
-        if own_dir is not None:
-            own_dir.rmdir()
+        if kubeconfig_path:
+            kubeconfig.unlink(missing_ok=True)
     return 0

@@ -48,3 +48,35 @@ def test_probes_and_security_defaults():
     assert v["securityContext"]["readOnlyRootFilesystem"] is True
     assert v["podSecurityContext"]["runAsNonRoot"] is True
     assert v["configReload"] in ("live", "checksum")
+
+
+def _values_leaves(values: dict, prefix: str = ""):
+    """Dotted keys of values.yaml as the chart README's table lists them (objects whose
+    fields go together, such as resources, as one row)."""
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        whole = path in ("config", "resources", "podSecurityContext", "securityContext")
+        if isinstance(value, dict) and value and not whole:
+            yield from _values_leaves(value, path + ".")
+        else:
+            yield path, value
+
+
+def test_the_chart_readme_lists_every_value_with_its_default():
+    """helm-docs' convention: a Values table, kept equal to values.yaml by this test."""
+    import json
+
+    import yaml
+
+    chart = Path(__file__).resolve().parent.parent / "charts" / "kom-gateway"
+    values = yaml.safe_load((chart / "values.yaml").read_text())
+    rows = {}
+    for line in (chart / "README.md").read_text().splitlines():
+        if line.startswith("| `"):
+            key, default = (cell.strip() for cell in line.split("|")[1:3])
+            rows[key.strip("`")] = default.strip("`")
+    expected = dict(_values_leaves(values))
+    assert set(rows) == set(expected)
+    for key, value in expected.items():
+        if key != "config":
+            assert json.loads(rows[key]) == value, key

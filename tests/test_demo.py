@@ -25,15 +25,17 @@ cutover:
 
 def test_demo_runs_and_shows_who_served_what(tmp_path):
     ports = {"gw": free_port(), "admin": free_port(), "d": free_port(), "p": free_port()}
+    control = free_port()
     config = tmp_path / "demo.yaml"
     config.write_text(DEMO.format(**ports))
     log = tmp_path / "demo.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "kom_gateway", "demo", "--config", str(config)],
+        proc = subprocess.Popen([sys.executable, "-m", "kom_gateway", "demo", "--config", str(config),
+                                 "--control-port", str(control)],
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 20
-        while "Who served what" not in log.read_text():
+        while "Who answered what" not in log.read_text():
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.1)
         text = log.read_text()
@@ -47,6 +49,22 @@ def test_demo_runs_and_shows_who_served_what(tmp_path):
         while "pod      <- list pods" not in log.read_text():
             assert time.monotonic() < deadline + 10, log.read_text()
             time.sleep(0.1)
+        # break the pod group as the demo says, and watch the fallback in the live view
+        assert f"curl -s -X POST http://127.0.0.1:{control}/groups/pod/down" in text
+        post(f"http://127.0.0.1:{control}/groups/pod/down")
+        with urllib.request.urlopen(request, timeout=10) as r:
+            assert r.headers["X-Kom-Sim-Group"] == "default"  # answered all the same
+        while "[routed to pod; fell back:" not in log.read_text():
+            assert time.monotonic() < deadline + 20, log.read_text()
+            time.sleep(0.1)
+        assert "default  <- list pods" in log.read_text()
+        post(f"http://127.0.0.1:{control}/reset")
+        # the access log it writes is there for `plan` and `route --log-line`
+        access_log = Path(text.split("kom-gateway plan ")[1].split()[0])
+        assert access_log.parent == kubeconfig.parent
+        plan = subprocess.run([sys.executable, "-m", "kom_gateway", "plan", str(access_log)],
+                              capture_output=True, text=True, timeout=30)
+        assert plan.returncode == 0 and "kubectl" in plan.stdout, plan.stdout + plan.stderr
         # an edit while it runs: the live view shows what changed, in words
         config.write_text(DEMO.format(**ports).replace("{pod: 100}", "{pod: 50}"))
         while "generation 2 applied" not in log.read_text():
@@ -56,4 +74,37 @@ def test_demo_runs_and_shows_who_served_what(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(10)
-    assert not kubeconfig.exists()  # what it wrote is gone with it
+    assert not kubeconfig.parent.exists()  # what it wrote is gone with it
+
+
+def post(url: str) -> None:
+    with urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=10):
+        pass
+
+
+def test_demo_ports_move_with_port_offset(tmp_path):
+    """Something else on 8443: `--port-offset N` moves all of the demo's ports."""
+    base = {"gw": free_port(), "admin": free_port(), "d": free_port(), "p": free_port()}
+    offset = 7
+    config = tmp_path / "demo.yaml"
+    config.write_text(DEMO.format(**{k: v - offset for k, v in base.items()}))
+    log = tmp_path / "demo.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "kom_gateway", "demo", "--config", str(config),
+                                 "--port-offset", str(offset), "--control-port", str(free_port())],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while "Who answered what" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        text = log.read_text()
+        assert f"http://127.0.0.1:{base['gw']}" in text and f":{base['p']}" in text
+        request = urllib.request.Request(f"http://127.0.0.1:{base['gw']}/api/v1/pods",
+                                         headers={"User-Agent": "kubectl/v1.31.0"})
+        with urllib.request.urlopen(request, timeout=10) as r:
+            assert r.headers["X-Kom-Sim-Group"] == "pod"
+        assert config.read_text() == DEMO.format(**{k: v - offset for k, v in base.items()})
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(10)

@@ -45,7 +45,12 @@ def describe_changes(
     lines += _fields("timeouts", old.timeouts, new.timeouts, TIMEOUT_KEYS)
     lines += _fields("health", old.health, new.health, HEALTH_KEYS)
     lines += _named_fields("upstream.tls", old.upstream_tls, new.upstream_tls, UPSTREAM_TLS_KEYS)
-    lines += _named_fields("accessLog", old.access_log, new.access_log, ACCESS_LOG_KEYS)
+    lines += (
+        f"{line} (not applied: {overridden['accessLog']} overrides it)"
+        if "accessLog" in overridden
+        else line
+        for line in _named_fields("accessLog", old.access_log, new.access_log, ACCESS_LOG_KEYS)
+    )
     if old.answered_by_header != new.answered_by_header:
         lines.append(
             f"debug.answeredByHeader: {old.answered_by_header or 'off'} -> "

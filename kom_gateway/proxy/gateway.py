@@ -16,6 +16,7 @@ from collections.abc import Callable
 from kom_gateway.config import Config, ConfigError, load_config_file
 from kom_gateway.config.diff import describe_changes
 from kom_gateway.config.holder import ConfigHolder, ReloadResult
+from kom_gateway.config.model import AccessLogSettings
 from kom_gateway.http import engine as engines
 from kom_gateway.overload.admission import Admission
 from kom_gateway.overload.load import LoadMeter, goaway_chance
@@ -39,8 +40,10 @@ class Gateway:
         metrics: Metrics | None = None,
         engine: str | None = None,
         overridden: dict[str, str] | None = None,
+        access_log: AccessLogSettings | None = None,
     ) -> None:
         self.holder = holder
+        self._access_log_override = access_log  # in place of every config's accessLog
         self.overridden = overridden or {}  # config keys a command-line flag replaces
         self.metrics = metrics or Metrics()
         # the HTTP/2 engine of both sides: --engine, else the config's http2.engine
@@ -51,7 +54,7 @@ class Gateway:
         self._percent_labels: set[tuple[str, str]] = set()
         self._config_applied(holder.current.config, holder.current.generation)
         self.admission = Admission(holder.current.config.overload)
-        self.access_log = AccessLog(holder.current.config.access_log)
+        self.access_log = AccessLog(access_log or holder.current.config.access_log)
         self.recorder = OutcomeRecorder(self.metrics, self.access_log)
         self.context = ProxyContext(
             self.upstreams, self.metrics, self.recorder, self.admission.buffers
@@ -160,7 +163,7 @@ class Gateway:
             else:
                 result = self.holder.apply(config)
                 self.admission.configure(config.overload)
-                self.access_log.configure(config.access_log)
+                self.access_log.configure(self._access_log_override or config.access_log)
             if result.applied:
                 self.metrics.config_reloads.labels("applied").inc()
                 self._config_applied(config, result.generation)

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from kom_gateway import compiled
 from kom_gateway.config import ConfigError, ConfigHolder, load_config_file
-from kom_gateway.config.model import Address
+from kom_gateway.config.model import AccessLogSettings, Address
 from kom_gateway.config.tlscheck import tls_problems
 from kom_gateway.filewatch import FileSet
 from kom_gateway.http import admin
@@ -43,6 +43,7 @@ class RunOptions:
     handover: bool = True  # with reuse_port: take/hand over the listening sockets
     serve_admin: bool = True  # False in workers: the supervisor serves /metrics
     engine: str | None = None  # HTTP/2 engine (auto | nghttp2 | h2); None: the config's
+    access_log: str | None = None  # log every request here, whatever accessLog says (the demo)
 
 
 async def run_gateway(
@@ -56,9 +57,13 @@ async def run_gateway(
         "listen.address": "--listen" if options.listen else "",
         "admin.address": "--admin" if options.admin else "",
         "http2.engine": "--engine" if options.engine else "",
+        "accessLog": "the demo's own access log" if options.access_log else "",
     }
     gateway = Gateway(
-        holder, engine=options.engine, overridden={k: v for k, v in flags.items() if v}
+        holder,
+        engine=options.engine,
+        overridden={k: v for k, v in flags.items() if v},
+        access_log=AccessLogSettings(True, options.access_log) if options.access_log else None,
     )
     serving_tls = None
     if config.listen_tls is not None:

@@ -414,15 +414,21 @@ _EVENT_COLUMNS = [
 
 
 def _event_cells(event: Obj) -> list[Any]:
-    involved = event.get("involvedObject", {})
-    seen = event.get("lastTimestamp") or event.get("eventTime") or ""
+    """A core/v1 or an events.k8s.io/v1 Event (one storage, two sets of field names)."""
+    involved = event.get("involvedObject") or event.get("regarding") or {}
+    seen = (
+        event.get("lastTimestamp")
+        or event.get("deprecatedLastTimestamp")
+        or event.get("eventTime")
+        or ""
+    )
     obj = f"{involved.get('kind', '').lower()}/{involved.get('name', '')}"
     return [
         _age(seen),
         event.get("type", ""),
         event.get("reason", ""),
         obj,
-        event.get("message", ""),
+        event.get("message", event.get("note", "")),
     ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 
@@ -15,6 +16,13 @@ class ResourceType:
     short_names: tuple[str, ...] = ()
     subresources: tuple[str, ...] = ()
     verbs: tuple[str, ...] = ()  # empty: the usual eight (VERBS)
+    # (group, resource) whose storage it shares, as kube-apiserver serves
+    # events.k8s.io/v1 Events from the core Events' storage (converted both ways)
+    stored_as: tuple[str, str] | None = None
+
+    @property
+    def storage(self) -> tuple[str, str]:
+        return self.stored_as or (self.group, self.resource)
 
     @property
     def api_version(self) -> str:
@@ -34,7 +42,7 @@ TYPES: tuple[ResourceType, ...] = (
     ResourceType("", "v1", "nodes", "Node", False, ("no",), ("status",)),
     ResourceType("", "v1", "namespaces", "Namespace", False, ("ns",), ("status", "finalize")),
     ResourceType("", "v1", "events", "Event", True, ("ev",)),
-    ResourceType("events.k8s.io", "v1", "events", "Event", True, ("ev",)),
+    ResourceType("events.k8s.io", "v1", "events", "Event", True, ("ev",), stored_as=("", "events")),
     ResourceType("coordination.k8s.io", "v1", "leases", "Lease", True),
     ResourceType("apps", "v1", "deployments", "Deployment", True, ("deploy",), ("status", "scale")),
     # `kubectl auth whoami`: answers with the user the request authenticated as
@@ -49,6 +57,54 @@ TYPES: tuple[ResourceType, ...] = (
 )
 
 BY_GROUP_RESOURCE = {(t.group, t.resource): t for t in TYPES}
+
+# events.k8s.io/v1 Event field <- core/v1 Event field (kube-apiserver's conversion)
+_EVENT_FIELDS = (
+    ("regarding", "involvedObject"),
+    ("note", "message"),
+    ("reportingController", "reportingComponent"),
+    ("reportingInstance", "reportingInstance"),
+    ("deprecatedSource", "source"),
+    ("deprecatedFirstTimestamp", "firstTimestamp"),
+    ("deprecatedLastTimestamp", "lastTimestamp"),
+    ("deprecatedCount", "count"),
+    ("eventTime", "eventTime"),
+    ("series", "series"),
+    ("action", "action"),
+    ("reason", "reason"),
+    ("related", "related"),
+    ("type", "type"),
+)
+
+
+def to_storage(rt: ResourceType, obj: dict) -> dict:
+    """An object of `rt` as its storage keeps it (itself, unless `rt` shares another's)."""
+    if rt.stored_as is None:
+        return obj
+    stored = BY_GROUP_RESOURCE[rt.stored_as]
+    out = {
+        "apiVersion": stored.api_version,
+        "kind": stored.kind,
+        "metadata": obj.get("metadata", {}),
+    }
+    for ours, theirs in _EVENT_FIELDS:
+        if ours in obj:
+            out[theirs] = obj[ours]
+    return out
+
+
+def from_storage(rt: ResourceType, obj: dict) -> dict:
+    """A stored object as `rt` shows it (a converted copy when `rt` shares a storage)."""
+    if rt.stored_as is None:
+        return obj
+    out = {"apiVersion": rt.api_version, "kind": rt.kind,
+           "metadata": copy.deepcopy(obj.get("metadata", {}))}  # fmt: skip
+    for ours, theirs in _EVENT_FIELDS:
+        if theirs in obj:
+            out[ours] = obj[theirs]
+    return out
+
+
 GROUP_VERSIONS = {t.group: t.version for t in TYPES}
 
 

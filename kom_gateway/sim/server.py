@@ -14,7 +14,7 @@ import logging
 import random
 import ssl
 from collections import Counter, deque
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -39,35 +39,13 @@ from kom_gateway.sim.api import (
     status_reply,
 )
 from kom_gateway.sim.auth import ANONYMOUS, UNAUTHENTICATED, Authenticator, Unauthorized, UserInfo
+from kom_gateway.sim.faults import Faults
 from kom_gateway.sim.store import ApiError, Store, WatchEvent
 
 log = logging.getLogger(__name__)
 GROUP_HEADER = "x-kom-sim-group"
 MAX_BODY = 3 * 1024 * 1024
 MAX_WATCH_BACKLOG = 10000  # events queued for one slow watcher before it is dropped
-
-
-@dataclass
-class Faults:
-    latency: float = 0.0  # seconds before answering
-    capacity: int = 0  # with latency: requests in that wait at once, the rest queue (0: no cap)
-    throttle: float = 0.0  # share of requests answered 429 + Retry-After
-    retry_after: int = 1
-    goaway_chance: float = 0.0  # per HTTP/2 request: graceful GOAWAY of its connection
-    reset_mid_body: bool = False  # GET/LIST/WATCH/log responses are reset after the first chunk
-    reset_after_headers: bool = False  # GET/LIST: response headers, then a reset (no body)
-    reset_before_headers: bool = False  # read the request, then reset without answering
-    refuse_streams: bool = False  # HTTP/2 RST_STREAM(REFUSED_STREAM): "not processed"
-    status_override: int = 0  # answer every resource request with this status
-    readyz_status: int = 0  # answer /readyz with this status (a failing readiness check)
-    reset_mid_event: bool = False  # watches: half of the first event, then a reset
-
-    def update(self, values: dict[str, Any]) -> None:
-        known = {f.name: f.type for f in fields(self)}
-        for key, value in values.items():
-            if key not in known:
-                raise ValueError(f"unknown fault {key!r} (known: {', '.join(known)})")
-            setattr(self, key, type(getattr(self, key))(value))
 
 
 def served_key(info: RequestInfo) -> str:
@@ -544,4 +522,6 @@ class Simulator:
         for group in self.groups.values():
             group.served.clear()
             group.faults = Faults()
+            if group.down:
+                await self.set_down(group.name, False)
         return web.json_response({"reset": True})

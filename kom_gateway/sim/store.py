@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from kom_gateway.sim.resources import ResourceType
+from kom_gateway.sim.resources import BY_GROUP_RESOURCE, ResourceType, from_storage, to_storage
 
 Obj = dict[str, Any]
 GroupResource = tuple[str, str]
@@ -90,13 +90,16 @@ class Store:
 
     # -- reads ---------------------------------------------------------------------------
     def get(self, rt: ResourceType, namespace: str, name: str) -> Obj:
-        obj = self.objects.get((rt.group, rt.resource), {}).get((namespace, name))
+        obj = self.objects.get(rt.storage, {}).get((namespace, name))
         if obj is None:
             raise not_found(rt, name)
-        return obj
+        return from_storage(rt, obj)
 
     def list(self, rt: ResourceType, namespace: str) -> list[Obj]:
-        objects = self.objects.get((rt.group, rt.resource), {})
+        return [from_storage(rt, o) for o in self._stored(rt, namespace)]
+
+    def _stored(self, rt: ResourceType, namespace: str) -> list[Obj]:
+        objects = self.objects.get(rt.storage, {})
         items = [o for (ns, _), o in objects.items() if not namespace or ns == namespace]
         items.sort(key=lambda o: (o["metadata"].get("namespace", ""), o["metadata"]["name"]))
         return items
@@ -120,27 +123,33 @@ class Store:
             meta["namespace"] = namespace
         else:
             meta.pop("namespace", None)
-        if (namespace, name) in self.objects.get((rt.group, rt.resource), {}):
+        if (namespace, name) in self.objects.get(rt.storage, {}):
             raise ApiError(
                 409,
                 "AlreadyExists",
                 f'{_gr_text(rt)} "{name}" already exists',
                 {"name": name, "group": rt.group, "kind": rt.resource},
             )
-        obj["apiVersion"] = rt.api_version
-        obj["kind"] = rt.kind
+        obj = to_storage(rt, obj)
+        stored = BY_GROUP_RESOURCE[rt.storage]
+        obj["apiVersion"] = stored.api_version
+        obj["kind"] = stored.kind
+        meta = obj["metadata"]
         meta["uid"] = str(uuid.uuid4())
         meta["creationTimestamp"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         meta["generation"] = 1
         meta.pop("resourceVersion", None)
         if rt.resource == "namespaces":
             obj.setdefault("status", {"phase": "Active"})
-        return self._put((rt.group, rt.resource), namespace, name, "ADDED", obj)
+        return from_storage(rt, self._put(rt.storage, namespace, name, "ADDED", obj))
 
     def update(
         self, rt: ResourceType, namespace: str, name: str, obj: Obj, subresource: str = ""
     ) -> Obj:
-        current = self.get(rt, namespace, name)
+        current = self.objects.get(rt.storage, {}).get((namespace, name))
+        if current is None:
+            raise not_found(rt, name)
+        obj = to_storage(rt, obj)
         meta = obj.setdefault("metadata", {})
         if meta.get("name", name) != name:
             raise ApiError(400, "BadRequest", "the name of the object does not match the URL")
@@ -167,16 +176,16 @@ class Store:
                     new["metadata"].pop(key)
             if new.get("spec") != current.get("spec"):
                 new["metadata"]["generation"] = current["metadata"].get("generation", 1) + 1
-        return self._put((rt.group, rt.resource), namespace, name, "MODIFIED", new)
+        return from_storage(rt, self._put(rt.storage, namespace, name, "MODIFIED", new))
 
     def delete(self, rt: ResourceType, namespace: str, name: str) -> Obj:
-        current = self.get(rt, namespace, name)
-        del self.objects[(rt.group, rt.resource)][(namespace, name)]
+        self.get(rt, namespace, name)  # (404 if it is not there)
+        current = self.objects[rt.storage].pop((namespace, name))
         gone = copy.deepcopy(current)
         self.rv += 1
         gone["metadata"]["resourceVersion"] = str(self.rv)
-        self._publish(WatchEvent(self.rv, (rt.group, rt.resource), "DELETED", gone))
-        return gone
+        self._publish(WatchEvent(self.rv, rt.storage, "DELETED", gone))
+        return from_storage(rt, gone)
 
     # -- watch ---------------------------------------------------------------------------
     def watch(
@@ -191,10 +200,16 @@ class Store:
 
         Raises ApiError 410 Expired when `since_rv` is older than the kept history.
         """
-        gr = (rt.group, rt.resource)
+        gr = rt.storage
+        if rt.stored_as is not None:  # each event shown as this type shows it
+            shown = deliver
+
+            def deliver(event: WatchEvent) -> None:
+                shown(WatchEvent(event.rv, event.gr, event.type, from_storage(rt, event.obj)))
+
         watcher = Watcher(self, gr, namespace, predicate, deliver)
         if since_rv is None:
-            for obj in self.list(rt, namespace):
+            for obj in self._stored(rt, namespace):
                 watcher.offer(WatchEvent(int(obj["metadata"]["resourceVersion"]), gr, "ADDED", obj))
         else:
             if since_rv < self.oldest_rv() - 1:
