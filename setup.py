@@ -2,7 +2,7 @@
 they can be, skipped with a warning when they cannot, and the package then runs on its
 pure-Python fallbacks.
 
-- The nghttp2 engine (kom_gateway/http/_nghttp2.pyx, Cython). It declares the part of
+- The nghttp2 engine (kom_gateway/http/nghttp2/_nghttp2.pyx, Cython). It declares the part of
   libnghttp2's ABI it uses itself and links the runtime library `libnghttp2.so.14`
   (installed wherever curl is), so no -dev package is needed. Without it: the `h2` engine.
 - The compiled core (kom_gateway/compiled.py lists the modules): the request path's
@@ -45,8 +45,8 @@ def nghttp2_engine() -> list[Extension]:
     return cythonize(
         [
             Extension(
-                "kom_gateway.http._nghttp2",
-                ["kom_gateway/http/_nghttp2.pyx"],
+                "kom_gateway.http.nghttp2._nghttp2",
+                ["kom_gateway/http/nghttp2/_nghttp2.pyx"],
                 extra_compile_args=["-O2"],
                 extra_link_args=["-l:libnghttp2.so.14"],
                 optional=True,

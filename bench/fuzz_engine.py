@@ -1,4 +1,4 @@
-"""Coverage-guided fuzzing of the nghttp2 binding (kom_gateway/http/_nghttp2.pyx), server
+"""Coverage-guided fuzzing of the nghttp2 binding (kom_gateway/http/nghttp2/_nghttp2.pyx), server
 and client side, with atheris (libFuzzer for Python and native code).
 
     python bench/fuzz_engine.py --seconds 60          # exit 0: nothing crashed
@@ -37,8 +37,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PYX = ROOT / "kom_gateway" / "http" / "_nghttp2.pyx"
-MODULE = "kom_gateway.http._nghttp2"
+PYX = ROOT / "kom_gateway" / "http" / "nghttp2" / "_nghttp2.pyx"
+MODULE = "kom_gateway.http.nghttp2._nghttp2"
 BUILD_ENV = "KOM_FUZZ_BINDING"  # path of the instrumented build, for the re-executed run
 CLANGS = ("clang", "clang-19", "clang-16", "clang-15", "clang-14")
 
@@ -79,7 +79,7 @@ def load_binding(path: Path | None) -> object:
         sys.modules[MODULE] = module
         spec.loader.exec_module(module)
         return module
-    from kom_gateway.http import _nghttp2
+    from kom_gateway.http.nghttp2 import _nghttp2
 
     return _nghttp2
 

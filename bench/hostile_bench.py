@@ -20,7 +20,7 @@
   `--no-handover` (a socket of its own). Reported: resets, refusals and 200s.
 - **burst-rss**: the gateway's RSS idle, after a burst of hostile connections (rapid
   resets, stalled readers of a large LIST, PING floods), 10 s after it, and 75 s after
-  it, once the gateway has given freed memory back (`kom_gateway/memtrim.py`, at most
+  it, once the gateway has given freed memory back (`kom_gateway/server/memtrim.py`, at most
   once a minute).
 
 Everything on 127.0.0.1; every process is stopped at the end.
@@ -252,7 +252,7 @@ def burst_rss_run(root: Path) -> dict:
         after = rss_kib(pid)
         time.sleep(10)
         settled = rss_kib(pid)
-        time.sleep(65)  # the gateway trims at most once a minute (memtrim.py)
+        time.sleep(65)  # the gateway trims at most once a minute (server/memtrim.py)
         return {"idle_kib": idle, "after_burst_kib": after, "10s_later_kib": settled,
                 "75s_later_kib": rss_kib(pid)}  # fmt: skip
     finally:

@@ -331,7 +331,7 @@ def stream_list(url: str) -> float:
 
 async def hold_watches(port: int, count: int, per_connection: int = 100) -> list:
     sys.path.insert(0, str(ROOT))
-    from kom_gateway.http.h2client import H2ClientConnection
+    from kom_gateway.http.h2.client import H2ClientConnection
     from kom_gateway.http.settings import H2ClientSettings
 
     class Sink:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kom_gateway.config import load_config_file
-from kom_gateway.requestinfo import parse_request
+from kom_gateway.kube.requestinfo import parse_request
 from kom_gateway.routing import Client
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -32,8 +32,8 @@ from types import ModuleType
 # What a proxied request runs in Python. setup.py reads this list.
 # (overload/policy.py is not here: mypyc mishandles its frozen dataclasses' defaults.)
 MODULES = (
-    "kom_gateway.requestinfo",
-    "kom_gateway.identity",
+    "kom_gateway.kube.requestinfo",
+    "kom_gateway.kube.identity",
     "kom_gateway.tokenbucket",
     "kom_gateway.config.holder",
     "kom_gateway.routing.claims",
@@ -62,9 +62,9 @@ MODULES = (
     "kom_gateway.http.transport",
     "kom_gateway.http.serverconn",
     "kom_gateway.http.client",
-    "kom_gateway.http.ngsession",
-    "kom_gateway.http.ngserver",
-    "kom_gateway.http.ngclient",
+    "kom_gateway.http.nghttp2.session",
+    "kom_gateway.http.nghttp2.server",
+    "kom_gateway.http.nghttp2.client",
 )
 GROUP = "kom_gateway_core"  # mypyc's group name: its runtime is `kom_gateway_core__mypyc`
 MANIFEST = "_compiled.json"  # in the package: {"sources": {module: SHA-256 of its source}}

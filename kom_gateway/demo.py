@@ -23,7 +23,7 @@ import yaml
 
 from kom_gateway.config import load_config_file
 from kom_gateway.config.model import Address
-from kom_gateway.proxy.server import RunOptions, run_gateway
+from kom_gateway.server.run import RunOptions, run_gateway
 from kom_gateway.sim.auth import SimSecurity
 from kom_gateway.sim.faults import CONTROL_PORT
 from kom_gateway.sim.server import Simulator

@@ -12,7 +12,7 @@ import h2.config
 import h2.errors
 import h2.events
 
-from kom_gateway.http.h2conn import GracefulH2Connection
+from kom_gateway.http.h2.conn import GracefulH2Connection
 
 REFUSED = "refused"  # not processed: safe to retry, as Go does
 

@@ -16,12 +16,12 @@ from hyperframe.frame import Frame, GoAwayFrame
 
 from kom_gateway.config import ConfigHolder, load_config_text
 from kom_gateway.http.client import ClientStream
-from kom_gateway.http.h2client import H2ClientConnection
-from kom_gateway.http.h2conn import GracefulH2Connection
+from kom_gateway.http.h2.client import H2ClientConnection
+from kom_gateway.http.h2.conn import GracefulH2Connection
 from kom_gateway.http.listener import Listener
 from kom_gateway.http.settings import H2ClientSettings
 from kom_gateway.proxy.gateway import Gateway
-from kom_gateway.proxy.server import new_listener
+from kom_gateway.server.run import new_listener
 from kom_gateway.sim.server import Simulator
 
 GROUPS = ("default", "pod", "config", "event")

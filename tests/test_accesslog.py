@@ -10,9 +10,9 @@ from harness import FAST_HEALTH, Stack
 
 from kom_gateway.config import ConfigError, load_config_text
 from kom_gateway.config.model import AccessLogSettings
+from kom_gateway.kube.requestinfo import parse_request
 from kom_gateway.proxy.accesslog import access_record, wanted
 from kom_gateway.proxy.outcome import Outcome
-from kom_gateway.requestinfo import parse_request
 from kom_gateway.routing.cutover import Client
 from kom_gateway.routing.router import Decision
 

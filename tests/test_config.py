@@ -16,7 +16,7 @@ from kom_gateway.config import (
     load_config_file,
     load_config_text,
 )
-from kom_gateway.requestinfo import parse_request
+from kom_gateway.kube.requestinfo import parse_request
 from kom_gateway.routing import Client
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -442,7 +442,7 @@ def _every_key_and_a_change() -> list[tuple[str, dict]]:
     outside groups, cut-over rules and overload rules (whose own lines are tested above)."""
     import dataclasses
 
-    from kom_gateway.config import schema
+    from kom_gateway.config import keys as schema
     from kom_gateway.config.model import (
         Health,
         Http2Downstream,

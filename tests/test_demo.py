@@ -28,16 +28,9 @@ def test_demo_runs_and_shows_who_served_what(tmp_path):
     control = free_port()
     config = tmp_path / "demo.yaml"
     config.write_text(DEMO.format(**ports))
-    log = tmp_path / "demo.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "kom_gateway", "demo", "--config", str(config),
-                                 "--control-port", str(control)],
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc, log = start_demo(tmp_path, "--config", str(config), "--control-port", str(control))
     try:
         deadline = time.monotonic() + 20
-        while "Who answered what" not in log.read_text():
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
         text = log.read_text()
         assert "export KUBECONFIG=" in text and f"http://127.0.0.1:{ports['gw']}" in text
         kubeconfig = Path(text.split("export KUBECONFIG=")[1].split()[0])
@@ -77,6 +70,22 @@ def test_demo_runs_and_shows_who_served_what(tmp_path):
     assert not kubeconfig.parent.exists()  # what it wrote is gone with it
 
 
+def start_demo(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, Path]:
+    """`kom-gateway demo ARGS`, once it has printed its instructions (output in a file)."""
+    log = tmp_path / "demo.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "kom_gateway", "demo", *args],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 20
+    while "Who answered what" not in log.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+            raise AssertionError(log.read_text())
+        time.sleep(0.1)
+    return proc, log
+
+
 def post(url: str) -> None:
     with urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=10):
         pass
@@ -88,16 +97,9 @@ def test_demo_ports_move_with_port_offset(tmp_path):
     offset = 7
     config = tmp_path / "demo.yaml"
     config.write_text(DEMO.format(**{k: v - offset for k, v in base.items()}))
-    log = tmp_path / "demo.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "kom_gateway", "demo", "--config", str(config),
-                                 "--port-offset", str(offset), "--control-port", str(free_port())],
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc, log = start_demo(tmp_path, "--config", str(config), "--port-offset", str(offset),
+                           "--control-port", str(free_port()))  # fmt: skip
     try:
-        deadline = time.monotonic() + 20
-        while "Who answered what" not in log.read_text():
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
         text = log.read_text()
         assert f"http://127.0.0.1:{base['gw']}" in text and f":{base['p']}" in text
         request = urllib.request.Request(f"http://127.0.0.1:{base['gw']}/api/v1/pods",

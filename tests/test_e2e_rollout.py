@@ -26,7 +26,7 @@ import pytest
 import yaml
 from e2e import Cluster, Process, need
 
-from kom_gateway.identity import token_identity
+from kom_gateway.kube.identity import token_identity
 from kom_gateway.rollout.state import rollout_key
 from kom_gateway.routing.cutover import Client
 

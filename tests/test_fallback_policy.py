@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from kom_gateway.kubestatus import status_body
+from kom_gateway.kube.requestinfo import parse_request
+from kom_gateway.kube.status import status_body
 from kom_gateway.proxy.fallback import (
     GOAWAY_RETRIES,
     Failure,
@@ -16,7 +17,6 @@ from kom_gateway.proxy.headers import (
     status_headers,
     upstream_request_headers,
 )
-from kom_gateway.requestinfo import parse_request
 
 GET_PODS = ("GET", parse_request("GET", "/api/v1/pods"))
 WATCH = ("GET", parse_request("GET", "/api/v1/pods?watch=1"))

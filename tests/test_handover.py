@@ -2,7 +2,7 @@
 
 import socket
 
-from kom_gateway.http.handover import listeners_on, others_listening
+from kom_gateway.server.handover import listeners_on, others_listening
 
 TABLE = """\
   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
@@ -44,7 +44,7 @@ async def test_a_replacement_is_handed_the_very_listening_socket():
     import asyncio
     import os
 
-    from kom_gateway.http.handover import SUPPORTED, HandoverServer, take_over
+    from kom_gateway.server.handover import SUPPORTED, HandoverServer, take_over
 
     if not SUPPORTED:
         return

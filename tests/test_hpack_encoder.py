@@ -7,8 +7,8 @@ from hpack import Decoder, NeverIndexedHeaderTuple
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kom_gateway.http import hpack_encoder
-from kom_gateway.http.hpack_encoder import StatelessEncoder, encode_field
+from kom_gateway.http.h2 import hpack_encoder
+from kom_gateway.http.h2.hpack_encoder import StatelessEncoder, encode_field
 
 REQUEST = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"10.0.0.1:6443"),
            (b":path", b"/api/v1/namespaces/default/pods?watch=1"),

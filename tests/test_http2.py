@@ -9,7 +9,7 @@ import h2.connection
 import pytest
 from harness import Collector, Stack
 
-from kom_gateway.http.h2client import H2ClientConnection
+from kom_gateway.http.h2.client import H2ClientConnection
 from kom_gateway.http.listener import Listener
 from kom_gateway.http.settings import H2ClientSettings, H2ServerSettings
 
@@ -61,7 +61,7 @@ async def test_pool_opens_connections_as_upstream_stream_limit_is_reached():
 
 
 def test_advertised_limits_are_applied_to_our_own_parser():
-    from kom_gateway.http.h2conn import make_connection
+    from kom_gateway.http.h2.conn import make_connection
 
     conn = make_connection(client_side=True, max_concurrent_streams=10, initial_window=65535,
                            max_frame_size=256 * 1024, max_header_list_size=1 << 20)

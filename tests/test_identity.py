@@ -22,12 +22,12 @@ from harness import GROUPS, Collector, config_text
 
 from kom_gateway.config import ConfigHolder, load_config_text
 from kom_gateway.http.client import ConnectError
-from kom_gateway.http.h2client import H2ClientConnection
+from kom_gateway.http.h2.client import H2ClientConnection
 from kom_gateway.http.settings import H2ClientSettings
-from kom_gateway.http.tlsfiles import ServerTLSContext
-from kom_gateway.identity import CREDENTIAL_ID_KEY, identity_headers, peer_identity
+from kom_gateway.kube.identity import CREDENTIAL_ID_KEY, identity_headers, peer_identity
 from kom_gateway.proxy.gateway import Gateway
-from kom_gateway.proxy.server import new_listener
+from kom_gateway.server.run import new_listener
+from kom_gateway.server.tlsfiles import ServerTLSContext
 from kom_gateway.sim.auth import SimSecurity, Unauthorized
 from kom_gateway.sim.server import Simulator
 

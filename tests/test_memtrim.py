@@ -1,7 +1,7 @@
 """Returning memory freed after a burst (pure: RSS, clock and trim passed in)."""
 
-from kom_gateway import memtrim
-from kom_gateway.memtrim import INTERVAL, MIN_GROWTH, MemoryTrimmer
+from kom_gateway.server import memtrim
+from kom_gateway.server.memtrim import INTERVAL, MIN_GROWTH, MemoryTrimmer
 
 
 def test_trims_at_most_once_a_minute_and_only_above_the_floor():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-PYX = Path(__file__).parent.parent / "kom_gateway/http/_nghttp2.pyx"
+PYX = Path(__file__).parent.parent / "kom_gateway/http/nghttp2/_nghttp2.pyx"
 HEADER = Path("/usr/include/nghttp2/nghttp2.h")
 
 PROBE = r"""

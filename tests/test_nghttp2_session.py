@@ -19,7 +19,7 @@ if engines.nghttp2_missing() is not None:
         pytest.fail(f"the nghttp2 engine is not built: {engines.nghttp2_missing()}", pytrace=False)
     pytest.skip("the nghttp2 engine is not built", allow_module_level=True)
 
-from kom_gateway.http import _nghttp2 as ng
+from kom_gateway.http.nghttp2 import _nghttp2 as ng
 
 REQUEST = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"gw"),
            (b":path", b"/api/v1/namespaces/default/configmaps")]

@@ -7,6 +7,7 @@ import pytest
 
 from kom_gateway.config import ConfigError, load_config_text
 from kom_gateway.http.serverconn import connection_deadline
+from kom_gateway.kube.requestinfo import parse_request
 from kom_gateway.overload.admission import Admission, Rejection, Ticket
 from kom_gateway.overload.clientshare import ClientBuffers
 from kom_gateway.overload.load import (
@@ -23,7 +24,6 @@ from kom_gateway.overload.policy import (
 )
 from kom_gateway.overload.ratelimit import BucketSet, whole_seconds
 from kom_gateway.overload.retryafter import RetryAfter
-from kom_gateway.requestinfo import parse_request
 from kom_gateway.routing.claims import parse_claim
 from kom_gateway.routing.cutover import Client, Match
 from kom_gateway.routing.glob import Glob

@@ -15,7 +15,7 @@ from harness import EVERYONE_CUT_OVER, FAST_HEALTH, RawH2, Stack, config_text
 from kom_gateway.config import ConfigHolder, load_config_text
 from kom_gateway.http.serverconn import GOAWAY_PING, MAX_STREAM_ID
 from kom_gateway.proxy.gateway import Gateway
-from kom_gateway.proxy.server import RunOptions, drain, new_listener
+from kom_gateway.server.run import RunOptions, drain, new_listener
 
 pytestmark = pytest.mark.usefixtures("engine")  # both HTTP/2 engines
 

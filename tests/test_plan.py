@@ -7,10 +7,10 @@ import json
 
 from kom_gateway.cli import main
 from kom_gateway.config import load_config_text
+from kom_gateway.kube.requestinfo import parse_request
 from kom_gateway.plan import apiserver_flags, plan, read_access_log
 from kom_gateway.proxy.accesslog import access_record
 from kom_gateway.proxy.outcome import Outcome
-from kom_gateway.requestinfo import parse_request
 from kom_gateway.routing.cutover import Client, bucket_of
 from kom_gateway.routing.router import Decision
 

@@ -347,10 +347,10 @@ async def test_a_final_response_after_100_continue_is_the_answer(engine):
     from harness import Client
 
     from kom_gateway.config import ConfigHolder, load_config_text
-    from kom_gateway.http.h2client import H2ClientConnection
+    from kom_gateway.http.h2.client import H2ClientConnection
     from kom_gateway.http.settings import H2ClientSettings
     from kom_gateway.proxy.gateway import Gateway
-    from kom_gateway.proxy.server import new_listener
+    from kom_gateway.server.run import new_listener
 
     loop = asyncio.get_running_loop()
     upstream = await loop.create_server(_ContinueFirst, "127.0.0.1", 0)

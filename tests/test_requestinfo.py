@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kom_gateway.requestinfo import RequestInfo, parse_request
+from kom_gateway.kube.requestinfo import RequestInfo, parse_request
 
 # (method, target, verb, group, namespace, resource, subresource, name) — notes §1, verbatim.
 NOTES_TABLE = [
@@ -230,7 +230,7 @@ def test_fuzz_arbitrary_target_never_raises(target, method):
 
 
 def test_the_parse_cache_gives_what_parse_request_gives_and_stays_bounded():
-    from kom_gateway.requestinfo import ParseCache
+    from kom_gateway.kube.requestinfo import ParseCache
 
     cache = ParseCache(size=3, longest=40)
     first = cache.parse("GET", "/api/v1/namespaces/a/pods/p")

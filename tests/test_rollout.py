@@ -14,10 +14,10 @@ from prometheus_client import generate_latest
 
 from kom_gateway.config.loader import load_config_text
 from kom_gateway.config.model import AccessLogSettings
+from kom_gateway.kube.requestinfo import parse_request
 from kom_gateway.proxy.accesslog import AccessLog
 from kom_gateway.proxy.metrics import Metrics
 from kom_gateway.proxy.outcome import Outcome, OutcomeRecorder, moved_outcome
-from kom_gateway.requestinfo import parse_request
 from kom_gateway.rollout import machine
 from kom_gateway.rollout.edit import EditError, current_percent, set_percent
 from kom_gateway.rollout.guards import (

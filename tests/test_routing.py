@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kom_gateway.identity import parse_x509_identity, x509_identity
-from kom_gateway.requestinfo import parse_request
+from kom_gateway.kube.identity import parse_x509_identity, x509_identity
+from kom_gateway.kube.requestinfo import parse_request
 from kom_gateway.routing import (
     Client,
     CutoverRule,

@@ -14,8 +14,8 @@ from harness import GROUPS, config_text
 
 from kom_gateway.config import ConfigHolder, load_config_text
 from kom_gateway.http.listener import Listener
-from kom_gateway.http.tlsfiles import server_ssl_context
 from kom_gateway.proxy.gateway import Gateway
+from kom_gateway.server.tlsfiles import server_ssl_context
 from kom_gateway.sim.server import Simulator
 
 pytestmark = pytest.mark.usefixtures("engine")  # both HTTP/2 engines

@@ -1,7 +1,7 @@
 """Routing configuration: load, validate, hold and atomically replace it."""
 
 from kom_gateway.config.holder import Active, ConfigHolder, ReloadResult
-from kom_gateway.config.loader import load_config_file, load_config_text
+from kom_gateway.config.loader import load_config_file, load_config_text, load_or_report
 from kom_gateway.config.model import (
     Address,
     Config,
@@ -27,4 +27,5 @@ __all__ = [
     "UpstreamTLS",
     "load_config_file",
     "load_config_text",
+    "load_or_report",
 ]

@@ -9,8 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from kom_gateway.config.model import Config
-from kom_gateway.config.schema import (
+from kom_gateway.config.keys import (
     ACCESS_LOG_KEYS,
     GOAWAY_KEYS,
     HEALTH_KEYS,
@@ -22,6 +21,7 @@ from kom_gateway.config.schema import (
     TIMEOUT_KEYS,
     Field,
 )
+from kom_gateway.config.model import Config
 from kom_gateway.overload.policy import GroupLimits, RateLimitRule
 from kom_gateway.routing.cutover import format_percent
 

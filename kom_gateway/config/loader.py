@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import TextIO
 
 from kom_gateway.config.model import Config, ConfigError, ConfigIssue
 from kom_gateway.config.schema import build_config, format_path
@@ -39,3 +40,12 @@ def load_config_file(path: str) -> Config:
     except UnicodeDecodeError as exc:
         raise ConfigError([ConfigIssue("", 0, f"not UTF-8 text ({exc.reason})")], path) from None
     return load_config_text(text, path, os.path.dirname(os.path.abspath(path)))
+
+
+def load_or_report(path: str, err: TextIO) -> Config | None:
+    """For commands: the config at `path`, or None with its errors printed to `err`."""
+    try:
+        return load_config_file(path)
+    except ConfigError as exc:
+        print(exc.render(), file=err)
+        return None

@@ -14,9 +14,19 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any
 from urllib.parse import urlsplit
 
+from kom_gateway.config.keys import (
+    ACCESS_LOG_KEYS,
+    GOAWAY_KEYS,
+    HEALTH_KEYS,
+    HTTP2_DOWNSTREAM_KEYS,
+    HTTP2_UPSTREAM_KEYS,
+    LIMIT_KEYS,
+    TIMEOUT_KEYS,
+    Field,
+)
 from kom_gateway.config.model import (
     DEFAULT_ADMIN,
     DEFAULT_LISTEN,
@@ -35,18 +45,10 @@ from kom_gateway.config.model import (
     Timeouts,
     UpstreamTLS,
 )
-from kom_gateway.config.yamldoc import YamlDocument, YamlPath
+from kom_gateway.config.overload_schema import OverloadSections
+from kom_gateway.config.yamldoc import YamlDocument, YamlPath, kind_of
 from kom_gateway.http.settings import HTTP2_ENGINES
 from kom_gateway.overload.load import GoawayPolicy
-from kom_gateway.overload.policy import (
-    DEFAULT_EXEMPT,
-    DEFAULT_PROTECTED,
-    ClientLimits,
-    GroupLimits,
-    OverloadPolicy,
-    RateLimitRule,
-    RequestMatch,
-)
 from kom_gateway.routing.claims import ResourceClaim, parse_claim
 from kom_gateway.routing.cutover import CutoverRule, Match
 from kom_gateway.routing.glob import Glob
@@ -67,91 +69,6 @@ def _loopback(host: str) -> bool:
 _GROUP_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z")
 
 
-class Field(NamedTuple):
-    """How one numeric YAML key becomes one dataclass field."""
-
-    attr: str
-    whole: bool = False  # a whole number
-    zero: bool = False  # 0 allowed (meaning "off")
-    minimum: float | None = None
-    maximum: float | None = None
-
-
-LIMIT_KEYS: dict[str, Field] = {
-    "maxRequestBodyBytes": Field("max_request_body_bytes", whole=True),
-    "maxHeaderBytes": Field("max_header_bytes", whole=True),
-    "maxStreamsPerConnection": Field("max_streams_per_connection", whole=True),
-    "maxConnectionsPerAddress": Field("max_connections_per_address", whole=True, zero=True),
-    "tlsHandshakeTimeoutSeconds": Field("tls_handshake_timeout"),
-    "headerReadTimeoutSeconds": Field("header_read_timeout"),
-    "idleTimeoutSeconds": Field("idle_timeout", zero=True),
-    "stalledWriteTimeoutSeconds": Field("stalled_write_timeout", zero=True),
-}
-
-TIMEOUT_KEYS: dict[str, Field] = {
-    "requestSeconds": Field("request"),
-    "connectSeconds": Field("connect"),
-}
-HEALTH_KEYS: dict[str, Field] = {
-    "intervalSeconds": Field("interval"),
-    "timeoutSeconds": Field("timeout"),
-    "failureThreshold": Field("failure_threshold", whole=True),
-    "consecutiveFailures": Field("consecutive_failures", whole=True),
-    "baseEjectionSeconds": Field("base_ejection"),
-    "maxEjectionSeconds": Field("max_ejection"),
-}
-
-_WINDOW = (65535, 2**31 - 1)  # RFC 9113 flow-control window bounds
-_FRAME = (16384, 2**24 - 1)  # RFC 9113 SETTINGS_MAX_FRAME_SIZE bounds
-
-
-_HTTP2_COMMON: dict[str, Field] = {
-    "pingIntervalSeconds": Field("ping_interval", zero=True),
-    "pingTimeoutSeconds": Field("ping_timeout"),
-    "initialStreamWindowBytes": Field("initial_stream_window", True, False, *_WINDOW),
-    "connectionWindowBytes": Field("connection_window", True, True, _WINDOW[0], _WINDOW[1]),
-    "maxFrameSizeBytes": Field("max_frame_size", True, False, *_FRAME),
-    "writeBufferBytes": Field("write_buffer_bytes", True, False, 4096),
-}
-HTTP2_DOWNSTREAM_KEYS: dict[str, Field] = {
-    **_HTTP2_COMMON,
-    "maxWriteBacklogBytes": Field("max_write_backlog_bytes", True, False, 65536),
-}
-HTTP2_UPSTREAM_KEYS: dict[str, Field] = {
-    **_HTTP2_COMMON,
-    "maxConcurrentStreams": Field("max_concurrent_streams", True, False, 1, 2**31 - 1),
-}
-
-OVERLOAD_GROUP_KEYS: dict[str, Field] = {
-    "maxInflight": Field("max_inflight", whole=True, zero=True),
-    "maxWatches": Field("max_watches", whole=True, zero=True),
-    "maxQueueWaitSeconds": Field("max_queue_wait", zero=True, maximum=60),
-}
-PER_CLIENT_KEYS: dict[str, Field] = {
-    "maxInflight": Field("max_inflight", whole=True, zero=True),
-    "maxBufferedBytes": Field("max_buffered_bytes", whole=True, zero=True),
-}
-# accessLog's keys -> AccessLogSettings fields (validated one by one in access_log())
-ACCESS_LOG_KEYS: dict[str, str] = {
-    "enabled": "enabled",
-    "path": "path",
-    "sampleRate": "sample_rate",
-    "alwaysLogErrors": "always_log_errors",
-}
-GOAWAY_KEYS: dict[str, Field] = {
-    "chance": Field("chance", zero=True, maximum=1.0),
-    "maxChance": Field("max_chance", zero=True, maximum=1.0),
-    "softLoad": Field("soft_load", maximum=0.99),
-    "maxConnectionAgeSeconds": Field("max_connection_age", zero=True),
-    "maxConnectionAgeJitter": Field("max_connection_age_jitter", zero=True, maximum=1.0),
-    "lagBudgetSeconds": Field("lag_budget", zero=True),
-    "streamBudget": Field("stream_budget", whole=True, zero=True),
-}
-VERBS = frozenset(
-    {"get", "list", "watch", "create", "update", "patch", "delete", "deletecollection", "proxy"}
-)
-
-
 def build_config(doc: YamlDocument, source: str = "", base_dir: str = ".") -> Config:
     """Validate a parsed YAML document; raise ConfigError listing every problem."""
     return _Builder(doc, base_dir).build(source)
@@ -164,7 +81,7 @@ def format_path(path: YamlPath) -> str:
     return out
 
 
-class _Builder:
+class _Builder(OverloadSections):
     def __init__(self, doc: YamlDocument, base_dir: str) -> None:
         self.doc = doc
         self.base_dir = base_dir
@@ -197,7 +114,7 @@ class _Builder:
         if value is None and not required:
             return {}
         if not isinstance(value, dict):
-            self.error(path, f"must be a mapping, got {_kind(value)}")
+            self.error(path, f"must be a mapping, got {kind_of(value)}")
             return None
         for key in value:
             if key not in allowed:
@@ -209,7 +126,7 @@ class _Builder:
 
     def string(self, value: Any, path: YamlPath) -> str | None:
         if not isinstance(value, str):
-            self.error(path, f"must be a string, got {_kind(value)}")
+            self.error(path, f"must be a string, got {kind_of(value)}")
             return None
         if not value:
             self.error(path, "must not be empty")
@@ -218,7 +135,7 @@ class _Builder:
 
     def string_list(self, value: Any, path: YamlPath) -> list[tuple[YamlPath, str]]:
         if not isinstance(value, list):
-            self.error(path, f"must be a list, got {_kind(value)}")
+            self.error(path, f"must be a list, got {kind_of(value)}")
             return []
         out = []
         for i, item in enumerate(value):
@@ -257,7 +174,7 @@ class _Builder:
             or not isinstance(value, int | float)
             or (whole and not isinstance(value, int))
         ):
-            self.error((*path, key), f"must be {kind}, got {_kind(value)}")
+            self.error((*path, key), f"must be {kind}, got {kind_of(value)}")
             return default
         if not (math.isfinite(value) and (value > 0 or (zero and value == 0))):
             self.error((*path, key), f"must be {kind}, got {value}")
@@ -383,141 +300,6 @@ class _Builder:
             source=source,
         )
 
-    def overload(self, value: Any, groups: Mapping[str, Group]) -> OverloadPolicy:
-        path: YamlPath = ("overload",)
-        keys = (*OVERLOAD_GROUP_KEYS, "reservedPercent", "groups", "retryAfter", "perClient")
-        o = self.mapping(value, path, (*keys, "protected", "exempt", "rateLimits")) or {}
-        limits = self.fields(
-            {k: o[k] for k in OVERLOAD_GROUP_KEYS if k in o}, path, OVERLOAD_GROUP_KEYS, GroupLimits
-        )
-        per_group: dict[str, GroupLimits] = {}
-        g = self.mapping(o.get("groups"), (*path, "groups"), tuple(groups)) or {}
-        for name, spec in g.items():
-            if name in groups:
-                given = self.mapping(spec, (*path, "groups", name), tuple(OVERLOAD_GROUP_KEYS))
-                merged = {  # a group's own keys over the section's
-                    **{key: getattr(limits, f.attr) for key, f in OVERLOAD_GROUP_KEYS.items()},
-                    **(given or {}),
-                }
-                per_group[name] = self.fields(
-                    merged, (*path, "groups", name), OVERLOAD_GROUP_KEYS, GroupLimits
-                )
-        reserved = self.number(
-            o, path, "reservedPercent", OverloadPolicy.reserved_percent, zero=True, maximum=100
-        )
-        r = self.mapping(o.get("retryAfter"), (*path, "retryAfter"), ("minSeconds", "maxSeconds"))
-        r = r or {}
-        low = int(self.number(r, (*path, "retryAfter"), "minSeconds", 1, whole=True))
-        high = int(self.number(r, (*path, "retryAfter"), "maxSeconds", 32, whole=True))
-        if high < low:
-            self.error((*path, "retryAfter"), f"maxSeconds ({high}) is below minSeconds ({low})")
-        per_client = self.fields(
-            o.get("perClient"), (*path, "perClient"), PER_CLIENT_KEYS, ClientLimits
-        )
-        protected = self.request_matches(o, (*path, "protected"), groups, DEFAULT_PROTECTED)
-        exempt = self.request_matches(o, (*path, "exempt"), groups, DEFAULT_EXEMPT)
-        return OverloadPolicy(
-            limits,
-            per_group,
-            reserved,
-            protected,
-            exempt,
-            self.rate_limits(o.get("rateLimits"), (*path, "rateLimits"), groups),
-            low,
-            high,
-            per_client,
-        )
-
-    def request_matches(
-        self,
-        section: dict[str, Any],
-        path: YamlPath,
-        groups: Mapping[str, Group],
-        default: tuple[RequestMatch, ...],
-    ) -> tuple[RequestMatch, ...]:
-        """A list of request matches; absent keeps the default, [] means none."""
-        value = section.get(path[-1])
-        if value is None:
-            return default
-        if not isinstance(value, list):
-            self.error(path, f"must be a list of request matches, got {_kind(value)}")
-            return default
-        out = []
-        for i, item in enumerate(value):
-            match = self.request_match(item, (*path, i), groups)
-            if match is not None:
-                out.append(match)
-        return tuple(out)
-
-    def request_match(
-        self, value: Any, path: YamlPath, groups: Mapping[str, Group]
-    ) -> RequestMatch | None:
-        keys = ("userAgent", "user", "userGroup", "verbs", "resources", "groups", "namespaces")
-        m = self.mapping(value, path, keys)
-        if m is None:
-            return None
-        errors = len(self.errors)
-        clients = self.match({k: m[k] for k in keys[:3] if k in m}, path) or Match()
-        verbs = []
-        for item_path, verb in self.string_list(m.get("verbs", []), (*path, "verbs")):
-            if verb not in VERBS:
-                self.error(item_path, f"unknown verb {verb!r} (verbs: {', '.join(sorted(VERBS))})")
-            verbs.append(verb)
-        resources = []
-        for item_path, text in self.string_list(m.get("resources", []), (*path, "resources")):
-            try:
-                resources.append(parse_claim(text))
-            except ValueError as exc:
-                self.error(item_path, str(exc))
-        names = []
-        for item_path, name in self.string_list(m.get("groups", []), (*path, "groups")):
-            if name not in groups:
-                self.error(item_path, f"no group named {name!r} (groups: {', '.join(groups)})")
-            names.append(name)
-        namespaces = []
-        for item_path, text in self.string_list(m.get("namespaces", []), (*path, "namespaces")):
-            try:
-                namespaces.append(Glob(text))
-            except ValueError as exc:
-                self.error(item_path, f"bad glob {text!r}: {exc}")
-        if len(self.errors) > errors:
-            return None
-        return RequestMatch(
-            clients, frozenset(verbs), tuple(resources), frozenset(names), tuple(namespaces)
-        )
-
-    def rate_limits(
-        self, value: Any, path: YamlPath, groups: Mapping[str, Group]
-    ) -> tuple[RateLimitRule, ...]:
-        if value is None:
-            return ()
-        if not isinstance(value, list):
-            self.error(path, f"must be a list of rules, got {_kind(value)}")
-            return ()
-        rules: list[RateLimitRule] = []
-        names: set[str] = set()
-        for i, item in enumerate(value):
-            item_path: YamlPath = (*path, i)
-            r = self.mapping(item, item_path, ("name", "match", "qps", "burst", "per"), ("name",))
-            if r is None:
-                continue
-            name = self.string(r.get("name"), (*item_path, "name")) if "name" in r else None
-            if name in names:
-                self.error((*item_path, "name"), f"rule name {name!r} is used twice")
-            qps = self.number(r, item_path, "qps", 0.0) if "qps" in r else None
-            if qps is None:
-                self.error(item_path, "missing required key 'qps'")
-            burst = int(self.number(r, item_path, "burst", max(1, math.ceil(qps or 1)), True))
-            per = r.get("per", "rule")
-            if per not in ("rule", "client"):
-                self.error((*item_path, "per"), f"must be 'rule' or 'client', got {per!r}")
-            match = self.request_match(r.get("match"), (*item_path, "match"), groups)
-            if name is None or not qps or match is None:
-                continue
-            names.add(name)
-            rules.append(RateLimitRule(name, match, qps, burst, per == "client"))
-        return tuple(rules)
-
     def goaway(self, value: Any) -> GoawayPolicy:
         path: YamlPath = ("goaway",)
         policy = self.fields(value, path, GOAWAY_KEYS, GoawayPolicy)
@@ -538,7 +320,7 @@ class _Builder:
         for key in ("enabled", "alwaysLogErrors"):
             flag = a.get(key, key == "alwaysLogErrors")
             if not isinstance(flag, bool):
-                self.error((*path, key), f"must be true or false, got {_kind(flag)}")
+                self.error((*path, key), f"must be true or false, got {kind_of(flag)}")
             flags[key] = flag is True
         file = "-"
         if a.get("path") not in (None, "-"):
@@ -605,7 +387,7 @@ class _Builder:
     def groups(self, value: Any) -> dict[str, Group] | None:
         if not isinstance(value, dict) or not value:
             self.error(
-                ("groups",), f"must be a non-empty mapping of group names, got {_kind(value)}"
+                ("groups",), f"must be a non-empty mapping of group names, got {kind_of(value)}"
             )
             return None
         groups: dict[str, Group] = {}
@@ -657,7 +439,7 @@ class _Builder:
         if value is None:
             return ()
         if not isinstance(value, list):
-            self.error(("cutover",), f"must be a list of rules, got {_kind(value)}")
+            self.error(("cutover",), f"must be a list of rules, got {kind_of(value)}")
             return ()
         rules: list[CutoverRule] = []
         seen: dict[Match, int] = {}
@@ -709,7 +491,7 @@ class _Builder:
         if value is None:
             return {}  # a rule without percent pins its clients to default
         if not isinstance(value, dict):
-            self.error(path, f"must map group names to percents, got {_kind(value)}")
+            self.error(path, f"must map group names to percents, got {kind_of(value)}")
             return None
         out: dict[str, float] = {}
         for group, amount in value.items():
@@ -729,7 +511,7 @@ class _Builder:
                 )
             if isinstance(amount, bool) or not isinstance(amount, int | float):
                 self.error(
-                    item_path, f"percent must be a number from 0 to 100, got {_kind(amount)}"
+                    item_path, f"percent must be a number from 0 to 100, got {kind_of(amount)}"
                 )
             elif not (math.isfinite(amount) and 0 <= amount <= 100):
                 self.error(item_path, f"percent must be from 0 to 100, got {amount}")
@@ -776,16 +558,3 @@ def _parse_endpoint(text: str) -> Endpoint:
 
 def _plain(number: float | None) -> str:
     return str(int(number)) if number is not None and float(number).is_integer() else f"{number}"
-
-
-def _kind(value: Any) -> str:
-    names: dict[type, str] = {
-        dict: "a mapping",
-        list: "a list",
-        str: "a string",
-        bool: "a boolean",
-        int: "a number",
-        float: "a number",
-        type(None): "nothing",
-    }
-    return names.get(type(value), type(value).__name__)

@@ -106,3 +106,17 @@ def _convert(
         return constructor(loader, node)
     except (yaml.YAMLError, ValueError, TypeError) as exc:
         raise YamlError(f"bad value: {exc}", line, path) from None
+
+
+def kind_of(value: Any) -> str:
+    """What a YAML value is, in words, for error messages."""
+    names: dict[type, str] = {
+        dict: "a mapping",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        type(None): "nothing",
+    }
+    return names.get(type(value), type(value).__name__)

@@ -11,7 +11,7 @@
 - PING keepalive: after `ping_interval` without any frame from the server, PING; no ACK
   within `ping_timeout` closes the connection (and fails its streams).
 
-An engine (`h2client.py`, `ngclient.py`) subclasses `HTTP2ClientConnection` with the
+An engine (`h2/client.py`, `nghttp2/client.py`) subclasses `HTTP2ClientConnection` with the
 frame-level primitives; the pool (`proxy/upstreams.py`) and the exchange see only this.
 """
 

@@ -30,15 +30,15 @@ class Engine:
 
 
 def _h2() -> Engine:
-    from kom_gateway.http.h2client import H2ClientConnection
-    from kom_gateway.http.h2server import H2ServerProtocol
+    from kom_gateway.http.h2.client import H2ClientConnection
+    from kom_gateway.http.h2.server import H2ServerProtocol
 
     return Engine("h2", H2ServerProtocol, H2ClientConnection)
 
 
 def _nghttp2() -> Engine:
-    from kom_gateway.http.ngclient import NgClientConnection
-    from kom_gateway.http.ngserver import NgServerProtocol
+    from kom_gateway.http.nghttp2.client import NgClientConnection
+    from kom_gateway.http.nghttp2.server import NgServerProtocol
 
     return Engine("nghttp2", NgServerProtocol, NgClientConnection)
 
@@ -46,7 +46,7 @@ def _nghttp2() -> Engine:
 def nghttp2_missing() -> str | None:
     """Why the nghttp2 engine cannot load here, or None when it can."""
     try:
-        import kom_gateway.http._nghttp2  # noqa: F401
+        import kom_gateway.http.nghttp2._nghttp2  # noqa: F401
     except ImportError as exc:  # not built (no compiler, Cython or libnghttp2 at install)
         return str(exc)
     return None

@@ -19,8 +19,7 @@ from aiohttp import web
 from h2.errors import ErrorCodes
 
 from kom_gateway.http import engine as engines
-from kom_gateway.http.bind import BindError
-from kom_gateway.http.h1server import (
+from kom_gateway.http.h1.server import (
     StreamHandler,
     UpgradeHandler,
     aiohttp_server,
@@ -28,7 +27,8 @@ from kom_gateway.http.h1server import (
 )
 from kom_gateway.http.serverconn import HTTP2ServerConnection
 from kom_gateway.http.settings import ConnectionLimits, H2ServerSettings
-from kom_gateway.kubestatus import status_body
+from kom_gateway.kube.status import status_body
+from kom_gateway.server.bind import BindError
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ class Listener:
 
     @property
     def listening_socket(self) -> socket.socket | None:
-        """The socket to hand to a replacement (see http/handover.py)."""
+        """The socket to hand to a replacement (see server/handover.py)."""
         if self.server is None or not self.server.sockets:
             return None
         # (asyncio hands out a TransportSocket: a socket as far as fileno() goes)
@@ -264,7 +264,7 @@ class Listener:
     def goaway_all(self, reason: str = "drain") -> None:
         """Ask every client to go: HTTP/2 gets a graceful GOAWAY; HTTP/1.1 connections
         close once their current response is done, a connection that has not sent its
-        first request yet once that one is answered (h1server's pre_shutdown); idle
+        first request yet once that one is answered (h1/server.py's pre_shutdown); idle
         keep-alive ones at the end of the drain (`close`)."""
         for protocol in list(self.h2_connections):
             protocol.goaway(reason)
@@ -293,7 +293,7 @@ class Listener:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         # a connection accepted just before whose first request has not arrived yet
-        # (slow client, busy machine) is answered, not closed under it (h1server.py)
+        # (slow client, busy machine) is answered, not closed under it (h1/server.py)
         while (self.sniffing or self._awaiting_first_request()) and loop.time() < deadline:
             await asyncio.sleep(0.05)
         # aiohttp waits without end for a timeout of 0: every shutdown here is bounded

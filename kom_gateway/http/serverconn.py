@@ -1,7 +1,7 @@
 """What every HTTP/2 server engine shares: one downstream connection's life around the
 protocol state machine.
 
-An engine (`h2server.py`: pure-Python h2; `ngserver.py`: libnghttp2) subclasses
+An engine (`h2/server.py`: pure-Python h2; `nghttp2/server.py`: libnghttp2) subclasses
 `HTTP2ServerConnection` and supplies the frame-level primitives (`_start`, `data_received`,
 `send_headers`, `write`, `end`, `ack`, `reset_stream`, `_send_goaway`, `_send_ping`,
 `_data_to_send`, `_waiting_for_client`); an engine may instead override a response
@@ -25,7 +25,7 @@ from mypy_extensions import mypyc_attr
 
 from kom_gateway.http import events as ev
 from kom_gateway.http.events import EngineEvent
-from kom_gateway.http.h2guard import STALLED_READER, WRITE_BACKLOG, H2Guard
+from kom_gateway.http.guard import STALLED_READER, WRITE_BACKLOG, H2Guard
 from kom_gateway.http.settings import H2ServerSettings
 from kom_gateway.http.stream import Flushed, Headers, ServerStream
 from kom_gateway.http.transport import (
@@ -35,8 +35,8 @@ from kom_gateway.http.transport import (
     REFUSED_STREAM,
     H2Transport,
 )
-from kom_gateway.identity import PeerIdentity, identity_of_ssl
-from kom_gateway.kubestatus import status_body
+from kom_gateway.kube.identity import PeerIdentity, identity_of_ssl
+from kom_gateway.kube.status import status_body
 
 log = logging.getLogger(__name__)
 

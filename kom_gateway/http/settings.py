@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kom_gateway.http.h2guard import GuardLimits
+from kom_gateway.http.guard import GuardLimits
 
 HTTP2_ENGINES = ("auto", "nghttp2", "h2")  # `http2.engine`, `--engine` (see engine.py)
 # Header fields both engines send as never-indexed HPACK literals (RFC 7541 7.1.3):

@@ -16,7 +16,7 @@ from typing import Protocol
 
 from mypy_extensions import mypyc_attr
 
-from kom_gateway.identity import PeerIdentity
+from kom_gateway.kube.identity import PeerIdentity
 
 Headers = list[tuple[bytes, bytes]]  # lower-case names; values as received
 Flushed = Callable[[], None]

@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from kom_gateway.kube.requestinfo import RequestInfo
 from kom_gateway.overload.clientshare import ClientBuffers
 from kom_gateway.overload.policy import (
     QUEUE_PER_SEAT,
@@ -36,7 +37,6 @@ from kom_gateway.overload.policy import (
 )
 from kom_gateway.overload.ratelimit import BucketSet, whole_seconds
 from kom_gateway.overload.retryafter import RetryAfter
-from kom_gateway.requestinfo import RequestInfo
 from kom_gateway.routing.cutover import Client
 
 SHORT = "short"

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from kom_gateway.requestinfo import RequestInfo
+from kom_gateway.kube.requestinfo import RequestInfo
 from kom_gateway.routing.claims import ResourceClaim
 from kom_gateway.routing.cutover import Client, Match
 from kom_gateway.routing.glob import Glob

@@ -5,10 +5,10 @@ fallback policy (`fallback.after_failure`) says where to go next, and the move i
 
 from __future__ import annotations
 
+from kom_gateway.kube.requestinfo import RequestInfo
 from kom_gateway.proxy.fallback import Failure, Next, after_failure
 from kom_gateway.proxy.metrics import Metrics
 from kom_gateway.proxy.upstreams import UpstreamEndpoint, Upstreams
-from kom_gateway.requestinfo import RequestInfo
 from kom_gateway.routing.router import DEFAULT_GROUP
 
 

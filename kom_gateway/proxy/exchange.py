@@ -32,7 +32,8 @@ from kom_gateway.http.client import (
     StreamRefused,
 )
 from kom_gateway.http.stream import Headers, ServerStream
-from kom_gateway.kubestatus import status_body
+from kom_gateway.kube.requestinfo import RequestInfo
+from kom_gateway.kube.status import status_body
 from kom_gateway.overload.admission import Ticket
 from kom_gateway.proxy.attempts import Attempts
 from kom_gateway.proxy.context import ProxyContext
@@ -46,7 +47,6 @@ from kom_gateway.proxy.headers import (
 from kom_gateway.proxy.outcome import ANSWERED_BY_GATEWAY
 from kom_gateway.proxy.upstreams import UpstreamEndpoint
 from kom_gateway.proxy.watchframes import WatchFrames
-from kom_gateway.requestinfo import RequestInfo
 from kom_gateway.routing.cutover import Client
 from kom_gateway.routing.router import Decision
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import NamedTuple
 
-from kom_gateway.requestinfo import RequestInfo
+from kom_gateway.kube.requestinfo import RequestInfo
 from kom_gateway.routing.router import DEFAULT_GROUP
 
 

@@ -18,14 +18,14 @@ from typing import Any
 
 from kom_gateway.config.holder import Active, ConfigHolder
 from kom_gateway.http.stream import Headers, ServerStream
-from kom_gateway.identity import PeerIdentity, token_identity
+from kom_gateway.kube.identity import PeerIdentity, token_identity
+from kom_gateway.kube.requestinfo import ParseCache
 from kom_gateway.overload.admission import Admission, Rejection
 from kom_gateway.proxy.context import ProxyContext
 from kom_gateway.proxy.exchange import Exchange, answer_status
 from kom_gateway.proxy.headers import answered_by
 from kom_gateway.proxy.outcome import ANSWERED_BY_GATEWAY, Outcome
 from kom_gateway.proxy.upgrade import carry_upgrade
-from kom_gateway.requestinfo import ParseCache
 from kom_gateway.routing.cutover import Client
 from kom_gateway.routing.router import DEFAULT_GROUP, Decision
 

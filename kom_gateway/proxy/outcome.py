@@ -7,9 +7,9 @@ from __future__ import annotations
 import time
 from typing import Any, Protocol
 
+from kom_gateway.kube.requestinfo import RequestInfo
 from kom_gateway.proxy.accesslog import AccessLog, access_record
 from kom_gateway.proxy.metrics import Metrics
-from kom_gateway.requestinfo import RequestInfo
 from kom_gateway.routing.cutover import Client
 from kom_gateway.routing.router import REASON_CUT_OVER, Decision
 

@@ -15,6 +15,7 @@ import time
 
 from kom_gateway.config.holder import Active
 from kom_gateway.http.stream import Headers, ServerStream
+from kom_gateway.kube.requestinfo import RequestInfo
 from kom_gateway.overload.admission import Ticket
 from kom_gateway.proxy.attempts import Attempts
 from kom_gateway.proxy.context import ProxyContext
@@ -23,7 +24,6 @@ from kom_gateway.proxy.fallback import Failure
 from kom_gateway.proxy.headers import HOP_BY_HOP, answered_by, is_identity_header
 from kom_gateway.proxy.outcome import ANSWERED_BY_GATEWAY, Outcome
 from kom_gateway.proxy.upstreams import UpstreamEndpoint
-from kom_gateway.requestinfo import RequestInfo
 from kom_gateway.routing.cutover import Client
 from kom_gateway.routing.router import Decision
 

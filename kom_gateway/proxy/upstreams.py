@@ -31,8 +31,7 @@ from kom_gateway.http.client import (
 from kom_gateway.http.engine import Engine
 from kom_gateway.http.settings import H2ClientSettings
 from kom_gateway.http.stream import Headers
-from kom_gateway.http.tlsfiles import ReloadingContext
-from kom_gateway.identity import identity_headers
+from kom_gateway.kube.identity import identity_headers
 from kom_gateway.proxy.health import (
     EJECT_CONNECT,
     EJECT_FAILURES,
@@ -41,6 +40,7 @@ from kom_gateway.proxy.health import (
 )
 from kom_gateway.proxy.settings import upstream_settings
 from kom_gateway.routing.router import DEFAULT_GROUP
+from kom_gateway.server.tlsfiles import ReloadingContext
 
 log = logging.getLogger(__name__)
 

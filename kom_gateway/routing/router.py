@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
-from kom_gateway.requestinfo import RequestInfo
+from kom_gateway.kube.requestinfo import RequestInfo
 from kom_gateway.routing.claims import ClaimTable, ResourceClaim
 from kom_gateway.routing.cutover import Client, CutoverRule
 

@@ -15,8 +15,8 @@ from urllib.parse import parse_qsl
 
 import yaml
 
-from kom_gateway.kubestatus import status_body
-from kom_gateway.requestinfo import RequestInfo, parse_request
+from kom_gateway.kube.requestinfo import RequestInfo, parse_request
+from kom_gateway.kube.status import status_body
 from kom_gateway.sim import resources
 from kom_gateway.sim.auth import ANONYMOUS, UNAUTHENTICATED, UserInfo
 from kom_gateway.sim.resources import ResourceType

@@ -19,7 +19,7 @@ import ssl
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
-from kom_gateway.http.tlsfiles import server_ssl_context
+from kom_gateway.server.tlsfiles import server_ssl_context
 
 ANONYMOUS = "system:anonymous"
 UNAUTHENTICATED = "system:unauthenticated"

@@ -6,7 +6,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from kom_gateway.requestinfo import parse_field_selector
+from kom_gateway.kube.requestinfo import parse_field_selector
 
 Predicate = Callable[[dict[str, Any]], bool]
 

@@ -21,14 +21,14 @@ from urllib.parse import parse_qsl
 from aiohttp import WSMsgType, web
 
 from kom_gateway.http import engine as engines
-from kom_gateway.http.h1server import request_tls
-from kom_gateway.http.h2guard import UNGUARDED
+from kom_gateway.http.guard import UNGUARDED
+from kom_gateway.http.h1.server import request_tls
 from kom_gateway.http.listener import Listener
 from kom_gateway.http.serverconn import HTTP2ServerStream
 from kom_gateway.http.settings import H2ServerSettings
 from kom_gateway.http.stream import BodyTooLarge, ServerStream, StreamClosed
 from kom_gateway.http.transport import REFUSED_STREAM
-from kom_gateway.requestinfo import RequestInfo, parse_request
+from kom_gateway.kube.requestinfo import RequestInfo, parse_request
 from kom_gateway.sim.api import (
     ExecReply,
     LogReply,

@@ -12,9 +12,9 @@ import logging
 import time
 from typing import cast
 
-from kom_gateway.http import _nghttp2 as ng
-from kom_gateway.http.h2guard import CONTINUATION_FLOOD, PROTOCOL_ERROR
-from kom_gateway.http.ngsession import drain, free
+from kom_gateway.http.guard import CONTINUATION_FLOOD, PROTOCOL_ERROR
+from kom_gateway.http.nghttp2 import _nghttp2 as ng
+from kom_gateway.http.nghttp2.session import drain, free
 from kom_gateway.http.serverconn import (
     MAX_STREAM_ID,
     HTTP2ServerConnection,

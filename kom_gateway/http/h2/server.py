@@ -6,7 +6,7 @@ transport. A client that stops reading therefore holds back only its own stream,
 what waits is bounded by what the producer was allowed to send (the upstream window).
 
 h2 validates a request's headers for the whole connection (one bad header is a
-connection error); here inbound validation is ours (`h2validate.py`), so a malformed
+connection error); here inbound validation is ours (`validate.py`), so a malformed
 request costs only its stream, as with nghttp2 and Go.
 """
 
@@ -23,7 +23,8 @@ import h2.exceptions
 from h2.errors import ErrorCodes
 
 from kom_gateway.http.events import HEADERS, Event
-from kom_gateway.http.h2conn import (
+from kom_gateway.http.guard import protocol_error_kind
+from kom_gateway.http.h2.conn import (
     STREAM_GONE,
     BlockedStreams,
     engine_events,
@@ -32,8 +33,7 @@ from kom_gateway.http.h2conn import (
     send_pending,
     split_request,
 )
-from kom_gateway.http.h2guard import protocol_error_kind
-from kom_gateway.http.h2validate import header_list_size, malformed_request
+from kom_gateway.http.h2.validate import header_list_size, malformed_request
 from kom_gateway.http.serverconn import HTTP2ServerConnection, HTTP2ServerStream
 from kom_gateway.http.stream import Flushed, Headers
 from kom_gateway.http.transport import PROTOCOL_ERROR

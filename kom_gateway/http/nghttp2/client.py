@@ -11,7 +11,6 @@ import logging
 import time
 from typing import ClassVar
 
-from kom_gateway.http import _nghttp2 as ng
 from kom_gateway.http.client import (
     NO_LISTENER,
     ClientStream,
@@ -19,7 +18,8 @@ from kom_gateway.http.client import (
     StreamListener,
     StreamRefused,
 )
-from kom_gateway.http.ngsession import drain, free
+from kom_gateway.http.nghttp2 import _nghttp2 as ng
+from kom_gateway.http.nghttp2.session import drain, free
 from kom_gateway.http.stream import Flushed, Headers
 from kom_gateway.http.transport import CANCEL
 

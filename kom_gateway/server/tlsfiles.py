@@ -19,7 +19,7 @@ import weakref
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from kom_gateway.filewatch import FileSet
+from kom_gateway.server.filewatch import FileSet
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -19,7 +19,7 @@ from hyperframe.frame import GoAwayFrame
 from kom_gateway import compat
 from kom_gateway.http import events as ev
 from kom_gateway.http.events import Event
-from kom_gateway.http.hpack_encoder import MEMO_MAX_BYTES, StatelessEncoder
+from kom_gateway.http.h2.hpack_encoder import MEMO_MAX_BYTES, StatelessEncoder
 from kom_gateway.http.settings import ConnectionLimits
 from kom_gateway.http.stream import Headers
 

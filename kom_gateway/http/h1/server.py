@@ -26,8 +26,8 @@ from multidict import CIMultiDict
 from kom_gateway import compat
 from kom_gateway.http.settings import ConnectionLimits
 from kom_gateway.http.stream import Flushed, Headers, ServerStream
-from kom_gateway.identity import PeerIdentity, identity_of_ssl
-from kom_gateway.kubestatus import status_body
+from kom_gateway.kube.identity import PeerIdentity, identity_of_ssl
+from kom_gateway.kube.status import status_body
 
 log = logging.getLogger(__name__)
 StreamHandler = Callable[[ServerStream], None]

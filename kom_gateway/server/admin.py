@@ -8,7 +8,7 @@ from collections.abc import Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from kom_gateway.http.bind import BindError
+from kom_gateway.server.bind import BindError
 
 
 async def start_admin(

@@ -18,7 +18,7 @@ from kom_gateway.http.client import (
     StreamListener,
     StreamRefused,
 )
-from kom_gateway.http.h2conn import (
+from kom_gateway.http.h2.conn import (
     STREAM_GONE,
     BlockedStreams,
     PendingData,

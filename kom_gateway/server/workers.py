@@ -27,9 +27,9 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 
 from kom_gateway import compiled
 from kom_gateway.config import load_config_file
-from kom_gateway.http.admin import start_admin
 from kom_gateway.proxy.metrics import MULTIPROC_ENV
-from kom_gateway.proxy.server import RunOptions
+from kom_gateway.server.admin import start_admin
+from kom_gateway.server.run import RunOptions
 
 log = logging.getLogger("kom_gateway.workers")
 

@@ -1,5 +1,5 @@
 # cython: language_level=3, cdivision=True
-"""libnghttp2 sessions for the HTTP/2 engine `nghttp2` (see `ngserver.py`, `ngclient.py`).
+"""libnghttp2 sessions for the HTTP/2 engine `nghttp2` (see `server.py`, `client.py` beside it).
 
 nghttp2 parses, validates and frames; Python is told once per frame event, never per
 header. Callbacks run inside `receive()` / `send()` and only gather: a header block becomes
@@ -413,7 +413,7 @@ cdef class Session:
         # a header list up to the limit may span this many CONTINUATION frames (the
         # smallest frame is 16 KiB); past them the peer is flooding
         nghttp2_option_set_max_continuations(opt, max_header_list // 16384 + 8)
-        # rapid reset is judged by the gateway's own budget (h2guard), counted in metrics
+        # rapid reset is judged by the gateway's own budget (http/guard.py), counted in metrics
         nghttp2_option_set_stream_reset_rate_limit(opt, 1 << 62, 1 << 62)
         if not server:
             # until the server's SETTINGS say otherwise, assume kube-apiserver's limit

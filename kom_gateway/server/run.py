@@ -17,15 +17,15 @@ from kom_gateway import compiled
 from kom_gateway.config import ConfigError, ConfigHolder, load_config_file
 from kom_gateway.config.model import AccessLogSettings, Address
 from kom_gateway.config.tlscheck import tls_problems
-from kom_gateway.filewatch import FileSet
-from kom_gateway.http import admin
-from kom_gateway.http.handover import HandoverServer, others_listening, take_over
 from kom_gateway.http.listener import Listener
 from kom_gateway.http.serverconn import GOAWAY_LINGER_SECONDS
-from kom_gateway.http.tlsfiles import ServerTLSContext
-from kom_gateway.memtrim import MemoryTrimmer
 from kom_gateway.proxy.gateway import Gateway
 from kom_gateway.proxy.settings import listener_settings
+from kom_gateway.server import admin
+from kom_gateway.server.filewatch import FileSet
+from kom_gateway.server.handover import HandoverServer, others_listening, take_over
+from kom_gateway.server.memtrim import MemoryTrimmer
+from kom_gateway.server.tlsfiles import ServerTLSContext
 
 log = logging.getLogger("kom_gateway")
 GC_YOUNG_THRESHOLD = 10_000  # net allocations between collections of the youngest generation
@@ -259,7 +259,7 @@ async def _watch_files(
 ) -> None:
     """Every `interval`: reload the config if its file changed (an edit, or a ConfigMap
     volume's symlink swap), re-read serving and upstream TLS files that changed, and
-    give memory freed after a burst back to the OS (memtrim.py)."""
+    give memory freed after a burst back to the OS (server/memtrim.py)."""
     trimmer = MemoryTrimmer()
     while True:
         await asyncio.sleep(interval)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from kom_gateway.http.events import EngineEvent
 
 if TYPE_CHECKING:  # (the engine imports the binding; this module only needs its type)
-    from kom_gateway.http._nghttp2 import Session
+    from kom_gateway.http.nghttp2._nghttp2 import Session
 
 
 def drain(session: Session, handle: Callable[[list[EngineEvent]], None]) -> bytes:
