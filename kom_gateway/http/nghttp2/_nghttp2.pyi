@@ -20,8 +20,8 @@ class SessionError(Exception):
     code: int
     def __init__(self, code: int) -> None: ...
 
-class Event(EngineEvent):
-    """Made by the binding; each field as events.EngineEvent says."""
+# the binding's cdef class Event has exactly the vocabulary's read-only fields
+Event = EngineEvent
 
 class Session:
     def __init__(
