@@ -117,6 +117,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-admin", action="store_true", help=argparse.SUPPRESS)  # workers
     # workers: each binds its own SO_REUSEPORT socket, none takes another's
     run.add_argument("--no-handover", action="store_true", help=argparse.SUPPRESS)
+    # workers: serve on this listening socket, inherited from the supervisor
+    run.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.set_defaults(func=cmd_run)
 
@@ -251,6 +253,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             reuse_port=args.reuse_port,
             serve_admin=not args.no_admin,
             handover=not args.no_handover,
+            listen_fd=args.listen_fd,
             engine=args.engine,
         )
         if args.workers > 1:

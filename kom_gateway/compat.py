@@ -144,6 +144,13 @@ def server_connections(server: web.Server) -> list[RequestHandler]:
     return list(server._connections)
 
 
+def site_sockets(site: web.BaseSite) -> list[Any]:
+    """The listening sockets of a started aiohttp site (aiohttp keeps its asyncio
+    server private): the admin port's, to hand to a replacement; a port-0 site's port."""
+    server = site._server
+    return list(server.sockets) if server is not None and server.sockets else []
+
+
 def missing() -> list[str]:
     """The internals above that the installed libraries no longer have (`web.Server`'s
     `_loop`, `_kwargs` and `_connections` are set per instance: the HTTP/1.1 tests use
@@ -166,6 +173,7 @@ def missing() -> list[str]:
             "_request_count"
         ),
         "aiohttp RequestHandler._drain_helper": lambda: RequestHandler._drain_helper,
+        "aiohttp BaseSite._server": lambda: "_server" in web.BaseSite.__slots__ or None,
         "prometheus-client histogram _upper_bounds/_sum/_buckets": _histogram_internals,
     }
     gone = []

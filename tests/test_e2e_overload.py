@@ -369,15 +369,19 @@ def test_workers_import_the_supervisors_package(tmp_path, start):
         supervisor.stop()
 
 
-@pytest.mark.parametrize("order", ["SIGTERM first", "replacement first"])
-def test_restart_in_place_loses_no_queued_connection(tmp_path, order):
+@pytest.mark.parametrize(("order", "workers"), [
+    ("SIGTERM first", 1), ("replacement first", 1),
+    ("SIGTERM first", 2), ("replacement first", 2),
+])  # fmt: skip
+def test_restart_in_place_loses_no_queued_connection(tmp_path, order, workers):
     """With --reuse-port the replacement serves on the old instance's own listening
     sockets (handed over): connections the kernel had queued for the old one are
     accepted by the new one, so clients opening a connection per request see not one
-    reset or refused connection, whichever of the two steps comes first."""
-    cluster = Cluster(tmp_path, gateway_args=("--reuse-port", "--drain-seconds", "3"))
-    same_command = ("--admin", f"127.0.0.1:{cluster.admin}", "--reuse-port",
-                    "--drain-seconds", "3")
+    reset or refused connection, whichever of the two steps comes first. With --workers
+    the supervisor holds its workers' sockets and hands them all over."""
+    flags = ("--reuse-port", "--drain-seconds", "3", "--workers", str(workers))
+    cluster = Cluster(tmp_path, gateway_args=flags)
+    same_command = ("--admin", f"127.0.0.1:{cluster.admin}", *flags)
     replacements: list[Process] = []
     try:
         async def scenario() -> tuple[dict, int]:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from kom_gateway import compat
 from kom_gateway.server.bind import BindError
 
 
@@ -61,9 +62,9 @@ async def start_admin(
 def admin_socket(runner: web.AppRunner) -> socket.socket | None:
     """The admin port's listening socket (to hand to a replacement)."""
     for site in runner.sites:
-        server = site._server  # (aiohttp keeps the asyncio server private)
-        if server is not None and server.sockets:  # type: ignore[attr-defined]
-            return server.sockets[0]  # type: ignore[attr-defined,no-any-return]
+        sockets = compat.site_sockets(site)
+        if sockets:
+            return sockets[0]
     return None
 
 

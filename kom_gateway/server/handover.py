@@ -12,7 +12,8 @@ file to clean up, gone with its process; each side talks only to a peer of its o
 or root):
 
     new -> old   b"take\\n"
-    old -> new   {"pid": ..., "roles": ["serving", "admin"]} + those fds (SCM_RIGHTS)
+    old -> new   {"pid": ..., "roles": ["serving", "admin"]} + those fds (SCM_RIGHTS);
+                 a `--workers N` supervisor's roles are serving-0 .. serving-N-1, admin
     new -> old   b"ok\\n", once it serves on them (else the old one keeps them alone)
 
 The old instance then gives up the name (the new one takes it for the next restart) and,
@@ -104,7 +105,7 @@ def take_over(host: str, port: int) -> Inherited | None:
         if len(roles) != len(received):
             raise ValueError(f"{len(fds)} descriptors for roles {roles}")
         sockets = dict(zip(roles, received, strict=True))
-        serving = sockets.get("serving")
+        serving = sockets.get("serving") or sockets.get("serving-0")  # (a supervisor's)
         if serving is None or serving.getsockname()[1] != port:
             raise ValueError("no listening socket on the port")
         return Inherited(conn, int(info["pid"]), sockets)

@@ -7,6 +7,7 @@ import asyncio
 import gc
 import logging
 import signal
+import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ class RunOptions:
     serve_admin: bool = True  # False in workers: the supervisor serves /metrics
     engine: str | None = None  # HTTP/2 engine (auto | nghttp2 | h2); None: the config's
     access_log: str | None = None  # log every request here, whatever accessLog says (the demo)
+    listen_fd: int | None = None  # a listening socket to serve on (a worker's, inherited)
 
 
 async def run_gateway(
@@ -81,8 +83,10 @@ async def run_gateway(
     # a running instance on our port (the one this replaces) hands us its sockets
     inherited = take_over(listen.host, listen.port) if handing_over else None
     sockets = inherited.sockets if inherited is not None else {}
+    if options.listen_fd is not None:
+        sockets["serving"] = socket.socket(fileno=options.listen_fd)
     port = await listener.start(
-        listen.host, listen.port, options.reuse_port, sock=sockets.get("serving")
+        listen.host, listen.port, options.reuse_port, sock=serving_socket(sockets)
     )
     gateway.start_load_sampling(listener.open_streams)
     draining = False
@@ -163,6 +167,17 @@ async def run_gateway(
         if runner is not None:
             await runner.cleanup()
     return 0
+
+
+def serving_socket(sockets: dict[str, socket.socket]) -> socket.socket | None:
+    """The one listening socket a single process serves on, of those handed over: a
+    single instance's `serving`, or a supervisor's first worker's `serving-0`. Any other
+    (the other workers' sockets) is closed: connections queued there are reset."""
+    serving = sockets.pop("serving", None) or sockets.pop("serving-0", None)
+    for role in [r for r in sockets if r.startswith("serving-")]:
+        log.warning("closing the handed-over listening socket %s: one process serves one", role)
+        sockets.pop(role).close()
+    return serving
 
 
 def _serve_handover(

@@ -1,7 +1,11 @@
 """`kom-gateway run --workers N`: N gateway processes on one port, and a supervisor.
 
-Each worker is an ordinary `kom-gateway run` with the same config, bound with
-SO_REUSEPORT, so the kernel spreads new connections over the workers. A worker imports
+Each worker is an ordinary `kom-gateway run` with the same config, serving on a listening
+socket of its own bound with SO_REUSEPORT, so the kernel spreads new connections over the
+workers. The supervisor binds those sockets and keeps them: a worker restarted after a
+crash serves on the same socket (the connections queued there are not lost), and with
+`--reuse-port` a replacement supervisor is handed all of them (server/handover.py) and
+its workers serve on them, as one process hands over its own. A worker imports
 the very package the supervisor runs (`WORKER_BOOT`), not whatever `python -m` would
 find first in the current directory: a source checkout there would run uncompiled, and
 a planted `kom_gateway/` would run instead of the gateway. Workers write
@@ -28,7 +32,10 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from kom_gateway import compiled
 from kom_gateway.config import load_config_file
 from kom_gateway.proxy.metrics import MULTIPROC_ENV
+from kom_gateway.server import admin as admin_port
 from kom_gateway.server.admin import start_admin
+from kom_gateway.server.bind import BindError
+from kom_gateway.server.handover import HandoverServer, take_over
 from kom_gateway.server.run import RunOptions
 
 log = logging.getLogger("kom_gateway.workers")
@@ -51,9 +58,12 @@ RESTART_PAUSE = 1.0
 
 
 class Worker:
-    def __init__(self, index: int, argv: list[str], env: dict[str, str]) -> None:
+    def __init__(
+        self, index: int, argv: list[str], env: dict[str, str], sock: socket.socket
+    ) -> None:
         self.index = index
-        self.argv = argv
+        self.sock = sock  # its listening socket, the supervisor's for good
+        self.argv = [*argv, "--listen-fd", str(sock.fileno())]
         self.env = env
         self.proc: asyncio.subprocess.Process | None = None
         self.scheme = ""
@@ -62,7 +72,10 @@ class Worker:
     async def start(self) -> None:
         """Start the process and wait until it listens."""
         self.proc = await asyncio.create_subprocess_exec(
-            *self.argv, stdout=asyncio.subprocess.PIPE, env=self.env
+            *self.argv,
+            stdout=asyncio.subprocess.PIPE,
+            env=self.env,
+            pass_fds=(self.sock.fileno(),),
         )
         assert self.proc.stdout is not None
         async with asyncio.timeout(START_TIMEOUT):
@@ -101,11 +114,22 @@ async def run_workers(options: RunOptions, count: int, log_level: str = "info") 
     listen = options.listen or config.listen
     admin = options.admin or config.admin
     metrics_dir = tempfile.mkdtemp(prefix="kom-gateway-metrics-")
-    reservation = None
-    port = listen.port
-    if port == 0:  # pick one port for all workers; hold it (bound, not listening) meanwhile
-        reservation = _reserve_port(listen.host)
-        port = reservation.getsockname()[1]
+    handing_over = options.reuse_port and options.handover
+    # a running instance on our port (the one this replaces) hands us its sockets
+    inherited = take_over(listen.host, listen.port) if handing_over and listen.port else None
+    offered = inherited.sockets if inherited is not None else {}
+    sockets: list[socket.socket] = []
+    for i in range(count):
+        sock = offered.pop(f"serving-{i}", None)
+        if sock is None and i == 0:
+            sock = offered.pop("serving", None)  # a single instance's
+        if sock is None:  # all on one port: the first one bound decides it (port 0)
+            sock = listening_socket(listen.host, sockets[0].getsockname()[1] if i else listen.port)
+        sockets.append(sock)
+    for role in [r for r in offered if r.startswith("serving")]:
+        log.warning("closing the handed-over listening socket %s: %d workers now", role, count)
+        offered.pop(role).close()
+    port = sockets[0].getsockname()[1]
     host = f"[{listen.host}]" if ":" in listen.host else listen.host
     argv = [
         sys.executable,
@@ -132,12 +156,11 @@ async def run_workers(options: RunOptions, count: int, log_level: str = "info") 
         *(("--engine", options.engine) if options.engine else ()),
     ]
     env = {**os.environ, MULTIPROC_ENV: metrics_dir}
-    workers = [Worker(i, argv, env) for i in range(count)]
+    workers = [Worker(i, argv, env, sock) for i, sock in enumerate(sockets)]
     runner = None
+    handover: HandoverServer | None = None
     try:
         await asyncio.gather(*(w.start() for w in workers))
-        if reservation is not None:
-            reservation.close()
         for worker in workers:
             _report(worker)
         stopping = False
@@ -150,12 +173,28 @@ async def run_workers(options: RunOptions, count: int, log_level: str = "info") 
 
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=metrics_dir)
-        runner, admin_port = await start_admin(
-            registry, admin.host, admin.port, is_ready, reuse_port=options.reuse_port
+        runner, bound_admin = await start_admin(
+            registry,
+            admin.host,
+            admin.port,
+            is_ready,
+            reuse_port=options.reuse_port,
+            sock=offered.pop("admin", None),
         )
+        if handing_over:
+            roles = {f"serving-{w.index}": w.sock for w in workers}
+            admin_sock = admin_port.admin_socket(runner)
+            if admin_sock is not None:
+                roles["admin"] = admin_sock
+            handover = HandoverServer(roles)
+            handover.start(listen.host, port)
+        if inherited is not None:
+            inherited.confirm()
+            log.info("serving on the listening sockets of pid %d, which this replaces",
+                     inherited.pid)  # fmt: skip
         print(
             f"{READY_LINE} {host}:{port} ({workers[0].scheme}, {count} workers); admin on "
-            f"{admin.host}:{admin_port}; config {options.config_path}",
+            f"{admin.host}:{bound_admin}; config {options.config_path}",
             flush=True,
         )
         loop = asyncio.get_running_loop()
@@ -173,6 +212,11 @@ async def run_workers(options: RunOptions, count: int, log_level: str = "info") 
         stopping = True
         for task in supervisors:
             task.cancel()
+        if handover is not None:
+            await _until_taken(handover, options.shutdown_delay + options.drain_seconds)
+            handover.close()
+            if handover.taken.is_set():
+                await admin_port.stop_accepting(runner)  # /readyz is the replacement's now
         for worker in workers:
             worker.signal(signal.SIGTERM)
         grace = options.shutdown_delay + options.drain_seconds + 10.0
@@ -184,8 +228,8 @@ async def run_workers(options: RunOptions, count: int, log_level: str = "info") 
         await _wait_all(workers, 5.0)
         if runner is not None:
             await runner.cleanup()
-        if reservation is not None:
-            reservation.close()
+        for sock in sockets:
+            sock.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
@@ -224,10 +268,24 @@ async def _wait_all(workers: list[Worker], timeout: float) -> None:
                 await asyncio.gather(*(p.wait() for p in procs))
 
 
-def _reserve_port(host: str) -> socket.socket:
+async def _until_taken(handover: HandoverServer, limit: float) -> None:
+    """SIGTERM: the workers keep accepting until a replacement serves on our sockets (at
+    most `limit` seconds), so the port is never without a process accepting on it."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(limit):
+            await handover.taken.wait()
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A worker's socket: SO_REUSEPORT, bound and listening (port 0: any, once)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, 0))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(4096)
+    except OSError as exc:
+        sock.close()
+        raise BindError("serving", host, port, exc, "--listen / listen.address") from None
     return sock

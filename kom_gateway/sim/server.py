@@ -20,6 +20,7 @@ from urllib.parse import parse_qsl
 
 from aiohttp import WSMsgType, web
 
+from kom_gateway import compat
 from kom_gateway.http import engine as engines
 from kom_gateway.http.guard import UNGUARDED
 from kom_gateway.http.h1.server import request_tls
@@ -150,7 +151,7 @@ class Simulator:
         await self._control.setup()
         site = web.TCPSite(self._control, host, port)
         await site.start()
-        return int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+        return int(compat.site_sockets(site)[0].getsockname()[1])
 
     async def close(self) -> None:
         for group in self.groups.values():
