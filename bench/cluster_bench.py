@@ -11,10 +11,13 @@ a kubelet does (own-pod LIST+WATCH, lease renewals every 10 s, node status every
 events for its pods); a scheduler binding every new pod; informers over all pods and
 nodes relisting every minute; a writer creating and deleting pods at --churn a second.
 
-Upstream: the project's simulator (`kom-gateway sim`: four groups on one store and one
-resourceVersion counter), over TLS with kube-apiserver's authentication (x509 client
-certificates, the front-proxy request header). It is restarted for every target, so each
-starts from the same empty store.
+Upstream (`--upstream`): `sim`, the project's simulator (`kom-gateway sim`: four groups on
+one store and one resourceVersion counter, with fault switches), or `go`, the Go stand-in
+`bench/cluster/apiserver` (the part of kube-apiserver the fleet uses, on Go's net/http,
+standard library only; four groups on one store) for thousands of kubelets, where the
+simulator's one Python process is the bottleneck. Either is over TLS with kube-apiserver's
+authentication (x509 client certificates, the front-proxy request header), and restarted
+for every target, so each starts from the same empty store.
 
 Targets, one after another: `direct` (the fleet talks to the simulator), `haproxy`
 (HAProxy 2.6, 2 threads, TLS with client certificates, the same path routing, identity
@@ -147,16 +150,18 @@ def rss_mib(pids: list[int]) -> float:
     return total / 1024
 
 
-def build_fleet(out: Path) -> Path:
-    """`go build` the fleet (standard library only: no module download)."""
+def build_fleet(out: Path, package: str = ".", name: str = "fleet") -> Path:
+    """`go build` the fleet, or (package ./apiserver) the Go upstream (standard library
+    only: no module download)."""
     go = shutil.which("go")
     if go is None:
         sys.exit("the load model needs Go: apt-get install golang-go")
-    binary = out / "fleet"
+    binary = out / name
     # everything Go writes stays in `out` (no cache or GOPATH in the user's home)
     env = {**os.environ, "GOPROXY": "off", "GOCACHE": str(out / "gocache"),
            "GOPATH": str(out / "gopath"), "CGO_ENABLED": "0"}  # fmt: skip
-    subprocess.run([go, "build", "-o", str(binary), "."], cwd=FLEET_SOURCE, env=env, check=True)
+    subprocess.run([go, "build", "-o", str(binary), package], cwd=FLEET_SOURCE, env=env,
+                   check=True)  # fmt: skip
     return binary
 
 
@@ -171,6 +176,9 @@ class Upstream:
     process: Process | None = None
 
     def start(self) -> None:
+        self._start_sim()
+
+    def _start_sim(self) -> None:
         config = self.root / "sim.yaml"
         config.write_text("groups:\n" + "".join(
             f'  {g}: {{endpoints: ["https://127.0.0.1:{p}"]}}\n' for g, p in self.ports.items()))
@@ -184,6 +192,7 @@ class Upstream:
             "kom-gateway sim serving", self.root / "sim.log")  # fmt: skip
 
     def control_call(self, method: str, path: str, body: object = None) -> object:
+        """The simulator's control API (faults, counters)."""
         import urllib.request
 
         data = None if body is None else json.dumps(body).encode()
@@ -195,6 +204,27 @@ class Upstream:
     def stop(self) -> None:
         if self.process is not None:
             self.process.stop()
+
+
+@dataclass
+class GoUpstream(Upstream):
+    """The Go stand-in's four groups (bench/cluster/apiserver): no faults, no control
+    API; for loads the simulator cannot carry."""
+
+    binary: Path | None = None
+
+    def start(self) -> None:
+        pki = self.pki
+        assert self.binary is not None
+        self.process = Process(
+            [str(self.binary), "-ports", ",".join(f"{g}={p}" for g, p in self.ports.items()),
+             "-tls-cert-file", str(pki.server_cert), "-tls-private-key-file", str(pki.server_key),
+             "-client-ca-file", str(pki.ca), "-requestheader-client-ca-file",
+             str(pki.front_proxy_ca), "-requestheader-allowed-names", "front-proxy-client"],
+            "apiserver stand-in serving", self.root / "apiserver.log")  # fmt: skip
+
+    def control_call(self, method: str, path: str, body: object = None) -> object:
+        raise NotImplementedError("the Go upstream has no faults: use --upstream sim")
 
 
 class Target:
@@ -351,8 +381,9 @@ def seconds_until_all_up(progress: list[dict], since: float, nodes: int) -> floa
     return None
 
 
-def measure(target_name: str, fleet: Path, pki: PKI, root: Path, args: argparse.Namespace) -> dict:
-    upstream = Upstream(root, pki)
+def measure(target_name: str, fleet: Path, pki: PKI, root: Path, args: argparse.Namespace,
+            apiserver: Path | None = None) -> dict:  # fmt: skip
+    upstream = GoUpstream(root, pki, binary=apiserver) if apiserver else Upstream(root, pki)
     upstream.start()
     target = TARGETS[target_name](root, upstream)
     try:
@@ -388,6 +419,7 @@ def measure(target_name: str, fleet: Path, pki: PKI, root: Path, args: argparse.
             cpu += killed["cpu_before"] - cpu0
         result = {
             "target": target_name,
+            "upstream": args.upstream,
             "cpu_seconds": round(cpu, 2),
             "cpu_seconds_per_1000_kubelets": round(cpu * 1000 / args.nodes, 2),
             "cpu_share_of_a_core": round(cpu / args.seconds, 3),
@@ -424,6 +456,8 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--kill-at", type=float, default=0.0,
                         help="SIGKILL the target at this second and restart it in place")
     parser.add_argument("--targets", default="direct,haproxy,gateway,gateway-workers")
+    parser.add_argument("--upstream", choices=("sim", "go"), default="sim",
+                        help="the simulator, or the Go stand-in for thousands of kubelets")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", help="also write the results (JSON) here")
     parser.add_argument("--keep", metavar="DIR",
@@ -445,12 +479,13 @@ def main() -> int:
         else:
             root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kom-cluster-")))
         fleet = build_fleet(root)
+        apiserver = build_fleet(root, "./apiserver", "apiserver") if args.upstream == "go" else None
         pki = make_pki(root)
         for i in range(args.repeats):
             for name in args.targets.split(","):
                 run_root = root / f"{name}-{i}"
                 run_root.mkdir()
-                result = measure(name, fleet, pki, run_root, args)
+                result = measure(name, fleet, pki, run_root, args, apiserver)
                 results.append(result)
                 print(json.dumps(result), flush=True)
     if args.out:

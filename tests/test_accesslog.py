@@ -136,6 +136,8 @@ REPLAY_RULES = """cutover:
     percent: {config: 0}
   - match: {user: "system:serviceaccount:*"}
     percent: {pod: 100}
+  - match: {userGroup: "system:nodes", userAgent: "python-*"}
+    percent: {event: 100}
   - percent: {pod: 50, config: 50}
 """
 REPLAY_CLIENTS = [  # User-Agent, extra headers: each a client key of its own
