@@ -333,6 +333,15 @@ func (sv *server) list(w http.ResponseWriter, resource string, q url.Values) {
 	w.Write(body)
 }
 
+// stored is the object at ns/name (under s.mu), or a 404 for the client.
+func (s *store) stored(resource, ns, name string) (object, error) {
+	o, ok := s.objects[resource][key(ns, name)]
+	if !ok {
+		return nil, &apiError{404, "NotFound", fmt.Sprintf("%s %q not found", resource, name)}
+	}
+	return o, nil
+}
+
 func (sv *server) get(w http.ResponseWriter, resource, ns, name string) {
 	sv.s.mu.Lock()
 	o, ok := sv.s.objects[resource][key(ns, name)]
@@ -404,9 +413,9 @@ func (sv *server) update(w http.ResponseWriter, r *http.Request, resource, ns, n
 	}
 	sv.s.mu.Lock()
 	defer sv.s.mu.Unlock()
-	current, ok := sv.s.objects[resource][key(ns, name)]
-	if !ok {
-		writeError(w, &apiError{404, "NotFound", fmt.Sprintf("%s %q not found", resource, name)})
+	current, err := sv.s.stored(resource, ns, name)
+	if err != nil {
+		writeError(w, err)
 		return
 	}
 	if want := str(meta(o), "resourceVersion"); want != "" && want != str(meta(current), "resourceVersion") {
@@ -451,9 +460,9 @@ func (sv *server) patch(w http.ResponseWriter, r *http.Request, resource, ns, na
 	}
 	sv.s.mu.Lock()
 	defer sv.s.mu.Unlock()
-	current, ok := sv.s.objects[resource][key(ns, name)]
-	if !ok {
-		writeError(w, &apiError{404, "NotFound", fmt.Sprintf("%s %q not found", resource, name)})
+	current, err := sv.s.stored(resource, ns, name)
+	if err != nil {
+		writeError(w, err)
 		return
 	}
 	writeJSON(w, 200, sv.s.commit(resource, "MODIFIED", key(ns, name), merge(copyObject(current), p), current))
@@ -462,9 +471,9 @@ func (sv *server) patch(w http.ResponseWriter, r *http.Request, resource, ns, na
 func (sv *server) remove(w http.ResponseWriter, resource, ns, name string) {
 	sv.s.mu.Lock()
 	defer sv.s.mu.Unlock()
-	current, ok := sv.s.objects[resource][key(ns, name)]
-	if !ok {
-		writeError(w, &apiError{404, "NotFound", fmt.Sprintf("%s %q not found", resource, name)})
+	current, err := sv.s.stored(resource, ns, name)
+	if err != nil {
+		writeError(w, err)
 		return
 	}
 	writeJSON(w, 200, sv.s.commit(resource, "DELETED", key(ns, name), copyObject(current), current))
@@ -480,9 +489,9 @@ func (sv *server) bind(w http.ResponseWriter, r *http.Request, ns, name string) 
 	node := str(target, "name")
 	sv.s.mu.Lock()
 	defer sv.s.mu.Unlock()
-	current, ok := sv.s.objects["pods"][key(ns, name)]
-	if !ok {
-		writeError(w, &apiError{404, "NotFound", fmt.Sprintf("pods %q not found", name)})
+	current, err := sv.s.stored("pods", ns, name)
+	if err != nil {
+		writeError(w, err)
 		return
 	}
 	if nodeName(current) != "" {
