@@ -107,7 +107,9 @@ class Gateway:
 
     def update_load(self) -> None:
         policy = self.holder.current.config.goaway
-        self.load = self.load_meter.load(self.admission.load(), self._open_streams(), policy)
+        # counting open streams walks every client connection: only when it counts
+        streams = self._open_streams() if policy.stream_budget > 0 else 0
+        self.load = self.load_meter.load(self.admission.load(), streams, policy)
         self.intake.goaway_chance = goaway_chance(self.load, policy)
         m = self.metrics
         m.load.set(self.load)
