@@ -185,6 +185,38 @@ class HandoverServer:
         self._release()
 
 
+def claim_serving(sockets: dict[str, socket.socket], count: int) -> list[socket.socket | None]:
+    """The handed-over listening sockets for `count` serving processes, taken out of
+    `sockets` in order: a supervisor's `serving-<i>`, or a single instance's `serving` as
+    the first; None where none was handed over. Any left over is closed (connections
+    queued there are reset: fewer processes serve now)."""
+    claimed = [sockets.pop(f"serving-{i}", None) for i in range(count)]
+    if claimed[0] is None:
+        claimed[0] = sockets.pop("serving", None)
+    for role in [r for r in sockets if r.startswith("serving")]:
+        log.warning("closing the handed-over listening socket %s: %d serving now", role, count)
+        sockets.pop(role).close()
+    return claimed
+
+
+async def until_replaced(
+    handover: HandoverServer | None, port: int, limit: float, own: int = 1
+) -> None:
+    """Keep accepting until a replacement serves on our sockets (handed over) or on its
+    own (beyond our `own` ones), at most `limit` seconds: no client finds the port closed."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+
+    def replaced() -> bool:
+        taken = handover is not None and handover.taken.is_set()
+        return taken or others_listening(port, own)
+
+    if not replaced():
+        log.info("keeping port %d open until a replacement listens (at most %.0fs)", port, limit)
+    while not replaced() and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+
+
 def listeners_on(port: int, table: str) -> int:
     """How many listening sockets of one /proc/net/tcp-format table use `port`."""
     count = 0

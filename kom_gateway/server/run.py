@@ -24,7 +24,12 @@ from kom_gateway.proxy.gateway import Gateway
 from kom_gateway.proxy.settings import listener_settings
 from kom_gateway.server import admin
 from kom_gateway.server.filewatch import FileSet
-from kom_gateway.server.handover import HandoverServer, others_listening, take_over
+from kom_gateway.server.handover import (
+    HandoverServer,
+    claim_serving,
+    take_over,
+    until_replaced,
+)
 from kom_gateway.server.memtrim import MemoryTrimmer
 from kom_gateway.server.tlsfiles import ServerTLSContext
 
@@ -86,7 +91,7 @@ async def run_gateway(
     if options.listen_fd is not None:
         sockets["serving"] = socket.socket(fileno=options.listen_fd)
     port = await listener.start(
-        listen.host, listen.port, options.reuse_port, sock=serving_socket(sockets)
+        listen.host, listen.port, options.reuse_port, sock=claim_serving(sockets, 1)[0]
     )
     gateway.start_load_sampling(listener.open_streams)
     draining = False
@@ -169,17 +174,6 @@ async def run_gateway(
     return 0
 
 
-def serving_socket(sockets: dict[str, socket.socket]) -> socket.socket | None:
-    """The one listening socket a single process serves on, of those handed over: a
-    single instance's `serving`, or a supervisor's first worker's `serving-0`. Any other
-    (the other workers' sockets) is closed: connections queued there are reset."""
-    serving = sockets.pop("serving", None) or sockets.pop("serving-0", None)
-    for role in [r for r in sockets if r.startswith("serving-")]:
-        log.warning("closing the handed-over listening socket %s: one process serves one", role)
-        sockets.pop(role).close()
-    return serving
-
-
 def _serve_handover(
     listener: Listener, runner: web.AppRunner | None, host: str, port: int
 ) -> HandoverServer:
@@ -210,7 +204,7 @@ async def drain(
         log.info("shutting down: unready for %.0fs before draining", options.shutdown_delay)
         await asyncio.sleep(options.shutdown_delay)
     if options.reuse_port and listener.port:
-        await _hand_over(handover, listener.port, options.drain_seconds)
+        await until_replaced(handover, listener.port, options.drain_seconds)
     if handover is not None:
         handover.close()
         if handover.taken.is_set() and runner is not None:
@@ -222,21 +216,6 @@ async def drain(
     listener.goaway_all("drain")
     await gateway.drain(options.drain_seconds)
     await listener.close(GOAWAY_LINGER_SECONDS + 1.0)
-
-
-async def _hand_over(handover: HandoverServer | None, port: int, limit: float) -> None:
-    """Keep accepting until a replacement serves on our sockets or on its own, at most
-    `limit` seconds: no client finds the port closed."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + limit
-
-    def replaced() -> bool:
-        return (handover is not None and handover.taken.is_set()) or others_listening(port)
-
-    if not replaced():
-        log.info("keeping port %d open until a replacement listens (at most %.0fs)", port, limit)
-    while not replaced() and loop.time() < deadline:
-        await asyncio.sleep(0.05)
 
 
 def new_listener(gateway: Gateway, ssl_context: ssl.SSLContext | None) -> Listener:

@@ -35,7 +35,12 @@ from kom_gateway.proxy.metrics import MULTIPROC_ENV
 from kom_gateway.server import admin as admin_port
 from kom_gateway.server.admin import start_admin
 from kom_gateway.server.bind import BindError
-from kom_gateway.server.handover import HandoverServer, take_over
+from kom_gateway.server.handover import (
+    HandoverServer,
+    claim_serving,
+    take_over,
+    until_replaced,
+)
 from kom_gateway.server.run import RunOptions
 
 log = logging.getLogger("kom_gateway.workers")
@@ -119,16 +124,10 @@ async def run_workers(options: RunOptions, count: int, log_level: str = "info") 
     inherited = take_over(listen.host, listen.port) if handing_over and listen.port else None
     offered = inherited.sockets if inherited is not None else {}
     sockets: list[socket.socket] = []
-    for i in range(count):
-        sock = offered.pop(f"serving-{i}", None)
-        if sock is None and i == 0:
-            sock = offered.pop("serving", None)  # a single instance's
+    for i, sock in enumerate(claim_serving(offered, count)):
         if sock is None:  # all on one port: the first one bound decides it (port 0)
             sock = listening_socket(listen.host, sockets[0].getsockname()[1] if i else listen.port)
         sockets.append(sock)
-    for role in [r for r in offered if r.startswith("serving")]:
-        log.warning("closing the handed-over listening socket %s: %d workers now", role, count)
-        offered.pop(role).close()
     port = sockets[0].getsockname()[1]
     host = f"[{listen.host}]" if ":" in listen.host else listen.host
     argv = [
@@ -212,8 +211,9 @@ async def run_workers(options: RunOptions, count: int, log_level: str = "info") 
         stopping = True
         for task in supervisors:
             task.cancel()
+        if options.reuse_port:  # the workers keep accepting until a replacement serves
+            await until_replaced(handover, port, options.drain_seconds, own=count)
         if handover is not None:
-            await _until_taken(handover, options.shutdown_delay + options.drain_seconds)
             handover.close()
             if handover.taken.is_set():
                 await admin_port.stop_accepting(runner)  # /readyz is the replacement's now
@@ -266,14 +266,6 @@ async def _wait_all(workers: list[Worker], timeout: float) -> None:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await asyncio.gather(*(p.wait() for p in procs))
-
-
-async def _until_taken(handover: HandoverServer, limit: float) -> None:
-    """SIGTERM: the workers keep accepting until a replacement serves on our sockets (at
-    most `limit` seconds), so the port is never without a process accepting on it."""
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(limit):
-            await handover.taken.wait()
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
