@@ -344,14 +344,14 @@ func (s *store) stored(resource, ns, name string) (object, error) {
 
 func (sv *server) get(w http.ResponseWriter, resource, ns, name string) {
 	sv.s.mu.Lock()
-	o, ok := sv.s.objects[resource][key(ns, name)]
+	o, err := sv.s.stored(resource, ns, name)
 	var body []byte
-	if ok {
+	if err == nil {
 		body, _ = json.Marshal(o)
 	}
 	sv.s.mu.Unlock()
-	if !ok {
-		writeError(w, &apiError{404, "NotFound", fmt.Sprintf("%s %q not found", resource, name)})
+	if err != nil {
+		writeError(w, err)
 		return
 	}
 	w.Header().Set("Content-Type", "application/json")
