@@ -431,6 +431,8 @@ def describe_config(config: Config) -> str:
             ", ".join(f"{g} {format_percent(p)}" for g, p in rule.percent.items())
             or "nothing moved"
         )
+        if rule.shadow is not None:
+            shares += f"; shadow: {rule.shadow.describe()}"
         lines.append(f"  [{rule.index}] {rule.label}  ->  {shares}")
     lines += ["", "OVERLOAD (429 + Retry-After past these, per gateway process)"]
     o = config.overload

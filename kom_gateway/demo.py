@@ -15,11 +15,13 @@ import json
 import logging
 import shutil
 import tempfile
+import urllib.request
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from kom_gateway.config import load_config_file
 from kom_gateway.config.model import Address
@@ -146,6 +148,42 @@ class LiveView:
         return out
 
 
+class ShadowView:
+    """The demo's account of shadow reads, from the gateway's /metrics: what each
+    candidate group's answers came to since the last look."""
+
+    def __init__(self, metrics_url: str) -> None:
+        self.url = metrics_url
+        self.seen: dict[tuple[str, str, str, str], float] = {}
+
+    def lines(self) -> list[str]:
+        try:
+            with urllib.request.urlopen(self.url, timeout=2) as r:
+                text = r.read().decode()
+        except OSError:
+            return []
+        return self.news(text)
+
+    def news(self, text: str) -> list[str]:
+        out = []
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name != "kom_gateway_shadow_requests_total":
+                    continue
+                labels = sample.labels
+                key = (labels["rule"], labels["group"], labels["result"], labels["reason"])
+                new = sample.value - self.seen.get(key, 0.0)
+                self.seen[key] = sample.value
+                if new > 0:
+                    rule, group, result, reason = key
+                    why = f" ({reason})" if reason else ""
+                    out.append(
+                        f"  shadow   {group:<8} {result}{why}: {rule}'s reads on default, also "
+                        f"asked of {group}  (+{new:.0f}, total {sample.value:.0f})"
+                    )
+        return out
+
+
 async def run_demo(
     config_path: str | None = None,
     kubeconfig_path: str | None = None,
@@ -202,6 +240,13 @@ Try, in another shell:
                                            # as another program: kubectl cannot change its
                                            # User-Agent, curl -A can
 
+Prove a group before anyone moves: curl's rule shadows its pod reads to 'pod' (compared
+at the same resourceVersion; curl only ever gets default's answer):
+  curl -s --http2-prior-knowledge http://{address}/api/v1/pods -o /dev/null   # shadow: match
+  curl -s -X PUT -d '{{"diverge": "content"}}' {control}/groups/pod/faults   # pod diverges
+  kubectl run demo --image=x                 # (a pod, so the lists have content)
+  curl -s --http2-prior-knowledge http://{address}/api/v1/pods -o /dev/null   # mismatch
+
 Break a group and watch the fallback (the simulator's control API, {control}):
   curl -s -X POST {control}/groups/pod/down     # pod's apiserver goes away
   kubectl get pods                              # still answered, by default
@@ -219,10 +264,11 @@ Who answered what (updates live; Ctrl-C to stop):""",
     )
     logging.getLogger("kom_gateway.proxy.gateway").setLevel(logging.INFO)  # reloads, in words
     view = LiveView(access_log)
+    shadows = ShadowView(f"http://{config.admin.host}:{admin_port}/metrics")
     try:
         while not gateway.done():
             await asyncio.sleep(1.0)
-            for line in view.lines():
+            for line in view.lines() + await asyncio.to_thread(shadows.lines):
                 print(line, flush=True)
     finally:
         gateway.cancel()

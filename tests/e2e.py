@@ -49,6 +49,7 @@ cutover:
     percent: {{pod: 100, config: 100, event: 100}}
   - match: {{userAgent: "curl/*"}}
     percent: {{config: 100}}
+    shadow: {{group: pod, percent: 100, maxPerSecond: 100}}
 """
 
 TLS_CONFIG = """
@@ -166,6 +167,11 @@ class Cluster:
                                      method=method)
         with urllib.request.urlopen(req, timeout=10) as r:
             return json.loads(r.read())
+
+    def metrics(self) -> str:
+        """The gateway's /metrics page."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin}/metrics", timeout=10) as r:
+            return r.read().decode()
 
     def requests_since(self, seq: int) -> list[dict]:
         return self.control_call("GET", f"/requests?since={seq}")  # type: ignore[return-value]

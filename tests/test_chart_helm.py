@@ -42,6 +42,8 @@ MATRIX = {
     "hpa": {"autoscaling": {"enabled": True}},
     "monitoring": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
     "checksum-rollout": {"configReload": "checksum"},
+    "shadow": {"config": {"cutover": [{"match": {"userAgent": "kubelet/*"}, "percent": {"pod": 5},
+                                       "shadow": {"group": "pod", "percent": 5, "maxPerSecond": 50}}]}},
     "minimal": {"replicaCount": 1, "workers": 1, "podDisruptionBudget": {"enabled": False},
                 "antiAffinity": "none", "service": {"type": "NodePort", "nodePort": 30443}},
 }
@@ -124,6 +126,7 @@ def test_helm_lint_strict_is_clean():
 @pytest.mark.parametrize(("values", "says"), [
     ({"replicas": 3}, "additional properties 'replicas' not allowed"),  # a typo
     ({"config": {"cutover": [{"percent": {"pod": 150}}]}}, "maximum: got 150, want 100"),
+    ({"config": {"cutover": [{"shadow": {"group": "pod", "sample": 1}}]}}, "'sample' not allowed"),
     ({"configReload": "sometimes"}, "/configReload"),
     ({"config": {"listen": {"address": "0.0.0.0:1"}}}, "/config"),  # the chart writes listen
     ({"config": {"upstream": {"tls": {"caFile": "/x"}}}}, "/config/upstream/tls"),  # and these

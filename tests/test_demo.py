@@ -20,6 +20,8 @@ groups:
 cutover:
   - match: {{userAgent: "kubectl/*"}}
     percent: {{pod: 100}}
+  - match: {{userAgent: "curl/*"}}
+    shadow: {{group: pod, percent: 100}}
 """
 
 
@@ -40,6 +42,14 @@ def test_demo_runs_and_shows_who_served_what(tmp_path):
         with urllib.request.urlopen(request, timeout=10) as r:
             assert r.headers["X-Kom-Sim-Group"] == "pod"
         while "pod      <- list pods" not in log.read_text():
+            assert time.monotonic() < deadline + 10, log.read_text()
+            time.sleep(0.1)
+        # curl's reads are shadowed to pod: the live view counts the matches
+        shadowed = urllib.request.Request(f"http://127.0.0.1:{ports['gw']}/api/v1/pods",
+                                          headers={"User-Agent": "curl/8.0"})  # fmt: skip
+        with urllib.request.urlopen(shadowed, timeout=10) as r:
+            assert r.headers["X-Kom-Sim-Group"] == "default"
+        while "shadow   pod      match: userAgent=curl/*'s reads" not in log.read_text():
             assert time.monotonic() < deadline + 10, log.read_text()
             time.sleep(0.1)
         # break the pod group as the demo says, and watch the fallback in the live view

@@ -4,6 +4,7 @@ the four control-plane nodes the script needs, and the Dockerfile runs non-root.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shutil
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from e2e import REQUIRE
-from harness import FAST_HEALTH, Stack
+from harness import EVERYONE_CUT_OVER, FAST_HEALTH, Stack
 from prometheus_client import generate_latest
 
 from kom_gateway.config.loader import load_config_text
@@ -32,10 +33,17 @@ def dashboard_metrics() -> set[str]:
 
 
 async def test_every_metric_the_dashboard_queries_is_exported():
-    stack = await Stack().start(extra=FAST_HEALTH + "overload: {maxWatches: 1}\n")
+    shadowed = ('cutover:\n  - match: {userAgent: "shadowed/*"}\n    percent: {pod: 0}\n'
+                "    shadow: {group: pod, percent: 100}\n" + EVERYONE_CUT_OVER.split("\n", 1)[1])
+    stack = await Stack().start(shadowed, extra=FAST_HEALTH + "overload: {maxWatches: 1}\n")
     try:
         client = await stack.client()
         assert (await client.request("GET", "/api/v1/pods")).status == 200
+        assert (await client.request("GET", "/api/v1/pods", user_agent="shadowed/1")).status == 200
+        async with asyncio.timeout(5):  # the shadow read, compared
+            while stack.gateway.shadows.live:
+                await asyncio.sleep(0.01)
+        stack.gateway.metrics.flush()
         watch = client.open("GET", "/api/v1/pods?watch=1")
         await watch.got_headers.wait()
         assert (await client.request("GET", "/api/v1/pods?watch=1")).status == 429

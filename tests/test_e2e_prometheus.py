@@ -81,6 +81,14 @@ def test_every_dashboard_query_returns_series_from_a_real_prometheus(tmp_path):
         # 429s: a rate limit of one request per worker process (limits are per process)
         codes = [get(port, "/api/v1/nodes", "ratelimited/1.0") for _ in range(4)]
         assert codes.count(429) >= 2, codes
+        # shadow reads (curl's rule shadows its pod reads to the pod group): matches, and
+        # mismatches once the pod group stops serving pods
+        for _ in range(5):
+            assert get(port, "/api/v1/namespaces/default/pods", "curl/8.0") == 200
+        cluster.control_call("PUT", "/groups/pod/faults", {"lacks_resource": "pods"})
+        for _ in range(5):
+            assert get(port, "/api/v1/namespaces/default/pods", "curl/8.0") == 200
+        cluster.control_call("PUT", "/groups/pod/faults", {"lacks_resource": ""})
         # an ejection: a group taken down
         cluster.control_call("POST", "/groups/pod/down")
         get(port, "/api/v1/namespaces/default/pods")

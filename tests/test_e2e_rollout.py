@@ -26,7 +26,9 @@ import pytest
 import yaml
 from e2e import Cluster, Process, need
 
+from kom_gateway.config import load_config_text
 from kom_gateway.kube.identity import token_identity
+from kom_gateway.rollout.edit import find_rule
 from kom_gateway.rollout.state import rollout_key
 from kom_gateway.routing.cutover import Client
 
@@ -285,7 +287,8 @@ def test_prometheus_as_the_guard_source(tmp_path, cluster):
     try:
         spec = write_spec(tmp_path, cluster, steps="[50, 100]", hold="3s",
                           source=f"{{prometheus: {{url: 'http://127.0.0.1:{port}'}}}}")  # fmt: skip
-        spec.write_text(spec.read_text().replace("window: 1s", "window: 3s").replace("interval: 0.25s", "interval: 0.5s"))
+        spec.write_text(spec.read_text().replace("window: 1s", "window: 3s").replace("interval: 0.25s", "interval: 0.5s")
+                        + "shadow: {percent: 100, hold: 3s, maxPerSecond: 1000}\n")  # fmt: skip
         rollout_under_traffic(tmp_path, cluster, spec)
     finally:
         prom.stop()
@@ -294,3 +297,57 @@ def test_prometheus_as_the_guard_source(tmp_path, cluster):
     promoted = history(state, "promote")
     assert [h["percent"] for h in promoted] == [50, 100]
     assert "requests in" in promoted[-1]["message"]  # the readings that justified it
+    # the shadow phase before them, judged on PromQL's counts of compared reads
+    passed = history(state, "shadow-pass")[0]
+    assert passed["time"] < promoted[0]["time"] and " 0 mismatches" in passed["message"]
+    assert int(passed["message"].split("passed after ")[1].split(": ")[1].split()[0]) > 20
+
+
+def test_a_shadow_phase_stops_a_diverging_group_before_anyone_moves_then_passes(tmp_path, cluster):
+    """The spec's shadow phase: reads compared before any client moves; a group that
+    answers differently ends the rollout with nobody moved; fixed, the phase passes and
+    the steps run."""
+    spec = write_spec(tmp_path, cluster, steps="[100]", hold="1s")
+    spec.write_text(spec.read_text() + "shadow: {percent: 100, hold: 1s, maxPerSecond: 1000, "
+                    "maxMismatchRatio: 0.01}\n")  # fmt: skip
+    before = cluster.config.read_text()
+    conn = http.client.HTTPConnection("127.0.0.1", cluster.port, timeout=10)
+    for i in range(3):  # (an empty list reads the same however a group diverges)
+        conn.request("POST", "/api/v1/namespaces/default/pods", json.dumps(
+            {"metadata": {"name": f"p{i}"}, "spec": {"containers": [{"name": "c", "image": "x"}]}}),
+            {"Content-Type": "application/json"})  # fmt: skip
+        assert conn.getresponse().read() and True
+    conn.close()
+    cluster.control_call("PUT", "/groups/pod/faults", {"diverge": "content"})
+    traffic = Traffic(cluster.port)
+    try:
+        proc = controller(spec, tmp_path / "diverging.log")
+        assert proc.wait(60) == 3, (tmp_path / "diverging.log").read_text()
+    finally:
+        traffic.close()
+    state = state_of(cluster)
+    assert state["phase"] == "RolledBack" and state["shadow"] == "failed" and state["percent"] == 0
+    assert "shadow phase failed: mismatch ratio" in state["reason"]
+    assert {group for _, _, _, group in traffic.answers} == {"default"}  # nobody moved
+    assert all(status == 200 for _, _, status, _ in traffic.answers)
+    # the rule's shadow put back (none); the rule the phase added moves nobody
+    diff = [line for line in difflib.unified_diff(before.splitlines(), cluster.config.read_text().splitlines(), n=0)
+            if line[:1] in "+-" and line[:3] not in ("+++", "---")]  # fmt: skip
+    assert diff == ['+  - match: {userAgent: "kubelet/*"}', "+    percent: {pod: 0}"], diff
+    metrics = cluster.metrics()
+    assert 'kom_gateway_shadow_requests_total{group="pod",reason="content",result="mismatch",' \
+           f'rule="{LABEL}"}}' in metrics
+
+    cluster.control_call("PUT", "/groups/pod/faults", {"diverge": ""})
+    traffic = Traffic(cluster.port)
+    try:
+        proc = controller(spec, tmp_path / "healthy.log", "--restart")
+        assert proc.wait(60) == 0, (tmp_path / "healthy.log").read_text()
+    finally:
+        traffic.close()
+    state = state_of(cluster)
+    assert state["phase"] == "Succeeded" and state["shadow"] == "passed"
+    actions = [h["action"] for h in state["history"]]
+    assert actions.index("shadow-pass") < actions.index("promote")
+    config = load_config_text(cluster.config.read_text())
+    assert find_rule(config, {"userAgent": "kubelet/*"}).shadow is None

@@ -19,12 +19,13 @@ from kom_gateway.proxy.accesslog import AccessLog
 from kom_gateway.proxy.metrics import Metrics
 from kom_gateway.proxy.outcome import Outcome, OutcomeRecorder, moved_outcome
 from kom_gateway.rollout import machine
-from kom_gateway.rollout.edit import EditError, current_percent, set_percent
+from kom_gateway.rollout.edit import EditError, current_percent, find_rule, set_percent
 from kom_gateway.rollout.guards import (
     Readings,
     ReplicaSample,
     Sample,
     SampleWindow,
+    ShadowReadings,
     judge,
     quantile,
     readings_between,
@@ -34,6 +35,7 @@ from kom_gateway.rollout.sources import promql_string, replica_sample
 from kom_gateway.rollout.spec import (
     ConfigMapTarget,
     FileTarget,
+    ShadowPhase,
     SpecError,
     format_duration,
     parse_duration,
@@ -41,7 +43,7 @@ from kom_gateway.rollout.spec import (
 )
 from kom_gateway.rollout.state import Lease, RolloutState
 from kom_gateway.rollout.targets import Conflict, FileTargetIO
-from kom_gateway.routing.cutover import Client
+from kom_gateway.routing.cutover import Client, ShadowSpec
 from kom_gateway.routing.router import Decision
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -397,6 +399,25 @@ def test_moved_requests_are_counted_per_rule_and_outcome():
     assert moved_outcome(Outcome(kubelet, info, decision, "pod", 101), "pod") == "1xx"
 
 
+def test_shadow_reads_are_read_per_rule_and_the_candidates_latency_per_group():
+    metrics = Metrics()
+    rule = "userAgent=kubelet/*"
+    for result, reason, n in (("match", "", 5), ("mismatch", "content", 2), ("skipped", "budget", 7)):
+        metrics.shadow_requests.labels(rule, "pod", result, reason).inc(n)
+    metrics.shadow_requests.labels("userAgent=other/*", "pod", "match", "").inc(100)
+    metrics.shadow_duration.labels("pod").observe(0.02)
+    metrics.shadow_percent.labels(rule, "pod").set(5)
+    got = replica_sample(generate_latest(metrics.registry).decode(), rule, "pod")
+    assert got.shadow == {"match": 5, "mismatch": 2, "skipped": 7}
+    assert got.shadow_buckets[float("inf")] == 1 and got.shadow_percent == 5
+    window = SampleWindow()
+    window.add(Sample(0, {"a": ReplicaSample()}), 60)
+    window.add(Sample(10, {"a": got}), 60)
+    r = window.shadow_readings()
+    assert (r.compared, round(r.bad_ratio, 4), r.replicas) == (7, round(2 / 7, 4), 1)
+    assert r.p99 == pytest.approx(0.0248, abs=1e-3)
+
+
 def test_promql_strings_are_escaped():
     assert promql_string('userAgent=a"b\\c') == '"userAgent=a\\"b\\\\c"'
 
@@ -488,6 +509,15 @@ class ScriptedSource:
     def served(self):
         config = load_config_text(self.target.text)
         return [current_percent(config, {"userAgent": "kubelet/*"}, "pod")]
+
+    shadow_fixed = None
+
+    def shadow_readings(self, since, now):
+        return self.shadow_fixed
+
+    def shadow_served(self):
+        rule = find_rule(load_config_text(self.target.text), {"userAgent": "kubelet/*"})
+        return [rule.shadow.percent if rule is not None and rule.shadow is not None else 0.0]
 
 
 def test_the_loop_walks_a_rollout_with_events_and_releases_its_lease():
@@ -640,3 +670,96 @@ def test_a_hand_edit_after_a_completed_rollout_is_named_with_what_to_run(tmp_pat
     assert main(["rollout", "run", str(spec_file)]) == 1
     err = capsys.readouterr().err
     assert "edited by hand" in err and "nothing to do" not in err
+
+
+# -- the shadow phase ---------------------------------------------------------------------------
+SHADOW_PHASE = "{percent: 5, hold: 1s, maxMismatchRatio: 0.01, maxP99Seconds: 0.5}"
+
+
+def test_the_shadow_phase_is_read_with_its_defaults_and_checked():
+    s = spec(shadow=SHADOW_PHASE)
+    assert s.shadow == ShadowPhase(5.0, 1.0, 0.01, 0.5, 10.0)
+    assert spec(shadow="{}").shadow == ShadowPhase(5.0, 600.0, 0.001, 1.0, 10.0)
+    with pytest.raises(SpecError) as exc:
+        spec(shadow="{percent: 0, maxMismatchRatio: 2, hold: soon, extra: 1}")
+    text = str(exc.value)
+    for key in ("shadow.percent", "shadow.maxMismatchRatio", "shadow.hold", "shadow.extra"):
+        assert key in text
+
+
+def shadow_readings(compared: float = 100, mismatches: float = 0, p99: float = 0.05):
+    return ShadowReadings(120, {"match": compared - mismatches, "mismatch": mismatches}, p99, 1)
+
+
+def test_a_shadow_phase_runs_before_anyone_moves_and_then_the_steps():
+    import threading
+
+    from kom_gateway.rollout.runner import Rollout, status_report
+
+    s = spec(hold="1s", steps="[50, 100]", shadow=SHADOW_PHASE)
+    target = MemoryTarget(EXAMPLE)
+    source = ScriptedSource(target, readings())
+    source.shadow_fixed = shadow_readings()
+    seen = []
+    ticks = iter(range(0, 10_000, 5))
+
+    def clock():
+        t = float(next(ticks))
+        config = load_config_text(target.text)
+        rule = find_rule(config, {"userAgent": "kubelet/*"})
+        seen.append((rule.shadow if rule else None, current_percent(config, s.rule, "pod")))
+        return t
+
+    assert Rollout(s, target, source, clock=clock).run(threading.Event()) == 0
+    reasons = [reason for _, reason, _ in target.events]
+    assert reasons[:5] == ["RolloutStarted", "RolloutShadowStarted", "RolloutShadowServed",
+                           "RolloutShadowPassed", "RolloutPromoted"]  # fmt: skip
+    # shadowing while nobody moved; off again before the first step
+    assert (ShadowSpec("pod", 5.0, 10.0), 0.0) in seen
+    assert all(shadow is None for shadow, percent in seen if percent > 0)
+    final = load_config_text(target.text)
+    assert find_rule(final, {"userAgent": "kubelet/*"}).shadow is None
+    assert current_percent(final, s.rule, "pod") == 100
+    state = RolloutState.from_json(target.state)
+    assert status_report(s, state, 100.0, 1e9)["shadow"] == "passed"
+
+
+def test_a_failed_shadow_phase_stops_the_rollout_before_anyone_moved():
+    import threading
+
+    from kom_gateway.rollout.runner import Rollout
+
+    s = spec(hold="1s", steps="[50, 100]", shadow=SHADOW_PHASE)
+    target = MemoryTarget(EXAMPLE)
+    source = ScriptedSource(target, readings())
+    source.shadow_fixed = shadow_readings(mismatches=3)
+    clock = iter(range(0, 10_000, 5))
+    assert Rollout(s, target, source, clock=lambda: float(next(clock))).run(threading.Event()) == 3
+    config = load_config_text(target.text)
+    assert current_percent(config, s.rule, "pod") == 0
+    assert find_rule(config, {"userAgent": "kubelet/*"}).shadow is None  # put back: none
+    state = RolloutState.from_json(target.state)
+    assert state.phase == "RolledBack" and state.shadow == "failed"
+    assert "mismatch ratio 3.00% > 1.00%" in state.reason
+    assert target.events[-1][:2] == (True, "RolloutShadowFailed")
+
+
+def test_a_rules_own_shadow_is_put_back_after_the_phase():
+    import threading
+
+    from kom_gateway.rollout.runner import Rollout
+
+    own = EXAMPLE.replace(
+        '  - match: {userAgent: "kube-controller-manager/*"}',
+        '  - match: {userAgent: "kubelet/*"}\n    percent: {pod: 0}\n'
+        "    shadow: {group: pod, percent: 1, maxPerSecond: 2}\n"
+        '  - match: {userAgent: "kube-controller-manager/*"}',
+    )
+    s = spec(hold="1s", steps="[50]", shadow=SHADOW_PHASE)
+    target = MemoryTarget(own)
+    source = ScriptedSource(target, readings())
+    source.shadow_fixed = shadow_readings()
+    clock = iter(range(0, 10_000, 5))
+    assert Rollout(s, target, source, clock=lambda: float(next(clock))).run(threading.Event()) == 0
+    rule = find_rule(load_config_text(target.text), {"userAgent": "kubelet/*"})
+    assert rule.shadow == ShadowSpec("pod", 1.0, 2.0)

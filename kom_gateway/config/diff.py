@@ -23,7 +23,7 @@ from kom_gateway.config.keys import (
 )
 from kom_gateway.config.model import Config
 from kom_gateway.overload.policy import GroupLimits, RateLimitRule
-from kom_gateway.routing.cutover import format_percent
+from kom_gateway.routing.cutover import ShadowSpec, format_percent
 
 
 def describe_changes(
@@ -137,6 +137,10 @@ def _percents(percent: dict[str, float] | Any) -> str:
     return ", ".join(f"{g} {format_percent(p)}" for g, p in percent.items()) or "pinned to default"
 
 
+def _shadow(shadow: ShadowSpec | None) -> str:
+    return "off" if shadow is None else shadow.describe()
+
+
 def _cutover(old: Config, new: Config) -> Iterable[str]:
     before = {r.label: r for r in old.cutover}
     after = {r.label: r for r in new.cutover}
@@ -154,6 +158,8 @@ def _cutover(old: Config, new: Config) -> Iterable[str]:
             yield f"cutover {key}: {', '.join(changes)}"
         if was.index != rule.index:
             yield f"cutover {key}: now rule [{rule.index}] (was [{was.index}])"
+        if was.shadow != rule.shadow:
+            yield f"cutover {key}: shadow {_shadow(was.shadow)} -> {_shadow(rule.shadow)}"
     for key, rule in before.items():
         if key not in after:
             yield (

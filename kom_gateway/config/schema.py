@@ -50,7 +50,13 @@ from kom_gateway.config.yamldoc import YamlDocument, YamlPath, kind_of
 from kom_gateway.http.settings import HTTP2_ENGINES
 from kom_gateway.overload.load import GoawayPolicy
 from kom_gateway.routing.claims import ResourceClaim, parse_claim
-from kom_gateway.routing.cutover import CutoverRule, Match
+from kom_gateway.routing.cutover import (
+    SHADOW_MAX_PER_SECOND,
+    SHADOW_PERCENT,
+    CutoverRule,
+    Match,
+    ShadowSpec,
+)
 from kom_gateway.routing.glob import Glob
 from kom_gateway.routing.router import DEFAULT_GROUP
 
@@ -445,12 +451,13 @@ class _Builder(OverloadSections):
         seen: dict[Match, int] = {}
         for index, item in enumerate(value):
             path: YamlPath = ("cutover", index)
-            r = self.mapping(item, path, ("match", "percent"))
+            r = self.mapping(item, path, ("match", "percent", "shadow"))
             if r is None:
                 continue
             match = self.match(r.get("match"), (*path, "match"))
             percent = self.percent(r.get("percent"), (*path, "percent"), groups)
-            if match is None or percent is None:
+            shadow = self.shadow(r.get("shadow"), (*path, "shadow"), groups, percent)
+            if match is None or percent is None or shadow is False:
                 continue
             if match in seen:
                 self.warn(
@@ -460,8 +467,45 @@ class _Builder(OverloadSections):
                 )
             else:
                 seen[match] = index
-            rules.append(CutoverRule(index, match, percent, self.doc.lines.get(path, 0)))
+            line = self.doc.lines.get(path, 0)
+            rules.append(CutoverRule(index, match, percent, line, shadow or None))
         return tuple(rules)
+
+    def shadow(
+        self,
+        value: Any,
+        path: YamlPath,
+        groups: Mapping[str, Group],
+        percent: dict[str, float] | None,
+    ) -> ShadowSpec | bool | None:
+        """The rule's `shadow` (docs/configuration.md#shadow); False when it is wrong."""
+        if value is None:
+            return None
+        s = self.mapping(value, path, ("group", "percent", "maxPerSecond"))
+        if s is None:
+            return False
+        group = self.string(s.get("group"), (*path, "group"))
+        if group is None:
+            return False
+        if group == DEFAULT_GROUP or group not in groups:
+            known = ", ".join(g for g in groups if g != DEFAULT_GROUP) or "none"
+            self.error(
+                (*path, "group"),
+                f"must name the candidate group, one other than default (groups: {known}), "
+                f"got {group!r}",
+            )
+            return False
+        if not groups[group].resources:
+            self.warn((*path, "group"), f"group {group!r} claims no resources: nothing to shadow")
+        if percent is not None and percent.get(group, 0.0) >= 100:
+            self.warn(
+                (*path, "group"),
+                f"the rule moves all its clients to {group!r}: none of their reads stay on "
+                "default to shadow",
+            )
+        share = self.number(s, path, "percent", SHADOW_PERCENT, maximum=100)
+        rate = self.number(s, path, "maxPerSecond", SHADOW_MAX_PER_SECOND)
+        return ShadowSpec(group, float(share), float(rate))
 
     def match(self, value: Any, path: YamlPath) -> Match | None:
         m = self.mapping(value, path, ("userAgent", "user", "userGroup"))

@@ -11,6 +11,7 @@ from kom_gateway.overload.clientshare import ClientBuffers
 from kom_gateway.proxy.metrics import Metrics
 from kom_gateway.proxy.outcome import OutcomeRecorder
 from kom_gateway.proxy.upstreams import Upstreams
+from kom_gateway.shadow.reads import ShadowReads
 
 if TYPE_CHECKING:
     from kom_gateway.proxy.exchange import Exchange
@@ -22,6 +23,7 @@ class ProxyContext:
     metrics: Metrics
     recorder: OutcomeRecorder
     buffers: ClientBuffers  # response bytes held per client (fair share)
+    shadows: ShadowReads  # reads also asked of a candidate group, and compared
     # exchanges in progress: requests with a timeout, and long-running ones (watches...)
     live: dict[Exchange, None] = field(default_factory=dict)
     long_running: dict[Exchange, None] = field(default_factory=dict)

@@ -49,6 +49,7 @@ from kom_gateway.proxy.upstreams import UpstreamEndpoint
 from kom_gateway.proxy.watchframes import WatchFrames
 from kom_gateway.routing.cutover import Client
 from kom_gateway.routing.router import Decision
+from kom_gateway.shadow.reads import ShadowRead
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,9 @@ class _Attempt:
         size = len(data)
         self.metrics.count(self.received, size)
         exchange.bytes_out += size
+        shadow = exchange.shadow
+        if shadow is not None:
+            shadow.default_data(data)
         frames = exchange.frames
         if frames is not None:
             frames.feed(data)
@@ -161,6 +165,7 @@ class Exchange:
         "proven",
         "responded",
         "seated",
+        "shadow",
         "started",
         "status",
         "stream",
@@ -207,6 +212,7 @@ class Exchange:
         # watch's first whole event: a response that breaks before is a failure)
         self.held: Headers | None = None
         self.proven = False
+        self.shadow: ShadowRead | None = None  # its answer is also asked of a candidate
         self._busy: UpstreamEndpoint | None = None  # counted in its in_flight
         self._connecting: asyncio.Task[HTTP2ClientConnection] | None = None
         self._queued: asyncio.TimerHandle | None = None  # its wait for a seat ends
@@ -412,6 +418,8 @@ class Exchange:
     def _start_response(self, attempt: _Attempt, headers: Headers) -> None:
         self.body = None  # no replay from here on
         self.responded = True
+        if self.shadow is not None:
+            self.shadow.default_response(self.status, headers)
         if self.info.verb == "watch" and self.status == 200:
             self.frames = WatchFrames(_content_type(headers))
             self.ctx.metrics.child(self.ctx.metrics.watches, attempt.group).inc()
@@ -429,6 +437,8 @@ class Exchange:
             return
         if not self.proven:
             attempt.endpoint.report_success()
+        if self.shadow is not None:
+            self.shadow.default_end()
         self.stream.end()
         self._finish()
 
@@ -591,6 +601,10 @@ class Exchange:
         self.endpoint = attempt.endpoint.name if attempt is not None else ""
         self.fallback = self.attempts.fallback
         self.duration = time.monotonic() - self.started
+        shadow = self.shadow
+        if shadow is not None:
+            self.shadow = None
+            shadow.exchange_finished(self.duration)
         ctx.recorder.record(self)
         self.attempt = None  # exchange <-> attempt: freed by refcount, not the cyclic GC
 

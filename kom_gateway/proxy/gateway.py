@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from typing import Any
 
 from kom_gateway.config import Config, ConfigError, load_config_file
 from kom_gateway.config.diff import describe_changes
@@ -27,6 +28,7 @@ from kom_gateway.proxy.intake import Intake
 from kom_gateway.proxy.metrics import MULTIPROC_ENV, Metrics
 from kom_gateway.proxy.outcome import OutcomeRecorder
 from kom_gateway.proxy.upstreams import UpstreamEndpoint, Upstreams
+from kom_gateway.shadow.reads import ShadowReads
 
 log = logging.getLogger(__name__)
 LOAD_SAMPLE_SECONDS = 0.25
@@ -51,13 +53,14 @@ class Gateway:
         self.metrics.set_build_info(self.engine.name)
         self.upstreams = Upstreams(self._health_changed, self.engine)
         self.upstreams.sync(holder.current.config)
-        self._percent_labels: set[tuple[str, str]] = set()
+        self._percent_labels: dict[Any, set[tuple[str, str]]] = {}
         self._config_applied(holder.current.config, holder.current.generation)
         self.admission = Admission(holder.current.config.overload)
         self.access_log = AccessLog(access_log or holder.current.config.access_log)
         self.recorder = OutcomeRecorder(self.metrics, self.access_log)
+        self.shadows = ShadowReads(self.upstreams, self.metrics)
         self.context = ProxyContext(
-            self.upstreams, self.metrics, self.recorder, self.admission.buffers
+            self.upstreams, self.metrics, self.recorder, self.admission.buffers, self.shadows
         )
         self.intake = Intake(holder, self.admission, self.context)
         self._sweeper = self._sweep_deadlines()
@@ -111,6 +114,7 @@ class Gateway:
         streams = self._open_streams() if policy.stream_budget > 0 else 0
         self.load = self.load_meter.load(self.admission.load(), streams, policy)
         self.intake.goaway_chance = goaway_chance(self.load, policy)
+        self.shadows.load = self.load
         m = self.metrics
         m.load.set(self.load)
         m.loop_lag.set(self.load_meter.lag)
@@ -192,19 +196,29 @@ class Gateway:
         m.config_generation.set(generation)
         m.config_last_reload_successful.set(1)
         m.config_last_reload_success.set(time.time())
-        now = {
+        cutover = {
             (rule.label, group): percent
             for rule in config.cutover
             for group, percent in rule.percent.items()
         }
-        for labels in self._percent_labels - now.keys():
+        shadow = {
+            (rule.label, rule.shadow.group): rule.shadow.percent
+            for rule in config.cutover
+            if rule.shadow is not None
+        }
+        self._set_gauge(m.cutover_percent, cutover)
+        self._set_gauge(m.shadow_percent, shadow)
+
+    def _set_gauge(self, gauge: Any, values: dict[tuple[str, str], float]) -> None:
+        """A labelled gauge set to exactly `values`: series no longer there removed."""
+        for labels in self._percent_labels.get(gauge, set()) - values.keys():
             if os.environ.get(MULTIPROC_ENV):  # workers' files cannot drop a series: 0
-                m.cutover_percent.labels(*labels).set(0)
+                gauge.labels(*labels).set(0)
             else:
-                m.cutover_percent.remove(*labels)
-        for labels, percent in now.items():
-            m.cutover_percent.labels(*labels).set(percent)
-        self._percent_labels = set(now)
+                gauge.remove(*labels)
+        for labels, percent in values.items():
+            gauge.labels(*labels).set(percent)
+        self._percent_labels[gauge] = set(values)
 
     def _health_changed(self, endpoint: UpstreamEndpoint, healthy: bool, reason: str) -> None:
         m = self.metrics
@@ -213,6 +227,7 @@ class Gateway:
             m.ejections.labels(endpoint.group, endpoint.name, reason).inc()
 
     async def close(self) -> None:
+        self.shadows.close()
         self._sweeper.cancel()
         if self._sampler is not None:
             self._sampler.cancel()

@@ -27,7 +27,7 @@ from kom_gateway.proxy.headers import answered_by
 from kom_gateway.proxy.outcome import ANSWERED_BY_GATEWAY, Outcome
 from kom_gateway.proxy.upgrade import carry_upgrade
 from kom_gateway.routing.cutover import Client
-from kom_gateway.routing.router import DEFAULT_GROUP, Decision
+from kom_gateway.routing.router import DEFAULT_GROUP, REASON_NOT_CUT_OVER, Decision
 
 CLIENT_CACHE_SIZE = 16384
 
@@ -73,7 +73,25 @@ class Intake:
             ctx.upgrades.add(task)
             task.add_done_callback(ctx.upgrades.discard)
         else:
-            Exchange(ctx, stream, info, client, decision, active, verdict).start()
+            exchange = Exchange(ctx, stream, info, client, decision, active, verdict)
+            rule = decision.rule
+            if (
+                rule is not None
+                and rule.shadow is not None
+                and decision.reason == REASON_NOT_CUT_OVER
+                and rule.shadow.group == decision.home
+            ):
+                peer = stream.peer
+                exchange.shadow = ctx.shadows.sample(
+                    rule,
+                    info,
+                    stream.method,
+                    stream.target,
+                    stream.headers,
+                    peer.headers if peer is not None else [],
+                    active.config.timeouts.request,
+                )
+            exchange.start()
         chance = self.goaway_chance
         if chance and stream.http_version == "2" and random.random() < chance:
             stream.goaway_connection("load")

@@ -247,6 +247,37 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.shadow_requests = Counter(
+            "kom_gateway_shadow_requests",
+            "Shadow reads of a cut-over rule's clients still on default, by the rule (its "
+            "match), the candidate group and the result: match, mismatch (reason: status, "
+            "missing, extra, content, too-old), error (the candidate failed: 5xx, throttled, "
+            "reset, timeout, connect, refused) or skipped (sampled but not compared: budget, "
+            "in-flight, load, ejected, default-failed, encoding, ...).",
+            ["rule", "group", "result", "reason"],
+            registry=r,
+        )
+        self.shadow_duration = Histogram(
+            "kom_gateway_shadow_duration_seconds",
+            "Time the candidate group took to answer compared shadow reads.",
+            ["group"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.shadow_default_duration = Histogram(
+            "kom_gateway_shadow_default_duration_seconds",
+            "Time default took to answer the same reads (those compared), by candidate group.",
+            ["group"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.shadow_percent = Gauge(
+            "kom_gateway_shadow_percent",
+            "The configured shadow percent of each rule (its match) for its candidate group.",
+            ["rule", "group"],
+            registry=r,
+            multiprocess_mode="max",
+        )
         self.goaways = Counter(
             "kom_gateway_goaways_sent",
             "Graceful GOAWAYs sent to HTTP/2 clients, by reason (load, max-age, idle, drain).",

@@ -48,6 +48,115 @@ def current_percent(config: Config, match: dict[str, str], group: str) -> float:
     return rule.percent_for(group) if rule is not None else 0.0
 
 
+def current_shadow(config: Config, match: dict[str, str]) -> dict[str, Any] | None:
+    """The rule's `shadow` as written (None: off, or no such rule)."""
+    rule = find_rule(config, match)
+    if rule is None or rule.shadow is None:
+        return None
+    return {k: number(v) if isinstance(v, float) else v for k, v in rule.shadow.as_json().items()}
+
+
+def set_shadow(
+    text: str, match: dict[str, str], shadow: dict[str, Any] | None, group: str, source: str = ""
+) -> str:
+    """`text` with the rule matching `match` shadowing as `shadow` says (None: the key
+    removed). A rule that is not there yet is appended, moving nobody (`group: 0`). As
+    `set_percent`: one line changes where the layout allows, else a round trip; either
+    way nothing but the rule's shadow (and that appended rule) may change."""
+    validate(text, source)
+    edited = _shadow_in_place(text, match, shadow, group)
+    if edited is None:
+        edited = _shadow_round_trip(text, match, shadow, group)
+    want = yaml.safe_load(text)
+    want["cutover"] = want.get("cutover") or []
+    rule = _rule_node(want, match)
+    if rule is None:
+        rule = {"match": dict(match), "percent": {group: 0}}
+        want["cutover"].append(rule)
+    if shadow is None:
+        rule.pop("shadow", None)
+    else:
+        rule["shadow"] = dict(shadow)
+    if yaml.safe_load(edited) != want:
+        raise EditError("refusing the edit: it would change more than the rule's shadow")
+    if current_shadow(validate(edited, source), match) != shadow:
+        raise EditError("the edit did not take effect")
+    return edited
+
+
+def _shadow_in_place(
+    text: str, match: dict[str, str], shadow: dict[str, Any] | None, group: str
+) -> str | None:
+    """The one line: `shadow: {...}` put after a one-line `match`, replaced, or removed
+    (None: the layout needs the round trip)."""
+    data = YAML().load(text)
+    rule = _rule_node(data, match)
+    if rule is None:
+        if shadow is None:
+            return text
+        rules = data.get("cutover") if isinstance(data, CommentedMap) else None
+        if not isinstance(rules, CommentedSeq) or not rules:
+            return None
+        lines = text.splitlines(keepends=True)
+        if lines and not lines[-1].endswith("\n"):
+            lines[-1] += "\n"
+        appended = _append_rule(data, rules, lines, match, group, 0)
+        return None if appended is None else _shadow_in_place(appended, match, shadow, group)
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines[-1] += "\n"
+    line_of = {}
+    for key in ("match", "shadow"):
+        if key not in rule:
+            continue
+        line_of[key] = rule.lc.key(key)[0]
+        value = rule[key]
+        one_line = lines[line_of[key]].split("#", 1)[0].rstrip().endswith("}")
+        if not (isinstance(value, CommentedMap) and value.fa.flow_style() and one_line):
+            return None
+    if "shadow" in rule:
+        at = line_of["shadow"]
+        if shadow is None:
+            del lines[at]
+        else:
+            indent = lines[at][: len(lines[at]) - len(lines[at].lstrip())]
+            lines[at] = f"{indent}shadow: {_flow_numbers(shadow)}\n"
+        return "".join(lines)
+    if shadow is None:
+        return text
+    at = line_of["match"]
+    column = rule.lc.key("match")[1]
+    lines.insert(at + 1, f"{' ' * column}shadow: {_flow_numbers(shadow)}\n")
+    return "".join(lines)
+
+
+def _flow_numbers(mapping: dict[str, Any]) -> str:
+    return "{" + ", ".join(f"{k}: {v}" for k, v in mapping.items()) + "}"
+
+
+def _shadow_round_trip(
+    text: str, match: dict[str, str], shadow: dict[str, Any] | None, group: str
+) -> str:
+    _, indent, offset = load_yaml_guess_indent(text)
+    indent, offset = indent or 2, offset or 0
+    yaml_rt = YAML()
+    yaml_rt.preserve_quotes = True
+    yaml_rt.width = 4096
+    yaml_rt.indent(mapping=max(2, indent - offset), sequence=indent, offset=offset)
+    data = yaml_rt.load(text if _rule_node(yaml.safe_load(text), match) is not None
+                        else _round_trip(text, match, group, 0))  # fmt: skip
+    rule = _rule_node(data, match)
+    if shadow is None:
+        rule.pop("shadow", None)
+    else:
+        node = CommentedMap(shadow)
+        node.fa.set_flow_style()
+        rule["shadow"] = node
+    out = io.StringIO()
+    yaml_rt.dump(data, out)
+    return out.getvalue()
+
+
 def validate(text: str, source: str) -> Config:
     """What `kom-gateway check --no-files` says of the text (files are the gateway's)."""
     try:

@@ -8,7 +8,7 @@ was missing at the start of the window is left out until it has two readings."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from kom_gateway.rollout.spec import Guards, format_duration
@@ -25,6 +25,10 @@ class ReplicaSample:
     outcomes: Mapping[str, float] = field(default_factory=dict)
     buckets: Mapping[float, float] = field(default_factory=dict)
     percent: float | None = None  # the percent this replica serves for (rule, group)
+    # shadow reads: result -> count, the candidate's latency buckets, the shadow percent
+    shadow: Mapping[str, float] = field(default_factory=dict)
+    shadow_buckets: Mapping[float, float] = field(default_factory=dict)
+    shadow_percent: float | None = None
 
 
 @dataclass(frozen=True)
@@ -76,26 +80,106 @@ def _increase(now: float, then: float) -> float:
     return now if now < then else now - then
 
 
-def readings_between(start: Sample, end: Sample) -> Readings:
-    """Increases from `start` to `end`, summed over replicas present in both."""
-    outcomes: dict[str, float] = {}
+Counts = Mapping[str, float]
+Buckets = Mapping[float, float]
+
+
+def _increases(
+    start: Sample, end: Sample, pick: Callable[[ReplicaSample], tuple[Counts, Buckets]]
+) -> tuple[dict[str, float], dict[float, float], int]:
+    """Increases of the counters `pick` chooses from `start` to `end`, summed over the
+    replicas present in both (and how many those are)."""
+    counts: dict[str, float] = {}
     buckets: dict[float, float] = {}
     replicas = 0
-    for name, now in end.replicas.items():
-        then = start.replicas.get(name)
-        if then is None:
+    for name, now_sample in end.replicas.items():
+        then_sample = start.replicas.get(name)
+        if then_sample is None:
             continue
         replicas += 1
-        reset = any(v < then.outcomes.get(k, 0.0) for k, v in now.outcomes.items())
-        for k, v in now.outcomes.items():
-            outcomes[k] = outcomes.get(k, 0.0) + (
-                v if reset else _increase(v, then.outcomes.get(k, 0.0))
-            )
-        for le, v in now.buckets.items():
+        now, now_buckets = pick(now_sample)
+        then, then_buckets = pick(then_sample)
+        reset = any(v < then.get(k, 0.0) for k, v in now.items())
+        for k, v in now.items():
+            counts[k] = counts.get(k, 0.0) + (v if reset else _increase(v, then.get(k, 0.0)))
+        for le, v in now_buckets.items():
             buckets[le] = buckets.get(le, 0.0) + (
-                v if reset else _increase(v, then.buckets.get(le, 0.0))
+                v if reset else _increase(v, then_buckets.get(le, 0.0))
             )
+    return counts, buckets, replicas
+
+
+def readings_between(start: Sample, end: Sample) -> Readings:
+    """The rule's moved requests, from `start` to `end`."""
+    outcomes, buckets, replicas = _increases(start, end, lambda r: (r.outcomes, r.buckets))
     return readings_from(end.time - start.time, outcomes, buckets, replicas)
+
+
+def shadow_readings_between(start: Sample, end: Sample) -> ShadowReadings:
+    """The rule's shadow reads, from `start` to `end`."""
+    results, buckets, replicas = _increases(start, end, lambda r: (r.shadow, r.shadow_buckets))
+    return ShadowReadings(end.time - start.time, results, quantile(0.99, buckets), replicas)
+
+
+@dataclass(frozen=True)
+class ShadowReadings:
+    """What the rule's shadow reads found over a span, summed over replicas."""
+
+    seconds: float
+    results: Mapping[str, float]  # match, mismatch, error, skipped -> count
+    p99: float | None  # the candidate's latency on compared reads
+    replicas: int = 0
+
+    @property
+    def compared(self) -> float:
+        return sum(self.results.get(k, 0.0) for k in ("match", "mismatch", "error"))
+
+    @property
+    def bad_ratio(self) -> float:
+        """Mismatches and candidate errors over reads compared."""
+        bad = self.results.get("mismatch", 0.0) + self.results.get("error", 0.0)
+        return bad / self.compared if self.compared else 0.0
+
+    def describe(self) -> str:
+        p99 = "n/a" if self.p99 is None else f"{self.p99 * 1000:.0f}ms"
+        r = self.results
+        return (
+            f"{self.compared:.0f} reads compared in {format_duration(self.seconds)} from "
+            f"{self.replicas} replica(s): {r.get('mismatch', 0.0):.0f} mismatches, "
+            f"{r.get('error', 0.0):.0f} errors ({self.bad_ratio:.2%}), "
+            f"{r.get('skipped', 0.0):.0f} skipped, candidate p99 {p99}"
+        )
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "seconds": round(self.seconds, 3),
+            "compared": self.compared,
+            **{k: v for k, v in sorted(self.results.items())},
+            "mismatchRatio": round(self.bad_ratio, 6),
+            "p99Seconds": self.p99,
+        }
+
+
+def judge_shadow(
+    readings: ShadowReadings, max_ratio: float, max_p99: float, min_compared: int
+) -> Verdict:
+    if readings.compared < min_compared:
+        return Verdict(
+            "insufficient",
+            (
+                f"too few reads compared to judge: {readings.compared:.0f} in "
+                f"{format_duration(readings.seconds)}, the phase needs {min_compared}",
+            ),
+        )
+    failed = []
+    if readings.bad_ratio > max_ratio:
+        failed.append(
+            f"mismatch ratio {readings.bad_ratio:.2%} > {max_ratio:.2%} (mismatches and "
+            f"errors of {readings.compared:.0f} reads compared)"
+        )
+    if readings.p99 is not None and readings.p99 > max_p99:
+        failed.append(f"candidate p99 {readings.p99:.3f}s > {max_p99:g}s")
+    return Verdict("fail", tuple(failed)) if failed else Verdict("pass")
 
 
 def readings_from(
@@ -190,3 +274,8 @@ class SampleWindow:
         if len(self.samples) < 2:
             return None
         return readings_between(self.samples[0], self.samples[-1])
+
+    def shadow_readings(self) -> ShadowReadings | None:
+        if len(self.samples) < 2:
+            return None
+        return shadow_readings_between(self.samples[0], self.samples[-1])

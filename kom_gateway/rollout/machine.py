@@ -7,20 +7,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from kom_gateway.rollout.guards import Readings, Verdict, judge
-from kom_gateway.rollout.spec import RolloutSpec, format_duration
+from kom_gateway.rollout.guards import Readings, ShadowReadings, Verdict, judge, judge_shadow
+from kom_gateway.rollout.spec import RolloutSpec, ShadowPhase, format_duration
 from kom_gateway.rollout.state import (
     ENDED,
     PAUSED,
     PROGRESSING,
     ROLLED_BACK,
+    SHADOW_FAILED,
+    SHADOW_ON,
+    SHADOW_PASSED,
     SUCCEEDED,
     RolloutState,
 )
 from kom_gateway.routing.cutover import format_percent as pct
 
-# what an action does to the config: only these two write it
-WRITES = ("promote", "rollback")
+# what an action does to the config: only these write it (the last three, the rule's shadow)
+WRITES = ("promote", "rollback", "shadow-on", "shadow-pass", "shadow-fail")
 
 
 @dataclass(frozen=True)
@@ -29,8 +32,9 @@ class Action:
     message: str
     percent: float | None = None  # the percent to write (promote, rollback)
     verdict: Verdict | None = None
-    readings: Readings | None = None
+    readings: Readings | ShadowReadings | None = None
     topic: str = ""  # what a hold waits for (an Event is recorded when it changes)
+    end_phase: str = ""  # the phase a failed shadow phase ends the rollout in
 
 
 def new_state(spec: RolloutSpec, configured: float, now: float) -> RolloutState:
@@ -81,6 +85,8 @@ def decide(
     served: Sequence[float | None],
     readings: Readings | None,
     now: float,
+    shadow_served: Sequence[float | None] = (),
+    shadow_readings: ShadowReadings | None = None,
 ) -> Action:
     if state.phase in ENDED:
         return Action("ended", f"the rollout is {state.phase}: {state.reason}")
@@ -92,6 +98,8 @@ def decide(
             f"continue from {pct(configured)}",
         )
     steps = spec.steps
+    if spec.shadow is not None and state.shadow != SHADOW_PASSED and state.percent < steps[0]:
+        return _shadow_phase(spec, spec.shadow, state, shadow_served, shadow_readings, now)
     if state.percent < steps[0]:
         return Action("promote", f"starting: {pct(state.percent)} -> {pct(steps[0])}", steps[0])
     at = pct(state.percent)
@@ -156,6 +164,76 @@ def decide(
     )
 
 
+def _shadow_phase(
+    spec: RolloutSpec,
+    phase: ShadowPhase,
+    state: RolloutState,
+    served: Sequence[float | None],
+    readings: ShadowReadings | None,
+    now: float,
+) -> Action:
+    """Before anyone moves: shadow reads on, every replica shadowing, held for the phase's
+    hold over a full guard window with enough reads compared; then off, and the steps
+    begin. A breach turns them off and ends the rollout where it started."""
+    at = pct(phase.percent)
+    if state.shadow != SHADOW_ON:
+        return Action(
+            "shadow-on",
+            f"shadow phase: {at} of the reads of {spec.label}'s clients on default are also "
+            f"asked of {spec.group} (at most {phase.max_per_second:g}/s) and compared, for "
+            f"{format_duration(phase.hold)}, before anyone moves",
+        )
+    if state.shadow_applied is None:
+        shadowing = sum(1 for p in served if p == phase.percent)
+        if served and shadowing == len(served):
+            return Action("shadow-applied", f"all {len(served)} replica(s) shadow {at} of reads")
+        return Action(
+            "hold",
+            f"waiting for every gateway replica to shadow {at} of reads ({shadowing} of "
+            f"{len(served)} do)",
+            topic="reload",
+        )
+    if readings is None:
+        return Action("hold", "shadow phase: collecting readings", topic="readings")
+    verdict = judge_shadow(
+        readings, phase.max_mismatch_ratio, phase.max_p99_seconds, spec.guards.min_requests
+    )
+    if verdict.kind == "fail":
+        end = PAUSED if spec.on_failure == "pause" else ROLLED_BACK
+        return Action(
+            "shadow-fail",
+            f"shadow phase failed: {verdict.describe()} ({readings.describe()}); shadow reads "
+            f"off, and the rollout stops at {pct(state.percent)} before anyone moved",
+            verdict=verdict,
+            readings=readings,
+            end_phase=end,
+        )
+    held = now - state.shadow_applied
+    waiting, topic = "", ""
+    if held < phase.hold:
+        waiting, topic = f"held {format_duration(held)} of {format_duration(phase.hold)}", "hold"
+    elif readings.seconds < spec.guards.window * 0.9:
+        waiting = f"waiting for a full {format_duration(spec.guards.window)} window"
+        topic = "window"
+    elif verdict.kind == "insufficient":
+        waiting, topic = "waiting for traffic", "traffic"
+    if waiting:
+        return Action(
+            "hold",
+            f"shadow phase {waiting}: {readings.describe()}; {verdict.describe()}",
+            verdict=verdict,
+            readings=readings,
+            topic=f"shadow {topic}",
+        )
+    return Action(
+        "shadow-pass",
+        f"shadow phase passed after {format_duration(held)}: {readings.describe()}; shadow "
+        "reads off, the steps begin",
+        verdict=verdict,
+        readings=readings,
+    )
+
+
 def _failure(
     spec: RolloutSpec, state: RolloutState, verdict: Verdict, readings: Readings
 ) -> Action:
@@ -194,4 +272,14 @@ def advance(state: RolloutState, action: Action, now: float) -> None:
         state.phase = PAUSED
     elif kind == "succeed":
         state.phase = SUCCEEDED
+    elif kind == "shadow-on":
+        state.shadow, state.shadow_applied = SHADOW_ON, None
+    elif kind == "shadow-applied":
+        state.shadow_applied = now
+    elif kind == "shadow-pass":
+        state.shadow = SHADOW_PASSED
+        state.step_started = now
+    elif kind == "shadow-fail":
+        state.shadow = SHADOW_FAILED
+        state.phase = action.end_phase
     state.note(now, kind, action.message, percent=state.percent)

@@ -16,7 +16,15 @@ from collections.abc import Callable
 from typing import TextIO
 
 from kom_gateway.rollout import machine
-from kom_gateway.rollout.edit import EditError, current_percent, set_percent, validate
+from kom_gateway.rollout.edit import (
+    EditError,
+    current_percent,
+    current_shadow,
+    number,
+    set_percent,
+    set_shadow,
+    validate,
+)
 from kom_gateway.rollout.machine import WRITES, Action
 from kom_gateway.rollout.sources import GatewaysSource, PrometheusSource, Source
 from kom_gateway.rollout.spec import RolloutSpec, format_duration
@@ -24,6 +32,10 @@ from kom_gateway.rollout.state import (
     ENDED,
     PAUSED,
     ROLLED_BACK,
+    SHADOW_FAILED,
+    SHADOW_OFF,
+    SHADOW_ON,
+    SHADOW_PASSED,
     SUCCEEDED,
     Lease,
     RolloutState,
@@ -43,6 +55,10 @@ EVENT_REASONS = {
     "rollback": ("RolloutRolledBack", True),
     "pause": ("RolloutPaused", True),
     "succeed": ("RolloutSucceeded", False),
+    "shadow-on": ("RolloutShadowStarted", False),
+    "shadow-applied": ("RolloutShadowServed", False),
+    "shadow-pass": ("RolloutShadowPassed", False),
+    "shadow-fail": ("RolloutShadowFailed", True),
 }
 
 
@@ -113,6 +129,10 @@ class Rollout:
         else:
             action = "resume"
             notes = machine.reconcile(state, self.spec, configured, now)
+            shadow = current_shadow(validate(snapshot.text, self.target.describe()), self.spec.rule)
+            if state.shadow == SHADOW_ON and shadow != phase_shadow(self.spec):
+                state.shadow, state.shadow_applied = SHADOW_OFF, None
+                notes.append("the rule's shadow is not the phase's: the shadow phase starts over")
             message = f"resuming {self.spec.describe()} at {pct(state.percent)} ({state.phase})"
             if notes:
                 message += "; " + "; ".join(notes)
@@ -201,19 +221,32 @@ class Rollout:
             log.warning("guard source: %s", problem)
         since = state.step_applied if state.step_applied is not None else now
         readings = self.source.readings(since, now)
-        action = machine.decide(self.spec, state, configured, self.source.served(), readings, now)
+        shadow_since = state.shadow_applied if state.shadow_applied is not None else now
+        action = machine.decide(
+            self.spec,
+            state,
+            configured,
+            self.source.served(),
+            readings,
+            now,
+            self.source.shadow_served(),
+            self.source.shadow_readings(shadow_since, now),
+        )
         self.lease.renewed = now
         state.lease = self.lease
         if action.kind in WRITES:
             self._write(snapshot, state, action, now)
         else:
-            if action.kind == "applied":
+            if action.kind in ("applied", "shadow-applied"):
                 self.source.clear()
             machine.advance(state, action, now)
             self.target.write(snapshot, None, state)
         self._say(action.kind, action.message, action.topic)
 
     def _write(self, snapshot: Snapshot, state: RolloutState, action: Action, now: float) -> None:
+        if action.kind.startswith("shadow-"):
+            self._write_shadow(snapshot, state, action, now)
+            return
         assert action.percent is not None
         try:
             text = set_percent(
@@ -231,6 +264,31 @@ class Rollout:
             snapshot = self.target.write(snapshot, text, state)
         finally:
             state.writing = None
+        machine.advance(state, action, now)
+        self.source.clear()
+        self.target.write(snapshot, None, state)
+
+    def _write_shadow(
+        self, snapshot: Snapshot, state: RolloutState, action: Action, now: float
+    ) -> None:
+        """The shadow phase's edits: the rule's `shadow` set to the phase's (what the rule
+        had is kept in the state), and put back as it was when the phase ends."""
+        spec, phase = self.spec, self.spec.shadow
+        assert phase is not None
+        config = validate(snapshot.text, self.target.describe())
+        shadow: dict | None
+        if action.kind == "shadow-on":
+            if state.shadow_restore is None:  # (a retried write must not take its own)
+                state.shadow_restore = {"shadow": current_shadow(config, spec.rule)}
+            shadow = phase_shadow(spec)
+        else:
+            shadow = (state.shadow_restore or {}).get("shadow")
+        try:
+            text = set_shadow(snapshot.text, spec.rule, shadow, spec.group, self.target.describe())
+        except EditError as exc:
+            raise RolloutError(f"cannot set the rule's shadow: {exc}") from None
+        snapshot = self.target.write(snapshot, None, state)  # (the restore value, first)
+        snapshot = self.target.write(snapshot, text, state)
         machine.advance(state, action, now)
         self.source.clear()
         self.target.write(snapshot, None, state)
@@ -309,6 +367,7 @@ def status(spec: RolloutSpec, target: Target, out: TextIO, as_json: bool, now: f
     print(f"target: {target.describe()}", file=out)
     for key in (
         "phase",
+        "shadow",
         "percent",
         "step",
         "held",
@@ -323,6 +382,29 @@ def status(spec: RolloutSpec, target: Target, out: TextIO, as_json: bool, now: f
         if value not in (None, ""):
             print(f"{key}: {value if not isinstance(value, dict) else json.dumps(value)}", file=out)
     return 0
+
+
+def phase_shadow(spec: RolloutSpec) -> dict | None:
+    """The rule's `shadow` while the spec's shadow phase runs."""
+    if spec.shadow is None:
+        return None
+    return {
+        "group": spec.group,
+        "percent": number(spec.shadow.percent),
+        "maxPerSecond": number(spec.shadow.max_per_second),
+    }
+
+
+def _shadow_status(spec: RolloutSpec, state: RolloutState) -> str | None:
+    """The shadow phase in words (None: the spec has none)."""
+    phase = spec.shadow
+    if phase is None:
+        return None
+    if state.shadow == SHADOW_ON:
+        if state.shadow_applied is None:
+            return f"on at {pct(phase.percent)}, waiting for every replica"
+        return f"on at {pct(phase.percent)} of reads"
+    return {SHADOW_PASSED: "passed", SHADOW_FAILED: "failed"}.get(state.shadow, "not started")
 
 
 def hand_edit_advice(spec: RolloutSpec, state: RolloutState, configured: float) -> str:
@@ -352,6 +434,7 @@ def status_report(
     n = len(spec.steps)
     report: dict = {
         "phase": state.phase,
+        "shadow": _shadow_status(spec, state),
         "percent": pct(configured),
         "step": f"{state.step + 1} of {n}" if state.step >= 0 else f"before step 1 of {n}",
         "held": None,
@@ -379,6 +462,11 @@ def status_report(
         )
     elif state.phase in ENDED:
         report["next"] = "nothing: run with --resume or --restart to continue"
+    elif spec.shadow is not None and state.shadow != SHADOW_PASSED and state.step < 0:
+        report["next"] = (
+            f"finish the shadow phase ({format_duration(spec.shadow.hold)} with mismatches at "
+            f"most {spec.shadow.max_mismatch_ratio:.2%}), then move to {pct(spec.steps[0])}"
+        )
     elif state.step_applied is None:
         report["next"] = (
             f"waiting for every replica to serve {pct(state.percent)}, "

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from kom_gateway.routing.cutover import Match, format_percent
+from kom_gateway.routing.cutover import SHADOW_MAX_PER_SECOND, Match, format_percent
 from kom_gateway.routing.glob import Glob
 from kom_gateway.routing.router import DEFAULT_GROUP
 
@@ -64,6 +64,17 @@ class Guards:
 
 
 @dataclass(frozen=True)
+class ShadowPhase:
+    """The optional first phase: shadow reads on, held, judged, before anyone moves."""
+
+    percent: float
+    hold: float
+    max_mismatch_ratio: float = 0.001  # (mismatches + errors) / compared
+    max_p99_seconds: float = 1.0  # the candidate's, on the compared reads
+    max_per_second: float = SHADOW_MAX_PER_SECOND
+
+
+@dataclass(frozen=True)
 class RolloutSpec:
     target: FileTarget | ConfigMapTarget
     rule: dict[str, str]  # the cut-over rule's `match`, as written in the routing config
@@ -74,6 +85,7 @@ class RolloutSpec:
     on_failure: str = "rollback"  # or "pause"
     rollback_to: str = "previous"  # or "0"
     interval: float = 10.0  # seconds between guard readings
+    shadow: ShadowPhase | None = None
 
     @property
     def match(self) -> Match:
@@ -175,7 +187,17 @@ class _SpecBuilder:
         top = self.mapping(
             doc,
             "",
-            ("target", "rule", "group", "steps", "hold", "interval", "guards", "onFailure"),
+            (
+                "target",
+                "rule",
+                "group",
+                "steps",
+                "hold",
+                "interval",
+                "guards",
+                "onFailure",
+                "shadow",
+            ),
         )
         if doc is None or not top:
             self.problems.append("empty spec: target, rule, group and steps are required")
@@ -199,9 +221,43 @@ class _SpecBuilder:
                 f"{format_duration(interval)} leaves fewer than 2 readings per guard window "
                 f"({format_duration(guards.window)})",
             )
+        shadow = self.shadow(top.get("shadow"), guards)
         if self.problems or target is None:
             raise SpecError(self.source, self.problems)
-        return RolloutSpec(target, rule, group, steps, hold, guards, on_failure, to, interval)
+        return RolloutSpec(
+            target, rule, group, steps, hold, guards, on_failure, to, interval, shadow
+        )
+
+    def shadow(self, value: Any, guards: Guards) -> ShadowPhase | None:
+        if value is None:
+            return None
+        keys = ("percent", "hold", "maxMismatchRatio", "maxP99Seconds", "maxPerSecond")
+        s = self.mapping(value, "shadow", keys)
+        percent = s.get("percent", 5)
+        if (
+            isinstance(percent, bool)
+            or not isinstance(percent, int | float)
+            or not (0 < percent <= 100)
+        ):
+            self.error(
+                "shadow.percent", f"must be a percent above 0 and at most 100, got {percent!r}"
+            )
+            percent = 5
+        numbers = {}
+        for key, default in (("maxP99Seconds", guards.max_p99_seconds),
+                             ("maxPerSecond", SHADOW_MAX_PER_SECOND)):  # fmt: skip
+            v = s.get(key, default)
+            if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+                self.error(f"shadow.{key}", f"must be a number above 0, got {v!r}")
+                v = default
+            numbers[key] = float(v)
+        return ShadowPhase(
+            float(percent),
+            self.duration(s.get("hold"), "shadow.hold", 600.0),
+            self.ratio(s.get("maxMismatchRatio"), "shadow.maxMismatchRatio", 0.001),
+            numbers["maxP99Seconds"],
+            numbers["maxPerSecond"],
+        )
 
     def target(self, value: Any) -> FileTarget | ConfigMapTarget | None:
         t = self.mapping(value, "target", ("file", "configMap", "kubeconfig", "context"))

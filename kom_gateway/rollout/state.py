@@ -20,6 +20,7 @@ SUCCEEDED = "Succeeded"
 ROLLED_BACK = "RolledBack"
 PAUSED = "Paused"
 ENDED = (SUCCEEDED, ROLLED_BACK, PAUSED)
+SHADOW_OFF, SHADOW_ON, SHADOW_PASSED, SHADOW_FAILED = "", "on", "passed", "failed"
 HISTORY_KEPT = 50
 
 
@@ -80,6 +81,11 @@ class RolloutState:
     last_verdict: str = ""
     history: list[dict[str, Any]] = field(default_factory=list)
     lease: Lease | None = None
+    # the shadow phase (spec `shadow`): SHADOW_OFF, SHADOW_ON, SHADOW_PASSED or SHADOW_FAILED
+    shadow: str = ""
+    shadow_applied: float | None = None  # when every replica shadowed (its hold starts)
+    # {"shadow": the rule's own `shadow` (None: none)}, taken when the phase began, put back
+    shadow_restore: dict[str, Any] | None = None
 
     @property
     def step(self) -> int:

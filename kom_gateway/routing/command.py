@@ -101,6 +101,7 @@ def cmd_route(args: argparse.Namespace) -> int:
             "line": rule.line,
             "match": rule.match.as_json(),
             "percent": dict(rule.percent),
+            "shadow": rule.shadow.as_json() if rule.shadow is not None else None,
         },
         "percent": decision.percent,
         "explanation": explain(decision, client),
@@ -194,11 +195,18 @@ def explain(decision: Decision, client: Client) -> str:
             f"{decision.home}"
         )
     assert decision.reason == REASON_NOT_CUT_OVER
-    return (
+    said = (
         f"{decision.home} claims it; rule [{index}] moves {pct} of its clients and "
         f"this client's bucket {client.bucket:.2f} is not below that, so it stays on "
         f"default until the percent exceeds {client.bucket:.2f}"
     )
+    shadow = decision.rule.shadow if decision.rule is not None else None
+    if shadow is not None and shadow.group == decision.home:
+        said += (
+            f"; its reads (get, list) are shadowed: "
+            f"{shadow.describe()} and compared"
+        )
+    return said
 
 
 CLIENT_KEY_FORMS = (
@@ -234,4 +242,3 @@ def parse_client_key(key: str) -> tuple[str, str, str]:
     except ValueError:
         raise ValueError(f"{key!r} is not a client key; accepted: {CLIENT_KEY_FORMS}") from None
     return "", address, program
-

@@ -21,6 +21,9 @@ from typing import Any
 from kom_gateway.routing.glob import Glob
 
 _BUCKET_SCALE = 100.0 / 2**64
+# a rule's `shadow` without percent or maxPerSecond (docs/configuration.md#shadow)
+SHADOW_PERCENT = 1.0
+SHADOW_MAX_PER_SECOND = 10.0
 
 
 def user_agent_product(user_agent: str) -> str:
@@ -139,6 +142,25 @@ class Match:
 
 
 @dataclass(frozen=True, slots=True)
+class ShadowSpec:
+    """A rule's shadow reads: `percent` of the reads of its clients still on default
+    (at most `max_per_second`) are also asked of `group`, and the answers compared."""
+
+    group: str
+    percent: float
+    max_per_second: float
+
+    def as_json(self) -> dict[str, object]:
+        return {"group": self.group, "percent": self.percent, "maxPerSecond": self.max_per_second}
+
+    def describe(self) -> str:
+        return (
+            f"{format_percent(self.percent)} of reads also asked of {self.group} "
+            f"(at most {self.max_per_second:g}/s)"
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class CutoverRule:
     """`match` -> share of matching clients (percent per group) moved off default."""
 
@@ -146,6 +168,7 @@ class CutoverRule:
     match: Match
     percent: Mapping[str, float]
     line: int = 0
+    shadow: ShadowSpec | None = None
     # The rule as operators wrote its match ("userAgent=kubelet/*"): unique within a
     # config, so it names the rule in metrics and to the rollout controller.
     label: str = field(init=False, compare=False)

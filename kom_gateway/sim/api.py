@@ -19,9 +19,10 @@ from kom_gateway.kube.requestinfo import RequestInfo, parse_request
 from kom_gateway.kube.status import status_body
 from kom_gateway.sim import resources
 from kom_gateway.sim.auth import ANONYMOUS, UNAUTHENTICATED, UserInfo
+from kom_gateway.sim.faults import Faults
 from kom_gateway.sim.resources import ResourceType
 from kom_gateway.sim.selectors import SelectorError, field_predicate, label_predicate
-from kom_gateway.sim.store import ApiError, Obj, Store
+from kom_gateway.sim.store import ApiError, Obj, Store, not_found
 
 JSON = "application/json"
 VERSION = {
@@ -87,21 +88,25 @@ def _json(obj: Any, status: int = 200) -> Reply:
     return Reply(status, json.dumps(obj).encode())
 
 
+NO_FAULTS = Faults()
+
+
 class SimAPI:
     def __init__(self, store: Store, bookmark_interval: float = 1.0) -> None:
         self.store = store
         self.bookmark_interval = bookmark_interval
 
     def handle(
-        self, req: SimRequest, info: RequestInfo | None = None
+        self, req: SimRequest, info: RequestInfo | None = None, faults: Faults | None = None
     ) -> Reply | WatchReply | LogReply | ExecReply:
-        """`info`: the request already resolved by the caller, if it did."""
+        """`info`: the request already resolved by the caller, if it did; `faults`: the
+        serving group's, for the ones that change what a read returns."""
         if info is None:
             info = parse_request(req.method, req.target)
         try:
             if not info.is_resource_request:
                 return self._non_resource(info)
-            return self._resource(info, req)
+            return self._resource(info, req, faults or NO_FAULTS)
         except ApiError as exc:
             return status_reply(exc.code, exc.reason, exc.message, exc.details)
 
@@ -137,9 +142,12 @@ class SimAPI:
 
     # -- resources -----------------------------------------------------------------------
     def _resource(
-        self, info: RequestInfo, req: SimRequest
+        self, info: RequestInfo, req: SimRequest, faults: Faults
     ) -> Reply | WatchReply | LogReply | ExecReply:
         rt = resources.BY_GROUP_RESOURCE.get((info.api_group, info.resource))
+        lacking = faults.lacks_resource
+        if lacking and lacking in (info.resource, f"{info.resource}.{info.api_group}"):
+            rt = None  # a group that does not serve this API
         if rt is None or rt.version != info.api_version:
             return status_reply(404, "NotFound", "the server could not find the requested resource")
         if info.subresource and info.subresource not in rt.subresources:
@@ -156,9 +164,21 @@ class SimAPI:
         query = _query(req.target)
         verb = info.verb
         if verb in ("list", "watch"):
-            return self._list_or_watch(rt, namespace, info, query, req)
+            return self._list_or_watch(rt, namespace, info, query, req, faults)
         if verb == "get":
-            obj = self.store.get(rt, namespace, info.name)
+            served = self._served(faults)
+            rv_text = query.get("resourceVersion") or ""
+            if rv_text not in ("", "0"):  # "not older than": a lagging reader cannot
+                self.store.check_rv(_rv(rv_text), served)
+            if served is None:
+                obj = self.store.get(rt, namespace, info.name)
+            else:
+                obj = self.store.get_at(rt, namespace, info.name, served)
+            if faults.diverge:
+                found = _diverge(rt, [obj], faults.diverge, info.name)
+                obj = found[0] if found else {}
+                if not found:
+                    raise not_found(rt, info.name)
             if info.subresource == "log":
                 return LogReply(obj, query.get("follow") == "true")
             if info.subresource == "exec":
@@ -213,13 +233,28 @@ class SimAPI:
         }
         return _json(review, 201)
 
+    def _served(self, faults: Faults) -> int | None:
+        """The newest resourceVersion a lagging group's reads see (None: the store's)."""
+        if not faults.stale_by:
+            return None
+        return max(self.store.oldest_rv() - 1, self.store.rv - faults.stale_by)
+
     def _list_or_watch(
-        self, rt: ResourceType, namespace: str, info: RequestInfo, query: _Query, req: SimRequest
+        self,
+        rt: ResourceType,
+        namespace: str,
+        info: RequestInfo,
+        query: _Query,
+        req: SimRequest,
+        faults: Faults,
     ) -> Reply | WatchReply:
         try:
             predicate = _predicate(query)
         except SelectorError as exc:
             return status_reply(400, "BadRequest", str(exc))
+        problem = _list_options_problem(query, info.verb == "watch")
+        if problem:
+            return status_reply(422, "Invalid", f'ListOptions.meta.k8s.io "" is invalid: {problem}')
         as_table = "as=Table" in req.headers.get("accept", "")
         if info.verb == "watch":
             rv_text = query.get("resourceVersion")
@@ -242,10 +277,20 @@ class SimAPI:
             )
         # `limit` is ignored (no continue tokens): what kube-apiserver's watch cache does
         # for resourceVersion=0, and always correct for clients, which then see everything.
-        items = [o for o in self.store.list(rt, namespace) if predicate(o)]
+        served = self._served(faults)
+        at = self.store.rv if served is None else served
+        rv_text = query.get("resourceVersion") or ""
+        if rv_text not in ("", "0"):
+            rv = _rv(rv_text)
+            self.store.check_rv(rv, served)
+            if query.get("resourceVersionMatch") == "Exact":
+                at = rv  # etcd's snapshot at that revision
+        items = [o for o in self.store.list_at(rt, namespace, at) if predicate(o)]
+        if faults.diverge:
+            items = _diverge(rt, items, faults.diverge)
         if as_table:
-            return _json(table(items, self.store.rv))
-        return _json(_list_object(rt, items, self.store.rv))
+            return _json(table(items, at))
+        return _json(_list_object(rt, items, at))
 
     def _render(self, obj: Obj, req: SimRequest) -> Reply:
         if "as=Table" in req.headers.get("accept", ""):
@@ -323,6 +368,79 @@ class _Query:
 
 def _query(target: str) -> _Query:
     return _Query(parse_qsl(target.partition("?")[2], keep_blank_values=True))
+
+
+def _rv(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ApiError(400, "BadRequest", f"invalid resourceVersion {text!r}") from None
+
+
+def _list_options_problem(query: _Query, watch: bool) -> str:
+    """apimachinery's ValidateListOptions on resourceVersionMatch and sendInitialEvents
+    (the first problem; 422 when not "")."""
+    rv = query.get("resourceVersion") or ""
+    match = query.get("resourceVersionMatch") or ""
+    initial = query.get("sendInitialEvents")
+    token = query.get("continue") or ""
+    forbidden = "resourceVersionMatch: Forbidden:"
+    if watch:
+        if initial is not None and match != "NotOlderThan":
+            return (
+                f"{forbidden} sendInitialEvents requires setting resourceVersionMatch to "
+                "NotOlderThan"
+            )
+        if match and initial is None:
+            return (
+                f"{forbidden} resourceVersionMatch is forbidden for watch unless "
+                "sendInitialEvents is provided"
+            )
+        if match and match != "NotOlderThan":
+            return (
+                f'resourceVersionMatch: Unsupported value: "{match}": supported values: '
+                '"NotOlderThan"'
+            )
+    else:
+        if initial is not None:
+            return "sendInitialEvents: Forbidden: sendInitialEvents is forbidden for list"
+        if match and not rv:
+            return (
+                f"{forbidden} resourceVersionMatch is forbidden unless resourceVersion is provided"
+            )
+        if match not in ("", "Exact", "NotOlderThan"):
+            return (
+                f'resourceVersionMatch: Unsupported value: "{match}": supported values: '
+                '"Exact", "NotOlderThan", ""'
+            )
+        if match == "Exact" and rv == "0":
+            return f'{forbidden} resourceVersionMatch "exact" is forbidden for resourceVersion "0"'
+    if match and token:
+        return f"{forbidden} resourceVersionMatch is forbidden when continue is provided"
+    return ""
+
+
+DIVERGED_LABEL = "sim.kom-gateway.io/diverged"
+
+
+def _diverge(rt: ResourceType, items: list[Obj], how: str, name: str = "") -> list[Obj]:
+    """What a diverging group serves (the `diverge` fault): every object with a label
+    default's has not, one item fewer, or one made-up item more."""
+    if how == "content":
+        out = []
+        for obj in items:
+            obj = copy.deepcopy(obj)
+            obj["metadata"].setdefault("labels", {})[DIVERGED_LABEL] = "true"
+            out.append(obj)
+        return out
+    if how == "missing":
+        return items[:-1]
+    if how == "extra" and items and not name:
+        extra = copy.deepcopy(items[-1])
+        extra["metadata"]["name"] += "-extra"
+        extra["metadata"]["uid"] = "00000000-0000-0000-0000-00000000e7a0"
+        return [*items, extra]
+    return items
 
 
 def _predicate(query: _Query) -> Any:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+DIVERGENCES = ("", "content", "missing", "extra")
 CONTROL_PORT = 16440  # the control API's default port (`sim --control-port`, the demo's)
 
 
@@ -23,12 +24,18 @@ class Faults:
     status_override: int = 0  # answer every resource request with this status
     readyz_status: int = 0  # answer /readyz with this status (a failing readiness check)
     reset_mid_event: bool = False  # watches: half of the first event, then a reset
+    # divergence (what shadow reads find): a correct group answers every read as default
+    stale_by: int = 0  # reads see the store as it was this many writes ago (a lagging cache)
+    lacks_resource: str = ""  # 404 for this resource ("pods", "leases.coordination.k8s.io")
+    diverge: str = ""  # reads differ: "content" (a label added), "missing" or "extra" (an item)
 
     def update(self, values: dict[str, Any]) -> None:
         known = {f.name: f.type for f in fields(self)}
         for key, value in values.items():
             if key not in known:
                 raise ValueError(f"unknown fault {key!r} (known: {', '.join(known)})")
+            if key == "diverge" and value not in DIVERGENCES:
+                raise ValueError(f"diverge must be one of {', '.join(map(repr, DIVERGENCES))}")
             setattr(self, key, type(getattr(self, key))(value))
 
 

@@ -272,7 +272,7 @@ class Simulator:
                 reply = status_reply(429, "TooManyRequests", "simulated overload")
                 reply.headers.append(("retry-after", str(faults.retry_after)))
             else:
-                reply = self.api.handle(request, info)
+                reply = self.api.handle(request, info, faults)
             await self._answer(group, stream, info, reply)
         except StreamClosed:
             pass

@@ -20,6 +20,8 @@ from kom_gateway.sim.resources import BY_GROUP_RESOURCE, ResourceType, from_stor
 
 Obj = dict[str, Any]
 GroupResource = tuple[str, str]
+# kube-apiserver's cause for a read ahead of what it has seen (NewTooLargeResourceVersionError)
+TOO_LARGE_CAUSE = {"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}
 SYSTEM_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
 
 
@@ -35,15 +37,19 @@ class ApiError(Exception):
 
 
 class WatchEvent:
-    """One change, serialized once and shared by every watcher."""
+    """One change, serialized once and shared by every watcher; with the object as it was
+    before (`prev`), so reads at an older resourceVersion can undo it (etcd's MVCC)."""
 
-    __slots__ = ("_line", "gr", "namespace", "obj", "rv", "type")
+    __slots__ = ("_line", "gr", "namespace", "obj", "prev", "rv", "type")
 
-    def __init__(self, rv: int, gr: GroupResource, type_: str, obj: Obj) -> None:
+    def __init__(
+        self, rv: int, gr: GroupResource, type_: str, obj: Obj, prev: Obj | None = None
+    ) -> None:
         self.rv = rv
         self.gr = gr
         self.type = type_
         self.obj = obj
+        self.prev = prev
         self.namespace = obj.get("metadata", {}).get("namespace", "")
         self._line: bytes | None = None
 
@@ -98,14 +104,74 @@ class Store:
     def list(self, rt: ResourceType, namespace: str) -> list[Obj]:
         return [from_storage(rt, o) for o in self._stored(rt, namespace)]
 
-    def _stored(self, rt: ResourceType, namespace: str) -> list[Obj]:
+    def _stored(self, rt: ResourceType, namespace: str, at: int | None = None) -> list[Obj]:
         objects = self.objects.get(rt.storage, {})
+        if at is not None and at < self.rv:
+            objects = self._as_of(rt.storage, objects, at)
         items = [o for (ns, _), o in objects.items() if not namespace or ns == namespace]
         items.sort(key=lambda o: (o["metadata"].get("namespace", ""), o["metadata"]["name"]))
         return items
 
     def oldest_rv(self) -> int:
         return self.history[0].rv if self.history else self.rv
+
+    # -- reads at a resourceVersion (etcd's MVCC, within the kept history) ---------------
+    def check_rv(self, rv: int, served: int | None = None) -> None:
+        """Raise what kube-apiserver answers for a read at `rv` that it cannot serve:
+        410 Expired below the kept history (compacted), 504 "Too large resource version"
+        above what it has seen (`served`: a lagging reader's own newest)."""
+        newest = self.rv if served is None else served
+        if rv > newest:
+            raise ApiError(
+                504,
+                "Timeout",
+                f"Too large resource version: {rv}, current: {newest}",
+                {
+                    "causes": [
+                        {
+                            "reason": "ResourceVersionTooLarge",
+                            "message": "Too large resource version",
+                        }
+                    ],
+                    "retryAfterSeconds": 1,
+                },
+            )
+        if rv < self.oldest_rv() - 1:
+            raise ApiError(
+                410,
+                "Expired",
+                f"The resourceVersion for the provided list is too old: {rv} "
+                f"(oldest kept {self.oldest_rv() - 1})",
+            )
+
+    def list_at(self, rt: ResourceType, namespace: str, rv: int) -> list[Obj]:
+        """The objects as they were at `rv` (call check_rv first)."""
+        return [from_storage(rt, o) for o in self._stored(rt, namespace, rv)]
+
+    def get_at(self, rt: ResourceType, namespace: str, name: str, rv: int) -> Obj:
+        objects = self._as_of(rt.storage, self.objects.get(rt.storage, {}), rv)
+        obj = objects.get((namespace, name))
+        if obj is None:
+            raise not_found(rt, name)
+        return from_storage(rt, obj)
+
+    def _as_of(
+        self, gr: GroupResource, objects: dict[tuple[str, str], Obj], rv: int
+    ) -> dict[tuple[str, str], Obj]:
+        """`objects` (current) with every change after `rv` undone, newest first."""
+        out = dict(objects)
+        for event in reversed(self.history):
+            if event.rv <= rv:
+                break
+            if event.gr != gr:
+                continue
+            meta = event.obj["metadata"]
+            key = (meta.get("namespace", ""), meta["name"])
+            if event.prev is None:
+                out.pop(key, None)
+            else:
+                out[key] = event.prev
+        return out
 
     # -- writes --------------------------------------------------------------------------
     def create(self, rt: ResourceType, namespace: str, obj: Obj) -> Obj:
@@ -184,7 +250,7 @@ class Store:
         gone = copy.deepcopy(current)
         self.rv += 1
         gone["metadata"]["resourceVersion"] = str(self.rv)
-        self._publish(WatchEvent(self.rv, rt.storage, "DELETED", gone))
+        self._publish(WatchEvent(self.rv, rt.storage, "DELETED", gone, current))
         return from_storage(rt, gone)
 
     # -- watch ---------------------------------------------------------------------------
@@ -226,8 +292,10 @@ class Store:
     def _put(self, gr: GroupResource, namespace: str, name: str, type_: str, obj: Obj) -> Obj:
         self.rv += 1
         obj["metadata"]["resourceVersion"] = str(self.rv)
-        self.objects.setdefault(gr, {})[(namespace, name)] = obj
-        self._publish(WatchEvent(self.rv, gr, type_, obj))
+        stored = self.objects.setdefault(gr, {})
+        prev = stored.get((namespace, name))
+        stored[(namespace, name)] = obj
+        self._publish(WatchEvent(self.rv, gr, type_, obj, prev))
         return obj
 
     def _publish(self, event: WatchEvent) -> None:
