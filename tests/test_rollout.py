@@ -4,6 +4,7 @@ state, status; and the per-rule outcome metrics the guards read."""
 from __future__ import annotations
 
 import difflib
+import io
 import json
 import os
 import time
@@ -30,7 +31,7 @@ from kom_gateway.rollout.guards import (
     quantile,
     readings_between,
 )
-from kom_gateway.rollout.runner import status_report
+from kom_gateway.rollout.runner import dry_run, status_report
 from kom_gateway.rollout.sources import promql_string, replica_sample
 from kom_gateway.rollout.spec import (
     ConfigMapTarget,
@@ -722,6 +723,11 @@ def test_a_shadow_phase_runs_before_anyone_moves_and_then_the_steps():
     assert current_percent(final, s.rule, "pod") == 100
     state = RolloutState.from_json(target.state)
     assert status_report(s, state, 100.0, 1e9)["shadow"] == "passed"
+    assert "runs the shadow phase (1s), then moves 0% -> 50%" in status_report(s, None, 0.0, 0)["next"]
+    out = io.StringIO()
+    dry_run(s, MemoryTarget(EXAMPLE), out)
+    assert "# first, the shadow phase for 1s" in out.getvalue()
+    assert "+    shadow: {group: pod, percent: 5, maxPerSecond: 10}" in out.getvalue()
 
 
 def test_a_failed_shadow_phase_stops_the_rollout_before_anyone_moved():

@@ -106,9 +106,6 @@ class _Attempt:
         size = len(data)
         self.metrics.count(self.received, size)
         exchange.bytes_out += size
-        shadow = exchange.shadow
-        if shadow is not None:
-            shadow.default_data(data)
         frames = exchange.frames
         if frames is not None:
             frames.feed(data)
@@ -118,10 +115,13 @@ class _Attempt:
         key = exchange.ticket.client
         if not key:  # protected (lease renewals, small): not held to a budget
             exchange.stream.write(data, lambda: upstream.ack(flow_len))
-            return
-        buffers = exchange.ctx.buffers
-        buffers.hold(key, size)
-        exchange.stream.write(data, lambda: buffers.release(key, size, upstream.ack, flow_len))
+        else:
+            buffers = exchange.ctx.buffers
+            buffers.hold(key, size)
+            exchange.stream.write(data, lambda: buffers.release(key, size, upstream.ack, flow_len))
+        shadow = exchange.shadow
+        if shadow is not None:  # after the write: the client's flush is queued first
+            shadow.default_data(data)
 
     def on_end(self) -> None:
         exchange = self.exchange

@@ -336,6 +336,15 @@ def dry_run(spec: RolloutSpec, target: Target, out: TextIO) -> int:
     config = validate(text, target.describe())
     percent = current_percent(config, spec.rule, spec.group)
     print(f"{spec.describe()} on {target.describe()}: now {pct(percent)}", file=out)
+    if spec.shadow is not None and percent < spec.steps[0]:
+        shadowed = set_shadow(text, spec.rule, phase_shadow(spec), spec.group, target.describe())
+        print(f"\n# first, the shadow phase for {format_duration(spec.shadow.hold)} (its rule's "
+              "shadow set, then put back as it was)", file=out)  # fmt: skip
+        out.writelines(
+            difflib.unified_diff(
+                text.splitlines(True), shadowed.splitlines(True), "before", "after", n=1
+            )
+        )
     for step in (s for s in spec.steps if s > percent):
         new = set_percent(text, spec.rule, spec.group, step, target.describe())
         print(f"\n# {pct(percent)} -> {pct(step)}, after a hold of {format_duration(spec.hold)} "
@@ -424,10 +433,13 @@ def status_report(
     """What `rollout status` says (pure)."""
     if state is None:
         nxt = next((s for s in spec.steps if s > configured), None)
+        first = ""
+        if spec.shadow is not None and configured < spec.steps[0]:
+            first = f"runs the shadow phase ({format_duration(spec.shadow.hold)}), then "
         return {
             "phase": "NotStarted",
             "percent": pct(configured),
-            "next": f"`rollout run` moves {pct(configured)} -> {pct(nxt)}"
+            "next": f"`rollout run` {first}moves {pct(configured)} -> {pct(nxt)}"
             if nxt
             else "nothing: already past the last step",
         }

@@ -19,6 +19,9 @@ from typing import Any
 
 MAX_VALUE = 4 * 1024 * 1024  # one item, or one top-level value other than items
 _WHITESPACE = " \t\n\r"
+# the C scanner JSONDecoder.raw_decode wraps (StopIteration: no whole value yet); one
+# for all readers (its memo is cleared at the end of every call)
+_SCAN = json.JSONDecoder().scan_once
 
 
 class JsonBodyError(ValueError):
@@ -39,7 +42,7 @@ class JsonMetadata:
         self.on_meta = on_meta
         self.on_item = on_item
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-        self._decode = json.JSONDecoder().raw_decode
+        self._decode = _SCAN
         self._text = ""  # decoded, not yet consumed from _pos
         self._pos = 0
         self._pending: list[str] = []  # decoded chunks not yet joined into _text
@@ -90,7 +93,7 @@ class JsonMetadata:
         """(True, the next JSON value) once it is whole, else (False, None)."""
         try:
             value, end = self._decode(self._text, self._pos)
-        except json.JSONDecodeError:
+        except (StopIteration, json.JSONDecodeError):
             return False, None
         self._pos = end
         return True, value
@@ -150,23 +153,36 @@ class JsonMetadata:
                 self._state = "done"
                 return True
             return self._expect(",", "key")
-        if state in ("items", "after-item"):
-            found = self._char()
-            if found == "]":
-                self._pos += 1
-                self._state = "next"
-                return True
-            if state == "after-item":
-                return self._expect(",", "item")
-            self._state = "item"
-            return bool(found)
-        # "item"
-        if not self._char():
-            return False
-        whole, item = self._value()
-        if not whole:
-            return False
-        meta = item.get("metadata") if isinstance(item, dict) else None
-        self.on_item(meta if isinstance(meta, dict) else {})
-        self._state = "after-item"
-        return True
+        return self._items()
+
+    def _items(self) -> bool:
+        """Every whole item there is, in one loop (a LIST's hot path): "items" (after
+        `[`), "item" (after `,`) and "after-item" (expecting `,` or `]`)."""
+        text, pos, state = self._text, self._pos, self._state
+        decode, on_item, end = self._decode, self.on_item, len(text)
+        try:
+            while True:
+                while pos < end and text[pos] in _WHITESPACE:
+                    pos += 1
+                if pos == end:
+                    return False
+                char = text[pos]
+                if state == "after-item" or (state == "items" and char == "]"):
+                    if char == "]":
+                        self._state = state = "next"
+                        pos += 1
+                        return True
+                    if char != ",":
+                        raise JsonBodyError(f"expected ',' or ']' at {pos}, got {char!r}")
+                    pos += 1
+                    state = "item"
+                    continue
+                try:
+                    item, pos = decode(text, pos)
+                except (StopIteration, json.JSONDecodeError):
+                    return False  # not whole yet
+                meta = item.get("metadata") if isinstance(item, dict) else None
+                on_item(meta if isinstance(meta, dict) else {})
+                state = "after-item"
+        finally:
+            self._pos, self._state = pos, state
