@@ -465,3 +465,22 @@ async def test_a_slow_candidate_times_out_off_the_clients_path():
         assert len(s.gateway.shadows.live) == 0
     finally:
         await s.close()
+
+
+@pytest.mark.parametrize(("faults", "result", "reason"), [
+    ({"status_override": 503}, ERROR, "5xx"),
+    ({"reset_before_headers": True}, ERROR, "reset"),
+    ({"refuse_streams": True}, SKIPPED, "refused"),  # not processed: not the group's answer
+])
+async def test_a_failing_candidate_is_an_error_and_an_unprocessed_read_a_skip(faults, result, reason):
+    s = await started("health: {consecutiveFailures: 1000}\n")
+    try:
+        c = s.clients[0]
+        s.sim.groups["pod"].faults.update(faults)
+        for _ in range(3):
+            r = await c.request("GET", "/api/v1/namespaces/default/pods")
+            assert r.status == 200 and r.group == "default"
+        await until(lambda: shadow_count(s, result, reason) == 3)
+        assert shadow_count(s, MATCH) == shadow_count(s, MISMATCH, STATUS) == 0
+    finally:
+        await s.close()

@@ -252,8 +252,8 @@ class Metrics:
             "Shadow reads of a cut-over rule's clients still on default, by the rule (its "
             "match), the candidate group and the result: match, mismatch (reason: status, "
             "missing, extra, content, too-old), error (the candidate failed: 5xx, throttled, "
-            "reset, timeout, connect, refused) or skipped (sampled but not compared: budget, "
-            "in-flight, load, ejected, default-failed, encoding, ...).",
+            "reset, timeout, connect) or skipped (sampled but not compared: budget, "
+            "in-flight, load, ejected, refused, default-failed, encoding, ...).",
             ["rule", "group", "result", "reason"],
             registry=r,
         )

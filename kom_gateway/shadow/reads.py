@@ -18,6 +18,7 @@ import time
 from typing import TYPE_CHECKING
 
 from kom_gateway.http.client import (
+    RESET_BROKEN,
     ClientStream,
     ConnectError,
     HTTP2ClientConnection,
@@ -299,8 +300,8 @@ class ShadowRead:
         self.candidate = SummaryBuilder(self.verb == "list")
         try:
             self.upstream = conn.open_stream(headers, True, self)
-        except StreamRefused:
-            self._end(Verdict(ERROR, "refused"))
+        except StreamRefused:  # the connection filled up or is going away: not an answer
+            self._end(Verdict(SKIPPED, "refused"))
 
     def on_response(self, status: int, headers: Headers) -> None:
         if self.candidate is not None:
@@ -322,7 +323,10 @@ class ShadowRead:
         self._end(judge(self.verb, self._summary, summary))
 
     def on_reset(self, kind: str, reason: str) -> None:
-        self._end(Verdict(ERROR, "reset"))
+        if kind == RESET_BROKEN:
+            self._end(Verdict(ERROR, "reset"))
+        else:  # GOAWAY or REFUSED_STREAM: the candidate did not process it
+            self._end(Verdict(SKIPPED, "refused"))
 
     def _timed_out(self) -> None:
         self._timer = None
