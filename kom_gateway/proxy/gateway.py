@@ -53,7 +53,7 @@ class Gateway:
         self.metrics.set_build_info(self.engine.name)
         self.upstreams = Upstreams(self._health_changed, self.engine)
         self.upstreams.sync(holder.current.config)
-        self._percent_labels: dict[Any, set[tuple[str, str]]] = {}
+        self._gauge_labels: dict[Any, set[tuple[str, str]]] = {}
         self._config_applied(holder.current.config, holder.current.generation)
         self.admission = Admission(holder.current.config.overload)
         self.access_log = AccessLog(access_log or holder.current.config.access_log)
@@ -211,14 +211,14 @@ class Gateway:
 
     def _set_gauge(self, gauge: Any, values: dict[tuple[str, str], float]) -> None:
         """A labelled gauge set to exactly `values`: series no longer there removed."""
-        for labels in self._percent_labels.get(gauge, set()) - values.keys():
+        for labels in self._gauge_labels.get(gauge, set()) - values.keys():
             if os.environ.get(MULTIPROC_ENV):  # workers' files cannot drop a series: 0
                 gauge.labels(*labels).set(0)
             else:
                 gauge.remove(*labels)
         for labels, percent in values.items():
             gauge.labels(*labels).set(percent)
-        self._percent_labels[gauge] = set(values)
+        self._gauge_labels[gauge] = set(values)
 
     def _health_changed(self, endpoint: UpstreamEndpoint, healthy: bool, reason: str) -> None:
         m = self.metrics

@@ -5,8 +5,9 @@ whether or not it asks to switch protocols, goes through `Intake.handle`:
     -> count the cut-over decision -> admit (or 429) -> hand to its carrier
 
 The carrier is an `Exchange` for a request, `carry_upgrade` for exec, attach and
-port-forward. The config snapshot is read once, so a reload never changes a request's
-decision half-way.
+port-forward. A read that a rule's `shadow` samples gets a `ShadowRead` on its exchange
+(shadow/reads.py: its answer is also asked of the candidate group). The config snapshot
+is read once, so a reload never changes a request's decision half-way.
 """
 
 from __future__ import annotations
