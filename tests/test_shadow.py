@@ -484,3 +484,20 @@ async def test_a_failing_candidate_is_an_error_and_an_unprocessed_read_a_skip(fa
         assert shadow_count(s, MATCH) == shadow_count(s, MISMATCH, STATUS) == 0
     finally:
         await s.close()
+
+
+async def test_a_slow_candidate_cannot_pile_shadow_reads_up():
+    """At most a second's budget in flight: past it, reads are skipped and counted."""
+    s = await Stack().start(cutover=SHADOWED.replace("maxPerSecond: 1000", "maxPerSecond: 2"))
+    try:
+        c = await s.client()
+        s.sim.groups["pod"].faults.update({"latency": 2})
+        for _ in range(2):  # two shadows wait on the slow candidate: the budget, spent
+            assert (await c.request("GET", "/api/v1/namespaces/default/pods")).status == 200
+        assert len(s.gateway.shadows.live) == 2
+        for _ in range(3):  # default's answers, at once; their shadows given up
+            assert (await c.request("GET", "/api/v1/namespaces/default/pods")).status == 200
+        assert shadow_count(s, SKIPPED, "in-flight") == 3
+        await until(lambda: shadow_count(s, MATCH) == 2, 5)
+    finally:
+        await s.close()
