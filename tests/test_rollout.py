@@ -20,7 +20,7 @@ from kom_gateway.proxy.accesslog import AccessLog
 from kom_gateway.proxy.metrics import Metrics
 from kom_gateway.proxy.outcome import Outcome, OutcomeRecorder, moved_outcome
 from kom_gateway.rollout import machine
-from kom_gateway.rollout.edit import EditError, current_percent, find_rule, set_percent
+from kom_gateway.rollout.edit import EditError, current_percent, find_rule, set_percent, set_shadow
 from kom_gateway.rollout.guards import (
     Readings,
     ReplicaSample,
@@ -748,6 +748,21 @@ def test_a_failed_shadow_phase_stops_the_rollout_before_anyone_moved():
     assert state.phase == "RolledBack" and state.shadow == "failed"
     assert "mismatch ratio 3.00% > 1.00%" in state.reason
     assert target.events[-1][:2] == (True, "RolloutShadowFailed")
+
+
+def test_a_shadow_is_set_and_removed_on_any_layout():
+    block = EXAMPLE.replace(
+        '  - match: {userAgent: "kube-controller-manager/*"}',
+        '  - match:\n      userAgent: "kubelet/*"\n    percent: {pod: 5}\n'
+        '  - match: {userAgent: "kube-controller-manager/*"}',
+    )
+    shadow = {"group": "pod", "percent": 5, "maxPerSecond": 50}
+    for text, match in ((block, {"userAgent": "kubelet/*"}), (EXAMPLE, {"userAgent": "new/*"})):
+        on = set_shadow(text, match, shadow, "pod")  # a round trip; a rule appended
+        rule = find_rule(load_config_text(on), match)
+        assert rule.shadow == ShadowSpec("pod", 5.0, 50.0)
+        off = find_rule(load_config_text(set_shadow(on, match, None, "pod")), match)
+        assert off.shadow is None and off.percent == rule.percent
 
 
 def test_a_rules_own_shadow_is_put_back_after_the_phase():

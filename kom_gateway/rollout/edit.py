@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Callable
 from typing import Any
 
 import yaml
@@ -64,20 +65,17 @@ def set_shadow(
     `set_percent`: one line changes where the layout allows, else a round trip; either
     way nothing but the rule's shadow (and that appended rule) may change."""
     validate(text, source)
+
+    def set_it(rule: dict[str, Any]) -> None:
+        if shadow is None:
+            rule.pop("shadow", None)
+        else:
+            rule["shadow"] = dict(shadow)
+
     edited = _shadow_in_place(text, match, shadow, group)
     if edited is None:
         edited = _shadow_round_trip(text, match, shadow, group)
-    want = yaml.safe_load(text)
-    want["cutover"] = want.get("cutover") or []
-    rule = _rule_node(want, match)
-    if rule is None:
-        rule = {"match": dict(match), "percent": {group: 0}}
-        want["cutover"].append(rule)
-    if shadow is None:
-        rule.pop("shadow", None)
-    else:
-        rule["shadow"] = dict(shadow)
-    if yaml.safe_load(edited) != want:
+    if not _only_that_changed(text, edited, match, group, set_it):
         raise EditError("refusing the edit: it would change more than the rule's shadow")
     if current_shadow(validate(edited, source), match) != shadow:
         raise EditError("the edit did not take effect")
@@ -97,14 +95,9 @@ def _shadow_in_place(
         rules = data.get("cutover") if isinstance(data, CommentedMap) else None
         if not isinstance(rules, CommentedSeq) or not rules:
             return None
-        lines = text.splitlines(keepends=True)
-        if lines and not lines[-1].endswith("\n"):
-            lines[-1] += "\n"
-        appended = _append_rule(data, rules, lines, match, group, 0)
+        appended = _append_rule(data, rules, _lines(text), match, group, 0)
         return None if appended is None else _shadow_in_place(appended, match, shadow, group)
-    lines = text.splitlines(keepends=True)
-    if lines and not lines[-1].endswith("\n"):
-        lines[-1] += "\n"
+    lines = _lines(text)
     line_of = {}
     for key in ("match", "shadow"):
         if key not in rule:
@@ -130,6 +123,14 @@ def _shadow_in_place(
     return "".join(lines)
 
 
+def _lines(text: str) -> list[str]:
+    """The document's lines, each ending in a newline (the last one too)."""
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines[-1] += "\n"
+    return lines
+
+
 def _flow_numbers(mapping: dict[str, Any]) -> str:
     return "{" + ", ".join(f"{k}: {v}" for k, v in mapping.items()) + "}"
 
@@ -137,24 +138,16 @@ def _flow_numbers(mapping: dict[str, Any]) -> str:
 def _shadow_round_trip(
     text: str, match: dict[str, str], shadow: dict[str, Any] | None, group: str
 ) -> str:
-    _, indent, offset = load_yaml_guess_indent(text)
-    indent, offset = indent or 2, offset or 0
-    yaml_rt = YAML()
-    yaml_rt.preserve_quotes = True
-    yaml_rt.width = 4096
-    yaml_rt.indent(mapping=max(2, indent - offset), sequence=indent, offset=offset)
-    data = yaml_rt.load(text if _rule_node(yaml.safe_load(text), match) is not None
-                        else _round_trip(text, match, group, 0))  # fmt: skip
-    rule = _rule_node(data, match)
+    yaml_rt = _round_tripper(text)
+    data = yaml_rt.load(text)
+    rule = _rule_or_new(data, match, group)
     if shadow is None:
         rule.pop("shadow", None)
     else:
         node = CommentedMap(shadow)
         node.fa.set_flow_style()
         rule["shadow"] = node
-    out = io.StringIO()
-    yaml_rt.dump(data, out)
-    return out.getvalue()
+    return _dumped(yaml_rt, data)
 
 
 def validate(text: str, source: str) -> Config:
@@ -174,10 +167,16 @@ def set_percent(
     if group not in before.groups:
         raise EditError(f"the config has no group {group!r} (it has {', '.join(before.groups)})")
     value = number(percent)
+
+    def set_it(rule: dict[str, Any]) -> None:
+        if not isinstance(rule.get("percent"), dict):
+            rule["percent"] = {}
+        rule["percent"][group] = value
+
     edited = _edit_in_place(text, match, group, value)
-    if edited is None or not _only_that_changed(text, edited, match, group, value):
+    if edited is None or not _only_that_changed(text, edited, match, group, set_it):
         edited = _round_trip(text, match, group, value)
-        if not _only_that_changed(text, edited, match, group, value):
+        if not _only_that_changed(text, edited, match, group, set_it):
             raise EditError("refusing the edit: it would change more than the one percent")
     after = validate(edited, source)
     if current_percent(after, match, group) != float(value):
@@ -210,9 +209,7 @@ def _edit_in_place(text: str, match: dict[str, str], group: str, value: int | fl
     do it): the number swapped, `group: value` added to the rule's percent map, or the
     rule appended after the last one."""
     data = YAML().load(text)
-    lines = text.splitlines(keepends=True)
-    if lines and not lines[-1].endswith("\n"):
-        lines[-1] += "\n"
+    lines = _lines(text)
     rules = data.get("cutover") if isinstance(data, CommentedMap) else None
     if not isinstance(rules, CommentedSeq) or not rules:
         return None
@@ -270,13 +267,26 @@ def _append_rule(
 
 
 def _round_trip(text: str, match: dict[str, str], group: str, value: int | float) -> str:
+    yaml_rt = _round_tripper(text)
+    data = yaml_rt.load(text)
+    _rule_or_new(data, match, group)["percent"][group] = value
+    return _dumped(yaml_rt, data)
+
+
+def _round_tripper(text: str) -> YAML:
+    """ruamel.yaml's round trip, keeping the document's quotes and indentation."""
     _, indent, offset = load_yaml_guess_indent(text)
     indent, offset = indent or 2, offset or 0
     yaml_rt = YAML()
     yaml_rt.preserve_quotes = True
     yaml_rt.width = 4096  # never fold a long line the operator wrote
     yaml_rt.indent(mapping=max(2, indent - offset), sequence=indent, offset=offset)
-    data = yaml_rt.load(text)
+    return yaml_rt
+
+
+def _rule_or_new(data: CommentedMap, match: dict[str, str], group: str) -> CommentedMap:
+    """The rule matching `match`, or a new last one moving nobody (`group: 0`); either
+    way with a percent map."""
     if not isinstance(data.get("cutover"), list):
         data["cutover"] = CommentedSeq()
     rule = _rule_node(data, match)
@@ -284,29 +294,33 @@ def _round_trip(text: str, match: dict[str, str], group: str, value: int | float
         rule = CommentedMap()
         rule["match"] = CommentedMap({k: DoubleQuotedScalarString(v) for k, v in match.items()})
         rule["match"].fa.set_flow_style()
+        rule["percent"] = CommentedMap({group: 0})
+        rule["percent"].fa.set_flow_style()
         data["cutover"].append(rule)
     if not isinstance(rule.get("percent"), dict):
         rule["percent"] = CommentedMap()
         rule["percent"].fa.set_flow_style()
-    rule["percent"][group] = value
+    return rule
+
+
+def _dumped(yaml_rt: YAML, data: CommentedMap) -> str:
     out = io.StringIO()
     yaml_rt.dump(data, out)
     return out.getvalue()
 
 
 def _only_that_changed(
-    old: str, new: str, match: dict[str, str], group: str, value: int | float
+    old: str, new: str, match: dict[str, str], group: str, change: Callable[[dict], None]
 ) -> bool:
-    """The new document equals the old one with that one value set (or its rule added)."""
+    """The new document equals the old one with `change` made to the rule (the rule
+    added first, moving nobody to `group`, if there was none)."""
     want = yaml.safe_load(old)
     want["cutover"] = want.get("cutover") or []
     rule = _rule_node(want, match)
     if rule is None:
-        want["cutover"].append({"match": dict(match), "percent": {group: value}})
-    else:
-        if not isinstance(rule.get("percent"), dict):
-            rule["percent"] = {}
-        rule["percent"][group] = value
+        rule = {"match": dict(match), "percent": {group: 0}}
+        want["cutover"].append(rule)
+    change(rule)
     try:
         return bool(yaml.safe_load(new) == want)
     except yaml.YAMLError:
