@@ -19,7 +19,8 @@ from kom_gateway.http.stream import Headers
 from kom_gateway.shadow.jsonmeta import JsonBodyError, JsonMetadata
 from kom_gateway.shadow.protobuf import ProtobufError, ProtobufMetadata
 
-PROTOBUF = b"application/vnd.kubernetes.protobuf"
+# the media types whose metadata is read (the rest compare by digest only)
+ENCODINGS = {b"application/json": "json", b"application/vnd.kubernetes.protobuf": "protobuf"}
 MASK = 2**64 - 1
 MAX_STATUS_BODY = 65536  # a Status error body is small; past this it is not read
 
@@ -84,7 +85,7 @@ class SummaryBuilder:
             elif name == b"content-encoding":
                 encoding = value.strip().lower()
         media = content_type.split(b";", 1)[0].strip()
-        out.encoding = {b"application/json": "json", PROTOBUF: "protobuf"}.get(media, "")
+        out.encoding = ENCODINGS.get(media, "")
         if encoding == b"gzip":
             self._inflate = zlib.decompressobj(wbits=31)
         elif encoding not in (b"", b"identity"):

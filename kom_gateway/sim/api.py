@@ -175,10 +175,10 @@ class SimAPI:
             else:
                 obj = self.store.get_at(rt, namespace, info.name, served)
             if faults.diverge:
-                found = _diverge(rt, [obj], faults.diverge, info.name)
-                obj = found[0] if found else {}
+                found = _diverge([obj], faults.diverge, one_object=True)
                 if not found:
                     raise not_found(rt, info.name)
+                obj = found[0]
             if info.subresource == "log":
                 return LogReply(obj, query.get("follow") == "true")
             if info.subresource == "exec":
@@ -287,7 +287,7 @@ class SimAPI:
                 at = rv  # etcd's snapshot at that revision
         items = [o for o in self.store.list_at(rt, namespace, at) if predicate(o)]
         if faults.diverge:
-            items = _diverge(rt, items, faults.diverge)
+            items = _diverge(items, faults.diverge)
         if as_table:
             return _json(table(items, at))
         return _json(_list_object(rt, items, at))
@@ -423,9 +423,9 @@ def _list_options_problem(query: _Query, watch: bool) -> str:
 DIVERGED_LABEL = "sim.kom-gateway.io/diverged"
 
 
-def _diverge(rt: ResourceType, items: list[Obj], how: str, name: str = "") -> list[Obj]:
+def _diverge(items: list[Obj], how: str, one_object: bool = False) -> list[Obj]:
     """What a diverging group serves (the `diverge` fault): every object with a label
-    default's has not, one item fewer, or one made-up item more."""
+    default's has not, one item fewer, or (a list) one made-up item more."""
     if how == "content":
         out = []
         for obj in items:
@@ -435,7 +435,7 @@ def _diverge(rt: ResourceType, items: list[Obj], how: str, name: str = "") -> li
         return out
     if how == "missing":
         return items[:-1]
-    if how == "extra" and items and not name:
+    if how == "extra" and items and not one_object:
         extra = copy.deepcopy(items[-1])
         extra["metadata"]["name"] += "-extra"
         extra["metadata"]["uid"] = "00000000-0000-0000-0000-00000000e7a0"
