@@ -6,9 +6,10 @@ pure-Python fallbacks.
   libnghttp2's ABI it uses itself and links the runtime library `libnghttp2.so.14`
   (installed wherever curl is), so no -dev package is needed. Without it: the `h2` engine.
 - The compiled core (kom_gateway/compiled.py lists the modules): the request path's
-  type-annotated modules compiled by mypyc, one group. The SHA-256 of each source is
-  recorded in kom_gateway/_compiled.json, so a source edited after the build runs as
-  Python instead of its stale extension. Without it: the same modules, interpreted.
+  type-annotated modules compiled by mypyc, one group. Without it: the same modules,
+  interpreted. Built in place (`pip install -e .`), it first removes the previous
+  in-place core and records what each source was (kom_gateway/_compiled.json), so that
+  importing the package refuses an extension whose source changed since.
 
 KOM_GATEWAY_NO_EXTENSIONS=1 skips both (to test the portable install).
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 from types import ModuleType
 
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 HERE = Path(__file__).resolve().parent
 
@@ -59,6 +61,7 @@ def nghttp2_engine() -> list[Extension]:
 def compiled_core() -> list[Extension]:
     core = load_compiled_module()
     paths = [str(core.source_path(m, HERE).relative_to(HERE)) for m in core.MODULES]
+    record = core.build_record(HERE)  # what mypyc is about to read
     try:
         from mypyc.build import mypycify
 
@@ -69,13 +72,34 @@ def compiled_core() -> list[Extension]:
         return []
     for extension in extensions:
         extension.optional = True  # a failed C build leaves the interpreted core
-    record = json.dumps(core.build_record(HERE), indent=1) + "\n"
-    (HERE / "kom_gateway" / core.MANIFEST).write_text(record)
+    BuildExt.core_record = record
     return extensions
+
+
+class BuildExt(build_ext):
+    """An in-place build replaces the previous in-place core as a whole: none of it is
+    left to run beside sources it was not built from (a failed build leaves none), and
+    the record of the sources compiled is written once every module is built."""
+
+    core_record: dict[str, object] | None = None  # None: the core is not being built
+
+    def run(self) -> None:
+        if not self.inplace:
+            return super().run()
+        core = load_compiled_module()
+        record_path = HERE / "kom_gateway" / core.RECORD
+        record_path.unlink(missing_ok=True)
+        group = HERE / f"{core.GROUP}__mypyc{core.EXTENSION_SUFFIX}"
+        built = [group, *(core.extension_path(m, HERE) for m in core.MODULES)]
+        for path in built:
+            path.unlink(missing_ok=True)
+        super().run()
+        if self.core_record is not None and all(path.exists() for path in built):
+            record_path.write_text(json.dumps(self.core_record, indent=1) + "\n")
 
 
 ext_modules: list[Extension] = []
 if not os.environ.get("KOM_GATEWAY_NO_EXTENSIONS"):
     ext_modules = nghttp2_engine() + compiled_core()
 
-setup(ext_modules=ext_modules)
+setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExt})

@@ -4,4 +4,4 @@ __version__ = "0.1.0"
 
 from kom_gateway import compiled
 
-compiled.activate()  # before any module of the compiled core is imported
+compiled.core()  # before any of the compiled core loads: a stale build fails here

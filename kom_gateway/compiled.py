@@ -1,33 +1,32 @@
-"""The compiled core: the request path's modules, compiled by mypyc at install, with
-their Python source kept as the portable fallback (as aiohttp keeps its parser's).
+"""The compiled core: the request path's modules, compiled by mypyc at install, as mypy
+and black ship theirs; their Python sources are the portable fallback.
 
 mypyc turns these type-annotated modules into C extensions: native classes (attributes
 at fixed offsets) and calls between them in C. A proxied request costs ~40% fewer
 instructions (bench/README.md, "Fifth round"). They are compiled as one group whose
-modules call each other natively, so it is all of them or none. The extensions sit
-next to the sources and Python's importer prefers them; `activate()`, run once when the
-package is imported, decides which run:
+modules call each other natively, so it is all of them or none. Each extension sits
+beside its source and Python's own importer prefers it; nothing else decides. So:
 
-- the compiled group, when every module was built from the source now on disk (the
-  build records each source's SHA-256 in `_compiled.json`);
-- the sources, when KOM_GATEWAY_PURE_PYTHON=1, when nothing was built (no compiler, no
-  mypyc), or when a source changed since the build (an editable checkout: a stale
-  extension must never run in place of the code that was edited). A finder at the
-  front of `sys.meta_path` then loads these modules from their .py files.
+- a wheel or `pip install .` runs the extensions: installed files are not edited;
+- an install with no C compiler or no mypyc (or `KOM_GATEWAY_NO_EXTENSIONS=1`) built
+  none and runs the sources;
+- an editable checkout (`pip install -e .`) is compiled in place, and there a source
+  can change after its build. `check()` runs when the package is imported, before any
+  of these modules: if one of their sources is not what was compiled, the import fails
+  with the command that rebuilds, rather than running the old extension. The in-place
+  build records each source's size, mtime and SHA-256 in `_compiled.json` (the
+  checkout's files only; a wheel has none); a matching size and mtime are trusted, as
+  Python trusts them for its .pyc files, and only a changed mtime costs a hash.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.abc
-import importlib.machinery
-import importlib.util
 import json
 import os
-import sys
-from collections.abc import Mapping
+import sysconfig
+from functools import cache
 from pathlib import Path
-from types import ModuleType
 
 # What a proxied request runs in Python. setup.py reads this list.
 # (overload/policy.py is not here: mypyc mishandles its frozen dataclasses' defaults.)
@@ -56,7 +55,9 @@ MODULES = (
     "kom_gateway.proxy.metrics",
     "kom_gateway.proxy.accesslog",
     # the nghttp2 engine's Python and the bases it shares with the h2 and HTTP/1.1
-    # engines, which stay interpreted (their bases allow interpreted subclasses)
+    # engines. Those stay interpreted (they extend h2's and aiohttp's classes), so these
+    # bases allow interpreted subclasses: mypyc gives such children a vtable of their own
+    # and compiled instances keep theirs.
     "kom_gateway.http.stream",
     "kom_gateway.http.events",
     "kom_gateway.http.transport",
@@ -67,90 +68,95 @@ MODULES = (
     "kom_gateway.http.nghttp2.client",
 )
 GROUP = "kom_gateway_core"  # mypyc's group name: its runtime is `kom_gateway_core__mypyc`
-MANIFEST = "_compiled.json"  # in the package: {"sources": {module: SHA-256 of its source}}
-PURE_ENV = "KOM_GATEWAY_PURE_PYTHON"
+RECORD = "_compiled.json"  # an in-place build's {"sources": {module: [size, mtime_ns, sha256]}}
 ROOT = Path(__file__).resolve().parent.parent  # the directory holding the package
+EXTENSION_SUFFIX: str = sysconfig.get_config_var("EXT_SUFFIX")  # what setuptools writes
+REBUILD = "pip install -e . rebuilds it"
+
+
+class StaleBuild(ImportError):
+    """The compiled core on disk is not what its sources say: it must not run."""
 
 
 def source_path(module: str, root: Path = ROOT) -> Path:
     return root.joinpath(*module.split(".")).with_suffix(".py")
 
 
-def source_digest(module: str, root: Path = ROOT) -> str:
-    return hashlib.sha256(source_path(module, root).read_bytes()).hexdigest()
+def extension_path(module: str, root: Path = ROOT) -> Path:
+    return source_path(module, root).with_suffix(EXTENSION_SUFFIX)
 
 
-def build_record(root: Path = ROOT) -> dict[str, dict[str, str]]:
-    """What the build writes to MANIFEST (setup.py loads this file to do so)."""
-    return {"sources": {m: source_digest(m, root) for m in MODULES}}
+def _stamp(source: Path) -> list[int | str]:
+    stat = source.stat()
+    return [stat.st_size, stat.st_mtime_ns, hashlib.sha256(source.read_bytes()).hexdigest()]
 
 
-def _extension_exists(module: str, root: Path) -> bool:
-    source = source_path(module, root)
-    return any(source.with_suffix(s).exists() for s in importlib.machinery.EXTENSION_SUFFIXES)
+def build_record(root: Path = ROOT) -> dict[str, dict[str, list[int | str]]]:
+    """What an in-place build writes to RECORD, taken before it compiles (setup.py)."""
+    return {"sources": {m: _stamp(source_path(m, root)) for m in MODULES}}
 
 
-def pure_reason(environ: Mapping[str, str] = os.environ, root: Path = ROOT) -> str | None:
-    """Why the sources must run instead of the compiled group; None: the group runs."""
-    if environ.get(PURE_ENV) == "1":
-        return f"{PURE_ENV}=1"
-    missing = [m for m in MODULES if not _extension_exists(m, root)]
-    if len(missing) == len(MODULES):
-        return "not compiled at install (no C compiler or mypyc)"
-    if missing:
-        return f"incomplete build: {', '.join(missing)} not compiled"
+def _unchanged(source: str, stamp: object) -> bool:
+    if not (isinstance(stamp, list) and len(stamp) == 3):
+        return False
     try:
-        recorded = json.loads((root / "kom_gateway" / MANIFEST).read_text())["sources"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"no build record ({MANIFEST})"
-    changed = [m for m in MODULES if recorded.get(m) != source_digest(m, root)]
+        stat = os.stat(source)
+        if stat.st_size != stamp[0]:
+            return False
+        if stat.st_mtime_ns == stamp[1]:
+            return True
+        with open(source, "rb") as file:
+            return bool(hashlib.sha256(file.read()).hexdigest() == stamp[2])
+    except OSError:
+        return False
+
+
+def check(root: Path = ROOT) -> str:
+    """What runs: "compiled" or "interpreted (<why>)"; raises StaleBuild when an
+    extension on disk must not run (its source changed, or the build is partial).
+    Plain os calls: this runs at every start, before anything else (~60 µs)."""
+    bases = {m: os.path.join(root, *m.split(".")) for m in MODULES}
+    built = [m for m, base in bases.items() if os.path.exists(base + EXTENSION_SUFFIX)]
+    if not built:
+        return "interpreted (not compiled at install: no C compiler or mypyc)"
+    if len(built) < len(MODULES):
+        missing = ", ".join(m for m in MODULES if m not in built)
+        raise StaleBuild(f"the compiled core is partial ({missing} not built): {REBUILD}")
+    try:
+        with open(os.path.join(root, "kom_gateway", RECORD), "rb") as file:
+            sources = json.load(file)["sources"]
+        if not isinstance(sources, dict):
+            raise TypeError("no sources")
+    except FileNotFoundError:
+        return "compiled"  # installed, not built in place
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise StaleBuild(f"the compiled core's {RECORD} is unreadable ({exc}): {REBUILD}") from exc
+    changed = [m for m, base in bases.items() if not _unchanged(base + ".py", sources.get(m))]
     if changed:
-        return f"stale build: {', '.join(changed)} changed since it was compiled; reinstall"
-    try:
-        importlib.import_module(f"{GROUP}__mypyc")
-    except ImportError as exc:
-        return f"the compiled group does not load: {exc}"
-    return None
+        raise StaleBuild(
+            f"{', '.join(changed)} changed after the compiled core was built, which must "
+            f"not run in its place: {REBUILD} (about a minute), or "
+            "`git clean -fX kom_gateway && KOM_GATEWAY_NO_EXTENSIONS=1 pip install -e .` "
+            "makes the checkout interpreted"
+        )
+    return "compiled"
 
 
-class _SourceFinder(importlib.abc.MetaPathFinder):
-    """Finds the compiled modules' .py sources ahead of their extensions."""
-
-    def find_spec(
-        self, fullname: str, path: object = None, target: ModuleType | None = None
-    ) -> importlib.machinery.ModuleSpec | None:
-        if fullname not in MODULES:
-            return None
-        return importlib.util.spec_from_file_location(fullname, source_path(fullname))
-
-
-_state: str | None = None
-
-
-def activate() -> str:
-    """Choose, once per process, before any of MODULES is imported; returns what runs:
-    "compiled" or "pure Python (<why>)"."""
-    global _state
-    if _state is None:
-        reason = pure_reason()
-        if reason is None:
-            _state = "compiled"
-        else:
-            sys.meta_path.insert(0, _SourceFinder())
-            _state = f"pure Python ({reason})"
-    return _state
+@cache
+def core() -> str:
+    """check(), once per process (kom_gateway/__init__.py: before any of MODULES loads)."""
+    return check()
 
 
 def is_compiled() -> bool:
-    return activate() == "compiled"
+    return core() == "compiled"
 
 
 def start_warning() -> str | None:
-    """The line to log at start when the core runs interpreted without being asked to."""
-    state = activate()
-    if state == "compiled" or PURE_ENV in state:
+    """The line to log at start when the core runs interpreted."""
+    if is_compiled():
         return None
     return (
-        f"the request path runs as {state}: ~1.6x the instructions per proxied request. "
+        f"the request path runs {core()}: ~1.6x the instructions per proxied request. "
         "Reinstall with a C compiler present (pip install .) to compile it."
     )

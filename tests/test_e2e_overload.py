@@ -362,7 +362,7 @@ def test_workers_import_the_supervisors_package(tmp_path, start):
         log = supervisor.log.read_text()
         reports = re.findall(r"^worker (\d) \(pid \d+\): (.*)$", log, re.M)
         assert sorted(i for i, _ in reports) == ["0", "1"], log
-        own = f"core {compiled.activate()}"
+        own = f"core {compiled.core()}"
         assert all(scheme.endswith(own) for _, scheme in reports), (own, log)
         assert "does not run the supervisor's" not in log and "planted" not in log
     finally:

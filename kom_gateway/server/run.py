@@ -121,7 +121,7 @@ async def run_gateway(
         inherited.confirm()
         log.info("serving on the listening sockets of pid %d, which this replaces", inherited.pid)
     scheme = "https: h2 + http/1.1 via ALPN" if serving_tls else "h2c + http/1.1"
-    scheme += f", HTTP/2 engine {gateway.engine.name}, core {compiled.activate()}"
+    scheme += f", HTTP/2 engine {gateway.engine.name}, core {compiled.core()}"
     print(
         f"kom-gateway listening on {listen.host}:{port} ({scheme}); {admin_text}; "
         f"config {options.config_path} generation {holder.current.generation}",

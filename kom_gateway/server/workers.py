@@ -254,7 +254,7 @@ def _report(worker: Worker) -> None:
     """Say what a worker runs; warn when its core is not the supervisor's."""
     assert worker.proc is not None
     print(f"worker {worker.index} (pid {worker.proc.pid}): {worker.scheme}", flush=True)
-    own = f"core {compiled.activate()}"
+    own = f"core {compiled.core()}"
     if not worker.scheme.endswith(own):
         log.warning("worker %d does not run the supervisor's %s: %s", worker.index, own,
                     worker.scheme)  # fmt: skip
