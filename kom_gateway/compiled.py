@@ -114,7 +114,7 @@ def _unchanged(source: str, stamp: object) -> bool:
 def check(root: Path = ROOT) -> str:
     """What runs: "compiled" or "interpreted (<why>)"; raises StaleBuild when an
     extension on disk must not run (its source changed, or the build is partial).
-    Plain os calls: this runs at every start, before anything else (~60 µs)."""
+    Plain os calls: this runs at every start, before anything else (~0.1 ms)."""
     bases = {m: os.path.join(root, *m.split(".")) for m in MODULES}
     built = [m for m, base in bases.items() if os.path.exists(base + EXTENSION_SUFFIX)]
     if not built:
