@@ -12,6 +12,7 @@ from harness import Collector, Stack
 from kom_gateway.http.h2.client import H2ClientConnection
 from kom_gateway.http.listener import Listener
 from kom_gateway.http.settings import H2ClientSettings, H2ServerSettings
+from kom_gateway.http.transport import KEEPALIVE_PING, H2Transport
 
 pytestmark = pytest.mark.usefixtures("engine")  # both HTTP/2 engines
 
@@ -120,3 +121,85 @@ async def test_a_client_leaving_with_data_queued_returns_the_upstream_window():
         assert (await client.request("GET", "/api/v1/namespaces/default/configmaps")).status == 200
     finally:
         await stack.close()
+
+
+class _Member(H2Transport):
+    """A connection as the clock sees it: what it pinged, whether it closed."""
+
+    def __init__(self, name: str, ticks: list[str] | None = None, fail: bool = False) -> None:
+        super().__init__()
+        self._loop = asyncio.get_running_loop()
+        self.name, self.ticks, self.fail = name, ticks, fail
+        self.pings: list[bytes] = []
+        self.closed = False
+
+    def _on_tick(self, now: float) -> None:
+        if self.fail:
+            raise RuntimeError("a bug in one connection")
+        if self.ticks is not None:
+            self.ticks.append(self.name)
+        else:
+            super()._on_tick(now)
+
+    def _send_ping(self, payload: bytes) -> None:
+        self.pings.append(payload)
+
+    def _data_to_send(self) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        self.closed = True
+
+    def _peer_name(self) -> str:
+        return self.name
+
+
+async def test_one_clock_ticks_every_connection_of_a_loop_and_goes_with_the_last():
+    """Keepalive and timeouts share one timer per loop (not one timer and one task per
+    connection); a connection that raises does not stop the others' checks."""
+    from kom_gateway.http import transport
+
+    loop = asyncio.get_running_loop()
+    ticks: list[str] = []
+    members = [_Member("a", ticks), _Member("bug", fail=True), _Member("b", ticks)]
+    for member in members:
+        member._start_clock(0, 0, tick=0.02)
+    clock = transport._CLOCKS[loop]
+    assert all(m._clock is clock for m in members) and clock.tick == 0.02
+    for _ in range(500):
+        if ticks.count("b") >= 3:
+            break
+        await asyncio.sleep(0.01)
+    assert ticks.count("b") >= 3 and abs(ticks.count("a") - ticks.count("b")) <= 1
+    for member in members:
+        member._stop_transport_timers()
+    assert loop not in transport._CLOCKS and clock._handle is None
+
+
+async def test_keepalive_pings_a_silent_peer_and_closes_when_it_does_not_answer():
+    """On the clock's ticks (given times): silent for the interval, one PING; its ACK
+    resets the wait; no ACK within the timeout, the connection closes."""
+    silent = _Member("peer")
+    silent._start_clock(30.0, 15.0)
+    silent.transport = FakeTransport()
+    silent._last_read = 100.0
+    silent._on_tick(129.0)
+    assert silent.pings == []
+    silent._on_tick(130.0)
+    silent._on_tick(131.0)  # one PING outstanding at a time
+    assert silent.pings == [KEEPALIVE_PING] and not silent.closed
+    silent._keepalive_acked()
+    silent._last_read = 131.5
+    silent._on_tick(160.0)
+    assert silent.pings == [KEEPALIVE_PING] and not silent.closed  # heard 28.5 s ago
+    silent._on_tick(161.5)
+    silent._on_tick(176.0)
+    assert len(silent.pings) == 2 and not silent.closed
+    silent._on_tick(176.5)
+    assert silent.closed  # 15 s without the ACK
+    silent._stop_transport_timers()
+
+
+class FakeTransport:
+    def is_closing(self) -> bool:
+        return False

@@ -207,7 +207,7 @@ class HTTP2ClientConnection(H2Transport):
         self.transport.set_write_buffer_limits(high=s.write_buffer_bytes)
         self._start()
         self._write_out()
-        self._start_keepalive(s.ping_interval, s.ping_timeout)
+        self._start_clock(s.ping_interval, s.ping_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

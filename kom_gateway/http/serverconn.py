@@ -170,7 +170,6 @@ class HTTP2ServerConnection(H2Transport):
         self._idle_since = now  # when the last stream closed (or the connection opened)
         self._progress_at = now  # last sign the client is taking our data
         self._last_read = now
-        self._watchdog: asyncio.TimerHandle | None = None
         self._cut_off = False
         self._client_left = False  # the client sent GOAWAY
         self._paused = False
@@ -233,14 +232,15 @@ class HTTP2ServerConnection(H2Transport):
         self.remote_addr = peer[0] if peer else ""
         self.ssl_object = transport.get_extra_info("ssl_object")
         self.peer = identity_of_ssl(self.ssl_object)
-        self._start_keepalive(self.settings.ping_interval, self.settings.ping_timeout)
-        self._arm_watchdog()
+        s = self.settings
+        timeouts = (s.idle_timeout, s.stalled_write_timeout, s.max_connection_age, 30.0)
+        self._start_clock(s.ping_interval, s.ping_timeout, min(t for t in timeouts if t > 0) / 4)
         self._start()
         self._write_out()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_transport_timers()
-        for timer in (self._watchdog, self._linger, self._goaway_timer):
+        for timer in (self._linger, self._goaway_timer):
             if timer is not None:
                 timer.cancel()
         streams, self.streams = self.streams, {}
@@ -464,19 +464,13 @@ class HTTP2ServerConnection(H2Transport):
         if self._on_abuse is not None:
             self._on_abuse(kind)
 
-    def _arm_watchdog(self) -> None:
-        s = self.settings
-        timeouts = (s.idle_timeout, s.stalled_write_timeout, s.max_connection_age, 30.0)
-        period = min(t for t in timeouts if t > 0) / 4
-        self._watchdog = asyncio.get_running_loop().call_later(period, self._check_timeouts)
-
-    def _check_timeouts(self) -> None:
-        """Idle connections are closed politely; a client that leaves our data waiting
-        (zero window, or not reading TCP) for too long is cut off."""
-        self._watchdog = None
+    def _on_tick(self, now: float) -> None:
+        """Keepalive (H2Transport), then: idle connections are closed politely; a
+        client that leaves our data waiting (zero window, or not reading TCP) for too
+        long is cut off."""
+        super()._on_tick(now)
         if self.transport is None or self.transport.is_closing():
             return
-        now = time.monotonic()
         s = self.settings
         waiting = self._paused or self._waiting_for_client()
         if not waiting:
@@ -494,7 +488,6 @@ class HTTP2ServerConnection(H2Transport):
             self.goaway("idle")
         elif self._expires_at is not None and now >= self._expires_at:
             self.goaway("max-age")
-        self._arm_watchdog()
 
     def _peer_name(self) -> str:
         return f"client {self.remote_addr}"

@@ -2,7 +2,12 @@
 write per connection per event-loop pass (the frames one read produces, or many streams
 queue, leave together), and PING keepalive (after `interval` s without a frame from the
 peer, PING it; no ACK within `timeout` s means the peer is gone: close, which ends its
-streams). RFC 9113 error codes the engines send live here too."""
+streams). RFC 9113 error codes the engines send live here too.
+
+Keepalive and the server's connection timeouts run on one `ConnectionClock` per event
+loop, not on a timer and a task per connection: at 1,000 kubelets those woke the loop
+~180 times a second, each wake-up a full loop pass for one connection; one tick a
+second now checks every connection (bench/README.md, "A cluster-shaped day")."""
 
 from __future__ import annotations
 
@@ -21,6 +26,58 @@ REFUSED_STREAM = 0x7
 CANCEL = 0x8
 ENHANCE_YOUR_CALM = 0xB
 KEEPALIVE_PING = b"komgw\x00\x00\x00"
+CLOCK_TICK = 1.0  # s: the longest a keepalive or timeout check is late (shorter when a
+# connection's own settings need it: a quarter of its shortest interval)
+
+
+class ConnectionClock:
+    """One timer for every HTTP/2 connection on an event loop: each tick calls the
+    connections' `_on_tick(now)` (keepalive PINGs, idle and stalled-writer timeouts)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._members: dict[H2Transport, None] = {}  # in joining order
+        self._handle: asyncio.TimerHandle | None = None
+        self.tick = CLOCK_TICK
+
+    def join(self, member: H2Transport, tick: float) -> None:
+        self._members[member] = None
+        if tick < self.tick:  # kept until the clock empties: only tests set such ticks
+            self.tick = tick
+            if self._handle is not None:
+                self._handle.cancel()
+                self._handle = None
+        if self._handle is None:
+            self._handle = self._loop.call_later(self.tick, self._fire)
+
+    def leave(self, member: H2Transport) -> None:
+        self._members.pop(member, None)
+        if not self._members:
+            if self._handle is not None:
+                self._handle.cancel()
+                self._handle = None
+            _CLOCKS.pop(self._loop, None)
+
+    def _fire(self) -> None:
+        self._handle = None
+        now = time.monotonic()
+        for member in list(self._members):
+            try:
+                member._on_tick(now)
+            except Exception:  # one connection's bug must not stop every clock
+                log.exception("connection clock: %s", member._peer_name())
+        if self._members:
+            self._handle = self._loop.call_later(self.tick, self._fire)
+
+
+_CLOCKS: dict[asyncio.AbstractEventLoop, ConnectionClock] = {}
+
+
+def clock_of(loop: asyncio.AbstractEventLoop) -> ConnectionClock:
+    clock = _CLOCKS.get(loop)
+    if clock is None:
+        clock = _CLOCKS[loop] = ConnectionClock(loop)
+    return clock
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)  # the h2 / HTTP/1.1 engines extend it
@@ -32,8 +89,10 @@ class H2Transport(asyncio.Protocol):
         # set here, not as class-level defaults: see ServerStream.__init__
         self.transport: asyncio.Transport | None = None
         self._flush_handle: asyncio.Handle | None = None
-        self._ping_ack: asyncio.Future[None] | None = None
-        self._keepalive_task: asyncio.Task[None] | None = None
+        self._clock: ConnectionClock | None = None
+        self._ping_interval = 0.0  # 0: no keepalive
+        self._ping_timeout = 0.0
+        self._ping_sent_at = -1.0  # when our unanswered keepalive PING left (-1: none)
         self._last_read = 0.0
 
     def _send_ping(self, payload: bytes) -> None:
@@ -66,39 +125,42 @@ class H2Transport(asyncio.Protocol):
         if data:
             transport.write(data)
 
-    # -- keepalive -----------------------------------------------------------------------
-    def _start_keepalive(self, interval: float, timeout: float) -> None:
+    # -- keepalive and the connection clock -----------------------------------------------
+    def _start_clock(self, interval: float, timeout: float, tick: float = CLOCK_TICK) -> None:
+        """Join the loop's clock (at connection_made): PING after `interval` s of
+        silence (0: never); `_on_tick` runs at least every `tick` s (CLOCK_TICK at most)
+        for a subclass's own checks."""
+        self._ping_interval = interval
+        self._ping_timeout = timeout
         if interval > 0:
-            self._keepalive_task = asyncio.get_running_loop().create_task(
-                self._keepalive(interval, timeout)
-            )
+            tick = min(tick, interval / 4, timeout / 4)
+        self._clock = clock_of(self._loop)
+        self._clock.join(self, tick)
 
     def _stop_transport_timers(self) -> None:
-        if self._keepalive_task is not None:
-            self._keepalive_task.cancel()
+        if self._clock is not None:
+            self._clock.leave(self)
+            self._clock = None
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
 
     def _keepalive_acked(self) -> None:
-        if self._ping_ack is not None and not self._ping_ack.done():
-            self._ping_ack.set_result(None)
+        self._ping_sent_at = -1.0
 
-    async def _keepalive(self, interval: float, timeout: float) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            idle = time.monotonic() - self._last_read
-            if idle < interval:
-                await asyncio.sleep(interval - idle)
-                continue
-            self._ping_ack = loop.create_future()
-            self._send_ping(KEEPALIVE_PING)
-            self._write_out()
-            try:
-                async with asyncio.timeout(timeout):
-                    await self._ping_ack
-            except TimeoutError:
-                peer = self._peer_name()
-                log.warning("%s did not answer PING within %ss: closing", peer, timeout)
-                self.close()
-                return
+    def _on_tick(self, now: float) -> None:
+        """The clock's tick: a keepalive PING when the peer has been silent for the
+        interval; close when the PING went unanswered for the timeout."""
+        interval = self._ping_interval
+        if interval <= 0 or self.transport is None or self.transport.is_closing():
+            return
+        if self._ping_sent_at < 0:
+            if now - self._last_read >= interval:
+                self._ping_sent_at = now
+                self._send_ping(KEEPALIVE_PING)
+                self._write_out()
+        elif now - self._ping_sent_at >= self._ping_timeout:
+            peer = self._peer_name()
+            log.warning("%s did not answer PING within %ss: closing", peer, self._ping_timeout)
+            self._ping_sent_at = -1.0
+            self.close()
