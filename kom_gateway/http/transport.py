@@ -26,18 +26,22 @@ REFUSED_STREAM = 0x7
 CANCEL = 0x8
 ENHANCE_YOUR_CALM = 0xB
 KEEPALIVE_PING = b"komgw\x00\x00\x00"
-CLOCK_TICK = 1.0  # s: the longest a keepalive or timeout check is late (shorter when a
-# connection's own settings need it: a quarter of its shortest interval)
+CLOCK_TICK = 1.0  # s: how often each connection's keepalive and timeouts are checked
+# (more often when its own settings need it: a quarter of its shortest interval)
+CLOCK_SLICES = 8  # each firing checks an eighth of the connections: 20,000 connections
+# cost eight small pauses a second, not one long one
 
 
 class ConnectionClock:
-    """One timer for every HTTP/2 connection on an event loop: each tick calls the
-    connections' `_on_tick(now)` (keepalive PINGs, idle and stalled-writer timeouts)."""
+    """One timer for every HTTP/2 connection on an event loop: about once a `tick`
+    each connection's `_on_tick(now)` runs (keepalive PINGs, idle and stalled-writer
+    timeouts), a slice of them at each firing."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._members: dict[H2Transport, None] = {}  # in joining order
         self._handle: asyncio.TimerHandle | None = None
+        self._slice = 0
         self.tick = CLOCK_TICK
 
     def join(self, member: H2Transport, tick: float) -> None:
@@ -48,7 +52,7 @@ class ConnectionClock:
                 self._handle.cancel()
                 self._handle = None
         if self._handle is None:
-            self._handle = self._loop.call_later(self.tick, self._fire)
+            self._handle = self._loop.call_later(self.tick / CLOCK_SLICES, self._fire)
 
     def leave(self, member: H2Transport) -> None:
         self._members.pop(member, None)
@@ -61,13 +65,15 @@ class ConnectionClock:
     def _fire(self) -> None:
         self._handle = None
         now = time.monotonic()
-        for member in list(self._members):
+        part = self._slice
+        self._slice = (part + 1) % CLOCK_SLICES
+        for member in list(self._members)[part::CLOCK_SLICES]:
             try:
                 member._on_tick(now)
             except Exception:  # one connection's bug must not stop every clock
                 log.exception("connection clock: %s", member._peer_name())
         if self._members:
-            self._handle = self._loop.call_later(self.tick, self._fire)
+            self._handle = self._loop.call_later(self.tick / CLOCK_SLICES, self._fire)
 
 
 _CLOCKS: dict[asyncio.AbstractEventLoop, ConnectionClock] = {}
