@@ -190,6 +190,10 @@ async def test_one_clock_ticks_every_connection_of_a_loop_and_goes_with_the_last
     for member in members:
         member._stop_transport_timers()
     assert loop not in transport._CLOCKS and clock._handle is None
+    tiny = _Member("tiny", ticks)
+    tiny._start_clock(0.0001, 0.0001)  # valid YAML, absurd: the clock still does not spin
+    assert transport._CLOCKS[loop].tick == transport.CLOCK_MIN_TICK
+    tiny._stop_transport_timers()
 
 
 async def test_keepalive_pings_a_silent_peer_and_closes_when_it_does_not_answer():
