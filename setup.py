@@ -38,6 +38,9 @@ def load_compiled_module() -> ModuleType:
     return module
 
 
+CORE = load_compiled_module()
+
+
 def nghttp2_engine() -> list[Extension]:
     try:
         from Cython.Build import cythonize
@@ -59,13 +62,12 @@ def nghttp2_engine() -> list[Extension]:
 
 
 def compiled_core() -> list[Extension]:
-    core = load_compiled_module()
-    paths = [str(core.source_path(m, HERE).relative_to(HERE)) for m in core.MODULES]
-    record = core.build_record(HERE)  # what mypyc is about to read
+    paths = [str(CORE.source_path(m, HERE).relative_to(HERE)) for m in CORE.MODULES]
+    record = CORE.build_record(HERE)  # what mypyc is about to read
     try:
         from mypyc.build import mypycify
 
-        extensions = mypycify(paths, opt_level="3", group_name=core.GROUP)
+        extensions = mypycify(paths, opt_level="3", group_name=CORE.GROUP)
     except (Exception, SystemExit) as exc:  # no mypyc, or they do not type-check (it
         # exits then, having printed mypy's errors): the core stays interpreted
         print(f"kom-gateway: the core is not compiled ({type(exc).__name__}: {exc})")
@@ -86,11 +88,10 @@ class BuildExt(build_ext):
     def run(self) -> None:
         if not self.inplace:
             return super().run()
-        core = load_compiled_module()
-        record_path = HERE / "kom_gateway" / core.RECORD
+        record_path = HERE / "kom_gateway" / CORE.RECORD
         record_path.unlink(missing_ok=True)
-        group = HERE / f"{core.GROUP}__mypyc{core.EXTENSION_SUFFIX}"
-        built = [group, *(core.extension_path(m, HERE) for m in core.MODULES)]
+        group = HERE / f"{CORE.GROUP}__mypyc{CORE.EXTENSION_SUFFIX}"
+        built = [group, *(CORE.extension_path(m, HERE) for m in CORE.MODULES)]
         for path in built:
             path.unlink(missing_ok=True)
         super().run()
