@@ -386,6 +386,18 @@ async def started(extra: str = "") -> Stack:
     return s
 
 
+async def default_answers(s: Stack, faults: dict[str, object], reads: int = 3) -> list:
+    """The candidate group given `faults`, then `reads` pod LISTs: each one must be
+    answered by default (what the client gets never depends on the candidate)."""
+    s.sim.groups["pod"].faults.update(faults)
+    answers = []
+    for _ in range(reads):
+        r = await s.clients[0].request("GET", "/api/v1/namespaces/default/pods")
+        assert r.status == 200 and r.group == "default"
+        answers.append(r)
+    return answers
+
+
 @pytest.mark.usefixtures("engine")
 async def test_a_healthy_candidate_matches_and_clients_get_defaults_answers():
     s = await started()
@@ -424,11 +436,7 @@ async def test_a_diverging_candidate_is_caught_and_clients_still_get_defaults_an
 ):
     s = await started()
     try:
-        c = s.clients[0]
-        s.sim.groups["pod"].faults.update(faults)
-        for _ in range(3):
-            r = await c.request("GET", "/api/v1/namespaces/default/pods")
-            assert r.status == 200 and r.group == "default"
+        for r in await default_answers(s, faults):
             assert [p["metadata"]["name"] for p in r.json()["items"]] == ["p0", "p1", "p2"]
             assert "sim.kom-gateway.io/diverged" not in r.body.decode()
         await until(lambda: shadow_count(s, MISMATCH, reason) == 3)
@@ -475,11 +483,7 @@ async def test_a_slow_candidate_times_out_off_the_clients_path():
 async def test_a_failing_candidate_is_an_error_and_an_unprocessed_read_a_skip(faults, result, reason):
     s = await started("health: {consecutiveFailures: 1000}\n")
     try:
-        c = s.clients[0]
-        s.sim.groups["pod"].faults.update(faults)
-        for _ in range(3):
-            r = await c.request("GET", "/api/v1/namespaces/default/pods")
-            assert r.status == 200 and r.group == "default"
+        await default_answers(s, faults)
         await until(lambda: shadow_count(s, result, reason) == 3)
         assert shadow_count(s, MATCH) == shadow_count(s, MISMATCH, STATUS) == 0
     finally:
