@@ -2,11 +2,18 @@
 
 With TLS, ALPN decides (`h2` or `http/1.1`). Without TLS, a connection that opens with
 the HTTP/2 client preface is h2c (prior knowledge); anything else is HTTP/1.1.
+
+The listener accepts connections itself, as asyncio's own loop does (libuv's accept loop
+in uvloop hides the outcome of each TLS handshake): a handshake that fails is counted
+(`tls-handshake`), and one event-loop pass takes at most `ACCEPTS_PER_PASS` new
+connections, the rest waiting in the kernel's backlog, so a reconnect storm never puts
+thousands of handshakes into one pass ahead of the connected clients' requests.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 import ssl
@@ -28,11 +35,88 @@ from kom_gateway.http.h1.server import (
 from kom_gateway.http.serverconn import HTTP2ServerConnection
 from kom_gateway.http.settings import ConnectionLimits, H2ServerSettings
 from kom_gateway.kube.status import status_body
-from kom_gateway.server.bind import BindError
+from kom_gateway.server.bind import listening_socket
 
 log = logging.getLogger(__name__)
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+ACCEPTS_PER_PASS = 64  # new connections taken per event-loop pass: at most ~45 ms of
+# handshakes with client certificates (~0.7 ms each; bench/README.md, "The storm's
+# handshakes")
+ACCEPT_RETRY_DELAY = 1.0  # s: out of file descriptors or memory, accepting pauses this long
+_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+class _Acceptor:
+    """Takes connections off a listening socket, at most ACCEPTS_PER_PASS each time the
+    loop finds it readable (it stays readable while the backlog holds more), and serves
+    each (TLS first, when configured) with the listener's protocol."""
+
+    def __init__(self, listener: Listener, sock: socket.socket) -> None:
+        self._listener = listener
+        self._loop = asyncio.get_running_loop()
+        self.sock = sock
+        self._closed = False
+        self._handshakes: set[asyncio.Task[Any]] = set()
+        sock.setblocking(False)
+        self._loop.add_reader(sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        for _ in range(ACCEPTS_PER_PASS):
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                if exc.errno not in _OUT_OF_RESOURCES:
+                    raise  # the loop logs it; the reader stays
+                # Linux keeps the socket readable: stop looking until there is room again
+                log.error("cannot accept connections (%s): pausing %.0fs", exc, ACCEPT_RETRY_DELAY)
+                self._loop.remove_reader(self.sock.fileno())
+                self._loop.call_later(ACCEPT_RETRY_DELAY, self._resume)
+                return
+            conn.setblocking(False)
+            self._serve(conn)
+
+    def _resume(self) -> None:
+        if not self._closed:
+            self._loop.add_reader(self.sock.fileno(), self._accept)
+
+    def _serve(self, conn: socket.socket) -> None:
+        listener = self._listener
+        context = listener.ssl_context
+        if context is None:
+            task = self._loop.create_task(
+                self._loop.connect_accepted_socket(lambda: _Sniffer(listener), conn)
+            )
+        else:
+            task = self._loop.create_task(
+                self._loop.connect_accepted_socket(
+                    lambda: _Sniffer(listener),
+                    conn,
+                    ssl=context,
+                    ssl_handshake_timeout=listener.limits.tls_handshake_timeout,
+                )
+            )
+        self._handshakes.add(task)
+        task.add_done_callback(self._served)
+
+    def _served(self, task: asyncio.Task[Any]) -> None:
+        self._handshakes.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:  # the transport is closed already (a bad certificate, a
+            # timeout, a client gone mid-handshake): it costs only that client
+            log.debug("connection not served: %r", exc)
+            self._listener.rejected("tls-handshake", quiet=True)
+
+    def close(self) -> None:
+        """Stop accepting and close the socket (a copy handed over lives on)."""
+        if not self._closed:
+            self._closed = True
+            self._loop.remove_reader(self.sock.fileno())
+            self.sock.close()
 
 
 class _Sniffer(asyncio.Protocol):
@@ -144,7 +228,7 @@ class Listener:
         self.h2_connections: set[HTTP2ServerConnection] = set()
         self.h1_connections = 0
         self.per_address: dict[str, int] = {}
-        self.server: asyncio.Server | None = None
+        self._acceptor: _Acceptor | None = None
         self.port = 0  # bound by start()
         self.sniffing: set[_Sniffer] = set()  # connections whose protocol is not known yet
         self.aborted = False
@@ -198,8 +282,9 @@ class Listener:
         """HTTP/2 streams open now, over all client connections."""
         return sum(len(protocol.streams) for protocol in self.h2_connections)
 
-    def rejected(self, reason: str) -> None:
-        log.info("client connection turned away: %s", reason)
+    def rejected(self, reason: str, quiet: bool = False) -> None:
+        if not quiet:
+            log.info("client connection turned away: %s", reason)
         if self._on_reject is not None:
             self._on_reject(reason)
 
@@ -221,42 +306,24 @@ class Listener:
     ) -> int:
         """Bind and serve (or serve on `sock`, a listening socket handed over by the
         instance this one replaces); returns the bound port (useful with port 0)."""
-        loop = asyncio.get_running_loop()
-        handshake_timeout = self.limits.tls_handshake_timeout if self.ssl_context else None
-        # where: the socket handed over, or an address to bind (the rest is the same)
-        where: dict[str, Any] = {"sock": sock}
         if sock is None:
-            where = {"host": host, "port": port, "reuse_address": True}
-            where["reuse_port"] = reuse_port or None
-        try:
-            self.server = await loop.create_server(
-                lambda: _Sniffer(self),
-                ssl=self.ssl_context,
-                ssl_handshake_timeout=handshake_timeout,
-                backlog=4096,
-                **where,
-            )
-        except OSError as exc:
-            raise BindError("serving", host, port, exc, "--listen / listen.address") from None
-        sock = self.server.sockets[0]
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock = listening_socket(host, port, reuse_port)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted ones inherit it
+        self._acceptor = _Acceptor(self, sock)
         self.port = int(sock.getsockname()[1])
         return self.port
 
     @property
     def listening_socket(self) -> socket.socket | None:
         """The socket to hand to a replacement (see server/handover.py)."""
-        if self.server is None or not self.server.sockets:
-            return None
-        # (asyncio hands out a TransportSocket: a socket as far as fileno() goes)
-        return self.server.sockets[0]  # type: ignore[return-value]
+        return self._acceptor.sock if self._acceptor is not None else None
 
     def stop_accepting(self) -> None:
         """Close the listening socket: with SO_REUSEPORT, the kernel sends new
         connections to the other instances from now on; a socket handed over to a
         replacement lives on there."""
-        if self.server is not None:
-            self.server.close()
+        if self._acceptor is not None:
+            self._acceptor.close()
 
     def _awaiting_first_request(self) -> bool:
         return any(awaiting_first_request(s) for s in (*self._retired_h1, self.h1_server))
