@@ -52,7 +52,7 @@ def test_full_schema():
         """\
         listen:
           address: "[::]:8443"
-          tls: {certFile: tls.crt, keyFile: tls.key, clientCAFile: /pki/ca.crt}
+          tls: {certFile: tls.crt, keyFile: tls.key, clientCAFile: /pki/ca.crt, sessionTickets: 2}
         admin: {address: "0.0.0.0:9091"}
         upstream:
           tls: {caFile: ca.crt, certFile: fp.crt, keyFile: fp.key, serverName: kubernetes}
@@ -70,6 +70,7 @@ def test_full_schema():
     assert str(config.listen) == "[::]:8443"
     assert config.listen_tls.cert_file == os.path.abspath("tls.crt")
     assert config.listen_tls.client_ca_file == "/pki/ca.crt"
+    assert config.listen_tls.session_tickets == 2
     assert config.upstream_tls.server_name == "kubernetes"
     assert config.groups["pod"].endpoints == (Endpoint("https", "fd00::1", 443),)
     assert str(config.groups["default"].endpoints[1]) == "http://127.0.0.1:16443"
@@ -113,6 +114,14 @@ def test_relative_tls_paths_resolve_against_the_config_file(tmp_path):
         (MINIMAL + "listen: {address: 'a:99999'}\n", ["bad port in 'a:99999'"]),
         (MINIMAL + "listen: {address: '::1:8443'}\n", ["write IPv6 hosts in brackets"]),
         (MINIMAL + "listen: {tls: {certFile: a}}\n", ["line 3: listen.tls: missing required key 'keyFile'"]),
+        (
+            MINIMAL + "listen: {tls: {certFile: a, keyFile: b, sessionTickets: 1.5}}\n",
+            ["listen.tls.sessionTickets: must be a positive whole number or 0 (off), got a number"],
+        ),
+        (
+            MINIMAL + "listen: {tls: {certFile: a, keyFile: b, sessionTickets: 17}}\n",
+            ["listen.tls.sessionTickets: must be at most 16, got 17"],
+        ),
         (MINIMAL + "upstream: {tls: {certFile: a}}\n", ["certFile and keyFile go together"]),
         (MINIMAL + "upstream: {tls: {caFile: ''}}\n", ["line 3: upstream.tls.caFile: must not be empty"]),
         (MINIMAL + "tracing: true\n", ["line 3: tracing: unknown key (allowed: listen, admin"]),

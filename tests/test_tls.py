@@ -77,3 +77,41 @@ async def test_tls_downstream_and_upstream(tmp_path, pki):
         gateway.abort_all()
         await gateway.close()
         await sim.close()
+
+
+def _handshake(server_context: ssl.SSLContext, client_context: ssl.SSLContext,
+               session: ssl.SSLSession | None = None) -> tuple[ssl.SSLObject, ssl.SSLObject]:
+    """A TLS handshake in memory, then the client reads what followed it (tickets)."""
+    s_in, s_out, c_in, c_out = (ssl.MemoryBIO() for _ in range(4))
+    server = server_context.wrap_bio(s_in, s_out, server_side=True)
+    client = client_context.wrap_bio(c_in, c_out, server_hostname="localhost", session=session)
+    done = set()
+    while len(done) < 2:
+        for name, side in (("client", client), ("server", server)):
+            if name not in done:
+                try:
+                    side.do_handshake()
+                    done.add(name)
+                except ssl.SSLWantReadError:
+                    pass
+            s_in.write(c_out.read())
+            c_in.write(s_out.read())
+    with pytest.raises(ssl.SSLWantReadError):
+        client.read()  # takes in the tickets, if any
+    return client, server
+
+
+@pytest.mark.parametrize("tickets", [0, 1])
+def test_session_tickets_are_sent_only_when_configured(pki, tickets):
+    """Kubernetes clients never resume, so by default no ticket is written; with
+    sessionTickets a client that resumes does, and keeps its certificate's identity."""
+    server_context = server_ssl_context(str(pki.server_cert), str(pki.server_key), str(pki.ca),
+                                        tickets)
+    client_context = ssl.create_default_context(cafile=str(pki.ca))
+    client_context.load_cert_chain(str(pki.file("kubelet.crt")), str(pki.file("kubelet.key")))
+    client, server = _handshake(server_context, client_context)
+    assert client.version() == "TLSv1.3"
+    assert client.session.has_ticket is bool(tickets)
+    client, server = _handshake(server_context, client_context, client.session)
+    assert client.session_reused is bool(tickets)
+    assert dict(x[0] for x in server.getpeercert()["subject"])["commonName"] == "system:node:node-1"

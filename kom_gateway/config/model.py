@@ -67,11 +67,15 @@ DEFAULT_LISTEN = Address("127.0.0.1", 8443)
 DEFAULT_ADMIN = Address("127.0.0.1", 9090)
 
 
+MAX_SESSION_TICKETS = 16  # listen.tls.sessionTickets: more only costs handshakes
+
+
 @dataclass(frozen=True)
 class ServerTLS:
     cert_file: str
     key_file: str
     client_ca_file: str | None = None
+    session_tickets: int = 0  # TLS 1.3 tickets after a full handshake (tlsfiles.py)
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from kom_gateway.config.keys import (
 from kom_gateway.config.model import (
     DEFAULT_ADMIN,
     DEFAULT_LISTEN,
+    MAX_SESSION_TICKETS,
     AccessLogSettings,
     Address,
     Config,
@@ -357,7 +358,7 @@ class _Builder(OverloadSections):
             t = self.mapping(
                 section["tls"],
                 path,
-                ("certFile", "keyFile", "clientCAFile"),
+                ("certFile", "keyFile", "clientCAFile", "sessionTickets"),
                 ("certFile", "keyFile"),
             )
             if t is not None and "certFile" in t and "keyFile" in t:
@@ -366,8 +367,11 @@ class _Builder(OverloadSections):
                 ca = None
                 if t.get("clientCAFile") is not None:
                     ca = self.file_path(t["clientCAFile"], (*path, "clientCAFile"))
+                tickets = self.number(
+                    t, path, "sessionTickets", 0, whole=True, zero=True, maximum=MAX_SESSION_TICKETS
+                )
                 if cert and key:
-                    tls = ServerTLS(cert, key, ca)
+                    tls = ServerTLS(cert, key, ca, int(tickets))
         return address, tls
 
     def upstream(self, value: Any) -> UpstreamTLS:

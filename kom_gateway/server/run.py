@@ -76,7 +76,9 @@ async def run_gateway(
     if config.listen_tls is not None:
         tls = config.listen_tls
         try:
-            serving_tls = ServerTLSContext(tls.cert_file, tls.key_file, tls.client_ca_file)
+            serving_tls = ServerTLSContext(
+                tls.cert_file, tls.key_file, tls.client_ca_file, tls.session_tickets
+            )
         except (OSError, ssl.SSLError) as exc:
             issues = tls_problems(config, upstream=False)
             if issues:

@@ -59,11 +59,13 @@ class ServerTLSContext(ReloadingContext[ssl.SSLContext]):
     the newest context in its SNI callback (which OpenSSL runs for every ClientHello,
     with or without SNI)."""
 
-    def __init__(self, cert_file: str, key_file: str, client_ca_file: str | None) -> None:
+    def __init__(
+        self, cert_file: str, key_file: str, client_ca_file: str | None, session_tickets: int = 0
+    ) -> None:
         super().__init__(
             "listen.tls",
             (cert_file, key_file, client_ca_file or ""),
-            lambda: server_ssl_context(cert_file, key_file, client_ca_file),
+            lambda: server_ssl_context(cert_file, key_file, client_ca_file, session_tickets),
         )
         self.listening = self.current
         self.listening.sni_callback = _newest_context(weakref.ref(self))
@@ -83,12 +85,20 @@ def _newest_context(owner: Callable[[], ServerTLSContext | None]) -> Callable[..
     return select
 
 
-def server_ssl_context(cert_file: str, key_file: str, client_ca_file: str | None) -> ssl.SSLContext:
+def server_ssl_context(
+    cert_file: str, key_file: str, client_ca_file: str | None, session_tickets: int = 0
+) -> ssl.SSLContext:
     """TLS 1.2+, ALPN h2 then http/1.1; with a client CA, certificates are requested and
     verified (a certificate from another CA fails the handshake), but not required:
-    token and anonymous clients still connect."""
+    token and anonymous clients still connect.
+
+    `session_tickets`: TLS 1.3 session tickets sent after each full handshake (OpenSSL
+    sends 2). client-go, kubectl and the Python client never resume a session, so by
+    default none are sent: a ticket holds the client's certificate, and writing two cost
+    the server 24% of a handshake with a client certificate (docs/operations.md)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.num_tickets = session_tickets
     context.load_cert_chain(cert_file, key_file)
     context.set_alpn_protocols(["h2", "http/1.1"])
     if client_ca_file:

@@ -203,8 +203,8 @@ class SimSecurity:
         sorted out by the authenticators."""
         if not self.tls_cert_file or not self.tls_private_key_file:
             return None
-        context = server_ssl_context(
-            self.tls_cert_file, self.tls_private_key_file, self.client_ca_file
+        context = server_ssl_context(  # one ticket, as Go's crypto/tls sends
+            self.tls_cert_file, self.tls_private_key_file, self.client_ca_file, session_tickets=1
         )
         if self.requestheader_client_ca_file:
             context.load_verify_locations(self.requestheader_client_ca_file)
