@@ -66,7 +66,7 @@ class _Attempt:
     """Listener for one upstream stream; events of an attempt the exchange has moved
     past (or of a finished exchange) are dropped, their data credited back."""
 
-    __slots__ = ("endpoint", "exchange", "group", "metrics", "received", "upstream")
+    __slots__ = ("endpoint", "exchange", "group", "metrics", "received", "sent", "upstream")
 
     def __init__(self, exchange: Exchange, endpoint: UpstreamEndpoint, group: str) -> None:
         self.exchange = exchange
@@ -75,11 +75,14 @@ class _Attempt:
         self.upstream: ClientStream | None = None
         self.metrics = metrics = exchange.ctx.metrics
         self.received = metrics.child(metrics.received_bytes, group)
+        self.sent = metrics.child(metrics.sent_bytes, group)
 
     def send_chunk(self, chunk: list) -> None:
-        """Forward a request-body chunk; acknowledge it to the client once sent upstream."""
+        """Forward a request-body chunk (as it arrives, or replayed from the buffer once
+        the upstream stream opens); acknowledge it to the client once sent upstream."""
         assert self.upstream is not None
         stream = self.exchange.stream
+        self.metrics.count(self.sent, len(chunk[0]))
 
         def sent() -> None:
             if chunk[1]:
@@ -489,8 +492,6 @@ class Exchange:
         attempt = self.attempt
         if attempt is not None and attempt.upstream is not None:
             attempt.send_chunk(chunk)
-            metrics = self.ctx.metrics
-            metrics.child(metrics.sent_bytes, attempt.group).inc(len(data))
 
     def on_body_end(self) -> None:
         self.body_ended = True
