@@ -91,11 +91,18 @@ def test_kubectl_exec_over_websocket(cluster):
         assert cluster.kubectl("exec", "shell", "--", "echo", f"run {i}") == f"run {i}\n"
     log = cluster.gateway.log.read_text()
     assert "Traceback" not in log and "ERROR" not in log, log[-3000:]
-    # counted like any request, under their subresource
-    with urllib.request.urlopen(f"http://127.0.0.1:{cluster.admin}/metrics", timeout=5) as r:
-        metrics = r.read().decode()
-    counted = [line for line in metrics.splitlines() if line.startswith("kom_gateway_requests_total{")
-               and 'subresource="exec"' in line and 'code="101"' in line]
+    # counted like any request, under their subresource, once each session has ended (the
+    # gateway sees the last one end a moment after kubectl exits)
+    deadline = time.monotonic() + 5
+    while True:
+        with urllib.request.urlopen(f"http://127.0.0.1:{cluster.admin}/metrics", timeout=5) as r:
+            metrics = r.read().decode()
+        counted = [line for line in metrics.splitlines()
+                   if line.startswith("kom_gateway_requests_total{")
+                   and 'subresource="exec"' in line and 'code="101"' in line]
+        if (counted and float(counted[0].rsplit(" ", 1)[1]) >= 27) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert counted and float(counted[0].rsplit(" ", 1)[1]) >= 27, counted
 
 
