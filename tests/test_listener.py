@@ -95,7 +95,7 @@ async def test_failed_tls_handshakes_are_counted_and_cost_only_their_client(pki)
     context = server_ssl_context(str(pki.server_cert), str(pki.server_key), str(pki.ca))
     listener = Listener(
         _never_called,
-        ssl_context=context,
+        tls=context,
         limits=ConnectionLimits(tls_handshake_timeout=0.3),
         on_reject=reasons.append,
     )

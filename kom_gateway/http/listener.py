@@ -18,7 +18,7 @@ import logging
 import socket
 import ssl
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import h2.config
 import h2.connection
@@ -45,6 +45,14 @@ ACCEPTS_PER_PASS = 64  # new connections taken per event-loop pass: at most ~45 
 # handshakes")
 ACCEPT_RETRY_DELAY = 1.0  # s: out of file descriptors or memory, accepting pauses this long
 _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+class RotatingContext(Protocol):
+    """Serving TLS whose files rotate (server/tlsfiles.py): each new connection gets the
+    `current` context, established ones keep what they negotiated."""
+
+    @property
+    def current(self) -> ssl.SSLContext: ...
 
 
 class _Acceptor:
@@ -84,7 +92,8 @@ class _Acceptor:
 
     def _serve(self, conn: socket.socket) -> None:
         listener = self._listener
-        context = listener.ssl_context
+        tls = listener.tls
+        context = tls if tls is None or isinstance(tls, ssl.SSLContext) else tls.current
         if context is None:
             task = self._loop.create_task(
                 self._loop.connect_accepted_socket(lambda: _Sniffer(listener), conn)
@@ -196,9 +205,10 @@ class _Sniffer(asyncio.Protocol):
 class Listener:
     """Serves `handler` on host:port over HTTP/2 and HTTP/1.1.
 
-    `limits` and `h2_settings` may be replaced (config reload): new connections get the
-    new values. `on_reject(reason)` and `on_abuse(kind)` are told when a client is
-    turned away or cut off (for metrics).
+    `tls` is a context, or one whose files rotate (each new connection gets its
+    `current`). `limits` and `h2_settings` may be replaced (config reload): new
+    connections get the new values. `on_reject(reason)` and `on_abuse(kind)` are told
+    when a client is turned away or cut off (for metrics).
     """
 
     def __init__(
@@ -206,7 +216,7 @@ class Listener:
         handler: StreamHandler,
         upgrade_handler: UpgradeHandler | None = None,
         h2_settings: H2ServerSettings | None = None,
-        ssl_context: ssl.SSLContext | None = None,
+        tls: ssl.SSLContext | RotatingContext | None = None,
         limits: ConnectionLimits | None = None,
         on_reject: Callable[[str], None] | None = None,
         on_abuse: Callable[[str], None] | None = None,
@@ -217,7 +227,7 @@ class Listener:
         self.handler = handler
         self.upgrade_handler = upgrade_handler
         self.h2_settings = h2_settings or H2ServerSettings()
-        self.ssl_context = ssl_context
+        self.tls = tls
         self.limits = limits or ConnectionLimits()
         self._on_reject = on_reject
         self._on_abuse = on_abuse
