@@ -127,6 +127,8 @@ var (
 	start        = time.Now()
 	watchLatency histogram // binding sent -> the owning kubelet's watch event
 	leaseLatency histogram // a renewal, retries included
+	watchSteady  histogram // watchLatency's bindings sent after the start storm
+	leaseSteady  histogram // leaseLatency's renewals begun after the start storm
 	statusLat    histogram
 	listLatency  histogram
 	failures     = counters{m: map[string]int{}} // "<kind> <what>": an HTTP status or a transport error
@@ -412,13 +414,25 @@ func (k *kubelet) podLoop(ctx context.Context) {
 	}
 }
 
+// afterStorm: t came after every kubelet's watch was first up (the start storm's end;
+// before it, a pod bound reaches its kubelet in the first LIST, a renewal waits behind
+// thousands of handshakes).
+func afterStorm(t time.Time) bool {
+	up, ok := allUpAt.Load().(time.Duration)
+	return ok && t.Sub(start) >= up
+}
+
 func (k *kubelet) sawPod(ctx context.Context, pod meta) {
 	name := pod.Metadata.Name
 	if _, seen := delivered.LoadOrStore(name, true); seen {
 		return
 	}
 	if sent, ok := bound.Load(name); ok {
-		watchLatency.add(time.Since(sent.(time.Time)))
+		at := sent.(time.Time)
+		watchLatency.add(time.Since(at))
+		if afterStorm(at) {
+			watchSteady.add(time.Since(at))
+		}
 	}
 	ev := map[string]any{
 		"apiVersion": "v1", "kind": "Event",
@@ -453,6 +467,9 @@ func (k *kubelet) renewLoop(ctx context.Context) {
 		}
 		if ok {
 			leaseLatency.add(time.Since(began))
+			if afterStorm(began) {
+				leaseSteady.add(time.Since(began))
+			}
 			if !k.renewed.IsZero() {
 				gap := int64(time.Since(k.renewed))
 				for {
@@ -795,19 +812,21 @@ func main() {
 		allUp = v.Seconds()
 	}
 	summary := map[string]any{
-		"kubelets":             *nodes,
-		"seconds":              duration.Seconds(),
-		"watch_delivery_ms":    watchLatency.summary(),
-		"lease_ms":             leaseLatency.summary(),
-		"status_ms":            statusLat.summary(),
-		"list_ms":              listLatency.summary(),
-		"lease_gap_max_s":      float64(atomic.LoadInt64(&leaseGapMax)) / 1e9,
-		"failures":             failures.snapshot(),
-		"retriable_writes":     retriable.snapshot(),
-		"pods_bound":           atomic.LoadInt64(&boundCount),
-		"pods_never_delivered": never,
-		"all_watches_up_s":     allUp,
-		"informers_consistent": consistent,
+		"kubelets":                      *nodes,
+		"seconds":                       duration.Seconds(),
+		"watch_delivery_ms":             watchLatency.summary(),
+		"lease_ms":                      leaseLatency.summary(),
+		"watch_delivery_after_storm_ms": watchSteady.summary(),
+		"lease_after_storm_ms":          leaseSteady.summary(),
+		"status_ms":                     statusLat.summary(),
+		"list_ms":                       listLatency.summary(),
+		"lease_gap_max_s":               float64(atomic.LoadInt64(&leaseGapMax)) / 1e9,
+		"failures":                      failures.snapshot(),
+		"retriable_writes":              retriable.snapshot(),
+		"pods_bound":                    atomic.LoadInt64(&boundCount),
+		"pods_never_delivered":          never,
+		"all_watches_up_s":              allUp,
+		"informers_consistent":          consistent,
 	}
 	out, _ := json.MarshalIndent(summary, "", " ")
 	fmt.Println(string(out))
