@@ -134,3 +134,25 @@ async def test_failed_tls_handshakes_are_counted_and_cost_only_their_client(pki)
         assert reasons == ["tls-handshake"] * 3
     finally:
         await listener.close()
+
+
+async def test_abort_drops_connections_still_in_their_handshake(pki):
+    """A replica dropped at once (abort: as a crash) leaves no connection waiting out its
+    handshake timeout."""
+    context = server_ssl_context(str(pki.server_cert), str(pki.server_key), str(pki.ca))
+    listener = Listener(_never_called, tls=context)  # handshake timeout: the default 10 s
+    port = await listener.start("127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)  # says nothing
+    try:
+        acceptor = listener._acceptor
+        for _ in range(100):
+            if acceptor._handshakes:
+                break
+            await asyncio.sleep(0.01)
+        assert len(acceptor._handshakes) == 1
+        await listener.abort()
+        async with asyncio.timeout(2):
+            assert await reader.read() == b""
+        assert not acceptor._handshakes
+    finally:
+        writer.close()

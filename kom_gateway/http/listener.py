@@ -93,20 +93,13 @@ class _Acceptor:
     def _serve(self, conn: socket.socket) -> None:
         listener = self._listener
         tls = listener.tls
-        context = tls if tls is None or isinstance(tls, ssl.SSLContext) else tls.current
-        if context is None:
-            task = self._loop.create_task(
-                self._loop.connect_accepted_socket(lambda: _Sniffer(listener), conn)
-            )
-        else:
-            task = self._loop.create_task(
-                self._loop.connect_accepted_socket(
-                    lambda: _Sniffer(listener),
-                    conn,
-                    ssl=context,
-                    ssl_handshake_timeout=listener.limits.tls_handshake_timeout,
-                )
-            )
+        options: dict[str, Any] = {}
+        if tls is not None:
+            options["ssl"] = tls if isinstance(tls, ssl.SSLContext) else tls.current
+            options["ssl_handshake_timeout"] = listener.limits.tls_handshake_timeout
+        task = self._loop.create_task(
+            self._loop.connect_accepted_socket(lambda: _Sniffer(listener), conn, **options)
+        )
         self._handshakes.add(task)
         task.add_done_callback(self._served)
 
@@ -118,14 +111,19 @@ class _Acceptor:
         if exc is not None:  # the transport is closed already (a bad certificate, a
             # timeout, a client gone mid-handshake): it costs only that client
             log.debug("connection not served: %r", exc)
-            self._listener.rejected("tls-handshake", quiet=True)
+            if self._listener.tls is not None:
+                self._listener.rejected("tls-handshake", quiet=True)
 
-    def close(self) -> None:
-        """Stop accepting and close the socket (a copy handed over lives on)."""
+    def close(self, abort: bool = False) -> None:
+        """Stop accepting and close the socket (a copy handed over lives on); with
+        `abort`, drop the connections still in their TLS handshake too."""
         if not self._closed:
             self._closed = True
             self._loop.remove_reader(self.sock.fileno())
             self.sock.close()
+        if abort:
+            for task in list(self._handshakes):
+                task.cancel()  # uvloop closes the transport of a cancelled handshake
 
 
 class _Sniffer(asyncio.Protocol):
@@ -352,7 +350,8 @@ class Listener:
         """Drop everything at once, as a crashed server would: the listening socket and
         every connection, even one whose protocol is still being told apart."""
         self.aborted = True
-        self.stop_accepting()
+        if self._acceptor is not None:
+            self._acceptor.close(abort=True)
         for sniffer in list(self.sniffing):
             sniffer.abort()
         for protocol in list(self.h2_connections):
