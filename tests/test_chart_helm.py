@@ -31,6 +31,7 @@ TLS = {
         "clientCASecretName": "cluster-ca",
         "upstreamCASecretName": "cluster-ca",
         "frontProxySecretName": "front-proxy-client",
+        "sessionTickets": 1,
     },
     # a section of the chart's own (upstream.tls) merged with what the operator sets
     "config": {"upstream": {"tls": {"serverName": "kubernetes"}},
@@ -82,6 +83,7 @@ def test_the_rendered_routing_config_is_one_the_gateway_accepts(case, tmp_path):
     plaintext = [w for w in config.warnings if "usually means TLS" in w.message]
     if case == "tls":
         assert config.listen_tls is not None and config.listen_tls.client_ca_file
+        assert config.listen_tls.session_tickets == 1
         assert config.upstream_tls.cert_file and config.upstream_tls.ca_file
         assert config.upstream_tls.server_name == "kubernetes"  # no duplicate-key clash
         assert config.timeouts.request == 30
@@ -128,6 +130,7 @@ def test_helm_lint_strict_is_clean():
     ({"config": {"cutover": [{"percent": {"pod": 150}}]}}, "maximum: got 150, want 100"),
     ({"config": {"cutover": [{"shadow": {"group": "pod", "sample": 1}}]}}, "'sample' not allowed"),
     ({"configReload": "sometimes"}, "/configReload"),
+    ({"tls": {"sessionTickets": 17}}, "maximum: got 17, want 16"),
     ({"config": {"listen": {"address": "0.0.0.0:1"}}}, "/config"),  # the chart writes listen
     ({"config": {"upstream": {"tls": {"caFile": "/x"}}}}, "/config/upstream/tls"),  # and these
 ])

@@ -38,6 +38,7 @@ section, upstream.tls.serverName included, comes from .Values.config as written.
 {{- if .Values.tls.clientCASecretName -}}
 {{- $_ := set $serving "clientCAFile" "/etc/kom-gateway/client-ca/ca.crt" -}}
 {{- end -}}
+{{- $_ := set $serving "sessionTickets" (int .Values.tls.sessionTickets) -}}
 {{- $_ := set $listen "tls" $serving -}}
 {{- end -}}
 {{- $managed := dict "listen" $listen "admin" (dict "address" (printf "0.0.0.0:%v" .Values.admin.port)) -}}
