@@ -22,7 +22,7 @@ class BindError(Exception):
 
 
 BACKLOG = 4096  # connections the kernel queues while the gateway is busy (a reconnect
-# storm): the listener takes at most 64 per event-loop pass (http/listener.py)
+# storm): the listener takes ACCEPTS_PER_PASS of them per pass (http/listener.py)
 
 
 def listening_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
