@@ -10,6 +10,9 @@ import errno
 import socket
 import ssl
 
+from h2.events import ConnectionTerminated
+from harness import RawH2
+
 from kom_gateway.http import listener as listener_module
 from kom_gateway.http.listener import ACCEPTS_PER_PASS, Listener
 from kom_gateway.http.settings import ConnectionLimits
@@ -156,3 +159,27 @@ async def test_abort_drops_connections_still_in_their_handshake(pki):
         assert not acceptor._handshakes
     finally:
         writer.close()
+
+
+async def test_connections_queued_at_the_drain_are_served_and_told_to_go():
+    """Closing the listening socket would reset what its backlog holds: those connections
+    are taken first, and one whose HTTP/2 starts after the drain began gets its GOAWAY."""
+    listener = Listener(_never_called)
+    port = await listener.start("127.0.0.1", 0)
+    acceptor = listener._acceptor
+    assert asyncio.get_running_loop().remove_reader(acceptor.sock.fileno())  # they queue
+    raw = await RawH2.connect(port)  # its preface waits in the kernel with it
+    try:
+        await asyncio.sleep(0.05)
+        listener.stop_accepting()
+        listener.goaway_all("drain")
+        goaway = None
+        async with asyncio.timeout(5):
+            while goaway is None:
+                events = await raw.events()
+                assert events, "closed without a GOAWAY"
+                goaway = next((e for e in events if isinstance(e, ConnectionTerminated)), None)
+        assert goaway.error_code == 0  # NO_ERROR: a graceful goodbye, not a reset
+    finally:
+        raw.writer.close()
+        await listener.close()

@@ -7,7 +7,10 @@ The listener accepts connections itself, as asyncio's own loop does (libuv's acc
 in uvloop hides the outcome of each TLS handshake): a handshake that fails is counted
 (`tls-handshake`), and one event-loop pass takes at most `ACCEPTS_PER_PASS` new
 connections, the rest waiting in the kernel's backlog, so a reconnect storm never puts
-thousands of handshakes into one pass ahead of the connected clients' requests.
+thousands of handshakes into one pass ahead of the connected clients' requests. When it
+stops accepting (a drain) it first takes what the backlog holds, which closing the
+socket would reset, unless a replacement was handed the socket; those get the drain's
+GOAWAY once their handshake is done.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from kom_gateway.http.h1.server import (
 from kom_gateway.http.serverconn import HTTP2ServerConnection
 from kom_gateway.http.settings import ConnectionLimits, H2ServerSettings
 from kom_gateway.kube.status import status_body
-from kom_gateway.server.bind import listening_socket
+from kom_gateway.server.bind import BACKLOG, listening_socket
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +72,8 @@ class _Acceptor:
         sock.setblocking(False)
         self._loop.add_reader(sock.fileno(), self._accept)
 
-    def _accept(self) -> None:
-        for _ in range(ACCEPTS_PER_PASS):
+    def _accept(self, most: int = ACCEPTS_PER_PASS) -> None:
+        for _ in range(most):
             try:
                 conn, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
@@ -114,10 +117,14 @@ class _Acceptor:
             if self._listener.tls is not None:
                 self._listener.rejected("tls-handshake", quiet=True)
 
-    def close(self, abort: bool = False) -> None:
-        """Stop accepting and close the socket (a copy handed over lives on); with
-        `abort`, drop the connections still in their TLS handshake too."""
+    def close(self, take_queued: bool = False, abort: bool = False) -> None:
+        """Stop accepting and close the socket (a copy handed over lives on). With
+        `take_queued`, the connections queued in the backlog are taken first (closing
+        the socket would reset them; served, they get the drain's GOAWAY); with `abort`,
+        the connections still in their TLS handshake are dropped."""
         if not self._closed:
+            if take_queued:
+                self._accept(BACKLOG)
             self._closed = True
             self._loop.remove_reader(self.sock.fileno())
             self.sock.close()
@@ -190,14 +197,16 @@ class _Sniffer(asyncio.Protocol):
             transport.write(_refusal_h2() if is_h2 else _refusal_h1())
             transport.close()
             return
-        protocol: asyncio.Protocol = (
-            listener.new_h2_protocol() if is_h2 else listener.new_h1_protocol()
-        )
+        h2_protocol = listener.new_h2_protocol() if is_h2 else None
+        protocol: asyncio.Protocol = h2_protocol or listener.new_h1_protocol()
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
         buffered, self._buffer = self._buffer, b""
         if buffered:
             protocol.data_received(buffered)
+        if h2_protocol is not None and listener.draining is not None:
+            # accepted before the drain, handshake done after it: told to go like the rest
+            h2_protocol.goaway(listener.draining)
 
 
 class Listener:
@@ -240,6 +249,7 @@ class Listener:
         self.port = 0  # bound by start()
         self.sniffing: set[_Sniffer] = set()  # connections whose protocol is not known yet
         self.aborted = False
+        self.draining: str | None = None  # goaway_all's reason, once it ran
 
     def _new_h1_server(self) -> web.Server:
         return aiohttp_server(
@@ -326,12 +336,13 @@ class Listener:
         """The socket to hand to a replacement (see server/handover.py)."""
         return self._acceptor.sock if self._acceptor is not None else None
 
-    def stop_accepting(self) -> None:
+    def stop_accepting(self, handed_over: bool = False) -> None:
         """Close the listening socket: with SO_REUSEPORT, the kernel sends new
-        connections to the other instances from now on; a socket handed over to a
-        replacement lives on there."""
+        connections to the other instances from now on. The connections queued on it
+        are served first (closing would reset them), unless it was `handed_over` to a
+        replacement, where it lives on and they are the replacement's."""
         if self._acceptor is not None:
-            self._acceptor.close()
+            self._acceptor.close(take_queued=not handed_over)
 
     def _awaiting_first_request(self) -> bool:
         return any(awaiting_first_request(s) for s in (*self._retired_h1, self.h1_server))
@@ -340,7 +351,9 @@ class Listener:
         """Ask every client to go: HTTP/2 gets a graceful GOAWAY; HTTP/1.1 connections
         close once their current response is done, a connection that has not sent its
         first request yet once that one is answered (h1/server.py's pre_shutdown); idle
-        keep-alive ones at the end of the drain (`close`)."""
+        keep-alive ones at the end of the drain (`close`). HTTP/2 connections whose
+        handshake completes later get the GOAWAY then."""
+        self.draining = reason
         for protocol in list(self.h2_connections):
             protocol.goaway(reason)
         for server in (*self._retired_h1, self.h1_server):

@@ -214,7 +214,7 @@ async def drain(
     log.info(
         "draining: GOAWAY to HTTP/2 clients, %.0fs for requests in flight", options.drain_seconds
     )
-    listener.stop_accepting()
+    listener.stop_accepting(handed_over=handover is not None and handover.taken.is_set())
     listener.goaway_all("drain")
     await gateway.drain(options.drain_seconds)
     await listener.close(GOAWAY_LINGER_SECONDS + 1.0)
