@@ -124,7 +124,10 @@ class _Acceptor:
         the connections still in their TLS handshake are dropped."""
         if not self._closed:
             if take_queued:
-                self._accept(BACKLOG)
+                try:
+                    self._accept(BACKLOG)
+                except OSError as exc:  # the socket is closing anyway: the rest are reset
+                    log.warning("connections queued at the drain not taken: %s", exc)
             self._closed = True
             self._loop.remove_reader(self.sock.fileno())
             self.sock.close()
