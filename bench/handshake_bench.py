@@ -56,23 +56,20 @@ def server_seconds(server_context: ssl.SSLContext, client_context: ssl.SSLContex
     return spent
 
 
+_KEEP: list[ServerTLSContext] = []  # its SNI callback holds it weakly
+
+
 def contexts(pki: PKI) -> dict[str, ssl.SSLContext]:
     cert, key, ca = str(pki.server_cert), str(pki.server_key), str(pki.ca)
     stateful = server_ssl_context(cert, key, ca, 2)
     stateful.options |= ssl.OP_NO_TICKET
-    rotating = ServerTLSContext(cert, key, ca, 2)
-    swapping = rotating.current  # how rotation was done before: an SNI callback that
-    # handed every handshake the newest context (the listener now picks it per connection)
-
-    def newest(ssl_object: ssl.SSLObject, server_name: str | None, context: object) -> None:
-        if ssl_object.context is not rotating.current:
-            ssl_object.context = rotating.current
-
-    swapping.sni_callback = newest
+    served = [ServerTLSContext(cert, key, ca, tickets) for tickets in (2, 0)]
+    _KEEP.extend(served)
     return {
         "client CA, OpenSSL's default 2 tickets": server_ssl_context(cert, key, ca, 2),
-        "client CA, 2 tickets, rotation by SNI callback": swapping,
-        "client CA, no tickets (the default)": server_ssl_context(cert, key, ca),
+        "the same, with rotation's SNI callback": served[0].listening,
+        "client CA, no tickets": server_ssl_context(cert, key, ca),
+        "client CA, no tickets, SNI callback (served)": served[1].listening,
         "client CA, stateful tickets (OP_NO_TICKET)": stateful,
         "no client CA, 2 tickets": server_ssl_context(cert, key, None, 2),
         "no client CA, no tickets": server_ssl_context(cert, key, None),

@@ -114,7 +114,7 @@ class TLSStack:
         self.serving = ServerTLSContext(str(self.files.get("cert", pki.server_cert)),
                                         str(self.files.get("key", pki.server_key)),
                                         str(self.files.get("ca", pki.ca)))
-        self.listener = new_listener(self.gateway, self.serving)
+        self.listener = new_listener(self.gateway, self.serving.listening)
         self.port = await self.listener.start("127.0.0.1", 0)
         return self
 

@@ -34,7 +34,7 @@ async def test_tls_downstream_and_upstream(tmp_path, pki):
     config = load_config_text(text.replace("http://", "https://"))
     gateway = Gateway(ConfigHolder(config))
     listener = Listener(gateway.intake.handle, None,
-                        tls=server_ssl_context(str(cert), str(key), None))
+                        ssl_context=server_ssl_context(str(cert), str(key), None))
     port = await listener.start("127.0.0.1", 0)
     try:
         # HTTP/2 over TLS (ALPN h2), routed to the pod group over TLS upstream

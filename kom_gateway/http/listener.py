@@ -2,26 +2,16 @@
 
 With TLS, ALPN decides (`h2` or `http/1.1`). Without TLS, a connection that opens with
 the HTTP/2 client preface is h2c (prior knowledge); anything else is HTTP/1.1.
-
-The listener accepts connections itself, as asyncio's own loop does (libuv's accept loop
-in uvloop hides the outcome of each TLS handshake): a handshake that fails is counted
-(`tls-handshake`), and one event-loop pass takes at most `ACCEPTS_PER_PASS` new
-connections, the rest waiting in the kernel's backlog, so a reconnect storm never puts
-thousands of handshakes into one pass ahead of the connected clients' requests. When it
-stops accepting (a drain) it first takes what the backlog holds, which closing the
-socket would reset, unless a replacement was handed the socket; those get the drain's
-GOAWAY once their handshake is done.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import socket
 import ssl
 from collections.abc import Callable
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 import h2.config
 import h2.connection
@@ -38,102 +28,11 @@ from kom_gateway.http.h1.server import (
 from kom_gateway.http.serverconn import HTTP2ServerConnection
 from kom_gateway.http.settings import ConnectionLimits, H2ServerSettings
 from kom_gateway.kube.status import status_body
-from kom_gateway.server.bind import BACKLOG, listening_socket
+from kom_gateway.server.bind import BindError
 
 log = logging.getLogger(__name__)
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-ACCEPTS_PER_PASS = 64  # new connections taken per event-loop pass: at most ~45 ms of
-# handshakes with client certificates (~0.7 ms each; bench/README.md, "The storm's
-# handshakes")
-ACCEPT_RETRY_DELAY = 1.0  # s: out of file descriptors or memory, accepting pauses this long
-_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-
-
-class RotatingContext(Protocol):
-    """Serving TLS whose files rotate (server/tlsfiles.py): each new connection gets the
-    `current` context, established ones keep what they negotiated."""
-
-    @property
-    def current(self) -> ssl.SSLContext: ...
-
-
-class _Acceptor:
-    """Takes connections off a listening socket, at most ACCEPTS_PER_PASS each time the
-    loop finds it readable (it stays readable while the backlog holds more), and serves
-    each (TLS first, when configured) with the listener's protocol."""
-
-    def __init__(self, listener: Listener, sock: socket.socket) -> None:
-        self._listener = listener
-        self._loop = asyncio.get_running_loop()
-        self.sock = sock
-        self._closed = False
-        self._handshakes: set[asyncio.Task[Any]] = set()
-        sock.setblocking(False)
-        self._loop.add_reader(sock.fileno(), self._accept)
-
-    def _accept(self, most: int = ACCEPTS_PER_PASS) -> None:
-        for _ in range(most):
-            try:
-                conn, _ = self.sock.accept()
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                return
-            except OSError as exc:
-                if exc.errno not in _OUT_OF_RESOURCES:
-                    raise  # the loop logs it; the reader stays
-                # Linux keeps the socket readable: stop looking until there is room again
-                log.error("cannot accept connections (%s): pausing %.0fs", exc, ACCEPT_RETRY_DELAY)
-                self._loop.remove_reader(self.sock.fileno())
-                self._loop.call_later(ACCEPT_RETRY_DELAY, self._resume)
-                return
-            conn.setblocking(False)
-            self._serve(conn)
-
-    def _resume(self) -> None:
-        if not self._closed:
-            self._loop.add_reader(self.sock.fileno(), self._accept)
-
-    def _serve(self, conn: socket.socket) -> None:
-        listener = self._listener
-        tls = listener.tls
-        options: dict[str, Any] = {}
-        if tls is not None:
-            options["ssl"] = tls if isinstance(tls, ssl.SSLContext) else tls.current
-            options["ssl_handshake_timeout"] = listener.limits.tls_handshake_timeout
-        task = self._loop.create_task(
-            self._loop.connect_accepted_socket(lambda: _Sniffer(listener), conn, **options)
-        )
-        self._handshakes.add(task)
-        task.add_done_callback(self._served)
-
-    def _served(self, task: asyncio.Task[Any]) -> None:
-        self._handshakes.discard(task)
-        if task.cancelled():
-            return
-        exc = task.exception()
-        if exc is not None:  # the transport is closed already (a bad certificate, a
-            # timeout, a client gone mid-handshake): it costs only that client
-            log.debug("connection not served: %r", exc)
-            if self._listener.tls is not None:
-                self._listener.rejected("tls-handshake", quiet=True)
-
-    def close(self, take_queued: bool = False, abort: bool = False) -> None:
-        """Stop accepting and close the socket (a copy handed over lives on). With
-        `take_queued`, the connections queued in the backlog are taken first (closing
-        the socket would reset them; served, they get the drain's GOAWAY); with `abort`,
-        the connections still in their TLS handshake are dropped."""
-        if not self._closed:
-            if take_queued:
-                try:
-                    self._accept(BACKLOG)
-                except OSError as exc:  # the socket is closing anyway: the rest are reset
-                    log.warning("connections queued at the drain not taken: %s", exc)
-            self._closed = True
-            self._loop.remove_reader(self.sock.fileno())
-            self.sock.close()
-        if abort:
-            for task in list(self._handshakes):
-                task.cancel()  # uvloop closes the transport of a cancelled handshake
 
 
 class _Sniffer(asyncio.Protocol):
@@ -200,25 +99,22 @@ class _Sniffer(asyncio.Protocol):
             transport.write(_refusal_h2() if is_h2 else _refusal_h1())
             transport.close()
             return
-        h2_protocol = listener.new_h2_protocol() if is_h2 else None
-        protocol: asyncio.Protocol = h2_protocol or listener.new_h1_protocol()
+        protocol: asyncio.Protocol = (
+            listener.new_h2_protocol() if is_h2 else listener.new_h1_protocol()
+        )
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
         buffered, self._buffer = self._buffer, b""
         if buffered:
             protocol.data_received(buffered)
-        if h2_protocol is not None and listener.draining is not None:
-            # accepted before the drain, handshake done after it: told to go like the rest
-            h2_protocol.goaway(listener.draining)
 
 
 class Listener:
     """Serves `handler` on host:port over HTTP/2 and HTTP/1.1.
 
-    `tls` is a context, or one whose files rotate (each new connection gets its
-    `current`). `limits` and `h2_settings` may be replaced (config reload): new
-    connections get the new values. `on_reject(reason)` and `on_abuse(kind)` are told
-    when a client is turned away or cut off (for metrics).
+    `limits` and `h2_settings` may be replaced (config reload): new connections get the
+    new values. `on_reject(reason)` and `on_abuse(kind)` are told when a client is
+    turned away or cut off (for metrics).
     """
 
     def __init__(
@@ -226,7 +122,7 @@ class Listener:
         handler: StreamHandler,
         upgrade_handler: UpgradeHandler | None = None,
         h2_settings: H2ServerSettings | None = None,
-        tls: ssl.SSLContext | RotatingContext | None = None,
+        ssl_context: ssl.SSLContext | None = None,
         limits: ConnectionLimits | None = None,
         on_reject: Callable[[str], None] | None = None,
         on_abuse: Callable[[str], None] | None = None,
@@ -237,7 +133,7 @@ class Listener:
         self.handler = handler
         self.upgrade_handler = upgrade_handler
         self.h2_settings = h2_settings or H2ServerSettings()
-        self.tls = tls
+        self.ssl_context = ssl_context
         self.limits = limits or ConnectionLimits()
         self._on_reject = on_reject
         self._on_abuse = on_abuse
@@ -248,11 +144,10 @@ class Listener:
         self.h2_connections: set[HTTP2ServerConnection] = set()
         self.h1_connections = 0
         self.per_address: dict[str, int] = {}
-        self._acceptor: _Acceptor | None = None
+        self.server: asyncio.Server | None = None
         self.port = 0  # bound by start()
         self.sniffing: set[_Sniffer] = set()  # connections whose protocol is not known yet
         self.aborted = False
-        self.draining: str | None = None  # goaway_all's reason, once it ran
 
     def _new_h1_server(self) -> web.Server:
         return aiohttp_server(
@@ -303,9 +198,8 @@ class Listener:
         """HTTP/2 streams open now, over all client connections."""
         return sum(len(protocol.streams) for protocol in self.h2_connections)
 
-    def rejected(self, reason: str, quiet: bool = False) -> None:
-        if not quiet:
-            log.info("client connection turned away: %s", reason)
+    def rejected(self, reason: str) -> None:
+        log.info("client connection turned away: %s", reason)
         if self._on_reject is not None:
             self._on_reject(reason)
 
@@ -327,25 +221,42 @@ class Listener:
     ) -> int:
         """Bind and serve (or serve on `sock`, a listening socket handed over by the
         instance this one replaces); returns the bound port (useful with port 0)."""
+        loop = asyncio.get_running_loop()
+        handshake_timeout = self.limits.tls_handshake_timeout if self.ssl_context else None
+        # where: the socket handed over, or an address to bind (the rest is the same)
+        where: dict[str, Any] = {"sock": sock}
         if sock is None:
-            sock = listening_socket(host, port, reuse_port)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted ones inherit it
-        self._acceptor = _Acceptor(self, sock)
+            where = {"host": host, "port": port, "reuse_address": True}
+            where["reuse_port"] = reuse_port or None
+        try:
+            self.server = await loop.create_server(
+                lambda: _Sniffer(self),
+                ssl=self.ssl_context,
+                ssl_handshake_timeout=handshake_timeout,
+                backlog=4096,
+                **where,
+            )
+        except OSError as exc:
+            raise BindError("serving", host, port, exc, "--listen / listen.address") from None
+        sock = self.server.sockets[0]
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.port = int(sock.getsockname()[1])
         return self.port
 
     @property
     def listening_socket(self) -> socket.socket | None:
         """The socket to hand to a replacement (see server/handover.py)."""
-        return self._acceptor.sock if self._acceptor is not None else None
+        if self.server is None or not self.server.sockets:
+            return None
+        # (asyncio hands out a TransportSocket: a socket as far as fileno() goes)
+        return self.server.sockets[0]  # type: ignore[return-value]
 
-    def stop_accepting(self, handed_over: bool = False) -> None:
+    def stop_accepting(self) -> None:
         """Close the listening socket: with SO_REUSEPORT, the kernel sends new
-        connections to the other instances from now on. The connections queued on it
-        are served first (closing would reset them), unless it was `handed_over` to a
-        replacement, where it lives on and they are the replacement's."""
-        if self._acceptor is not None:
-            self._acceptor.close(take_queued=not handed_over)
+        connections to the other instances from now on; a socket handed over to a
+        replacement lives on there."""
+        if self.server is not None:
+            self.server.close()
 
     def _awaiting_first_request(self) -> bool:
         return any(awaiting_first_request(s) for s in (*self._retired_h1, self.h1_server))
@@ -354,9 +265,7 @@ class Listener:
         """Ask every client to go: HTTP/2 gets a graceful GOAWAY; HTTP/1.1 connections
         close once their current response is done, a connection that has not sent its
         first request yet once that one is answered (h1/server.py's pre_shutdown); idle
-        keep-alive ones at the end of the drain (`close`). HTTP/2 connections whose
-        handshake completes later get the GOAWAY then."""
-        self.draining = reason
+        keep-alive ones at the end of the drain (`close`)."""
         for protocol in list(self.h2_connections):
             protocol.goaway(reason)
         for server in (*self._retired_h1, self.h1_server):
@@ -366,8 +275,7 @@ class Listener:
         """Drop everything at once, as a crashed server would: the listening socket and
         every connection, even one whose protocol is still being told apart."""
         self.aborted = True
-        if self._acceptor is not None:
-            self._acceptor.close(abort=True)
+        self.stop_accepting()
         for sniffer in list(self.sniffing):
             sniffer.abort()
         for protocol in list(self.h2_connections):

@@ -1,10 +1,8 @@
-"""Binding the serving port, and a port that cannot be bound said in one line: which
-address, why, what to change."""
+"""A port that cannot be bound, said in one line: which address, why, what to change."""
 
 from __future__ import annotations
 
 import errno
-import socket
 
 
 class BindError(Exception):
@@ -19,24 +17,3 @@ class BindError(Exception):
                 "instances with --reuse-port to replace one in place"
             )
         super().__init__(f"cannot listen on {host}:{port} ({what}): {reason}; {advice}")
-
-
-BACKLOG = 4096  # connections the kernel queues while the gateway is busy (a reconnect
-# storm): the listener takes ACCEPTS_PER_PASS of them per pass (http/listener.py)
-
-
-def listening_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
-    """A bound, listening TCP socket (port 0: any). With `reuse_port`, SO_REUSEPORT: the
-    kernel spreads connections over every socket on the port (workers, a replacement)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
-        sock.listen(BACKLOG)
-    except OSError as exc:
-        sock.close()
-        raise BindError("serving", host, port, exc, "--listen / listen.address") from None
-    return sock

@@ -18,7 +18,7 @@ from kom_gateway import compiled
 from kom_gateway.config import ConfigError, ConfigHolder, load_config_file
 from kom_gateway.config.model import AccessLogSettings, Address
 from kom_gateway.config.tlscheck import tls_problems
-from kom_gateway.http.listener import Listener, RotatingContext
+from kom_gateway.http.listener import Listener
 from kom_gateway.http.serverconn import GOAWAY_LINGER_SECONDS
 from kom_gateway.proxy.gateway import Gateway
 from kom_gateway.proxy.settings import listener_settings
@@ -84,7 +84,7 @@ async def run_gateway(
             if issues:
                 raise ConfigError(issues, options.config_path) from None
             raise ConfigError.tls_files("listen.tls", exc, options.config_path) from None
-    listener = new_listener(gateway, serving_tls)
+    listener = new_listener(gateway, serving_tls.listening if serving_tls else None)
     listen = options.listen or config.listen
     handing_over = options.reuse_port and options.handover
     # a running instance on our port (the one this replaces) hands us its sockets
@@ -214,13 +214,13 @@ async def drain(
     log.info(
         "draining: GOAWAY to HTTP/2 clients, %.0fs for requests in flight", options.drain_seconds
     )
-    listener.stop_accepting(handed_over=handover is not None and handover.taken.is_set())
+    listener.stop_accepting()
     listener.goaway_all("drain")
     await gateway.drain(options.drain_seconds)
     await listener.close(GOAWAY_LINGER_SECONDS + 1.0)
 
 
-def new_listener(gateway: Gateway, tls: ssl.SSLContext | RotatingContext | None) -> Listener:
+def new_listener(gateway: Gateway, ssl_context: ssl.SSLContext | None) -> Listener:
     """The client-facing listener of `gateway`, its limits and metrics wired."""
     limits, h2_settings = listener_settings(gateway.holder.current.config)
     metrics = gateway.metrics
@@ -228,7 +228,7 @@ def new_listener(gateway: Gateway, tls: ssl.SSLContext | RotatingContext | None)
         gateway.intake.handle,
         None,  # Upgrade requests are streams too: the intake carries them
         h2_settings,
-        tls,
+        ssl_context,
         limits,
         on_reject=lambda reason: metrics.connections_rejected.labels(reason).inc(),
         on_abuse=lambda kind: metrics.http2_abuse.labels(kind).inc(),

@@ -6,16 +6,16 @@ not their timestamps. A change that does not load (a key written before its cert
 half-written file) is refused and the last good context keeps serving; the next check
 tries again.
 
-On the serving side the listener takes the newest context for each connection it
-accepts (http/listener.py): certificate, key and client CA all rotate without a restart,
-and established connections keep what they negotiated (no SNI callback swapping the
-context inside every handshake: no Python call per handshake).
+The server side uses one listening context whose SNI callback hands each new handshake
+the newest context: certificate, key and client CA all rotate without a restart, and
+established connections keep what they negotiated.
 """
 
 from __future__ import annotations
 
 import logging
 import ssl
+import weakref
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -55,7 +55,9 @@ class ReloadingContext(Generic[T]):
 
 
 class ServerTLSContext(ReloadingContext[ssl.SSLContext]):
-    """Serving TLS: the listener hands each new connection `current`."""
+    """Serving TLS: `listening` is given to the server once; each handshake switches to
+    the newest context in its SNI callback (which OpenSSL runs for every ClientHello,
+    with or without SNI)."""
 
     def __init__(
         self, cert_file: str, key_file: str, client_ca_file: str | None, session_tickets: int = 0
@@ -65,6 +67,22 @@ class ServerTLSContext(ReloadingContext[ssl.SSLContext]):
             (cert_file, key_file, client_ca_file or ""),
             lambda: server_ssl_context(cert_file, key_file, client_ca_file, session_tickets),
         )
+        self.listening = self.current
+        self.listening.sni_callback = _newest_context(weakref.ref(self))
+
+
+def _newest_context(owner: Callable[[], ServerTLSContext | None]) -> Callable[..., None]:
+    """The SNI callback. It reaches its ServerTLSContext through a weak reference: the
+    listening context holds the callback, so a strong one would make a cycle that only
+    the cyclic collector frees."""
+
+    def select(ssl_object: ssl.SSLObject, server_name: str | None, context: object) -> None:
+        tls = owner()
+        if tls is not None and ssl_object.context is not tls.current:
+            ssl_object.context = tls.current
+        return None
+
+    return select
 
 
 def server_ssl_context(

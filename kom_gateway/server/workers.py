@@ -34,7 +34,7 @@ from kom_gateway.config import load_config_file
 from kom_gateway.proxy.metrics import MULTIPROC_ENV
 from kom_gateway.server import admin as admin_port
 from kom_gateway.server.admin import start_admin
-from kom_gateway.server.bind import listening_socket
+from kom_gateway.server.bind import BindError
 from kom_gateway.server.handover import (
     HandoverServer,
     claim_serving,
@@ -126,9 +126,7 @@ async def run_workers(options: RunOptions, count: int, log_level: str = "info") 
     sockets: list[socket.socket] = []
     for i, sock in enumerate(claim_serving(offered, count)):
         if sock is None:  # all on one port: the first one bound decides it (port 0)
-            sock = listening_socket(
-                listen.host, sockets[0].getsockname()[1] if i else listen.port, reuse_port=True
-            )
+            sock = listening_socket(listen.host, sockets[0].getsockname()[1] if i else listen.port)
         sockets.append(sock)
     port = sockets[0].getsockname()[1]
     host = f"[{listen.host}]" if ":" in listen.host else listen.host
@@ -268,3 +266,18 @@ async def _wait_all(workers: list[Worker], timeout: float) -> None:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await asyncio.gather(*(p.wait() for p in procs))
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A worker's socket: SO_REUSEPORT, bound and listening (port 0: any, once)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(4096)
+    except OSError as exc:
+        sock.close()
+        raise BindError("serving", host, port, exc, "--listen / listen.address") from None
+    return sock
