@@ -67,7 +67,8 @@ DEFAULT_LISTEN = Address("127.0.0.1", 8443)
 DEFAULT_ADMIN = Address("127.0.0.1", 9090)
 
 
-MAX_SESSION_TICKETS = 16  # listen.tls.sessionTickets: more only costs handshakes
+DEFAULT_SESSION_TICKETS = 0  # listen.tls.sessionTickets: Kubernetes clients never resume
+MAX_SESSION_TICKETS = 16  # more only costs handshakes
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ class ServerTLS:
     cert_file: str
     key_file: str
     client_ca_file: str | None = None
-    session_tickets: int = 0  # TLS 1.3 tickets after a full handshake (tlsfiles.py)
+    session_tickets: int = DEFAULT_SESSION_TICKETS  # TLS 1.3 tickets per handshake (tlsfiles.py)
 
 
 @dataclass(frozen=True)

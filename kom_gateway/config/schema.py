@@ -30,6 +30,7 @@ from kom_gateway.config.keys import (
 from kom_gateway.config.model import (
     DEFAULT_ADMIN,
     DEFAULT_LISTEN,
+    DEFAULT_SESSION_TICKETS,
     MAX_SESSION_TICKETS,
     AccessLogSettings,
     Address,
@@ -368,7 +369,13 @@ class _Builder(OverloadSections):
                 if t.get("clientCAFile") is not None:
                     ca = self.file_path(t["clientCAFile"], (*path, "clientCAFile"))
                 tickets = self.number(
-                    t, path, "sessionTickets", 0, whole=True, zero=True, maximum=MAX_SESSION_TICKETS
+                    t,
+                    path,
+                    "sessionTickets",
+                    DEFAULT_SESSION_TICKETS,
+                    whole=True,
+                    zero=True,
+                    maximum=MAX_SESSION_TICKETS,
                 )
                 if cert and key:
                     tls = ServerTLS(cert, key, ca, int(tickets))

@@ -19,6 +19,7 @@ import weakref
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from kom_gateway.config.model import DEFAULT_SESSION_TICKETS
 from kom_gateway.server.filewatch import FileSet
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,11 @@ class ServerTLSContext(ReloadingContext[ssl.SSLContext]):
     with or without SNI)."""
 
     def __init__(
-        self, cert_file: str, key_file: str, client_ca_file: str | None, session_tickets: int = 0
+        self,
+        cert_file: str,
+        key_file: str,
+        client_ca_file: str | None,
+        session_tickets: int = DEFAULT_SESSION_TICKETS,
     ) -> None:
         super().__init__(
             "listen.tls",
@@ -86,7 +91,10 @@ def _newest_context(owner: Callable[[], ServerTLSContext | None]) -> Callable[..
 
 
 def server_ssl_context(
-    cert_file: str, key_file: str, client_ca_file: str | None, session_tickets: int = 0
+    cert_file: str,
+    key_file: str,
+    client_ca_file: str | None,
+    session_tickets: int = DEFAULT_SESSION_TICKETS,
 ) -> ssl.SSLContext:
     """TLS 1.2+, ALPN h2 then http/1.1; with a client CA, certificates are requested and
     verified (a certificate from another CA fails the handshake), but not required:
