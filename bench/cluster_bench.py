@@ -31,6 +31,15 @@ lease and node-status p99 (watch and lease also for what began after the start s
 when every watch was up), failures by kind, pods never delivered, seconds until every
 kubelet's watch is up after the start storm (and after the kill), the target's CPU
 seconds and peak RSS, and both per 1,000 kubelets.
+
+`--callgrind SECONDS` (target `gateway` only; needs valgrind): the gateway runs under
+valgrind's callgrind, with instrumentation on for the last SECONDS of the run but five
+(after the start storm), and the result gains `instructions_per_request`: the gateway's
+user-space instructions in that window over the requests it finished in it (the
+noise-free A/B figure for the steady state at this shape; wall-clock CPU on a shared
+machine moves by 2x between phases). Under valgrind the gateway is ~50x slower: use a
+few hundred kubelets at most (`--nodes 200 --churn 4`), and ignore its latencies and
+CPU seconds. The profile stays in the run's directory (`--keep`) for callgrind_annotate.
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,8 +207,6 @@ class Upstream:
 
     def control_call(self, method: str, path: str, body: object = None) -> object:
         """The simulator's control API (faults, counters)."""
-        import urllib.request
-
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(f"http://127.0.0.1:{self.control}{path}", data=data,
                                      method=method)  # fmt: skip
@@ -238,6 +246,7 @@ class Target:
 
     def __init__(self, root: Path, upstream: Upstream, extra: str = "", rules: str = "") -> None:
         self.root = root
+        self.callgrind_out: Path | None = None  # run under callgrind, profile here
         self.upstream = upstream
         self.port = free_port()
         self.admin = free_port()
@@ -253,8 +262,13 @@ class Target:
         return "kom-gateway listening"
 
     def start(self) -> int:
-        self.process = Process(self.command(), self.ready(), self.root / f"{self.name}.log",
-                               wait_port=self.port)  # fmt: skip
+        command, start_timeout = self.command(), 20.0
+        if self.callgrind_out is not None:
+            command = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
+                       f"--callgrind-out-file={self.callgrind_out}", *command]  # fmt: skip
+            start_timeout = 300.0
+        self.process = Process(command, self.ready(), self.root / f"{self.name}.log",
+                               wait_port=self.port, start_timeout=start_timeout)  # fmt: skip
         return self.port
 
     def pids(self) -> list[int]:
@@ -385,11 +399,53 @@ def seconds_until_all_up(progress: list[dict], since: float, nodes: int) -> floa
     return None
 
 
+def finished_requests(admin: int) -> float:
+    """kom_gateway_requests_total over every label: the requests the gateway finished."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("kom_gateway_requests_total{"))  # fmt: skip
+
+
+def callgrind_window(target: Target, at: float, seconds: float, window: dict[str, float]
+                     ) -> list[Fault]:  # fmt: skip
+    """Faults that switch callgrind's instrumentation on at `at` and off `seconds` later
+    (then dump), recording the requests finished in between in `window`."""
+    def control(*argv: str) -> None:
+        assert target.process is not None
+        subprocess.run(["callgrind_control", *argv, str(target.process.proc.pid)],
+                       check=True, capture_output=True)  # fmt: skip
+
+    def on() -> None:
+        window["before"] = finished_requests(target.admin)
+        control("-i", "on")
+
+    def off() -> None:
+        control("-i", "off")
+        window["requests"] = finished_requests(target.admin) - window["before"]
+        control("-d")
+
+    return [(at, on), (at + seconds, off)]
+
+
+def callgrind_total(out: Path | None) -> int:
+    """The instructions in callgrind's dumps of `out` (the instrumented window)."""
+    assert out is not None
+    total = 0
+    for dump in out.parent.glob(out.name + "*"):
+        for line in dump.read_text().splitlines():
+            if line.startswith("totals:"):  # ("summary:" is 0 in a dump on request)
+                total += int(line.split()[1])
+    return total
+
+
 def measure(target_name: str, fleet: Path, pki: PKI, root: Path, args: argparse.Namespace,
             apiserver: Path | None = None) -> dict:  # fmt: skip
     upstream = GoUpstream(root, pki, binary=apiserver) if apiserver else Upstream(root, pki)
     upstream.start()
     target = TARGETS[target_name](root, upstream)
+    if args.callgrind:
+        target.callgrind_out = root / "callgrind.out"
     try:
         port = target.start()
         pids = target.pids()
@@ -414,6 +470,10 @@ def measure(target_name: str, fleet: Path, pki: PKI, root: Path, args: argparse.
                 target.kill_and_restart()
 
             faults.append((args.kill_at, kill))
+        window: dict[str, float] = {}
+        if args.callgrind:
+            faults += callgrind_window(target, args.seconds - 5 - args.callgrind,
+                                       args.callgrind, window)  # fmt: skip
         began = time.monotonic()
         log = root / f"fleet-{target_name}.log"
         summary, progress = run_fleet(fleet, pki, port, args, log, faults)
@@ -431,6 +491,10 @@ def measure(target_name: str, fleet: Path, pki: PKI, root: Path, args: argparse.
             "peak_rss_mib_per_1000_kubelets": round(max(peak) * 1000 / args.nodes, 1),
             **summary,
         }
+        if window:
+            result["instructions_per_request"] = round(
+                callgrind_total(target.callgrind_out) / max(window["requests"], 1))
+            result["callgrind_requests"] = int(window["requests"])
         if killed:
             result["all_watches_up_after_kill_s"] = seconds_until_all_up(
                 progress, killed["at"] - began, args.nodes)
@@ -464,6 +528,9 @@ def parser() -> argparse.ArgumentParser:
                         help="the simulator, or the Go stand-in for thousands of kubelets")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", help="also write the results (JSON) here")
+    parser.add_argument("--callgrind", type=float, default=0.0, metavar="SECONDS",
+                        help="run the gateway under callgrind and count its instructions "
+                        "per request over SECONDS of the steady state (target gateway)")
     parser.add_argument("--keep", metavar="DIR",
                         help="work in DIR and keep it (logs of every process, the fleet's "
                         "failure lines) instead of a temporary directory")
@@ -472,6 +539,13 @@ def parser() -> argparse.ArgumentParser:
 
 def main() -> int:
     args = parser().parse_args()
+    if args.callgrind:
+        if set(args.targets.split(",")) != {"gateway"}:
+            sys.exit("--callgrind counts one gateway process: --targets gateway")
+        if args.seconds - 5 - args.callgrind < 20:
+            sys.exit("--callgrind needs 20 s after the start storm: raise --seconds")
+        if shutil.which("callgrind_control") is None:
+            sys.exit("valgrind is needed: apt-get install valgrind")
     for tool in ("openssl", "haproxy"):
         if shutil.which(tool) is None and (tool != "haproxy" or "haproxy" in args.targets):
             sys.exit(f"{tool} is needed: apt-get install {tool}")
@@ -506,6 +580,10 @@ def main() -> int:
               f"{r['lease_ms']['p99']:9.1f} {steady:>28} {r['status_ms']['p99']:10.1f} "
               f"{r['all_watches_up_s']:5.1f} {r.get('all_watches_up_after_kill_s') or '-':>9} "
               f"{r['pods_never_delivered']:5d} {sum(r['failures'].values())}")  # fmt: skip
+    for r in results:
+        if "instructions_per_request" in r:
+            print(f"{r['target']}: {r['instructions_per_request']:,} instructions per request "
+                  f"({r['callgrind_requests']} requests under callgrind)")
     return 0
 
 

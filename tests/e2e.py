@@ -76,12 +76,13 @@ class Process:
     its output (or, for servers that print nothing, once `wait_port` accepts)."""
 
     def __init__(self, args: list[str], ready: str | None, log: Path,
-                 wait_port: int | None = None, cwd: Path | None = None) -> None:
+                 wait_port: int | None = None, cwd: Path | None = None,
+                 start_timeout: float = 20) -> None:
         self.log = log
         self.handle = open(log, "w")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(args, stdout=self.handle, stderr=subprocess.STDOUT,
                                      start_new_session=True, cwd=cwd)
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + start_timeout
         while not self._started(ready, wait_port):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()

@@ -220,8 +220,13 @@ def test_workers_share_the_port_metrics_and_reloads(tmp_path):
 
         async def scenario() -> tuple[str, str]:
             clients = await connections()
-            await asyncio.sleep(0.5)
-            while_open = await asyncio.to_thread(metrics, cluster.admin)
+            # workers' batched counters reach their files every second
+            for _ in range(50):
+                await asyncio.sleep(0.1)
+                while_open = await asyncio.to_thread(metrics, cluster.admin)
+                if sample(while_open, "kom_gateway_requests_total", group="default",
+                          verb="list") == 16:  # fmt: skip
+                    break
             for client in clients:
                 await client.close()
             text = cluster.config.read_text().replace('userAgent: "curl/*"', 'userAgent: "wget/*"')

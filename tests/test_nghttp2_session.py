@@ -143,12 +143,19 @@ def test_data_queued_for_a_client_that_leaves_is_handed_back():
     server.write(1, b"x" * 1000, lambda: calls.append(1))
     server.send()
     assert server.queued(1) == 1000 and not server.flushed_pending()  # window 0: it waits
+    client.send_headers(3, REQUEST, end_stream=True)
+    server.receive(client.data_to_send())
+    server.respond(3, [(b":status", b"200")], False)
+    server.write(3, b"y" * 500, None)
+    server.send()
+    assert server.queued_total() == 1500  # every stream's, in one call
     server.close()  # the connection dropped: nghttp2_session_del calls no close callback
     assert server.flushed_pending() == 1  # ...but the producer still gets its credit back
     # and every later call on the freed session is harmless
     assert server.send() == b"" and server.receive(b"x") == [] and server.closed
     server.consume(1, 10)
     assert not server.write(1, b"y", None)
+    assert server.queued_total() == 0
 
 
 def test_consume_gives_the_connection_window_back_even_for_a_gone_stream():

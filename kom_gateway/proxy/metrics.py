@@ -34,8 +34,8 @@ class Metrics:
 
     def count(self, child: Any, amount: float = 1) -> None:
         """Add to a counter child, batched: a plain dict update per request instead of
-        prometheus-client's locked increment. Reaches the counter on `flush()`: at every
-        load sample (250 ms) and before every scrape."""
+        prometheus-client's locked increment. Reaches the counter on `flush()`: every
+        second (gateway.METRICS_FLUSH_SECONDS) and before every scrape."""
         tally = self._tally
         tally[child] = tally.get(child, 0) + amount
 
@@ -48,7 +48,7 @@ class Metrics:
         tally = self._tally
         for child in counters:
             tally[child] = tally.get(child, 0) + 1
-        observed = self._observed
+        observed = self._observed  # entries stay across flushes (zeroed): a bounded set
         for child in histograms:
             entry = observed.get(child)
             if entry is None:
@@ -62,9 +62,11 @@ class Metrics:
         tally, self._tally = self._tally, {}
         for child, amount in tally.items():
             child.inc(amount)
-        observed, self._observed = self._observed, {}
-        for child, (_, counts) in observed.items():
-            compat.histogram_add(child, counts)
+        for child, (_, counts) in self._observed.items():
+            if any(counts):
+                compat.histogram_add(child, counts)
+                for i in range(len(counts)):
+                    counts[i] = 0.0
 
     python_version = ".".join(map(str, sys.version_info[:3]))
 

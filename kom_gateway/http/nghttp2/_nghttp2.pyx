@@ -656,6 +656,16 @@ cdef class Session:
         cdef _Outgoing out = self._out.get(stream_id)
         return 0 if out is None else out.queued
 
+    def queued_total(self) -> int:
+        """Body bytes waiting for the peer's windows on every stream: one call where a
+        connection checks each second whether its client keeps it waiting (a call
+        per stream cost ~800 instructions a connection at every clock tick)."""
+        cdef Py_ssize_t total = 0
+        cdef _Outgoing out
+        for out in self._out.values():
+            total += out.queued
+        return total
+
     def reset(self, int32_t stream_id, uint32_t error_code) -> None:
         if self._s != NULL:
             nghttp2_submit_rst_stream(self._s, 0, stream_id, error_code)

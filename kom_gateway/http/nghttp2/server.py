@@ -147,9 +147,7 @@ class NgServerProtocol(HTTP2ServerConnection):
         self.session.ping(payload)
 
     def _waiting_for_client(self) -> bool:
-        session = self.session
-        return any(session.queued(sid) for sid in self.streams)
+        return self.session.queued_total() > 0
 
     def buffered_bytes(self) -> int:
-        session = self.session
-        return sum(session.queued(sid) for sid in self.streams)
+        return self.session.queued_total()
