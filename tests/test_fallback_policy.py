@@ -105,6 +105,21 @@ def test_upstream_headers_drop_hop_by_hop_and_spoofed_identity():
         b"accept": b"application/json", b"impersonate-user": b"bob", b"content-encoding": b"gzip",
         b"x_request_id": b"kept",
     }
+    # decisions per name are memoised: the second time gives the same answer
+    again = upstream_request_headers("GET", "https", "10.0.0.1:6443", "/api/v1/pods", headers)
+    assert again[4:] == out[4:]
+
+
+def test_header_drop_memo_stays_bounded_and_right_under_a_flood_of_names():
+    """Header names are the client's to choose: a flood of new ones clears the memo
+    instead of growing it, and spoofed identity is still dropped after every clear."""
+    from kom_gateway.proxy import headers as h
+
+    spoofed = [(b"x-remote-user", b"system:admin"), (b"x_remote_group", b"system:masters")]
+    for i in range(3 * h.DROPPED_CACHE_SIZE):
+        out = upstream_request_headers("GET", "https", "a", "/", [(b"x-n%d" % i, b"1"), *spoofed])
+        assert out[4:] == [(b"x-n%d" % i, b"1")]
+        assert len(h._DROPPED) <= h.DROPPED_CACHE_SIZE
 
 
 def test_downstream_headers_and_status_body():

@@ -29,6 +29,17 @@ def test_batched_histogram_observations_equal_prometheus_clients_own():
     assert generate_latest(batched_registry) != generate_latest(direct_registry)  # not yet
     metrics.flush()
     assert samples(batched_registry) == samples(direct_registry)
+    # the histogram's entry stays across flushes, zeroed: a flush with nothing new adds
+    # nothing, and what comes after adds once
+    metrics.flush()
+    assert samples(batched_registry) == samples(direct_registry)
+    for v in values[:4]:
+        direct.labels("a").observe(v)
+        direct_count.inc()
+        metrics.add((batched_count,), (batched.labels("a"),), v)
+    metrics.flush()
+    metrics.flush()
+    assert samples(batched_registry) == samples(direct_registry)
 
 
 def samples(registry) -> list[str]:
