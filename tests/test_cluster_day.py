@@ -159,3 +159,14 @@ def test_a_day_with_faults_meets_the_slos(tmp_path):
     # the hostile User-Agent was routed (cost linear in its length) and answered by the
     # apiserver (401: the simulator takes no anonymous requests), no one else noticed it
     assert seen.get("hostile", b"").startswith(b"HTTP/1.1 401"), seen
+
+
+def test_callgrind_counts_the_instrumented_window_of_every_dump(tmp_path):
+    """--callgrind: the instructions are the dumps' `totals:` (a dump on request says
+    `summary: 0`), over every part file callgrind wrote for the run."""
+    out = tmp_path / "callgrind.out"
+    out.write_text("events: Ir\nsummary: 0\ntotals: 0\n")  # written at exit, nothing counted
+    (tmp_path / "callgrind.out.1").write_text("events: Ir\nsummary: 0\nfn=x\n1 5\ntotals: 1200\n")
+    (tmp_path / "callgrind.out.2").write_text("events: Ir\ntotals: 34\n")
+    (tmp_path / "other.out").write_text("totals: 99999\n")
+    assert cluster_bench.callgrind_total(out) == 1234
