@@ -39,6 +39,7 @@ MODULES = (
     "kom_gateway.routing.glob",
     "kom_gateway.routing.cutover",
     "kom_gateway.routing.router",
+    "kom_gateway.overload.policy",
     "kom_gateway.overload.admission",
     "kom_gateway.overload.clientshare",
     "kom_gateway.overload.ratelimit",

@@ -14,6 +14,7 @@ from kom_gateway.config.yamldoc import YamlPath, kind_of
 from kom_gateway.overload.policy import (
     DEFAULT_EXEMPT,
     DEFAULT_PROTECTED,
+    DEFAULT_RESERVED_PERCENT,
     ClientLimits,
     GroupLimits,
     OverloadPolicy,
@@ -53,7 +54,7 @@ class OverloadSections:
                     merged, (*path, "groups", name), OVERLOAD_GROUP_KEYS, GroupLimits
                 )
         reserved = self.number(
-            o, path, "reservedPercent", OverloadPolicy.reserved_percent, zero=True, maximum=100
+            o, path, "reservedPercent", DEFAULT_RESERVED_PERCENT, zero=True, maximum=100
         )
         r = self.mapping(o.get("retryAfter"), (*path, "retryAfter"), ("minSeconds", "maxSeconds"))
         r = r or {}

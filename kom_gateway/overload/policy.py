@@ -43,7 +43,12 @@ class RequestMatch:
                     break
             else:
                 return False
-        return not self.namespaces or any(g.matches(info.namespace) for g in self.namespaces)
+        if not self.namespaces:
+            return True
+        for glob in self.namespaces:  # noqa: SIM110 (a loop, not any(genexpr): per request)
+            if glob.matches(info.namespace):
+                return True
+        return False
 
     def describe(self) -> str:
         parts = [self.clients.describe()] if self.clients != Match() else []
@@ -109,11 +114,14 @@ DEFAULT_PROTECTED = (
 DEFAULT_EXEMPT = (RequestMatch(clients=Match(user_group=Glob("system:masters"))),)
 
 
+DEFAULT_RESERVED_PERCENT = 10.0
+
+
 @dataclass(frozen=True)
 class OverloadPolicy:
     limits: GroupLimits = field(default_factory=GroupLimits)  # every group not listed
     group_limits: Mapping[str, GroupLimits] = field(default_factory=dict)
-    reserved_percent: float = 10.0  # of max_inflight, usable by protected requests only
+    reserved_percent: float = DEFAULT_RESERVED_PERCENT  # of max_inflight, for protected only
     protected: tuple[RequestMatch, ...] = DEFAULT_PROTECTED
     exempt: tuple[RequestMatch, ...] = DEFAULT_EXEMPT
     rate_limits: tuple[RateLimitRule, ...] = ()
