@@ -99,14 +99,16 @@ class _Sniffer(asyncio.Protocol):
             transport.write(_refusal_h2() if is_h2 else _refusal_h1())
             transport.close()
             return
-        protocol: asyncio.Protocol = (
-            listener.new_h2_protocol() if is_h2 else listener.new_h1_protocol()
-        )
+        h2_protocol = listener.new_h2_protocol() if is_h2 else None
+        protocol: asyncio.Protocol = h2_protocol or listener.new_h1_protocol()
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
         buffered, self._buffer = self._buffer, b""
         if buffered:
             protocol.data_received(buffered)
+        if h2_protocol is not None and listener.draining is not None:
+            # accepted before the drain, told apart after it: told to go like the rest
+            h2_protocol.goaway(listener.draining)
 
 
 class Listener:
@@ -148,6 +150,7 @@ class Listener:
         self.port = 0  # bound by start()
         self.sniffing: set[_Sniffer] = set()  # connections whose protocol is not known yet
         self.aborted = False
+        self.draining: str | None = None  # goaway_all's reason, once it ran
 
     def _new_h1_server(self) -> web.Server:
         return aiohttp_server(
@@ -265,7 +268,9 @@ class Listener:
         """Ask every client to go: HTTP/2 gets a graceful GOAWAY; HTTP/1.1 connections
         close once their current response is done, a connection that has not sent its
         first request yet once that one is answered (h1/server.py's pre_shutdown); idle
-        keep-alive ones at the end of the drain (`close`)."""
+        keep-alive ones at the end of the drain (`close`). HTTP/2 connections whose
+        handshake or preface completes later get the GOAWAY then."""
+        self.draining = reason
         for protocol in list(self.h2_connections):
             protocol.goaway(reason)
         for server in (*self._retired_h1, self.h1_server):
