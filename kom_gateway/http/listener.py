@@ -28,7 +28,7 @@ from kom_gateway.http.h1.server import (
 from kom_gateway.http.serverconn import HTTP2ServerConnection
 from kom_gateway.http.settings import ConnectionLimits, H2ServerSettings
 from kom_gateway.kube.status import status_body
-from kom_gateway.server.bind import BindError
+from kom_gateway.server.bind import BACKLOG, BindError
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +236,7 @@ class Listener:
                 lambda: _Sniffer(self),
                 ssl=self.ssl_context,
                 ssl_handshake_timeout=handshake_timeout,
-                backlog=4096,
+                backlog=BACKLOG,
                 **where,
             )
         except OSError as exc:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import errno
 
+BACKLOG = 4096  # connections the kernel queues on a serving socket while the gateway is
+# busy (a reconnect storm): one process's listener and each worker's socket
+
 
 class BindError(Exception):
     """A port could not be bound: one line that says which and what to change."""

@@ -34,7 +34,7 @@ from kom_gateway.config import load_config_file
 from kom_gateway.proxy.metrics import MULTIPROC_ENV
 from kom_gateway.server import admin as admin_port
 from kom_gateway.server.admin import start_admin
-from kom_gateway.server.bind import BindError
+from kom_gateway.server.bind import BACKLOG, BindError
 from kom_gateway.server.handover import (
     HandoverServer,
     claim_serving,
@@ -276,7 +276,7 @@ def listening_socket(host: str, port: int) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
-        sock.listen(4096)
+        sock.listen(BACKLOG)
     except OSError as exc:
         sock.close()
         raise BindError("serving", host, port, exc, "--listen / listen.address") from None
