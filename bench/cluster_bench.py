@@ -35,11 +35,12 @@ seconds and peak RSS, and both per 1,000 kubelets.
 `--callgrind SECONDS` (target `gateway` only; needs valgrind): the gateway runs under
 valgrind's callgrind, with instrumentation on for the last SECONDS of the run but five
 (after the start storm), and the result gains `instructions_per_request`: the gateway's
-user-space instructions in that window over the requests it finished in it (the
-noise-free A/B figure for the steady state at this shape; wall-clock CPU on a shared
-machine moves by 2x between phases). Under valgrind the gateway is ~50x slower: use a
-few hundred kubelets at most (`--nodes 200 --churn 4`), and ignore its latencies and
-CPU seconds. The profile stays in the run's directory (`--keep`) for callgrind_annotate.
+user-space instructions in that window over the requests it finished in it (the A/B
+figure for the steady state at this shape: repeat runs agree within 1.5%, where
+wall-clock CPU on a shared machine moves by 2x between phases). Under valgrind the
+gateway is ~50x slower: use a few hundred kubelets at most (`--nodes 200 --churn 4`),
+and ignore its latencies and CPU seconds. The profile stays in the run's directory
+(`--keep`) for callgrind_annotate.
 """
 
 from __future__ import annotations
