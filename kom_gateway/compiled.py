@@ -29,7 +29,6 @@ from functools import cache
 from pathlib import Path
 
 # What a proxied request runs in Python. setup.py reads this list.
-# (overload/policy.py is not here: mypyc mishandles its frozen dataclasses' defaults.)
 MODULES = (
     "kom_gateway.kube.requestinfo",
     "kom_gateway.kube.identity",

@@ -1,13 +1,20 @@
-"""The listener around a drain: connections still being told apart when it begins."""
+"""The listener: connections still being told apart when a drain begins, queued on its
+socket when it closes, and TLS handshakes that fail."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
+import socket
+import ssl
 
+import pytest
 from h2.events import ConnectionTerminated
 from harness import RawH2
 
 from kom_gateway.http.listener import Listener
+from kom_gateway.http.settings import ConnectionLimits
+from kom_gateway.server.tlsfiles import server_ssl_context
 
 
 async def _never_called(*_args: object) -> None:  # no request reaches this listener
@@ -39,3 +46,132 @@ async def test_a_connection_whose_http2_starts_after_the_drain_began_is_told_to_
     finally:
         writer.close()
         await listener.close()
+
+
+LOOPS = ("asyncio", "uvloop")  # tests run on asyncio's loop; the gateway runs on uvloop's
+
+
+def run_on(loop_kind: str, main) -> None:
+    if loop_kind == "uvloop":
+        import uvloop
+
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_failed_tls_handshakes_are_counted_by_kind(pki, loop_kind):
+    """The loop runs the handshakes and says nothing of one that fails; the listener
+    counts each (a certificate from another CA, a client that does not speak TLS:
+    `tls-handshake`; one that never finishes: `tls-handshake-timeout`), shows the
+    connections still in their handshake, and counts nothing for a good client."""
+    reasons: list[str] = []
+    server_tls = server_ssl_context(str(pki.server_cert), str(pki.server_key), str(pki.ca))
+    limits = ConnectionLimits(tls_handshake_timeout=0.5)
+
+    def client_tls(cert, key) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(pki.ca))
+        context.load_cert_chain(str(cert), str(key))
+        context.set_alpn_protocols(["h2"])
+        return context
+
+    async def until(condition) -> None:
+        async with asyncio.timeout(5):
+            while not condition():
+                await asyncio.sleep(0.01)
+                if loop_kind == "asyncio":  # its accept coroutine's frame holds the
+                    gc.collect()  # protocol in a cycle with the exception; uvloop's not
+
+    async def main() -> None:
+        listener = Listener(
+            _never_called, ssl_context=server_tls, limits=limits, on_reject=reasons.append
+        )
+        port = await listener.start("127.0.0.1", 0)
+        try:
+            # a good client: through, nothing counted
+            _, good = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=client_tls(pki.kubelet_cert, pki.kubelet_key)
+            )
+            await until(lambda: listener.h2_connections)
+            assert listener.handshaking == 0 and reasons == []
+
+            # a certificate from another CA (TLS 1.3: the client learns it only after)
+            try:
+                _, mallory = await asyncio.open_connection(
+                    "127.0.0.1", port, ssl=client_tls(pki.foreign_cert, pki.foreign_key)
+                )
+                mallory.close()
+            except (ssl.SSLError, ConnectionError):
+                pass
+            await until(lambda: reasons == ["tls-handshake"])
+
+            # not TLS at all
+            reader, plain = await asyncio.open_connection("127.0.0.1", port)
+            plain.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            await reader.read()  # an alert, or nothing, then closed
+            plain.close()
+            await until(lambda: reasons == ["tls-handshake"] * 2)
+
+            # a client that connects and never starts: in its handshake, then dropped
+            reader, silent = await asyncio.open_connection("127.0.0.1", port)
+            await until(lambda: listener.handshaking == 1)
+            async with asyncio.timeout(5):
+                assert await reader.read() == b""
+            silent.close()
+            await until(lambda: reasons == ["tls-handshake"] * 2 + ["tls-handshake-timeout"])
+            assert listener.handshaking == 0
+            good.close()
+        finally:
+            await listener.close()
+
+    run_on(loop_kind, main)
+
+
+@pytest.mark.parametrize("tls", (False, True), ids=("plain", "tls"))
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_connections_queued_at_a_drain_are_served_not_reset(pki, loop_kind, tls):
+    """Connections the kernel has queued on the listening socket when a drain with no
+    replacement closes it would be reset by the close; the listener takes them first,
+    and each is told to go (HTTP/2 GOAWAY) like the rest. (Without taking them, each of
+    these clients reads a reset.)"""
+    server_tls = (
+        server_ssl_context(str(pki.server_cert), str(pki.server_key), None) if tls else None
+    )
+    queued = 5
+
+    async def main() -> None:
+        listener = Listener(_never_called, ssl_context=server_tls)
+        port = await listener.start("127.0.0.1", 0)
+        # connected while the loop cannot accept: they wait in the kernel's queue
+        socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(queued)]
+        listener.stop_accepting(take_queued=True)
+        listener.goaway_all("drain")
+        try:
+            client_tls = None
+            if tls:
+                client_tls = ssl.create_default_context(cafile=str(pki.ca))
+                client_tls.set_alpn_protocols(["h2"])
+            for sock in socks:
+                sock.setblocking(False)
+                async with asyncio.timeout(5):
+                    reader, writer = await asyncio.open_connection(
+                        sock=sock, ssl=client_tls, server_hostname="127.0.0.1" if tls else None
+                    )
+                raw = RawH2(reader, writer)
+                goaway = None
+                async with asyncio.timeout(5):
+                    while goaway is None:
+                        events = await raw.events()
+                        assert events, "closed without a GOAWAY"
+                        goaway = next(
+                            (e for e in events if isinstance(e, ConnectionTerminated)), None
+                        )
+                assert goaway.error_code == 0
+                writer.close()
+        finally:
+            for sock in socks:
+                sock.close()
+            await listener.close()
+
+    run_on(loop_kind, main)

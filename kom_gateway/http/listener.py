@@ -2,14 +2,22 @@
 
 With TLS, ALPN decides (`h2` or `http/1.1`). Without TLS, a connection that opens with
 the HTTP/2 client preface is h2c (prior knowledge); anything else is HTTP/1.1.
+
+The event loop accepts and runs the TLS handshakes (libuv's accept loop in uvloop); what
+it does not say, the listener learns from the protocol object it makes per connection:
+one never told of its connection was left by a failed handshake (counted), and until
+then the connection is in its handshake (a gauge). Stopping without a replacement, the
+listener first takes what the kernel queued on the socket, which closing it would reset.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -33,19 +41,37 @@ from kom_gateway.server.bind import BACKLOG, BindError
 log = logging.getLogger(__name__)
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+HANDSHAKE_TIMER_SLACK = 0.05  # s: uvloop's timers fire to the millisecond, a little early
 
 
 class _Sniffer(asyncio.Protocol):
-    """Holds a new connection until it knows which protocol it speaks, then hands over."""
+    """Holds a new connection until it knows which protocol it speaks, then hands over.
+
+    With TLS the loop makes it when it accepts the connection and calls `connection_made`
+    only once the handshake is done; after a failed one (a bad certificate, garbage, the
+    timeout, a client gone) the loop drops it without a call, so its finalizer counts it.
+    """
 
     def __init__(self, listener: Listener) -> None:
         self._listener = listener
         self._transport: asyncio.Transport | None = None
         self._buffer = b""
         self._deadline: asyncio.TimerHandle | None = None
+        self._accepted_at = time.monotonic()
+        self._handshaking = listener.ssl_context is not None
+        if self._handshaking:
+            listener.handshake_began()
+
+    def __del__(self) -> None:
+        if self._handshaking:
+            self._handshaking = False
+            self._listener.handshake_failed(time.monotonic() - self._accepted_at)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        if self._handshaking:
+            self._handshaking = False
+            self._listener.handshake_done()
         self._listener.sniffing.add(self)
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
@@ -149,6 +175,8 @@ class Listener:
         self.server: asyncio.Server | None = None
         self.port = 0  # bound by start()
         self.sniffing: set[_Sniffer] = set()  # connections whose protocol is not known yet
+        self.handshaking = 0  # connections in their TLS handshake
+        self._taking: set[asyncio.Task[Any]] = set()  # queued connections taken at a drain
         self.aborted = False
         self.draining: str | None = None  # goaway_all's reason, once it ran
 
@@ -201,10 +229,29 @@ class Listener:
         """HTTP/2 streams open now, over all client connections."""
         return sum(len(protocol.streams) for protocol in self.h2_connections)
 
-    def rejected(self, reason: str) -> None:
-        log.info("client connection turned away: %s", reason)
+    def rejected(self, reason: str, quiet: bool = False) -> None:
+        if not quiet:
+            log.info("client connection turned away: %s", reason)
         if self._on_reject is not None:
             self._on_reject(reason)
+
+    def handshake_began(self) -> None:
+        self.handshaking += 1
+        self.on_connections()
+
+    def handshake_done(self) -> None:
+        self.handshaking -= 1
+        self.on_connections()
+
+    def handshake_failed(self, seconds: float) -> None:
+        """A TLS handshake ended without a connection: `tls-handshake-timeout` when it
+        ran into the limit (a storm bigger than the CPU, or a stalled client), else
+        `tls-handshake` (a certificate from another CA, not TLS, the client gone). Not
+        logged one by one: a storm of them must not flood the log."""
+        self.handshaking -= 1
+        self.on_connections()
+        timed_out = seconds >= self.limits.tls_handshake_timeout - HANDSHAKE_TIMER_SLACK
+        self.rejected("tls-handshake-timeout" if timed_out else "tls-handshake", quiet=True)
 
     def new_h2_protocol(self) -> HTTP2ServerConnection:
         protocol = self.engine.server(
@@ -254,12 +301,57 @@ class Listener:
         # (asyncio hands out a TransportSocket: a socket as far as fileno() goes)
         return self.server.sockets[0]  # type: ignore[return-value]
 
-    def stop_accepting(self) -> None:
+    def stop_accepting(self, take_queued: bool = False) -> None:
         """Close the listening socket: with SO_REUSEPORT, the kernel sends new
         connections to the other instances from now on; a socket handed over to a
-        replacement lives on there."""
-        if self.server is not None:
-            self.server.close()
+        replacement lives on there. With `take_queued` (a drain no replacement took the
+        socket from), the connections the kernel has queued on it are taken first and
+        served (closing the socket would reset them); they get the drain's GOAWAY."""
+        server, self.server = self.server, None
+        if server is None:
+            return
+        queue = None
+        if take_queued and server.sockets:  # a copy keeps the socket, queue and all,
+            # past the loop's close, so nothing new is accepted while it is emptied
+            queue = socket.socket(fileno=os.dup(server.sockets[0].fileno()))
+        server.close()
+        if queue is not None:
+            with queue:
+                self._take_queued(queue)
+
+    def _take_queued(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        options: dict[str, Any] = {}
+        if self.ssl_context is not None:
+            options = {
+                "ssl": self.ssl_context,
+                "ssl_handshake_timeout": self.limits.tls_handshake_timeout,
+            }
+        taken = 0
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:  # out of descriptors: the rest are reset on close
+                log.warning("connections queued at the drain not taken: %s", exc)
+                break
+            conn.setblocking(False)
+            task = loop.create_task(
+                loop.connect_accepted_socket(lambda: _Sniffer(self), conn, **options)
+            )
+            self._taking.add(task)
+            task.add_done_callback(self._taken)
+            taken += 1
+        if taken:
+            log.info("took %d connections queued on the listening socket", taken)
+
+    def _taken(self, task: asyncio.Task[Any]) -> None:
+        self._taking.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # a failed handshake: the transport is closed, the sniffer counted it
+            log.debug("queued connection not served: %r", task.exception())
 
     def _awaiting_first_request(self) -> bool:
         return any(awaiting_first_request(s) for s in (*self._retired_h1, self.h1_server))
@@ -281,6 +373,8 @@ class Listener:
         every connection, even one whose protocol is still being told apart."""
         self.aborted = True
         self.stop_accepting()
+        for task in list(self._taking):
+            task.cancel()
         for sniffer in list(self.sniffing):
             sniffer.abort()
         for protocol in list(self.h2_connections):
@@ -293,13 +387,15 @@ class Listener:
     async def close(self, grace: float = 0.0) -> None:
         """Stop accepting; GOAWAY HTTP/2 clients; give open connections `grace`
         seconds to finish, then close what is left."""
-        self.stop_accepting()
+        self.stop_accepting(take_queued=True)
         self.goaway_all()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         # a connection accepted just before whose first request has not arrived yet
         # (slow client, busy machine) is answered, not closed under it (h1/server.py)
-        while (self.sniffing or self._awaiting_first_request()) and loop.time() < deadline:
+        while (
+            self.sniffing or self.handshaking or self._taking or self._awaiting_first_request()
+        ) and loop.time() < deadline:
             await asyncio.sleep(0.05)
         # aiohttp waits without end for a timeout of 0: every shutdown here is bounded
         await asyncio.gather(

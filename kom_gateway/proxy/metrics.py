@@ -172,7 +172,7 @@ class Metrics:
         )
         self.client_connections = Gauge(
             "kom_gateway_client_connections",
-            "Client connections open, by protocol.",
+            "Client connections open, by protocol (tls-handshake: not through it yet).",
             ["protocol"],
             registry=r,
             multiprocess_mode="liveall",  # per worker (pid label): shows how they share

@@ -214,7 +214,9 @@ async def drain(
     log.info(
         "draining: GOAWAY to HTTP/2 clients, %.0fs for requests in flight", options.drain_seconds
     )
-    listener.stop_accepting()
+    # the connections queued on our socket are ours to serve unless a replacement was
+    # handed it (then they are the replacement's); closing it would reset them
+    listener.stop_accepting(take_queued=handover is None or not handover.taken.is_set())
     listener.goaway_all("drain")
     await gateway.drain(options.drain_seconds)
     await listener.close(GOAWAY_LINGER_SECONDS + 1.0)
@@ -237,10 +239,12 @@ def new_listener(gateway: Gateway, ssl_context: ssl.SSLContext | None) -> Listen
     )
     h2 = metrics.client_connections.labels("h2")
     h1 = metrics.client_connections.labels("http/1.1")
+    handshaking = metrics.client_connections.labels("tls-handshake")
 
     def count_connections() -> None:
         h2.set(len(listener.h2_connections))
         h1.set(listener.h1_connections)
+        handshaking.set(listener.handshaking)
 
     listener.on_connections = count_connections
     return listener
