@@ -49,7 +49,9 @@ class _Sniffer(asyncio.Protocol):
 
     With TLS the loop makes it when it accepts the connection and calls `connection_made`
     only once the handshake is done; after a failed one (a bad certificate, garbage, the
-    timeout, a client gone) the loop drops it without a call, so its finalizer counts it.
+    timeout, a client gone) the loop drops it without a call, so its finalizer counts it:
+    at once on uvloop (the gateway's loop); asyncio's own loop holds it in a reference
+    cycle with the handshake's exception until the collector runs.
     """
 
     def __init__(self, listener: Listener) -> None:
@@ -167,6 +169,7 @@ class Listener:
         self._on_abuse = on_abuse
         self._on_goaway = on_goaway
         self.on_connections: Callable[[], None] = lambda: None  # the counts below changed
+        self.on_handshakes: Callable[[], None] = lambda: None  # `handshaking` changed
         self.h1_server: web.Server = self._new_h1_server()
         self._retired_h1: list[web.Server] = []
         self.h2_connections: set[HTTP2ServerConnection] = set()
@@ -237,11 +240,11 @@ class Listener:
 
     def handshake_began(self) -> None:
         self.handshaking += 1
-        self.on_connections()
+        self.on_handshakes()
 
     def handshake_done(self) -> None:
         self.handshaking -= 1
-        self.on_connections()
+        self.on_handshakes()
 
     def handshake_failed(self, seconds: float) -> None:
         """A TLS handshake ended without a connection: `tls-handshake-timeout` when it
@@ -249,7 +252,7 @@ class Listener:
         `tls-handshake` (a certificate from another CA, not TLS, the client gone). Not
         logged one by one: a storm of them must not flood the log."""
         self.handshaking -= 1
-        self.on_connections()
+        self.on_handshakes()
         timed_out = seconds >= self.limits.tls_handshake_timeout - HANDSHAKE_TIMER_SLACK
         self.rejected("tls-handshake-timeout" if timed_out else "tls-handshake", quiet=True)
 
