@@ -400,12 +400,28 @@ def seconds_until_all_up(progress: list[dict], since: float, nodes: int) -> floa
     return None
 
 
+def gateway_metrics(admin: int) -> list[str]:
+    """The gateway's /metrics lines (with --workers, the supervisor's: all workers')."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=30) as r:
+        return r.read().decode().splitlines()
+
+
 def finished_requests(admin: int) -> float:
     """kom_gateway_requests_total over every label: the requests the gateway finished."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=30) as r:
-        text = r.read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in gateway_metrics(admin)
                if line.startswith("kom_gateway_requests_total{"))  # fmt: skip
+
+
+def failed_handshakes(admin: int) -> dict[str, int]:
+    """The TLS handshakes the gateway itself saw fail, by reason (`tls-handshake`,
+    `tls-handshake-timeout`); the fleet counts what its clients saw."""
+    counts: dict[str, int] = {}
+    prefix = 'kom_gateway_client_connections_rejected_total{reason="tls-handshake'
+    for line in gateway_metrics(admin):
+        if line.startswith(prefix):
+            reason = line[len(prefix) - len("tls-handshake"):].split('"', 1)[0]
+            counts[reason] = counts.get(reason, 0) + int(float(line.rsplit(" ", 1)[1]))
+    return {reason: n for reason, n in counts.items() if n}
 
 
 def callgrind_window(target: Target, at: float, seconds: float, window: dict[str, float]
@@ -479,6 +495,7 @@ def measure(target_name: str, fleet: Path, pki: PKI, root: Path, args: argparse.
         log = root / f"fleet-{target_name}.log"
         summary, progress = run_fleet(fleet, pki, port, args, log, faults)
         stop.set()
+        handshakes = failed_handshakes(target.admin) if isinstance(target, Gateway) else None
         cpu = cpu_seconds(target.pids()) - (cpu0 if not killed else 0)
         if killed:
             cpu += killed["cpu_before"] - cpu0
@@ -492,6 +509,8 @@ def measure(target_name: str, fleet: Path, pki: PKI, root: Path, args: argparse.
             "peak_rss_mib_per_1000_kubelets": round(max(peak) * 1000 / args.nodes, 1),
             **summary,
         }
+        if handshakes is not None:  # (after a kill: the restarted process's)
+            result["gateway_failed_handshakes"] = handshakes
         if window:
             result["instructions_per_request"] = round(
                 callgrind_total(target.callgrind_out) / max(window["requests"], 1))
@@ -571,8 +590,10 @@ def main() -> int:
         Path(args.out).write_text(json.dumps(results, indent=1))
     print(f"\n{'target':16} {'cpu s/1k':>9} {'rss MiB':>8} {'watch p50/p99 ms':>17} "
           f"{'lease p99':>9} {'after storm: watch/lease p99':>28} "
-          f"{'status p99':>10} {'up s':>5} {'kill up s':>9} {'never':>5} failures")
+          f"{'status p99':>10} {'up s':>5} {'kill up s':>9} {'never':>5} failures "
+          f"handshakes failed (gateway's count)")
     for r in results:
+        handshakes = r.get("gateway_failed_handshakes")
         w = r["watch_delivery_ms"]
         after = (r["watch_delivery_after_storm_ms"]["p99"], r["lease_after_storm_ms"]["p99"])
         steady = f"{after[0]:.1f}/{after[1]:.1f}"
@@ -580,7 +601,8 @@ def main() -> int:
               f"{r['peak_rss_mib']:8.1f} {w['p50']:8.1f}/{w['p99']:<8.1f} "
               f"{r['lease_ms']['p99']:9.1f} {steady:>28} {r['status_ms']['p99']:10.1f} "
               f"{r['all_watches_up_s']:5.1f} {r.get('all_watches_up_after_kill_s') or '-':>9} "
-              f"{r['pods_never_delivered']:5d} {sum(r['failures'].values())}")  # fmt: skip
+              f"{r['pods_never_delivered']:5d} {sum(r['failures'].values()):8d} "
+              f"{'-' if handshakes is None else sum(handshakes.values())}")  # fmt: skip
     for r in results:
         if "instructions_per_request" in r:
             print(f"{r['target']}: {r['instructions_per_request']:,} instructions per request "

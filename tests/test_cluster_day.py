@@ -18,7 +18,9 @@ arrives, the config is reloaded, and the replica is SIGKILLed and restarted in p
 - no well-behaved client gets a 429;
 - every pod reaches its kubelet; no lease goes 40 s unrenewed (the node would go
   NotReady); every watch is back within 20 s of the kill;
-- every informer's cache equals a fresh LIST at the end.
+- every informer's cache equals a fresh LIST at the end;
+- the gateway refuses no TLS handshake and makes none wait past its limit, by its own
+  count (before the kill and after it).
 """
 
 from __future__ import annotations
@@ -111,6 +113,9 @@ def test_a_day_with_faults_meets_the_slos(tmp_path):
 
         import threading
 
+        def count_handshakes() -> None:
+            seen["handshakes_before_kill"] = cluster_bench.failed_handshakes(gateway.admin)
+
         timeline = [
             (8, lambda: faults("pod", status_override=500)),
             (13, lambda: faults("pod", status_override=0)),
@@ -121,6 +126,7 @@ def test_a_day_with_faults_meets_the_slos(tmp_path):
             (30, lambda: threading.Thread(target=stall, daemon=True).start()),
             (32, hostile),
             (35, reload),
+            (KILL_AT - 1, count_handshakes),
             (KILL_AT, gateway.kill_and_restart),
         ]
         args = cluster_bench.parser().parse_args([
@@ -128,6 +134,7 @@ def test_a_day_with_faults_meets_the_slos(tmp_path):
             "--lease-interval", "2", "--status-interval", "10", "--relist", "20"])
         summary, lines = cluster_bench.run_fleet(fleet, pki, port, args,
                                                  tmp_path / "fleet.log", timeline)
+        seen["handshakes_after_kill"] = cluster_bench.failed_handshakes(gateway.admin)
     finally:
         gateway.stop()
         upstream.stop()
@@ -159,6 +166,11 @@ def test_a_day_with_faults_meets_the_slos(tmp_path):
     # the hostile User-Agent was routed (cost linear in its length) and answered by the
     # apiserver (401: the simulator takes no anonymous requests), no one else noticed it
     assert seen.get("hostile", b"").startswith(b"HTTP/1.1 401"), seen
+    # the gateway refused no client's TLS handshake and made none wait past the limit,
+    # by its own count: before the kill and in the restarted replica, which took every
+    # kubelet's handshake at once (a client may abandon one: Go's do in a storm)
+    for counts in (seen["handshakes_before_kill"], seen["handshakes_after_kill"]):
+        assert set(counts) <= {"tls-handshake-abandoned"}, seen
 
 
 def test_callgrind_counts_the_instrumented_window_of_every_dump(tmp_path):

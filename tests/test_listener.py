@@ -4,6 +4,7 @@ socket when it closes, and TLS handshakes that fail."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import socket
 import ssl
@@ -64,8 +65,10 @@ def run_on(loop_kind: str, main) -> None:
 def test_failed_tls_handshakes_are_counted_by_kind(pki, loop_kind):
     """The loop runs the handshakes and says nothing of one that fails; the listener
     counts each (a certificate from another CA, a client that does not speak TLS:
-    `tls-handshake`; one that never finishes: `tls-handshake-timeout`), shows the
-    connections still in their handshake, and counts nothing for a good client."""
+    `tls-handshake`; one that leaves after its ClientHello: `tls-handshake-abandoned`;
+    one that never finishes: `tls-handshake-timeout`), shows the
+    connections still in their handshake, and counts nothing for a good client or a TCP
+    health check (connected and closed without a byte)."""
     reasons: list[str] = []
     server_tls = server_ssl_context(str(pki.server_cert), str(pki.server_key), str(pki.ca))
     limits = ConnectionLimits(tls_handshake_timeout=0.5)
@@ -106,6 +109,10 @@ def test_failed_tls_handshakes_are_counted_by_kind(pki, loop_kind):
                 pass
             await until(lambda: reasons == ["tls-handshake"])
 
+            # a TCP health check: connects and closes, no byte sent; not a failed handshake
+            socket.create_connection(("127.0.0.1", port)).close()
+            await until(lambda: listener.handshaking == 0)
+
             # not TLS at all
             reader, plain = await asyncio.open_connection("127.0.0.1", port)
             plain.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -113,13 +120,25 @@ def test_failed_tls_handshakes_are_counted_by_kind(pki, loop_kind):
             plain.close()
             await until(lambda: reasons == ["tls-handshake"] * 2)
 
+            # a client that sends its ClientHello and leaves: abandoned, not refused
+            hello = ssl.create_default_context(cafile=str(pki.ca)).wrap_bio(
+                ssl.MemoryBIO(), outgoing := ssl.MemoryBIO(), server_hostname="127.0.0.1"
+            )
+            with contextlib.suppress(ssl.SSLWantReadError):
+                hello.do_handshake()
+            reader, leaver = await asyncio.open_connection("127.0.0.1", port)
+            leaver.write(outgoing.read())
+            await reader.readexactly(1)  # the server's answer: it read the hello
+            leaver.close()
+            await until(lambda: reasons[2:] == ["tls-handshake-abandoned"])
+
             # a client that connects and never starts: in its handshake, then dropped
             reader, silent = await asyncio.open_connection("127.0.0.1", port)
             await until(lambda: listener.handshaking == 1)
             async with asyncio.timeout(5):
                 assert await reader.read() == b""
             silent.close()
-            await until(lambda: reasons == ["tls-handshake"] * 2 + ["tls-handshake-timeout"])
+            await until(lambda: reasons[3:] == ["tls-handshake-timeout"])
             assert listener.handshaking == 0
             good.close()
         finally:

@@ -3,11 +3,11 @@
 With TLS, ALPN decides (`h2` or `http/1.1`). Without TLS, a connection that opens with
 the HTTP/2 client preface is h2c (prior knowledge); anything else is HTTP/1.1.
 
-The event loop accepts and runs the TLS handshakes (libuv's accept loop in uvloop); what
-it does not say, the listener learns from the protocol object it makes per connection:
-one never told of its connection was left by a failed handshake (counted), and until
-then the connection is in its handshake (a gauge). Stopping without a replacement, the
-listener first takes what the kernel queued on the socket, which closing it would reset.
+The event loop accepts and runs the TLS handshakes (libuv's accept loop in uvloop); how
+each goes, which the loop does not say, the listener learns from the TLS object the loop
+makes per connection (`_TLSHandshake`): handshakes under way (a gauge), failed ones
+(counted by reason). Stopping without a replacement, the listener first takes what the
+kernel queued on the socket, which closing it would reset.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import h2.config
 import h2.connection
@@ -44,36 +44,54 @@ H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 HANDSHAKE_TIMER_SLACK = 0.05  # s: uvloop's timers fire to the millisecond, a little early
 
 
-class _Sniffer(asyncio.Protocol):
-    """Holds a new connection until it knows which protocol it speaks, then hands over.
+class _TLSHandshake(ssl.SSLObject):
+    """The TLS side of one client connection, made by the event loop through
+    `SSLContext.sslobject_class` (the listener sets a subclass naming itself). The loop
+    runs the handshake and says nothing of one that fails; this says it to the
+    listener: when the handshake is done, or when the loop drops it unfinished
+    (promptly on uvloop, the gateway's loop; asyncio's own loop holds a failed one in a
+    reference cycle until the collector runs)."""
 
-    With TLS the loop makes it when it accepts the connection and calls `connection_made`
-    only once the handshake is done; after a failed one (a bad certificate, garbage, the
-    timeout, a client gone) the loop drops it without a call, so its finalizer counts it:
-    at once on uvloop (the gateway's loop); asyncio's own loop holds it in a reference
-    cycle with the handshake's exception until the collector runs.
-    """
+    listener: ClassVar[Listener]
+    _began = 0.0  # when the loop first asked for the handshake (0: it never did)
+    _done = False
+    _refused = False  # OpenSSL refused what the client sent
+
+    def do_handshake(self) -> None:
+        if not self._began:
+            self._began = time.monotonic()
+            self.listener.handshake_began()
+        try:
+            super().do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise
+        except ssl.SSLError:
+            self._refused = True
+            raise
+        if not self._done:
+            self._done = True
+            self.listener.handshake_done()
+
+    def __del__(self) -> None:
+        if self._began and not self._done:
+            # a ClientHello read has a cipher chosen; a client that sent nothing (closed
+            # at once: a TCP health check) has none and was no handshake at all
+            self.listener.handshake_failed(
+                time.monotonic() - self._began, self._refused, self.cipher() is not None
+            )
+
+
+class _Sniffer(asyncio.Protocol):
+    """Holds a new connection until it knows which protocol it speaks, then hands over."""
 
     def __init__(self, listener: Listener) -> None:
         self._listener = listener
         self._transport: asyncio.Transport | None = None
         self._buffer = b""
         self._deadline: asyncio.TimerHandle | None = None
-        self._accepted_at = time.monotonic()
-        self._handshaking = listener.ssl_context is not None
-        if self._handshaking:
-            listener.handshake_began()
-
-    def __del__(self) -> None:
-        if self._handshaking:
-            self._handshaking = False
-            self._listener.handshake_failed(time.monotonic() - self._accepted_at)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        if self._handshaking:
-            self._handshaking = False
-            self._listener.handshake_done()
         self._listener.sniffing.add(self)
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
@@ -246,15 +264,27 @@ class Listener:
         self.handshaking -= 1
         self.on_handshakes()
 
-    def handshake_failed(self, seconds: float) -> None:
-        """A TLS handshake ended without a connection: `tls-handshake-timeout` when it
-        ran into the limit (a storm bigger than the CPU, or a stalled client), else
-        `tls-handshake` (a certificate from another CA, not TLS, the client gone). Not
-        logged one by one: a storm of them must not flood the log."""
+    def handshake_failed(self, seconds: float, refused: bool, said_hello: bool) -> None:
+        """A TLS handshake ended unfinished, counted by why (not logged one by one: a
+        storm of them must not flood the log):
+
+        - `tls-handshake-timeout`: it ran into the limit (a storm bigger than the CPU,
+          or a client that stalls);
+        - `tls-handshake`: OpenSSL refused what the client sent (a certificate from
+          another CA, not TLS, no common protocol or cipher);
+        - `tls-handshake-abandoned`: the client left after its ClientHello (it gave up,
+          or no longer needed the connection: the load model's Go clients leave a few
+          of their reconnects so in a storm).
+
+        A client that closed without sending a byte (a TCP health check) is none."""
         self.handshaking -= 1
         self.on_handshakes()
-        timed_out = seconds >= self.limits.tls_handshake_timeout - HANDSHAKE_TIMER_SLACK
-        self.rejected("tls-handshake-timeout" if timed_out else "tls-handshake", quiet=True)
+        if seconds >= self.limits.tls_handshake_timeout - HANDSHAKE_TIMER_SLACK:
+            self.rejected("tls-handshake-timeout", quiet=True)
+        elif refused:
+            self.rejected("tls-handshake", quiet=True)
+        elif said_hello:
+            self.rejected("tls-handshake-abandoned", quiet=True)
 
     def new_h2_protocol(self) -> HTTP2ServerConnection:
         protocol = self.engine.server(
@@ -276,6 +306,10 @@ class Listener:
         instance this one replaces); returns the bound port (useful with port 0)."""
         loop = asyncio.get_running_loop()
         handshake_timeout = self.limits.tls_handshake_timeout if self.ssl_context else None
+        if self.ssl_context is not None:  # the loop's TLS objects report to us
+            self.ssl_context.sslobject_class = type(
+                "TLSHandshake", (_TLSHandshake,), {"listener": self}
+            )
         # where: the socket handed over, or an address to bind (the rest is the same)
         where: dict[str, Any] = {"sock": sock}
         if sock is None:
