@@ -182,6 +182,10 @@ class Listener:
         self.upgrade_handler = upgrade_handler
         self.h2_settings = h2_settings or H2ServerSettings()
         self.ssl_context = ssl_context
+        if ssl_context is not None:  # the TLS objects the loop makes report to us
+            ssl_context.sslobject_class = type(
+                "TLSHandshake", (_TLSHandshake,), {"listener": self}
+            )
         self.limits = limits or ConnectionLimits()
         self._on_reject = on_reject
         self._on_abuse = on_abuse
@@ -306,10 +310,6 @@ class Listener:
         instance this one replaces); returns the bound port (useful with port 0)."""
         loop = asyncio.get_running_loop()
         handshake_timeout = self.limits.tls_handshake_timeout if self.ssl_context else None
-        if self.ssl_context is not None:  # the loop's TLS objects report to us
-            self.ssl_context.sslobject_class = type(
-                "TLSHandshake", (_TLSHandshake,), {"listener": self}
-            )
         # where: the socket handed over, or an address to bind (the rest is the same)
         where: dict[str, Any] = {"sock": sock}
         if sock is None:
