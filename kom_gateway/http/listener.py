@@ -347,12 +347,12 @@ class Listener:
         server, self.server = self.server, None
         if server is None:
             return
-        queue = None
-        if take_queued and server.sockets:  # a copy keeps the socket, queue and all,
-            # past the loop's close, so nothing new is accepted while it is emptied
-            queue = socket.socket(fileno=os.dup(server.sockets[0].fileno()))
+        # a copy keeps each socket, queue and all, past the loop's close: emptied after
+        # it, nothing new is accepted meanwhile
+        queues = [socket.socket(fileno=os.dup(s.fileno())) for s in server.sockets
+                  if take_queued]  # fmt: skip
         server.close()
-        if queue is not None:
+        for queue in queues:
             with queue:
                 self._take_queued(queue)
 
