@@ -66,9 +66,9 @@ def test_failed_tls_handshakes_are_counted_by_kind(pki, loop_kind):
     """The loop runs the handshakes and says nothing of one that fails; the listener
     counts each (a certificate from another CA, a client that does not speak TLS:
     `tls-handshake`; one that leaves after its ClientHello: `tls-handshake-abandoned`;
-    one that never finishes: `tls-handshake-timeout`), shows the
-    connections still in their handshake, and counts nothing for a good client or a TCP
-    health check (connected and closed without a byte)."""
+    one that never finishes: `tls-handshake-timeout`), shows the connections still in
+    their handshake, and counts nothing for a good client or a TCP health check
+    (connected and closed without a byte)."""
     reasons: list[str] = []
     server_tls = server_ssl_context(str(pki.server_cert), str(pki.server_key), str(pki.ca))
     limits = ConnectionLimits(tls_handshake_timeout=0.5)
@@ -83,8 +83,8 @@ def test_failed_tls_handshakes_are_counted_by_kind(pki, loop_kind):
         async with asyncio.timeout(5):
             while not condition():
                 await asyncio.sleep(0.01)
-                if loop_kind == "asyncio":  # its accept coroutine's frame holds the
-                    gc.collect()  # protocol in a cycle with the exception; uvloop's not
+                if loop_kind == "asyncio":  # it holds a failed handshake's TLS object
+                    gc.collect()  # in a cycle until collected; uvloop drops it at once
 
     async def main() -> None:
         listener = Listener(

@@ -162,7 +162,8 @@ class Listener:
 
     `limits` and `h2_settings` may be replaced (config reload): new connections get the
     new values. `on_reject(reason)` and `on_abuse(kind)` are told when a client is
-    turned away or cut off (for metrics).
+    turned away or cut off (for metrics). The handshakes of `ssl_context` are counted
+    for the listener made last with it (the simulator's groups share one, uncounted).
     """
 
     def __init__(
@@ -387,7 +388,7 @@ class Listener:
     def _taken(self, task: asyncio.Task[Any]) -> None:
         self._taking.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            # a failed handshake: the transport is closed, the sniffer counted it
+            # a failed handshake: the transport is closed, its TLS object counted it
             log.debug("queued connection not served: %r", task.exception())
 
     def _awaiting_first_request(self) -> bool:
