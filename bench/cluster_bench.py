@@ -51,6 +51,8 @@ import json
 import os
 import shutil
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -388,15 +390,18 @@ def run_fleet(
 
 
 def seconds_until_all_up(progress: list[dict], since: float, nodes: int) -> float | None:
-    """From `since` (fleet seconds) until every kubelet's watch was up again."""
+    """From `since` (fleet seconds: a kill, which drops every watch) until every
+    kubelet's watch was up again. The fleet samples once a second on a clock that
+    starts a little after ours, so a dip sampled up to a second before `since` is this
+    one; if no sample caught the dip, the watches were back by the first after it."""
     dipped = False
     for line in progress:
-        if "watches_up" not in line or line["t"] < since:
+        if "watches_up" not in line or line["t"] < since - 1:
             continue
         if line["watches_up"] < nodes:
             dipped = True
-        elif dipped:
-            return round(line["t"] - since, 1)
+        elif dipped or line["t"] >= since:
+            return round(max(line["t"] - since, 0.0), 1)
     return None
 
 
@@ -445,6 +450,204 @@ def callgrind_window(target: Target, at: float, seconds: float, window: dict[str
     return [(at, on), (at + seconds, off)]
 
 
+# -- the day with faults (--faults; tests/test_cluster_day.py runs its short version) -----
+THRESHOLD = 3  # health.consecutiveFailures of the day's gateway
+BASE_EJECTION, MAX_EJECTION = 2.0, 10.0  # its ejection times: doubled per repeat, capped
+DAY_EXTRA = f"""health: {{intervalSeconds: 0.5, timeoutSeconds: 1, failureThreshold: 2,
+          consecutiveFailures: {THRESHOLD}, baseEjectionSeconds: {BASE_EJECTION:g},
+          maxEjectionSeconds: {MAX_EJECTION:g}}}
+limits: {{stalledWriteTimeoutSeconds: 5}}
+"""
+HOSTILE_RULE = '  - match: {userAgent: "*/* (linux/*) kubernetes/*"}\n    percent: {pod: 100}\n'
+READS = ("list", "watch", "lease-get", "check")  # kinds of the fleet's failures that are reads
+RECOVERY = 15.0  # s after the kill in which transport errors are the kill's
+MAX_WATCHES_BACK = 20.0  # s: every watch back after the kill within this (an SLO)
+MAX_LEASE_GAP = 40.0  # s unrenewed: the node would go NotReady
+
+
+@dataclass(frozen=True)
+class FaultDay:
+    """When each fault happens in a run of `seconds`: the test's 60-second day,
+    stretched to the run. One after another: the pod group answers 500, then resets
+    every response mid-body; the event group goes down and comes back; a client stalls
+    with unread LISTs; a 20 KB hostile User-Agent; a config reload; the replica is
+    SIGKILLed and restarted in place (every kubelet reconnects at once)."""
+
+    seconds: float
+
+    def at(self, second: float) -> float:
+        return round(second * self.seconds / 60, 1)
+
+    @property
+    def errors(self) -> tuple[float, float]:
+        return self.at(8), self.at(13)
+
+    @property
+    def resets(self) -> tuple[float, float]:
+        return self.at(16), self.at(21)
+
+    @property
+    def down(self) -> tuple[float, float]:
+        return self.at(24), self.at(28)
+
+    @property
+    def kill(self) -> float:
+        return self.at(40)
+
+
+def stalled_client(port: int, ca: Path) -> None:
+    """Ten LISTs it never reads (window 0): cut off by the stalled-reader timeout."""
+    import asyncio
+
+    import h2.settings
+    from harness import RawH2
+
+    async def stall() -> None:
+        context = ssl.create_default_context(cafile=str(ca))
+        context.set_alpn_protocols(["h2"])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context)
+        raw = RawH2(reader, writer)
+        raw.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+        for _ in range(10):
+            raw.send("/api/v1/pods", user_agent=b"stalled/1.0")
+        await raw.until_closed(20)
+
+    asyncio.run(asyncio.wait_for(stall(), 30))
+
+
+def hostile_user_agent(port: int, ca: Path) -> str:
+    """A 20 KB User-Agent of the shape the day's cut-over rule matches: the status line
+    of the answer."""
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=30) as raw,
+        ssl.create_default_context(cafile=str(ca)).wrap_socket(
+            raw, server_hostname="127.0.0.1") as tls,
+    ):  # fmt: skip
+        tls.sendall(b"GET /api/v1/nodes HTTP/1.1\r\nHost: gw\r\nUser-Agent: "
+                    + b"x/ (linux/" * 2000 + b"\r\nConnection: close\r\n\r\n")  # fmt: skip
+        answer = b""
+        while chunk := tls.recv(65536):
+            answer += chunk
+    return answer.split(b"\r\n", 1)[0].decode(errors="replace")
+
+
+def fault_timeline(day: FaultDay, target: Target, pki: PKI, seen: dict) -> list[Fault]:
+    """The day's faults but the kill (measure() runs that); what they saw goes in `seen`."""
+    upstream = target.upstream
+
+    def faults(group: str, **values: object) -> Callable[[], object]:
+        return lambda: upstream.control_call("PUT", f"/groups/{group}/faults", values)
+
+    def reload() -> None:  # an edit the gateway applies (SIGHUP: now, not at its next look)
+        if isinstance(target, Gateway) and target.process is not None:
+            target.config.write_text(target.config.read_text().replace(
+                "intervalSeconds: 0.5", "intervalSeconds: 0.4"))  # fmt: skip
+            os.kill(target.process.proc.pid, signal.SIGHUP)
+
+    def stall() -> None:
+        def run() -> None:
+            stalled_client(target.port, pki.ca)
+            seen["stalled_client_cut_off"] = True
+
+        threading.Thread(target=run, daemon=True).start()
+
+    def hostile() -> None:
+        seen["hostile_user_agent"] = hostile_user_agent(target.port, pki.ca)
+
+    (e0, e1), (r0, r1), (d0, d1) = day.errors, day.resets, day.down
+    timeline: list[Fault] = [
+        (e0, faults("pod", status_override=500)),
+        (e1, faults("pod", status_override=0)),
+        (r0, faults("pod", reset_mid_body=True)),
+        (r1, faults("pod", reset_mid_body=False)),
+        (d0, lambda: upstream.control_call("POST", "/groups/event/down")),
+        (d1, lambda: upstream.control_call("POST", "/groups/event/up")),
+        (day.at(30), stall),
+        (day.at(32), hostile),
+        (day.at(35), reload),
+    ]
+    if isinstance(target, Gateway):
+        def count_handshakes() -> None:
+            seen["handshakes_before_kill"] = failed_handshakes(target.admin)
+
+        timeline.append((day.kill - 1, count_handshakes))
+    return timeline
+
+
+def ejection_rounds(seconds: float) -> int:
+    """How often an endpoint failing for `seconds` is ejected (each time after
+    THRESHOLD failures, out for BASE_EJECTION doubled per repeat, capped)."""
+    rounds, t, out = 0, 0.0, BASE_EJECTION
+    while t < seconds:
+        rounds += 1
+        t += out
+        out = min(out * 2, MAX_EJECTION)
+    return rounds
+
+
+def slo_violations(day: FaultDay, summary: dict, lines: list[dict], seen: dict, nodes: int,
+                   back: float | None) -> list[str]:  # fmt: skip
+    """The day's SLOs, each broken one in words (none: all met):
+
+    - no read fails, except at most THRESHOLD cut mid-body (their headers and part of
+      their body had reached the client: no one can replay those) before the group is
+      ejected; writes fail only retriably (429/503 with Retry-After, which client-go
+      retries), except the apiserver's own 500s to at most THRESHOLD writes per
+      ejection (a write is never replayed);
+    - transport errors only while the replica is down;
+    - no well-behaved client gets a 429;
+    - every pod reaches its kubelet; no lease goes MAX_LEASE_GAP unrenewed; every watch
+      is back within MAX_WATCHES_BACK of the kill; informers end consistent;
+    - the gateway refuses no TLS handshake and lets none time out (by its own count).
+    """
+    failures = [(line["t"], line["failure"]) for line in lines if "failure" in line]
+
+    def transport(what: str) -> bool:
+        return not what.rsplit(" ", 1)[-1].isdigit()
+
+    def is_read(what: str) -> bool:
+        return any(word in what for word in READS)
+
+    broken: list[str] = []
+    outside_kill = [(t, w) for t, w in failures if not day.kill - 0.5 <= t <= day.kill + RECOVERY]
+    r0, r1 = day.resets
+    mid_body = [(t, w) for t, w in outside_kill
+                if transport(w) and r0 <= t <= r1 + 1 and is_read(w)]  # fmt: skip
+    stray = [f for f in outside_kill if transport(f[1]) and f not in mid_body]
+    if stray:
+        broken.append(f"{len(stray)} transport errors outside the kill: {stray[:5]}")
+    if len(mid_body) > THRESHOLD:
+        broken.append(f"{len(mid_body)} reads cut mid-body (at most {THRESHOLD}): {mid_body[:5]}")
+    statuses = [(t, w) for t, w in failures if not transport(w)]
+    if failed_reads := [f for f in statuses if is_read(f[1])]:
+        broken.append(f"{len(failed_reads)} reads failed with a status: {failed_reads[:5]}")
+    e0, e1 = day.errors
+    apiserver_500s = [f for f in statuses if f[1].endswith(" 500") and e0 <= f[0] <= e1 + 1]
+    most = THRESHOLD * ejection_rounds(e1 - e0)
+    if len(apiserver_500s) > most:
+        broken.append(f"{len(apiserver_500s)} writes got the apiserver's 500 (at most {most})")
+    if other := [f for f in statuses if f not in apiserver_500s and not is_read(f[1])]:
+        broken.append(f"{len(other)} writes failed otherwise: {other[:5]}")
+    if got_429 := [k for k in summary["retriable_writes"] if k.endswith(" 429")]:
+        broken.append(f"well-behaved clients got 429: {got_429}")
+    if summary["pods_never_delivered"]:
+        broken.append(f"{summary['pods_never_delivered']} pods never reached their kubelet")
+    if summary["lease_gap_max_s"] >= MAX_LEASE_GAP:
+        broken.append(f"a lease went {summary['lease_gap_max_s']} s unrenewed")
+    if not summary["informers_consistent"]:
+        broken.append("an informer's cache differs from a fresh LIST")
+    if summary["all_watches_up_s"] <= 0:
+        broken.append("the watches never all came up")
+    if back is None or back >= MAX_WATCHES_BACK:
+        broken.append(f"every watch back {back} s after the kill (at most {MAX_WATCHES_BACK})")
+    if not seen.get("hostile_user_agent", "").startswith("HTTP/1.1 "):
+        broken.append(f"the hostile User-Agent got no answer: {seen.get('hostile_user_agent')}")
+    for when in ("handshakes_before_kill", "handshakes_after_kill"):
+        if set(seen.get(when, {})) - {"tls-handshake-abandoned"}:  # Go's leave a few
+            broken.append(f"TLS handshakes refused or timed out ({when}): {seen[when]}")
+    return broken
+
+
 def callgrind_total(out: Path | None) -> int:
     """The instructions in callgrind's dumps of `out` (the instrumented window)."""
     assert out is not None
@@ -460,7 +663,8 @@ def measure(target_name: str, fleet: Path, pki: PKI, root: Path, args: argparse.
             apiserver: Path | None = None) -> dict:  # fmt: skip
     upstream = GoUpstream(root, pki, binary=apiserver) if apiserver else Upstream(root, pki)
     upstream.start()
-    target = TARGETS[target_name](root, upstream)
+    day = FaultDay(args.seconds) if args.faults else None
+    target = TARGETS[target_name](root, upstream, *((DAY_EXTRA, HOSTILE_RULE) if day else ()))
     if args.callgrind:
         target.callgrind_out = root / "callgrind.out"
     try:
@@ -480,13 +684,17 @@ def measure(target_name: str, fleet: Path, pki: PKI, root: Path, args: argparse.
         threading.Thread(target=sample_rss, daemon=True).start()
         faults: list[Fault] = []
         killed: dict[str, float] = {}
-        if args.kill_at and target_name != "direct":
+        seen: dict = {}
+        kill_at = day.kill if day else args.kill_at
+        if day:
+            faults += fault_timeline(day, target, pki, seen)
+        if kill_at and target_name != "direct":
             def kill() -> None:
                 killed["cpu_before"] = cpu_seconds(target.pids())
                 killed["at"] = time.monotonic()
                 target.kill_and_restart()
 
-            faults.append((args.kill_at, kill))
+            faults.append((kill_at, kill))
         window: dict[str, float] = {}
         if args.callgrind:
             faults += callgrind_window(target, args.seconds - 5 - args.callgrind,
@@ -518,6 +726,13 @@ def measure(target_name: str, fleet: Path, pki: PKI, root: Path, args: argparse.
         if killed:
             result["all_watches_up_after_kill_s"] = seconds_until_all_up(
                 progress, killed["at"] - began, args.nodes)
+        if day:
+            if handshakes is not None:
+                seen["handshakes_after_kill"] = handshakes
+            result["fault_day"] = seen
+            result["slo_violations"] = slo_violations(
+                day, summary, progress, seen, args.nodes,
+                result.get("all_watches_up_after_kill_s"))
         up = summary.get("all_watches_up_s", -1)
         if up > 0 and cpu_at and not killed and target_name != "direct":
             # the start storm (connections, handshakes, first LISTs) apart from the rest
@@ -551,6 +766,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--callgrind", type=float, default=0.0, metavar="SECONDS",
                         help="run the gateway under callgrind and count its instructions "
                         "per request over SECONDS of the steady state (target gateway)")
+    parser.add_argument("--faults", action="store_true",
+                        help="the day with faults (FaultDay, the kill two thirds in) and its "
+                        "SLOs, checked per target (--upstream sim: it has the fault switches)")
     parser.add_argument("--keep", metavar="DIR",
                         help="work in DIR and keep it (logs of every process, the fleet's "
                         "failure lines) instead of a temporary directory")
@@ -566,6 +784,8 @@ def main() -> int:
             sys.exit("--callgrind needs 20 s after the start storm: raise --seconds")
         if shutil.which("callgrind_control") is None:
             sys.exit("valgrind is needed: apt-get install valgrind")
+    if args.faults and (args.upstream != "sim" or "direct" in args.targets.split(",")):
+        sys.exit("--faults needs --upstream sim (its fault switches) and no direct target")
     for tool in ("openssl", "haproxy"):
         if shutil.which(tool) is None and (tool != "haproxy" or "haproxy" in args.targets):
             sys.exit(f"{tool} is needed: apt-get install {tool}")
@@ -603,6 +823,10 @@ def main() -> int:
               f"{r['all_watches_up_s']:5.1f} {r.get('all_watches_up_after_kill_s') or '-':>9} "
               f"{r['pods_never_delivered']:5d} {sum(r['failures'].values()):8d} "
               f"{'-' if handshakes is None else sum(handshakes.values())}")  # fmt: skip
+    for r in results:
+        if "slo_violations" in r:
+            verdict = "; ".join(r["slo_violations"]) or "every SLO met"
+            print(f"{r['target']}: the day with faults: {verdict}")
     for r in results:
         if "instructions_per_request" in r:
             print(f"{r['target']}: {r['instructions_per_request']:,} instructions per request "
