@@ -551,8 +551,11 @@ def fault_timeline(day: FaultDay, target: Target, pki: PKI, seen: dict) -> list[
 
     def stall() -> None:
         def run() -> None:
-            stalled_client(target.port, pki.ca)
-            seen["stalled_client_cut_off"] = True
+            try:
+                stalled_client(target.port, pki.ca)
+                seen["stalled_client"] = "cut off"
+            except Exception as exc:  # e.g. closed under its writes: said, not raised
+                seen["stalled_client"] = f"{exc!r}"
 
         threading.Thread(target=run, daemon=True).start()
 
