@@ -3,6 +3,7 @@ gateway, HAProxy and directly, in one run; with faults for the SLO test.
 
     python bench/cluster_bench.py [--nodes 1000] [--seconds 120] [--churn 20]
         [--targets direct,haproxy,gateway,gateway-workers] [--kill-at 60] [--repeats 1]
+        [--faults]
 
 Clients: `bench/cluster/fleet.go` (Go's net/http: client-go's HTTP/2 stack, built with
 the Debian `golang-go` toolchain, standard library only): every kubelet on its own TLS
@@ -24,7 +25,10 @@ Targets, one after another: `direct` (the fleet talks to the simulator), `haprox
 passed as X-Remote-User/Group with the front-proxy certificate), `gateway` (one process)
 and `gateway-workers` (`--workers 2`). With --kill-at, the target is SIGKILLed at that
 second and started again at once on the same port (a replica killed and restarted in
-place: every kubelet reconnects at once).
+place: every kubelet reconnects at once). With --faults, the day with faults
+(`FaultDay`: group errors, mid-body resets, a group down, a stalled client, a hostile
+User-Agent, a reload, the kill) and its SLOs, checked per target (`slo_violations`;
+tests/test_cluster_day.py is its short version).
 
 Per target: watch delivery latency (binding sent -> the owning kubelet's watch event),
 lease and node-status p99 (watch and lease also for what began after the start storm,
