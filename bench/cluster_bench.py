@@ -69,7 +69,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from e2e import Process, free_port  # noqa: E402  (the tests' process helpers)
+from e2e import Process, free_port, sample  # noqa: E402  (the tests' process helpers)
 from pki import PKI, make_pki  # noqa: E402  (a kubeadm-shaped PKI, made with openssl)
 
 FLEET_SOURCE = ROOT / "bench" / "cluster"
@@ -412,16 +412,15 @@ def seconds_until_all_up(progress: list[dict], since: float, nodes: int) -> floa
     return None
 
 
-def gateway_metrics(admin: int) -> list[str]:
-    """The gateway's /metrics lines (with --workers, the supervisor's: all workers')."""
+def gateway_metrics(admin: int) -> str:
+    """The gateway's /metrics page (with --workers, the supervisor's: all workers')."""
     with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=30) as r:
-        return r.read().decode().splitlines()
+        return r.read().decode()
 
 
 def finished_requests(admin: int) -> float:
     """kom_gateway_requests_total over every label: the requests the gateway finished."""
-    return sum(float(line.rsplit(" ", 1)[1]) for line in gateway_metrics(admin)
-               if line.startswith("kom_gateway_requests_total{"))  # fmt: skip
+    return sample(gateway_metrics(admin), "kom_gateway_requests_total")
 
 
 def failed_handshakes(admin: int) -> dict[str, int]:
@@ -429,7 +428,7 @@ def failed_handshakes(admin: int) -> dict[str, int]:
     `tls-handshake-timeout`); the fleet counts what its clients saw."""
     counts: dict[str, int] = {}
     prefix = 'kom_gateway_client_connections_rejected_total{reason="tls-handshake'
-    for line in gateway_metrics(admin):
+    for line in gateway_metrics(admin).splitlines():
         if line.startswith(prefix):
             reason = line[len(prefix) - len("tls-handshake"):].split('"', 1)[0]
             counts[reason] = counts.get(reason, 0) + int(float(line.rsplit(" ", 1)[1]))

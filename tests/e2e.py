@@ -71,6 +71,17 @@ current-context: e2e
 """
 
 
+def sample(text: str, name: str, **labels: str) -> float:
+    """The sum of `name`'s samples on a /metrics page whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.split("{")[0].split(" ")[0] == name and all(
+            f'{k}="{v}"' in line for k, v in labels.items()
+        ):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 class Process:
     """A process in its own session, output to `log`, started once `ready` appears in
     its output (or, for servers that print nothing, once `wait_port` accepts)."""

@@ -15,7 +15,7 @@ import urllib.request
 from dataclasses import fields
 
 import pytest
-from e2e import Cluster, need
+from e2e import Cluster, need, sample
 from pki import PKI
 from test_identity import sign
 
@@ -47,30 +47,28 @@ def test_kubectl_with_a_client_certificate(tls_cluster, pki):
     assert any("/exec?" in r["target"] for r in seen)
 
 
-def _sample(metrics: str, line_start: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-               if line.startswith(line_start))
-
-
 def test_failed_handshakes_are_counted_by_the_running_gateway(tls_cluster, pki, tmp_path):
     """kubectl with a certificate from another CA fails its TLS handshake; the gateway
     (uvloop, which says nothing of a failed handshake) counts it, and it holds no
     connection in a handshake afterwards."""
-    rejected = 'kom_gateway_client_connections_rejected_total{reason="tls-handshake"}'
-    before = _sample(tls_cluster.metrics(), rejected)
+    def refused() -> float:
+        return sample(tls_cluster.metrics(), "kom_gateway_client_connections_rejected_total",
+                      reason="tls-handshake")
+
+    before = refused()
     user = f"{{client-certificate: {pki.foreign_cert}, client-key: {pki.foreign_key}}}"
     mallory = tls_cluster.write_kubeconfig(tmp_path / "foreign.kubeconfig", user)
     proc = subprocess.run([need("kubectl"), "--kubeconfig", str(mallory), "get", "pods"],
                           capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode != 0
     deadline = time.monotonic() + 10
-    while (after := _sample(tls_cluster.metrics(), rejected)) == before:
+    while (after := refused()) == before:
         assert time.monotonic() < deadline, "the failed handshake was not counted"
         time.sleep(0.1)
     assert after > before
-    handshaking = 'kom_gateway_client_connections{protocol="tls-handshake"}'
     metrics = tls_cluster.metrics()
-    assert handshaking in metrics and _sample(metrics, handshaking) == 0
+    assert 'kom_gateway_client_connections{protocol="tls-handshake"}' in metrics
+    assert sample(metrics, "kom_gateway_client_connections", protocol="tls-handshake") == 0
 
 
 def test_kubectl_with_a_token(tls_cluster, tmp_path):

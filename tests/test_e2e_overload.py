@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from e2e import Cluster, Process
+from e2e import Cluster, Process, sample
 from goaway_client import GoawayClient
 from per_request_client import connection_per_request
 
@@ -29,16 +29,6 @@ pytestmark = pytest.mark.timeout(120)
 def metrics(admin: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as r:
         return r.read().decode()
-
-
-def sample(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.split("{")[0].split(" ")[0] == name and all(
-            f'{k}="{v}"' in line for k, v in labels.items()
-        ):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def ready_status(admin: int) -> int:

@@ -310,7 +310,6 @@ class Listener:
         """Bind and serve (or serve on `sock`, a listening socket handed over by the
         instance this one replaces); returns the bound port (useful with port 0)."""
         loop = asyncio.get_running_loop()
-        handshake_timeout = self.limits.tls_handshake_timeout if self.ssl_context else None
         # where: the socket handed over, or an address to bind (the rest is the same)
         where: dict[str, Any] = {"sock": sock}
         if sock is None:
@@ -319,9 +318,8 @@ class Listener:
         try:
             self.server = await loop.create_server(
                 lambda: _Sniffer(self),
-                ssl=self.ssl_context,
-                ssl_handshake_timeout=handshake_timeout,
                 backlog=BACKLOG,
+                **self._tls(),
                 **where,
             )
         except OSError as exc:
@@ -330,6 +328,15 @@ class Listener:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.port = int(sock.getsockname()[1])
         return self.port
+
+    def _tls(self) -> dict[str, Any]:
+        """How the loop serves a connection's TLS, accepted by it or taken at a drain."""
+        if self.ssl_context is None:
+            return {}
+        return {
+            "ssl": self.ssl_context,
+            "ssl_handshake_timeout": self.limits.tls_handshake_timeout,
+        }
 
     @property
     def listening_socket(self) -> socket.socket | None:
@@ -360,12 +367,7 @@ class Listener:
     def _take_queued(self, sock: socket.socket) -> None:
         sock.setblocking(False)
         loop = asyncio.get_running_loop()
-        options: dict[str, Any] = {}
-        if self.ssl_context is not None:
-            options = {
-                "ssl": self.ssl_context,
-                "ssl_handshake_timeout": self.limits.tls_handshake_timeout,
-            }
+        tls = self._tls()
         taken = 0
         while True:
             try:
@@ -377,7 +379,7 @@ class Listener:
                 break
             conn.setblocking(False)
             task = loop.create_task(
-                loop.connect_accepted_socket(lambda: _Sniffer(self), conn, **options)
+                loop.connect_accepted_socket(lambda: _Sniffer(self), conn, **tls)
             )
             self._taking.add(task)
             task.add_done_callback(self._taken)
@@ -387,9 +389,9 @@ class Listener:
 
     def _taken(self, task: asyncio.Task[Any]) -> None:
         self._taking.discard(task)
-        if not task.cancelled() and task.exception() is not None:
+        if not task.cancelled() and (exc := task.exception()) is not None:
             # a failed handshake: the transport is closed, its TLS object counted it
-            log.debug("queued connection not served: %r", task.exception())
+            log.debug("queued connection not served: %r", exc)
 
     def _awaiting_first_request(self) -> bool:
         return any(awaiting_first_request(s) for s in (*self._retired_h1, self.h1_server))
