@@ -149,11 +149,11 @@ def test_failed_tls_handshakes_are_counted_by_kind(pki, loop_kind):
 
 @pytest.mark.parametrize("tls", (False, True), ids=("plain", "tls"))
 @pytest.mark.parametrize("loop_kind", LOOPS)
-def test_connections_queued_at_a_drain_are_served_not_reset(pki, loop_kind, tls):
+def test_connections_queued_at_a_drain_are_served_not_reset(pki, loop_kind, tls, engine):
     """Connections the kernel has queued on the listening socket when a drain with no
     replacement closes it would be reset by the close; the listener takes them first,
-    and each is told to go (HTTP/2 GOAWAY) like the rest. (Without taking them, each of
-    these clients reads a reset.)"""
+    and each is told to go (HTTP/2 GOAWAY) like the rest, on either HTTP/2 engine.
+    (Without taking them, each of these clients reads a reset.)"""
     server_tls = (
         server_ssl_context(str(pki.server_cert), str(pki.server_key), None) if tls else None
     )
@@ -161,6 +161,7 @@ def test_connections_queued_at_a_drain_are_served_not_reset(pki, loop_kind, tls)
 
     async def main() -> None:
         listener = Listener(_never_called, ssl_context=server_tls)
+        assert listener.engine.name == engine
         port = await listener.start("127.0.0.1", 0)
         # connected while the loop cannot accept: they wait in the kernel's queue
         socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(queued)]
