@@ -15,8 +15,9 @@ nodes relisting every minute; a writer creating and deleting pods at --churn a s
 Upstream (`--upstream`): `sim`, the project's simulator (`kom-gateway sim`: four groups on
 one store and one resourceVersion counter, with fault switches), or `go`, the Go stand-in
 `bench/cluster/apiserver` (the part of kube-apiserver the fleet uses, on Go's net/http,
-standard library only; four groups on one store) for thousands of kubelets, where the
-simulator's one Python process is the bottleneck. Either is over TLS with kube-apiserver's
+standard library only; four groups on one store, with the fault switches the day with
+faults uses) for thousands of kubelets, where the simulator's one Python process is the
+bottleneck. Either is over TLS with kube-apiserver's
 authentication (x509 client certificates, the front-proxy request header), and restarted
 for every target, so each starts from the same empty store.
 
@@ -227,8 +228,9 @@ class Upstream:
 
 @dataclass
 class GoUpstream(Upstream):
-    """The Go stand-in's four groups (bench/cluster/apiserver): no faults, no control
-    API; for loads the simulator cannot carry."""
+    """The Go stand-in's four groups (bench/cluster/apiserver), for loads the simulator
+    cannot carry; on the simulator's control API, the fault switches the day with faults
+    uses (status_override, reset_mid_body, down and up)."""
 
     binary: Path | None = None
 
@@ -239,11 +241,9 @@ class GoUpstream(Upstream):
             [str(self.binary), "-ports", ",".join(f"{g}={p}" for g, p in self.ports.items()),
              "-tls-cert-file", str(pki.server_cert), "-tls-private-key-file", str(pki.server_key),
              "-client-ca-file", str(pki.ca), "-requestheader-client-ca-file",
-             str(pki.front_proxy_ca), "-requestheader-allowed-names", "front-proxy-client"],
+             str(pki.front_proxy_ca), "-requestheader-allowed-names", "front-proxy-client",
+             "-control-port", str(self.control)],
             "apiserver stand-in serving", self.root / "apiserver.log")  # fmt: skip
-
-    def control_call(self, method: str, path: str, body: object = None) -> object:
-        raise NotImplementedError("the Go upstream has no faults: use --upstream sim")
 
 
 class Target:
@@ -423,16 +423,29 @@ def finished_requests(admin: int) -> float:
     return sample(gateway_metrics(admin), "kom_gateway_requests_total")
 
 
-def failed_handshakes(admin: int) -> dict[str, int]:
-    """The TLS handshakes the gateway itself saw fail, by reason (`tls-handshake`,
-    `tls-handshake-timeout`); the fleet counts what its clients saw."""
+def counts_by(text: str, name: str, label: str) -> dict[str, int]:
+    """`name`'s samples on a /metrics page, summed by the value of `label` (none: 0)."""
     counts: dict[str, int] = {}
-    prefix = 'kom_gateway_client_connections_rejected_total{reason="tls-handshake'
-    for line in gateway_metrics(admin).splitlines():
-        if line.startswith(prefix):
-            reason = line[len(prefix) - len("tls-handshake"):].split('"', 1)[0]
-            counts[reason] = counts.get(reason, 0) + int(float(line.rsplit(" ", 1)[1]))
-    return {reason: n for reason, n in counts.items() if n}
+    key = f'{label}="'
+    for line in text.splitlines():
+        if line.split("{")[0] == name and key in line:
+            value = line.split(key, 1)[1].split('"', 1)[0]
+            counts[value] = counts.get(value, 0) + int(float(line.rsplit(" ", 1)[1]))
+    return {value: n for value, n in counts.items() if n}
+
+
+def failed_handshakes(text: str) -> dict[str, int]:
+    """The TLS handshakes the gateway itself saw fail, by reason (`tls-handshake`,
+    `tls-handshake-timeout`, `tls-handshake-abandoned`); the fleet counts what its
+    clients saw."""
+    rejected = counts_by(text, "kom_gateway_client_connections_rejected_total", "reason")
+    return {k: n for k, n in rejected.items() if k.startswith("tls-handshake")}
+
+
+def shed_requests(text: str) -> dict[str, int]:
+    """The requests the gateway itself answered 429, by reason (`client-inflight`,
+    `inflight`, ...): which of its limits the fleet's 429s came from."""
+    return counts_by(text, "kom_gateway_shed_requests_total", "reason")
 
 
 def callgrind_window(target: Target, at: float, seconds: float, window: dict[str, float]
@@ -579,7 +592,9 @@ def fault_timeline(day: FaultDay, target: Target, pki: PKI, seen: dict) -> list[
     ]
     if isinstance(target, Gateway):
         def count_handshakes() -> None:
-            seen["handshakes_before_kill"] = failed_handshakes(target.admin)
+            metrics = gateway_metrics(target.admin)
+            seen["handshakes_before_kill"] = failed_handshakes(metrics)
+            seen["shed_before_kill"] = shed_requests(metrics)
 
         timeline.append((day.kill - 1, count_handshakes))
     return timeline
@@ -596,13 +611,17 @@ def ejection_rounds(seconds: float) -> int:
     return rounds
 
 
-def slo_violations(day: FaultDay, summary: dict, lines: list[dict], seen: dict, nodes: int,
-                   back: float | None) -> list[str]:  # fmt: skip
-    """The day's SLOs, each broken one in words (none: all met):
+def slo_violations(day: FaultDay, summary: dict, lines: list[dict], seen: dict, readers: int,
+                   back: float | None, processes: int = 1) -> list[str]:  # fmt: skip
+    """The day's SLOs, each broken one in words (none: all met); `readers`: the
+    fleet's clients that read the failing group at once in its reset window (the
+    informers, relisting together); `processes`: the gateway's (`--workers`), each of
+    which ejects a failing group on its own failures:
 
-    - no read fails, except at most THRESHOLD cut mid-body (their headers and part of
-      their body had reached the client: no one can replay those) before the group is
-      ejected; writes fail only retriably (429/503 with Retry-After, which client-go
+    - no read fails, except those cut mid-body (their headers and part of their body
+      had reached the client: no one can replay those) before the group is ejected:
+      THRESHOLD, and the other readers' requests already under way when it was;
+      writes fail only retriably (429/503 with Retry-After, which client-go
       retries), except the apiserver's own 500s to at most THRESHOLD writes per
       ejection (a write is never replayed);
     - transport errors only while the replica is down;
@@ -610,6 +629,8 @@ def slo_violations(day: FaultDay, summary: dict, lines: list[dict], seen: dict, 
     - every pod reaches its kubelet; no lease goes MAX_LEASE_GAP unrenewed; every watch
       is back within MAX_WATCHES_BACK of the kill; informers end consistent;
     - the gateway refuses no TLS handshake and lets none time out (by its own count).
+
+    What gets through before an ejection (THRESHOLD) is per process.
     """
     failures = [(line["t"], line["failure"]) for line in lines if "failure" in line]
 
@@ -628,20 +649,23 @@ def slo_violations(day: FaultDay, summary: dict, lines: list[dict], seen: dict, 
     stray = [f for f in outside_kill if transport(f[1]) and f not in mid_body]
     if stray:
         broken.append(f"{len(stray)} transport errors outside the kill: {stray[:5]}")
-    if len(mid_body) > THRESHOLD:
-        broken.append(f"{len(mid_body)} reads cut mid-body (at most {THRESHOLD}): {mid_body[:5]}")
+    if len(mid_body) > (cut_most := (THRESHOLD + readers - 1) * processes):
+        broken.append(f"{len(mid_body)} reads cut mid-body (at most {cut_most}): "
+                      f"{mid_body[:5]}")  # fmt: skip
     statuses = [(t, w) for t, w in failures if not transport(w)]
     if failed_reads := [f for f in statuses if is_read(f[1])]:
         broken.append(f"{len(failed_reads)} reads failed with a status: {failed_reads[:5]}")
     e0, e1 = day.errors
     apiserver_500s = [f for f in statuses if f[1].endswith(" 500") and e0 - 1 <= f[0] <= e1 + 1]
-    most = THRESHOLD * ejection_rounds(e1 - e0)
+    most = THRESHOLD * ejection_rounds(e1 - e0) * processes
     if len(apiserver_500s) > most:
         broken.append(f"{len(apiserver_500s)} writes got the apiserver's 500 (at most {most})")
     if other := [f for f in statuses if f not in apiserver_500s and not is_read(f[1])]:
         broken.append(f"{len(other)} writes failed otherwise: {other[:5]}")
     if got_429 := [k for k in summary["retriable_writes"] if k.endswith(" 429")]:
-        broken.append(f"well-behaved clients got 429: {got_429}")
+        at = [line["t"] for line in lines if line.get("retriable", "").endswith(" 429")]
+        when = f" at {min(at):.1f}-{max(at):.1f} s" if at else ""
+        broken.append(f"well-behaved clients got 429{when}: {got_429}")
     if summary["pods_never_delivered"]:
         broken.append(f"{summary['pods_never_delivered']} pods never reached their kubelet")
     if summary["lease_gap_max_s"] >= MAX_LEASE_GAP:
@@ -715,7 +739,8 @@ def measure(target_name: str, fleet: Path, pki: PKI, root: Path, args: argparse.
         log = root / f"fleet-{target_name}.log"
         summary, progress = run_fleet(fleet, pki, port, args, log, faults)
         stop.set()
-        handshakes = failed_handshakes(target.admin) if isinstance(target, Gateway) else None
+        metrics = gateway_metrics(target.admin) if isinstance(target, Gateway) else None
+        handshakes = None if metrics is None else failed_handshakes(metrics)
         cpu = cpu_seconds(target.pids()) - (cpu0 if not killed else 0)
         if killed:
             cpu += killed["cpu_before"] - cpu0
@@ -729,8 +754,9 @@ def measure(target_name: str, fleet: Path, pki: PKI, root: Path, args: argparse.
             "peak_rss_mib_per_1000_kubelets": round(max(peak) * 1000 / args.nodes, 1),
             **summary,
         }
-        if handshakes is not None:  # (after a kill: the restarted process's)
+        if metrics is not None:  # (after a kill: the restarted process's)
             result["gateway_failed_handshakes"] = handshakes
+            result["gateway_shed_requests"] = shed_requests(metrics)
         if window:
             result["instructions_per_request"] = round(
                 callgrind_total(target.callgrind_out) / max(window["requests"], 1))
@@ -743,8 +769,8 @@ def measure(target_name: str, fleet: Path, pki: PKI, root: Path, args: argparse.
                 seen["handshakes_after_kill"] = handshakes
             result["fault_day"] = seen
             result["slo_violations"] = slo_violations(
-                day, summary, progress, seen, args.nodes,
-                result.get("all_watches_up_after_kill_s"))
+                day, summary, progress, seen, args.informers,
+                result.get("all_watches_up_after_kill_s"), getattr(target, "workers", 1))
         up = summary.get("all_watches_up_s", -1)
         if up > 0 and cpu_at and not killed and target_name != "direct":
             # the start storm (connections, handshakes, first LISTs) apart from the rest
@@ -780,7 +806,7 @@ def parser() -> argparse.ArgumentParser:
                         "per request over SECONDS of the steady state (target gateway)")
     parser.add_argument("--faults", action="store_true",
                         help="the day with faults (FaultDay, the kill two thirds in) and its "
-                        "SLOs, checked per target (--upstream sim: it has the fault switches)")
+                        "SLOs, checked per target (either upstream has the fault switches)")
     parser.add_argument("--keep", metavar="DIR",
                         help="work in DIR and keep it (logs of every process, the fleet's "
                         "failure lines) instead of a temporary directory")
@@ -796,8 +822,8 @@ def main() -> int:
             sys.exit("--callgrind needs 20 s after the start storm: raise --seconds")
         if shutil.which("callgrind_control") is None:
             sys.exit("valgrind is needed: apt-get install valgrind")
-    if args.faults and (args.upstream != "sim" or "direct" in args.targets.split(",")):
-        sys.exit("--faults needs --upstream sim (its fault switches) and no direct target")
+    if args.faults and "direct" in args.targets.split(","):
+        sys.exit("--faults needs a target in front of the groups: no direct")
     for tool in ("openssl", "haproxy"):
         if shutil.which(tool) is None and (tool != "haproxy" or "haproxy" in args.targets):
             sys.exit(f"{tool} is needed: apt-get install {tool}")
@@ -835,6 +861,11 @@ def main() -> int:
               f"{r['all_watches_up_s']:5.1f} {r.get('all_watches_up_after_kill_s') or '-':>9} "
               f"{r['pods_never_delivered']:5d} {sum(r['failures'].values()):8d} "
               f"{'-' if handshakes is None else sum(handshakes.values())}")  # fmt: skip
+    for r in results:
+        if shed := r.get("gateway_shed_requests"):
+            print(f"{r['target']}: answered 429 by the gateway itself: {shed}")
+        print(f"{r['target']}: most requests in flight at once, per controller client "
+              f"(overload.perClient.maxInflight counts them): {r.get('peak_inflight')}")
     for r in results:
         if "slo_violations" in r:
             verdict = "; ".join(r["slo_violations"]) or "every SLO met"

@@ -379,7 +379,9 @@ def test_high_goaway_chance_warns():
 
 # -- fair share per client ---------------------------------------------------------------
 def test_one_client_cannot_take_more_than_its_requests_in_flight():
-    admission = Admission(OverloadPolicy(per_client=ClientLimits(max_inflight=3)))
+    # (a group of 6 seats: contended from 3 taken, where one client's 3 already are)
+    admission = Admission(OverloadPolicy(limits=GroupLimits(max_inflight=6),
+                                         per_client=ClientLimits(max_inflight=3)))  # fmt: skip
     tickets = [admission.admit(LIST_PODS, KUBELET, "pod", 0.0) for _ in range(3)]
     assert all(isinstance(t, Ticket) for t in tickets)
     refused = admission.admit(LIST_PODS, KUBELET, "pod", 0.0)
@@ -397,6 +399,30 @@ def test_one_client_cannot_take_more_than_its_requests_in_flight():
     for t in tickets[1:]:
         t.release()
     assert admission.client_inflight == {KUBELET.key: 1, OPERATOR.key: 1}
+
+
+def test_a_client_past_its_share_is_held_to_it_only_while_its_group_is_contended():
+    """As APF seats any flow while its priority level has room: a controller whose
+    requests pile up (a restart storm slows every answer) is not shed by a group far
+    from full; once half the group's seats are taken, it is held to its share."""
+    admission = Admission(OverloadPolicy(limits=GroupLimits(max_inflight=20),
+                                         per_client=ClientLimits(max_inflight=3)))  # fmt: skip
+    mine = [admission.admit(LIST_PODS, KUBELET, "pod", 0.0) for _ in range(9)]
+    assert all(isinstance(t, Ticket) for t in mine)  # 9 of 20 seats: past its share
+    others = [admission.admit(LIST_PODS, OPERATOR, "pod", 0.0) for _ in range(1)]
+    refused = admission.admit(LIST_PODS, KUBELET, "pod", 0.0)  # 10 of 20: contended
+    assert isinstance(refused, Rejection) and refused.reason == "client-inflight"
+    assert isinstance(admission.admit(LIST_PODS, OPERATOR, "pod", 0.0), Ticket)  # theirs
+    elsewhere = admission.admit(LIST_PODS, KUBELET, "config", 0.0)
+    assert isinstance(elsewhere, Ticket)  # an idle group's seats are anyone's
+    for ticket in (*others, elsewhere, mine[0]):
+        ticket.release()  # the pod group: 9 of 20 again
+    assert isinstance(admission.admit(LIST_PODS, KUBELET, "pod", 0.0), Ticket)
+    # with no group limit, nothing else bounds a client: its share always holds
+    unlimited = Admission(OverloadPolicy(limits=GroupLimits(max_inflight=0),
+                                         per_client=ClientLimits(max_inflight=3)))  # fmt: skip
+    assert [type(unlimited.admit(LIST_PODS, KUBELET, "pod", 0.0)).__name__
+            for _ in range(4)] == ["Ticket"] * 3 + ["Rejection"]  # fmt: skip
 
 
 def test_a_client_over_its_byte_budget_gets_no_new_request_until_it_reads():

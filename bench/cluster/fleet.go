@@ -101,7 +101,7 @@ func (c *counters) inc(key string) {
 	c.mu.Unlock()
 }
 
-var failureLines int64
+var failureLines, retriedLines int64
 
 // failed counts a failure and, for the first 5,000, says when on stderr (the SLO test
 // tells failures inside a fault's window from those outside it).
@@ -109,6 +109,16 @@ func failed(key string) {
 	failures.inc(key)
 	if atomic.AddInt64(&failureLines, 1) <= 5000 {
 		line, _ := json.Marshal(map[string]any{"t": time.Since(start).Seconds(), "failure": key})
+		fmt.Fprintln(os.Stderr, string(line))
+	}
+}
+
+// retried counts a write answered 429/503 with a Retry-After (client-go retries it) and,
+// for the first 1,000, says when, as failed does.
+func retried(key string) {
+	retriable.inc(key)
+	if atomic.AddInt64(&retriedLines, 1) <= 1000 {
+		line, _ := json.Marshal(map[string]any{"t": time.Since(start).Seconds(), "retriable": key})
 		fmt.Fprintln(os.Stderr, string(line))
 	}
 }
@@ -146,9 +156,11 @@ var (
 // ---- clients ---------------------------------------------------------------------------
 
 type client struct {
-	http  *http.Client
-	name  string
-	agent string
+	http     *http.Client
+	name     string
+	agent    string
+	inflight int64 // requests (not watches) under way now, and at most so far: what a
+	peak     int64 // gateway's fair share per client (overload.perClient) counts
 }
 
 func newClient(ca *x509.CertPool, caCert *x509.Certificate, caKey any, cn string, orgs []string, agent string) *client {
@@ -201,6 +213,12 @@ func (c *client) do(ctx context.Context, kind, method, path, contentType string,
 	if contentType != "" {
 		req.Header.Set("Content-Type", contentType)
 	}
+	for now, peak := atomic.AddInt64(&c.inflight, 1), atomic.LoadInt64(&c.peak); now > peak; peak = atomic.LoadInt64(&c.peak) {
+		if atomic.CompareAndSwapInt64(&c.peak, peak, now) {
+			break
+		}
+	}
+	defer atomic.AddInt64(&c.inflight, -1)
 	resp, err := c.http.Do(req)
 	if err != nil {
 		if day.Err() != nil {
@@ -218,9 +236,9 @@ func (c *client) do(ctx context.Context, kind, method, path, contentType string,
 		return answer{}, err
 	}
 	a := answer{resp.StatusCode, data, resp.Header.Get("Retry-After")}
-	if a.status >= 400 && !(a.status == 409 && (kind == "create-node" || kind == "create-lease")) {
+	if a.status >= 400 && !(a.status == 409 && (kind == "create-node" || kind == "create-lease" || kind == "bind-after-cut")) {
 		if (a.status == 429 || a.status == 503) && a.retry != "" && method != "GET" {
-			retriable.inc(fmt.Sprintf("%s %d", kind, a.status))
+			retried(fmt.Sprintf("%s %d", kind, a.status))
 		} else {
 			failed(fmt.Sprintf("%s %d", kind, a.status))
 		}
@@ -580,13 +598,19 @@ func scheduler(ctx context.Context, c *client) {
 			"target":   map[string]any{"apiVersion": "v1", "kind": "Node", "name": node}}
 		path := "/api/v1/namespaces/" + pod.Metadata.Namespace + "/pods/" + pod.Metadata.Name + "/binding"
 		go func(name string) {
-			// the scheduler requeues a pod whose binding failed (with a backoff)
+			// the scheduler requeues a pod whose binding failed (with a backoff); a binding
+			// whose answer was lost in a cut connection may have been made: its retry
+			// ("bind-after-cut") finds the pod bound, a 409 that is no failure
+			kind := "bind"
 			for try := 0; try < 10 && ctx.Err() == nil; try++ {
 				bound.Store(name, time.Now())
-				a, err := c.do(ctx, "bind", "POST", path, "application/json", b, 30*time.Second)
-				if err == nil && (a.status == 201 || a.status == 409) {
+				a, err := c.do(ctx, kind, "POST", path, "application/json", b, 30*time.Second)
+				if err == nil && (a.status == 201 || a.status == 409) { // (a first try's 409: failed)
 					atomic.AddInt64(&boundCount, 1)
 					return
+				}
+				if err != nil {
+					kind = "bind-after-cut"
 				}
 				bound.Delete(name)
 				if err == nil && a.status == 404 {
@@ -827,6 +851,7 @@ func main() {
 		"pods_never_delivered":          never,
 		"all_watches_up_s":              allUp,
 		"informers_consistent":          consistent,
+		"peak_inflight":                 map[string]int64{"controllers": atomic.LoadInt64(&controllers.peak), "scheduler": atomic.LoadInt64(&sched.peak)},
 	}
 	out, _ := json.MarshalIndent(summary, "", " ")
 	fmt.Println(string(out))

@@ -10,9 +10,10 @@ Order of decision, cheapest and most important first:
    fetches only with one of its client's `per_client.max_inflight` seats, none while
    the client is over budget; without one it waits its turn (`clientshare.py`);
 2. fair share, for requests that are neither exempt nor protected: one client (client
-   key) may have `per_client.max_inflight` non-long-running requests in flight, and no
-   new request while the gateway holds more than `per_client.max_buffered_bytes` of
-   responses it has not read (`clientshare.py`);
+   key) may have `per_client.max_inflight` non-long-running requests in flight while
+   their group is contended (`CONTENDED` of its seats taken), and no new request while
+   the gateway holds more than `per_client.max_buffered_bytes` of responses it has not
+   read (`clientshare.py`);
 3. rate-limit rules apply to requests that are neither exempt nor protected;
 4. watches are held to the group's `max_watches`;
 5. other non-long-running requests are held to the group's `max_inflight`, less a reserve
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from kom_gateway.kube.requestinfo import RequestInfo
 from kom_gateway.overload.clientshare import ClientBuffers
 from kom_gateway.overload.policy import (
+    CONTENDED,
     QUEUE_PER_SEAT,
     OverloadPolicy,
     RateLimitRule,
@@ -209,7 +211,11 @@ class Admission:
                 )
             if kind is SHORT:
                 most = policy.per_client.max_inflight
-                if most and self.client_inflight.get(key, 0) >= most:
+                if (
+                    most
+                    and self.client_inflight.get(key, 0) >= most
+                    and self._contended(policy, group)
+                ):
                     return Rejection(
                         "client-inflight",
                         group,
@@ -258,6 +264,15 @@ class Admission:
         if protected:
             return Ticket(counts, group, kind)
         return Ticket(counts, group, kind, client_counts, key)
+
+    def _contended(self, policy: OverloadPolicy, group: str) -> bool:
+        """Whether `group` has seats worth sharing out: at least CONTENDED of its
+        `max_inflight` taken (no limit: always). Below that a client past its share may
+        use seats nobody else wants, as APF seats any flow while its priority level has
+        room: a controller whose requests pile up because a restart storm slows every
+        answer gets no 429 from a group that is nowhere near full."""
+        limit = policy.group_limits.get(group, policy.limits).max_inflight
+        return not limit or self.inflight.get(group, 0) >= limit * CONTENDED
 
     def _inflight_rejection(self, group: str, limit: int, now: float) -> Rejection:
         return Rejection(

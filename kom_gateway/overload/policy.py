@@ -74,6 +74,9 @@ def _covers(claim: ResourceClaim, info: RequestInfo) -> bool:
 
 
 QUEUE_PER_SEAT = 4  # requests that may wait for a group's seats: 4 per seat
+# share of a group's max_inflight taken from which one client is held to its
+# perClient.maxInflight (below it, seats nobody else wants are anyone's)
+CONTENDED = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +94,8 @@ class ClientLimits:
     a kubelet or an operator never meets them; exempt clients (system:masters) and
     protected requests (lease renewals) are never held to them."""
 
-    max_inflight: int = 100  # non-long-running requests in flight (0: no limit)
+    # non-long-running requests in flight while their group is contended (0: no limit)
+    max_inflight: int = 100
     max_buffered_bytes: int = 32 * 1024 * 1024  # response bytes held for it (0: no budget)
 
 

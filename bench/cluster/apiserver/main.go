@@ -22,6 +22,7 @@ import (
 	"flag"
 	"fmt"
 	"log"
+	"net"
 	"net/http"
 	"net/url"
 	"os"
@@ -43,6 +44,7 @@ var (
 	allowedNames = flag.String("requestheader-allowed-names", "", "front-proxy CNs (comma-separated; empty: any)")
 	historySize  = flag.Int("history", 100000, "watch events kept for resourceVersion replay")
 	bookmarkEach = flag.Duration("bookmark-interval", 60*time.Second, "watch bookmarks")
+	controlPort  = flag.Int("control-port", 0, "the fault switches' control API (0: none)")
 )
 
 type object = map[string]any
@@ -227,7 +229,8 @@ func (sv *server) authenticated(r *http.Request) string {
 	return cert.Subject.CommonName
 }
 
-func (sv *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+// serve answers one request to a group whose faults are `f`.
+func (sv *server) serve(w http.ResponseWriter, r *http.Request, f faults) {
 	switch r.URL.Path {
 	case "/readyz", "/healthz", "/livez":
 		w.Write([]byte("ok"))
@@ -240,6 +243,10 @@ func (sv *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		writeError(w, &apiError{401, "Unauthorized", "Unauthorized"})
 		return
 	}
+	if f.StatusOverride != 0 && (strings.HasPrefix(r.URL.Path, "/api/") || strings.HasPrefix(r.URL.Path, "/apis/")) {
+		writeError(w, &apiError{f.StatusOverride, "InternalError", "simulated failure (status override)"})
+		return
+	}
 	resource, ns, name, sub, ok := parsePath(r.URL.Path)
 	if !ok {
 		writeError(w, &apiError{404, "NotFound", "the server could not find the requested resource"})
@@ -248,11 +255,11 @@ func (sv *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
 	switch {
 	case r.Method == "GET" && name == "" && (q.Get("watch") == "1" || q.Get("watch") == "true"):
-		sv.watch(w, r, resource, q)
+		sv.watch(w, r, resource, q, f.ResetMidBody)
 	case r.Method == "GET" && name == "":
-		sv.list(w, resource, q)
+		sv.list(w, resource, q, f.ResetMidBody)
 	case r.Method == "GET":
-		sv.get(w, resource, ns, name)
+		sv.get(w, resource, ns, name, f.ResetMidBody)
 	case r.Method == "POST" && sub == "binding":
 		sv.bind(w, r, ns, name)
 	case r.Method == "POST" && name == "":
@@ -312,7 +319,20 @@ func selector(q url.Values) (*string, error) {
 	return &node, nil
 }
 
-func (sv *server) list(w http.ResponseWriter, resource string, q url.Values) {
+// writeBody answers a read with `body`, or (reset) with its first half and a reset: the
+// handler aborts, and net/http resets the HTTP/2 stream (closes an HTTP/1.1 connection).
+func writeBody(w http.ResponseWriter, body []byte, reset bool) {
+	w.Header().Set("Content-Type", "application/json")
+	if !reset {
+		w.Write(body)
+		return
+	}
+	w.Write(body[:len(body)/2])
+	w.(http.Flusher).Flush()
+	panic(http.ErrAbortHandler)
+}
+
+func (sv *server) list(w http.ResponseWriter, resource string, q url.Values, reset bool) {
 	node, err := selector(q)
 	if err != nil {
 		writeError(w, err)
@@ -329,8 +349,7 @@ func (sv *server) list(w http.ResponseWriter, resource string, q url.Values) {
 	body, _ := json.Marshal(object{"kind": "List", "apiVersion": "v1",
 		"metadata": object{"resourceVersion": strconv.FormatUint(rv, 10)}, "items": items})
 	sv.s.mu.Unlock()
-	w.Header().Set("Content-Type", "application/json")
-	w.Write(body)
+	writeBody(w, body, reset)
 }
 
 // stored is the object at ns/name (under s.mu), or a 404 for the client.
@@ -342,7 +361,7 @@ func (s *store) stored(resource, ns, name string) (object, error) {
 	return o, nil
 }
 
-func (sv *server) get(w http.ResponseWriter, resource, ns, name string) {
+func (sv *server) get(w http.ResponseWriter, resource, ns, name string, reset bool) {
 	sv.s.mu.Lock()
 	o, err := sv.s.stored(resource, ns, name)
 	var body []byte
@@ -354,8 +373,7 @@ func (sv *server) get(w http.ResponseWriter, resource, ns, name string) {
 		writeError(w, err)
 		return
 	}
-	w.Header().Set("Content-Type", "application/json")
-	w.Write(body)
+	writeBody(w, body, reset)
 }
 
 func readObject(r *http.Request) (object, error) {
@@ -509,7 +527,7 @@ func (sv *server) bind(w http.ResponseWriter, r *http.Request, ns, name string) 
 	writeJSON(w, 201, object{"kind": "Status", "apiVersion": "v1", "status": "Success", "code": 201})
 }
 
-func (sv *server) watch(w http.ResponseWriter, r *http.Request, resource string, q url.Values) {
+func (sv *server) watch(w http.ResponseWriter, r *http.Request, resource string, q url.Values, reset bool) {
 	node, err := selector(q)
 	if err != nil {
 		writeError(w, err)
@@ -586,6 +604,9 @@ func (sv *server) watch(w http.ResponseWriter, r *http.Request, resource string,
 			if flusher != nil {
 				flusher.Flush()
 			}
+			if reset { // the first events, then a reset (writeBody)
+				panic(http.ErrAbortHandler)
+			}
 		case <-tick.C:
 			if bookmarks {
 				s.mu.Lock()
@@ -620,6 +641,142 @@ func pool(file string) *x509.CertPool {
 	return p
 }
 
+// ---- the groups and their fault switches ------------------------------------------------
+
+// faults are a group's switches (the simulator's names, the ones the day with faults sets).
+type faults struct {
+	StatusOverride int  `json:"status_override"`
+	ResetMidBody   bool `json:"reset_mid_body"`
+}
+
+// group is one group's port: its server (nil while down), its faults, its connections.
+type group struct {
+	addr   string
+	sv     *server
+	tls    *tls.Config
+	served atomic.Uint64
+
+	mu     sync.Mutex
+	faults faults
+	srv    *http.Server
+	conns  map[net.Conn]struct{}
+}
+
+func (g *group) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	g.served.Add(1)
+	g.mu.Lock()
+	f := g.faults
+	g.mu.Unlock()
+	g.sv.serve(w, r, f)
+}
+
+// up binds the group's port and serves it.
+func (g *group) up() error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.srv != nil {
+		return nil
+	}
+	ln, err := net.Listen("tcp", g.addr)
+	if err != nil {
+		return err
+	}
+	srv := &http.Server{Handler: g, TLSConfig: g.tls,
+		ReadHeaderTimeout: 32 * time.Second, IdleTimeout: 90 * time.Second,
+		ConnState: func(c net.Conn, state http.ConnState) {
+			g.mu.Lock()
+			defer g.mu.Unlock()
+			switch state {
+			case http.StateNew:
+				g.conns[c] = struct{}{}
+			case http.StateClosed, http.StateHijacked:
+				delete(g.conns, c)
+			}
+		}}
+	g.srv = srv
+	go func() {
+		if err := srv.ServeTLS(ln, "", ""); err != nil && err != http.ErrServerClosed {
+			log.Fatal(err)
+		}
+	}()
+	return nil
+}
+
+// down closes the port and resets every connection, as a crashed apiserver's would be.
+func (g *group) down() {
+	g.mu.Lock()
+	srv := g.srv
+	g.srv = nil
+	for c := range g.conns {
+		if t, ok := c.(*tls.Conn); ok {
+			c = t.NetConn()
+		}
+		if tcp, ok := c.(*net.TCPConn); ok {
+			tcp.SetLinger(0) // a reset, not an orderly close
+		}
+	}
+	g.conns = map[net.Conn]struct{}{}
+	g.mu.Unlock()
+	if srv != nil {
+		srv.Close()
+	}
+}
+
+func (g *group) state() object {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	_, port, _ := net.SplitHostPort(g.addr)
+	n, _ := strconv.Atoi(port)
+	return object{"port": n, "down": g.srv == nil, "faults": g.faults, "total": g.served.Load()}
+}
+
+// control serves the fault switches (see the package comment).
+func control(groups map[string]*group) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		parts := strings.Split(strings.Trim(r.URL.Path, "/"), "/")
+		if r.Method == "GET" && r.URL.Path == "/groups" {
+			all := object{}
+			for name, g := range groups {
+				all[name] = g.state()
+			}
+			writeJSON(w, 200, all)
+			return
+		}
+		if len(parts) != 3 || parts[0] != "groups" || groups[parts[1]] == nil {
+			http.Error(w, "no such group or call", 404)
+			return
+		}
+		g := groups[parts[1]]
+		switch {
+		case r.Method == "PUT" && parts[2] == "faults":
+			g.mu.Lock()
+			f := g.faults
+			g.mu.Unlock()
+			decoder := json.NewDecoder(r.Body)
+			decoder.DisallowUnknownFields() // a switch this stand-in lacks is an error, not a no-op
+			if err := decoder.Decode(&f); err != nil {
+				http.Error(w, err.Error(), 400)
+				return
+			}
+			g.mu.Lock()
+			g.faults = f
+			g.mu.Unlock()
+			writeJSON(w, 200, f)
+		case r.Method == "POST" && parts[2] == "down":
+			g.down()
+			writeJSON(w, 200, object{"down": true})
+		case r.Method == "POST" && parts[2] == "up":
+			if err := g.up(); err != nil {
+				http.Error(w, err.Error(), 500)
+				return
+			}
+			writeJSON(w, 200, object{"down": false})
+		default:
+			http.Error(w, "no such call", 404)
+		}
+	})
+}
+
 func main() {
 	flag.Parse()
 	sv := &server{s: newStore(), allowed: map[string]bool{}, proxies: pool(*proxyCA)}
@@ -642,31 +799,35 @@ func main() {
 	if err != nil {
 		log.Fatal(err)
 	}
-	var servers []*http.Server
+	config := &tls.Config{Certificates: []tls.Certificate{cert}, ClientCAs: clients,
+		ClientAuth: tls.VerifyClientCertIfGiven, NextProtos: []string{"h2", "http/1.1"}}
+	groups := map[string]*group{}
 	var names []string
 	for _, pair := range strings.Split(*ports, ",") {
-		group, port, found := strings.Cut(pair, "=")
+		name, port, found := strings.Cut(pair, "=")
 		if !found {
 			log.Fatalf("-ports: %q is not group=port", pair)
 		}
-		srv := &http.Server{Addr: "127.0.0.1:" + port, Handler: sv,
-			TLSConfig: &tls.Config{Certificates: []tls.Certificate{cert}, ClientCAs: clients,
-				ClientAuth: tls.VerifyClientCertIfGiven, NextProtos: []string{"h2", "http/1.1"}},
-			ReadHeaderTimeout: 32 * time.Second, IdleTimeout: 90 * time.Second}
-		servers = append(servers, srv)
-		names = append(names, group+"=127.0.0.1:"+port)
-		go func() {
-			if err := srv.ListenAndServeTLS("", ""); err != nil && err != http.ErrServerClosed {
-				log.Fatal(err)
-			}
-		}()
+		g := &group{addr: "127.0.0.1:" + port, sv: sv, tls: config,
+			conns: map[net.Conn]struct{}{}}
+		if err := g.up(); err != nil {
+			log.Fatal(err)
+		}
+		groups[name] = g
+		names = append(names, name+"=127.0.0.1:"+port)
 	}
-	time.Sleep(200 * time.Millisecond)
+	if *controlPort != 0 {
+		ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", *controlPort))
+		if err != nil {
+			log.Fatal(err)
+		}
+		go http.Serve(ln, control(groups))
+	}
 	fmt.Printf("apiserver stand-in serving %s\n", strings.Join(names, ", "))
 	stop := make(chan os.Signal, 1)
 	signal.Notify(stop, syscall.SIGTERM, syscall.SIGINT)
 	<-stop
-	for _, srv := range servers {
-		srv.Close()
+	for _, g := range groups {
+		g.down()
 	}
 }
