@@ -70,7 +70,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from e2e import Process, free_port, sample  # noqa: E402  (the tests' process helpers)
+from e2e import Process, free_port, sample, samples  # noqa: E402  (the tests' process helpers)
 from pki import PKI, make_pki  # noqa: E402  (a kubeadm-shaped PKI, made with openssl)
 
 FLEET_SOURCE = ROOT / "bench" / "cluster"
@@ -426,12 +426,10 @@ def finished_requests(admin: int) -> float:
 def counts_by(text: str, name: str, label: str) -> dict[str, int]:
     """`name`'s samples on a /metrics page, summed by the value of `label` (none: 0)."""
     counts: dict[str, int] = {}
-    key = f'{label}="'
-    for line in text.splitlines():
-        if line.split("{")[0] == name and key in line:
-            value = line.split(key, 1)[1].split('"', 1)[0]
-            counts[value] = counts.get(value, 0) + int(float(line.rsplit(" ", 1)[1]))
-    return {value: n for value, n in counts.items() if n}
+    for labels, value in samples(text, name):
+        if label in labels:
+            counts[labels[label]] = counts.get(labels[label], 0) + int(value)
+    return {key: n for key, n in counts.items() if n}
 
 
 def failed_handshakes(text: str) -> dict[str, int]:

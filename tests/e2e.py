@@ -12,10 +12,12 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from pki import PKI
+from prometheus_client.parser import text_string_to_metric_families
 
 REQUIRE = os.environ.get("KOM_REQUIRE_CLIENTS") == "1"  # CI: a missing client is a failure
 
@@ -71,15 +73,21 @@ current-context: e2e
 """
 
 
+def samples(text: str, name: str) -> Iterator[tuple[dict[str, str], float]]:
+    """`name`'s samples on a /metrics page, each as (labels, value), read with
+    prometheus-client's parser (as the rollout controller reads the gateway's)."""
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name:
+                yield s.labels, s.value
+
+
 def sample(text: str, name: str, **labels: str) -> float:
     """The sum of `name`'s samples on a /metrics page whose labels include `labels`."""
-    total = 0.0
-    for line in text.splitlines():
-        if line.split("{")[0].split(" ")[0] == name and all(
-            f'{k}="{v}"' in line for k, v in labels.items()
-        ):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    return sum(
+        (v for have, v in samples(text, name) if all(have.get(k) == w for k, w in labels.items())),
+        0.0,
+    )
 
 
 class Process:
