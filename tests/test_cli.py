@@ -27,9 +27,10 @@ def test_check_prints_groups_and_rules(capsys):
     assert "resources: pods, bindings" in out
     assert "events.events.k8s.io" in out
     assert "[1] userAgent=kubelet/* userGroup=system:nodes  ->  pod 25%, config 100%, event 100%" in out
-    assert "event    in flight: 300 (queue: 3s), watches: no limit" in out
-    assert ("protected (shed last, 10% reserve): verbs=create,get,patch,update "
-            "resources=leases.coordination.k8s.io") in out
+    assert "event    in flight: 300 (queue: 15s), watches: no limit" in out
+    assert ("protected (never shed, 4 in flight per identity; 10% reserve): "
+            "verbs=create,get,patch,update resources=leases.coordination.k8s.io; "
+            "verbs=patch,update resources=nodes/status") in out
     assert "exempt (never shed): userGroup=system:masters" in out
     assert ("rate limit 'operator-lists': userAgent=my-operator/* verbs=list  ->  5 qps, "
             "burst 10, per client") in out

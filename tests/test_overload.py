@@ -117,14 +117,62 @@ def test_inflight_limit_sheds_with_429_material_and_a_release_makes_room():
     assert adm.inflight["pod"] == 8
 
 
-def test_lease_updates_use_the_reserve_and_are_shed_last():
-    adm = admission(limits=GroupLimits(max_queue_wait=0, max_inflight=10), reserved_percent=20)
-    for _ in range(8):
-        adm.admit(LIST_PODS, OPERATOR, "config", 0)
-    assert isinstance(adm.admit(LIST_PODS, OPERATOR, "config", 0), Rejection)
-    leases = [adm.admit(LEASE_UPDATE, KUBELET, "config", 0) for _ in range(2)]
-    assert all(isinstance(t, Ticket) for t in leases)
-    assert isinstance(adm.admit(LEASE_UPDATE, KUBELET, "config", 0), Rejection)  # full limit
+def node(n: int, agent: str = "kubelet/v1.31.0") -> Client:
+    return Client(agent, f"x509:CN=system:node:n{n},O=system:nodes", "10.0.0.1",
+                  f"system:node:n{n}", ("system:nodes",))  # fmt: skip
+
+
+def lease_of(n: int):
+    return parse_request(
+        "PUT", f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/n{n}"
+    )
+
+
+def test_heartbeats_take_seats_past_the_limit_and_are_never_shed():
+    """In a restart storm the replica's own backlog fills the seats: a heartbeat (a node's
+    lease or status) still gets one, and holds back the ordinary requests after it."""
+    adm = admission(limits=GroupLimits(max_queue_wait=3, max_inflight=10), reserved_percent=20)
+    ordinary = [adm.admit(LIST_PODS, OPERATOR, "config", 0) for _ in range(8)]
+    assert all(isinstance(t, Ticket) and not t.pending for t in ordinary)
+    waiting = adm.admit(LIST_PODS, OPERATOR, "config", 0)
+    assert isinstance(waiting, Ticket) and waiting.pending  # the reserve is not theirs
+    seated = []
+    waiting.wait(lambda: seated.append(1))
+    status = parse_request("PATCH", "/api/v1/nodes/n1/status")
+    beats = [adm.admit(lease_of(n), node(n), "config", 0) for n in range(20)]
+    beats += [adm.admit(status, node(n), "config", 0) for n in range(20)]
+    assert all(isinstance(t, Ticket) and t.protected and not t.pending for t in beats)
+    assert adm.inflight["config"] == 48  # past the 10 seats, counted
+    for ticket in ordinary:
+        ticket.release()
+    assert not seated  # 40 heartbeats hold the group: the ordinary request still waits
+    for ticket in beats:
+        ticket.release()
+    assert seated == [1] and adm.inflight["config"] == 1 and not adm.protected_inflight
+
+
+def test_an_identity_past_its_heartbeats_in_flight_sends_ordinary_requests():
+    """Protection is no way around the limits: one identity has at most
+    `maxProtectedInflight` protected requests in flight, whatever User-Agent it sends;
+    the next are ordinary (held to the group's limit less the reserve, to rate limits
+    and to its share) and are shed like any."""
+    leases = RequestMatch(resources=(parse_claim("leases.coordination.k8s.io"),))
+    limit = RateLimitRule("leases", leases, 1, 1)
+    adm = admission(limits=GroupLimits(max_queue_wait=0, max_inflight=6), reserved_percent=50,
+                    per_client=ClientLimits(max_protected_inflight=2), rate_limits=(limit,))  # fmt: skip
+    mine = [adm.admit(LEASE_UPDATE, node(1, f"agent-{i}/v1"), "config", 0) for i in range(2)]
+    assert all(isinstance(t, Ticket) and t.protected for t in mine)
+    assert adm.protected_inflight == {node(1).who: 2}
+    third = adm.admit(LEASE_UPDATE, node(1, "agent-3/v1"), "config", 0)
+    assert isinstance(third, Ticket) and not third.protected  # a rate-limit token, a seat
+    assert adm.inflight["config"] == 3
+    shed = adm.admit(LEASE_UPDATE, node(1), "config", 0)
+    assert isinstance(shed, Rejection) and shed.reason == "rate-limit"
+    assert isinstance(adm.admit(LEASE_UPDATE, node(2), "config", 0), Ticket)  # another node
+    mine[0].release()
+    assert isinstance(adm.admit(LEASE_UPDATE, node(1), "config", 0), Ticket)  # its own again
+    off = admission(per_client=ClientLimits(max_protected_inflight=0))
+    assert not off.admit(LEASE_UPDATE, KUBELET, "config", 0).protected
 
 
 def test_exempt_clients_are_admitted_and_take_no_ones_seat():
@@ -336,6 +384,10 @@ def test_overload_defaults_protect_leases_and_exempt_masters():
     o = load("").overload
     assert o.limits_for("event") == GroupLimits(1000, 0)
     assert o.protected[0].matches(LEASE_UPDATE, KUBELET, "config")
+    status = parse_request("PATCH", "/api/v1/nodes/n1/status")
+    assert o.protected[1].matches(status, KUBELET, "config")  # the other heartbeat
+    node_patch = parse_request("PATCH", "/api/v1/nodes/n1")
+    assert not any(m.matches(node_patch, KUBELET, "config") for m in o.protected)
     list_leases = parse_request("GET", "/apis/coordination.k8s.io/v1/leases")
     assert not o.protected[0].matches(list_leases, KUBELET, "config")  # a LIST storm is not
     assert o.exempt[0].matches(LIST_PODS, ADMIN, "pod")
@@ -389,7 +441,8 @@ def test_one_client_cannot_take_more_than_its_requests_in_flight():
     assert "3 requests in flight" in refused.message and refused.retry_after >= 1
     # others keep their share; the client's own exemptions hold
     assert isinstance(admission.admit(LIST_PODS, OPERATOR, "pod", 0.0), Ticket)
-    assert isinstance(admission.admit(LEASE_UPDATE, KUBELET, "config", 0.0), Ticket)  # protected
+    lease = admission.admit(LEASE_UPDATE, KUBELET, "config", 0.0)
+    assert isinstance(lease, Ticket) and lease.protected
     assert isinstance(admission.admit(WATCH_PODS, KUBELET, "pod", 0.0), Ticket)  # long-running
     assert all(isinstance(admission.admit(LIST_PODS, ADMIN, "pod", 0.0), Ticket)
                for _ in range(10))  # system:masters
@@ -470,6 +523,10 @@ def test_per_client_limits_from_yaml():
         'groups:\n  default: {endpoints: ["http://127.0.0.1:1"]}\n'
         "overload: {perClient: {maxInflight: 20, maxBufferedBytes: 0}}\n")
     assert config.overload.per_client == ClientLimits(20, 0)
+    config = load_config_text(
+        'groups:\n  default: {endpoints: ["http://127.0.0.1:1"]}\n'
+        "overload: {perClient: {maxProtectedInflight: 0}}\n")
+    assert config.overload.per_client.max_protected_inflight == 0
     default = load_config_text('groups:\n  default: {endpoints: ["http://127.0.0.1:1"]}\n')
     assert default.overload.per_client == ClientLimits()
 

@@ -1,5 +1,5 @@
 """Overload through the running proxy: 429 + Retry-After + Status instead of timeouts,
-rate limits, leases shed last, load-aware and max-age GOAWAY seen by a bare h2 client,
+rate limits, heartbeats never shed, load-aware and max-age GOAWAY seen by a bare h2 client,
 and a drain that lets requests finish and ends watches cleanly."""
 
 from __future__ import annotations
@@ -146,18 +146,26 @@ async def test_a_stalled_exempt_client_starves_no_one():
         await stack.close()
 
 
-async def test_leases_are_shed_last():
-    stack = await started("overload: {maxInflight: 5, maxQueueWaitSeconds: 0, reservedPercent: 40, exempt: []}\n")
+async def test_heartbeats_are_never_shed_up_to_their_allowance():
+    stack = await started("overload: {maxInflight: 5, maxQueueWaitSeconds: 0, reservedPercent: 40, "
+                          "perClient: {maxProtectedInflight: 4}, exempt: []}\n")
     try:
-        stack.sim.groups["config"].faults.latency = 0.5
-        client = await stack.client()
+        stack.sim.groups["config"].faults.latency = 1.0
+        client = await stack.client()  # one identity (its address), whatever its agent
         slow = [client.open("GET", "/api/v1/nodes") for _ in range(3)]  # fills 5 - 40%
         await asyncio.sleep(0.1)
         assert_too_many_requests(await client.request("GET", "/api/v1/configmaps"))
-        lease = await client.request("GET", LEASE, user_agent="kubelet/v1.31.0")
-        assert (lease.status, lease.group) == (404, "config")  # admitted, from the reserve
+        leases = [client.open("PUT", LEASE, user_agent=f"kubelet-{i}/v1.31.0", body=b"{}")
+                  for i in range(4)]  # 7 in flight: past the limit, admitted
+        await asyncio.sleep(0.1)
+        assert_too_many_requests(await client.request("GET", LEASE))  # a fifth: ordinary
+        for collector in leases:
+            await collector.done
+            assert (collector.response().status, collector.response().group) == (404, "config")
         for collector in slow:
             await collector.done
+        lease = await client.request("GET", LEASE, user_agent="kubelet/v1.31.0")
+        assert (lease.status, lease.group) == (404, "config")
     finally:
         await stack.close()
 

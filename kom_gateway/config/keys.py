@@ -69,6 +69,7 @@ OVERLOAD_GROUP_KEYS: dict[str, Field] = {
 PER_CLIENT_KEYS: dict[str, Field] = {
     "maxInflight": Field("max_inflight", whole=True, zero=True),
     "maxBufferedBytes": Field("max_buffered_bytes", whole=True, zero=True),
+    "maxProtectedInflight": Field("max_protected_inflight", whole=True, zero=True),
 }
 # accessLog's keys -> AccessLogSettings fields (validated one by one in access_log())
 ACCESS_LOG_KEYS: dict[str, str] = {

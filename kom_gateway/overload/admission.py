@@ -9,17 +9,24 @@ Order of decision, cheapest and most important first:
    responses count against the per-client buffered-bytes budget, and a short one
    fetches only with one of its client's `per_client.max_inflight` seats, none while
    the client is over budget; without one it waits its turn (`clientshare.py`);
-2. fair share, for requests that are neither exempt nor protected: one client (client
+2. protected requests (node heartbeats, leader election) are never shed: they take
+   seats of their group, past its limit if need be, so other requests are held back by
+   them, but no limit of the gateway turns them away. In a restart storm the replica's
+   own backlog fills a group's seats, and a 429 on a heartbeat is a retry (client-go's)
+   that saves nothing and brings a node nearer NotReady. So that protection is no way
+   around the limits, an identity has at most `per_client.max_protected_inflight` in
+   flight as protected; past that its requests are ordinary ones;
+3. fair share, for requests that are neither exempt nor protected: one client (client
    key) may have `per_client.max_inflight` non-long-running requests in flight while
    their group is contended (`CONTENDED` of its seats taken), and no new request while
    the gateway holds more than `per_client.max_buffered_bytes` of responses it has not
    read (`clientshare.py`);
-3. rate-limit rules apply to requests that are neither exempt nor protected;
-4. watches are held to the group's `max_watches`;
-5. other non-long-running requests are held to the group's `max_inflight`, less a reserve
-   only protected requests (leases: node heartbeats, leader election) may use, so they
-   are the last thing shed. Other long-running requests (exec, logs -f, proxy) are not
-   limited, as in kube-apiserver's max-in-flight filter.
+4. rate-limit rules apply to requests that are neither exempt nor protected;
+5. watches are held to the group's `max_watches`;
+6. other non-long-running requests are held to the group's `max_inflight`, less a reserve
+   kept for protected requests; past it they queue, then are shed. Other long-running
+   requests (exec, logs -f, proxy) are not limited, as in kube-apiserver's max-in-flight
+   filter.
 """
 
 from __future__ import annotations
@@ -65,6 +72,7 @@ class Ticket:
         "max_wait",
         "on_seat",
         "pending",
+        "protected",
         "released",
     )
 
@@ -79,14 +87,16 @@ class Ticket:
         admission: Admission | None = None,
         limit: int = 0,
         max_wait: float = 0.0,
+        protected: bool = False,
     ) -> None:
         self._counts = counts
         self.group = group
         self.kind = kind
         self.exempt = exempt  # never shed: a short one fetches with a seat of its client's
+        self.protected = protected  # never shed; its responses held to no budget
         self.released = False
         self._client_counts = client_counts
-        self.client = client  # its responses held to the buffered-bytes budget ("": protected)
+        self.client = client  # whose count it is in, and whose budget its responses use
         self._admission = admission  # whose queue frees seats to (group-limited requests)
         self.limit = limit  # the seats it may take (its group's limit, less any reserve)
         self.max_wait = max_wait
@@ -151,6 +161,7 @@ class Admission:
         self.queues: dict[str, deque[Ticket]] = {}  # group -> pending short requests, FIFO
         self.queued = 0  # in all queues
         self.client_inflight: dict[str, int] = {}  # client key -> short requests (unprotected)
+        self.protected_inflight: dict[str, int] = {}  # identity -> short protected requests
         self.buffers = ClientBuffers()
         self._retry: dict[str, RetryAfter] = {}
         self._buckets: dict[RateLimitRule, BucketSet] = {}
@@ -196,6 +207,13 @@ class Admission:
             # never shed, in no group's seats; its buffered responses count (its key)
             return Ticket(self.exempt, group, kind, None, client.key, kind is SHORT)
         protected = _any_match(mine.protected, info, group)
+        if protected and kind is SHORT:
+            who = client.who
+            if self.protected_inflight.get(who, 0) < policy.per_client.max_protected_inflight:
+                # never shed: a seat of its group, whether or not one is free
+                return Ticket(counts, group, kind, self.protected_inflight, who, False, self,
+                              protected=True)  # fmt: skip
+            protected = False  # past its identity's allowance: an ordinary request
         client_counts = None
         key = ""  # protected requests are held to no client's share
         if not protected:
@@ -241,8 +259,7 @@ class Admission:
             limits = policy.group_limits.get(group, policy.limits)
             limit = limits.max_inflight
             if limit:
-                if not protected:
-                    limit -= int(limit * policy.reserved_percent / 100)
+                limit -= int(limit * policy.reserved_percent / 100)
                 if counts.get(group, 0) >= limit:
                     queue = self.queues.get(group)
                     waiting = len(queue) if queue is not None else 0
@@ -262,7 +279,7 @@ class Admission:
                     f"(group {group!r} holds its limit of {most} watches)",
                 )
         if protected:
-            return Ticket(counts, group, kind)
+            return Ticket(counts, group, kind, protected=True)
         return Ticket(counts, group, kind, client_counts, key)
 
     def _contended(self, policy: OverloadPolicy, group: str) -> bool:

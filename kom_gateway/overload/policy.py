@@ -83,9 +83,10 @@ CONTENDED = 0.5
 class GroupLimits:
     max_inflight: int = 1000  # non-long-running requests in flight (0: no limit)
     max_watches: int = 0  # open watches (0: no limit)
-    # a request finding the group full waits this long for a seat before its 429 (as
-    # APF queues before it rejects): a reconnect storm's LISTs are served, not shed
-    max_queue_wait: float = 3.0
+    # a request finding the group full waits this long for a seat before its 429: APF's
+    # own wait (a quarter of kube-apiserver's 60 s request timeout). A restart storm
+    # fills the seats with the replica's own backlog for as long as it lasts (~10 s)
+    max_queue_wait: float = 15.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +98,10 @@ class ClientLimits:
     # non-long-running requests in flight while their group is contended (0: no limit)
     max_inflight: int = 100
     max_buffered_bytes: int = 32 * 1024 * 1024  # response bytes held for it (0: no budget)
+    # protected requests one identity (whatever its User-Agent) may have in flight as
+    # protected: never shed. A kubelet has two at most (its lease, its node status), a
+    # leader-elected controller one per lock; more are ordinary requests (0: none)
+    max_protected_inflight: int = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,10 +114,13 @@ class RateLimitRule:
 
 
 LEASES = ResourceClaim("coordination.k8s.io", "leases")
-# Node heartbeats and leader election renewals: shed last (they may use the reserve). Not
+NODE_STATUS = ResourceClaim("", "nodes", "status")
+# Node heartbeats (Kubernetes' two kinds: the node's Lease and its .status) and leader
+# election renewals: never shed, up to `per_client.max_protected_inflight` a client. Not
 # LIST/WATCH of leases: a storm of those must not eat the reserve.
 DEFAULT_PROTECTED = (
     RequestMatch(verbs=frozenset({"get", "create", "update", "patch"}), resources=(LEASES,)),
+    RequestMatch(verbs=frozenset({"update", "patch"}), resources=(NODE_STATUS,)),
 )
 # Break-glass access: cluster admins are never shed by the gateway.
 DEFAULT_EXEMPT = (RequestMatch(clients=Match(user_group=Glob("system:masters"))),)

@@ -115,10 +115,11 @@ class _Attempt:
             if not exchange.proven and frames.at_boundary:  # a whole event: it works
                 exchange.proven = True
                 self.endpoint.report_success()
-        key = exchange.ticket.client
-        if not key:  # protected (lease renewals, small): not held to a budget
+        ticket = exchange.ticket
+        if ticket.protected:  # heartbeats, small: not held to a budget
             exchange.stream.write(data, lambda: upstream.ack(flow_len))
         else:
+            key = ticket.client
             buffers = exchange.ctx.buffers
             buffers.hold(key, size)
             exchange.stream.write(data, lambda: buffers.release(key, size, upstream.ack, flow_len))
