@@ -444,7 +444,8 @@ def describe_config(config: Config) -> str:
         lines.append(
             f"  {name:<{width}}  in flight: {inflight} (queue: {queue}), watches: {watches}"
         )
-    lines.append(f"  protected (never shed, {o.per_client.max_protected_inflight} in flight per "
+    allowance = o.per_client.max_protected_inflight
+    lines.append(f"  protected (never shed from a certificate, {allowance} in flight per "
                  f"identity; {format_percent(o.reserved_percent)} reserve): "
                  + ("; ".join(m.describe() for m in o.protected) or "none"))  # fmt: skip
     lines.append("  exempt (never shed): " + ("; ".join(m.describe() for m in o.exempt) or "none"))

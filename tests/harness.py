@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from dataclasses import dataclass, field
 
 import h2.config
@@ -230,9 +231,11 @@ class Stack:
         self.clients: list[Client] = []
 
     async def start(self, cutover: str = EVERYONE_CUT_OVER, extra: str = FAST_HEALTH,
-                    replicas: dict[str, int] | None = None) -> Stack:
+                    replicas: dict[str, int] | None = None,
+                    tls: ssl.SSLContext | None = None) -> Stack:
         """`replicas`: groups with more than one apiserver; the second of "pod" is the
-        simulated group "pod-1" (same store, its own faults), and so on."""
+        simulated group "pod-1" (same store, its own faults), and so on. `tls`: the
+        listener's context (clients then connect with `client(tls=...)`)."""
         ports: dict[str, int | list[int]] = {}
         for name in GROUPS:
             group = await self.sim.add_group(name, "127.0.0.1", 0)
@@ -242,13 +245,14 @@ class Stack:
         self.config_text = config_text(ports, cutover, extra)
         config = load_config_text(self.config_text)
         self.gateway = Gateway(ConfigHolder(config))
-        self.listener = new_listener(self.gateway, None)
+        self.listener = new_listener(self.gateway, tls)
         self.port = await self.listener.start("127.0.0.1", 0)
         return self
 
-    async def client(self, stream_window: int = 256 * 1024) -> Client:
+    async def client(self, stream_window: int = 256 * 1024,
+                     tls: ssl.SSLContext | None = None) -> Client:
         conn = await H2ClientConnection.connect(
-            "127.0.0.1", self.port, H2ClientSettings(stream_window=stream_window))
+            "127.0.0.1", self.port, H2ClientSettings(stream_window=stream_window), tls)
         client = Client(conn, self.port)
         self.clients.append(client)
         return client

@@ -28,7 +28,7 @@ def test_check_prints_groups_and_rules(capsys):
     assert "events.events.k8s.io" in out
     assert "[1] userAgent=kubelet/* userGroup=system:nodes  ->  pod 25%, config 100%, event 100%" in out
     assert "event    in flight: 300 (queue: 15s), watches: no limit" in out
-    assert ("protected (never shed, 4 in flight per identity; 10% reserve): "
+    assert ("protected (never shed from a certificate, 4 in flight per identity; 10% reserve): "
             "verbs=create,get,patch,update resources=leases.coordination.k8s.io; "
             "verbs=patch,update resources=nodes/status") in out
     assert "exempt (never shed): userGroup=system:masters" in out

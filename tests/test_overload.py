@@ -151,8 +151,22 @@ def test_heartbeats_take_seats_past_the_limit_and_are_never_shed():
     assert seated == [1] and adm.inflight["config"] == 1 and not adm.protected_inflight
 
 
+def test_protected_requests_of_an_unverified_client_use_the_reserve_and_are_shed_last():
+    """A bearer token is no identity the gateway can check (a client may mint any number):
+    its protected requests skip the limits that are per client, may use the reserve,
+    and are shed past the whole limit."""
+    adm = admission(limits=GroupLimits(max_queue_wait=0, max_inflight=10), reserved_percent=20)
+    for _ in range(8):
+        adm.admit(LIST_PODS, OPERATOR, "config", 0)
+    assert isinstance(adm.admit(LIST_PODS, OPERATOR, "config", 0), Rejection)
+    leases = [adm.admit(LEASE_UPDATE, OPERATOR, "config", 0) for _ in range(2)]
+    assert all(isinstance(t, Ticket) and t.protected for t in leases)
+    assert isinstance(adm.admit(LEASE_UPDATE, OPERATOR, "config", 0), Rejection)  # full limit
+    assert not adm.protected_inflight
+
+
 def test_an_identity_past_its_heartbeats_in_flight_sends_ordinary_requests():
-    """Protection is no way around the limits: one identity has at most
+    """Protection is no way around the limits: one verified identity has at most
     `maxProtectedInflight` protected requests in flight, whatever User-Agent it sends;
     the next are ordinary (held to the group's limit less the reserve, to rate limits
     and to its share) and are shed like any."""
@@ -162,7 +176,7 @@ def test_an_identity_past_its_heartbeats_in_flight_sends_ordinary_requests():
                     per_client=ClientLimits(max_protected_inflight=2), rate_limits=(limit,))  # fmt: skip
     mine = [adm.admit(LEASE_UPDATE, node(1, f"agent-{i}/v1"), "config", 0) for i in range(2)]
     assert all(isinstance(t, Ticket) and t.protected for t in mine)
-    assert adm.protected_inflight == {node(1).who: 2}
+    assert adm.protected_inflight == {node(1).identity: 2}
     third = adm.admit(LEASE_UPDATE, node(1, "agent-3/v1"), "config", 0)
     assert isinstance(third, Ticket) and not third.protected  # a rate-limit token, a seat
     assert adm.inflight["config"] == 3

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 
 import h2.events
 import h2.settings
@@ -16,6 +17,7 @@ from kom_gateway.config import ConfigHolder, load_config_text
 from kom_gateway.http.serverconn import GOAWAY_PING, MAX_STREAM_ID
 from kom_gateway.proxy.gateway import Gateway
 from kom_gateway.server.run import RunOptions, drain, new_listener
+from kom_gateway.server.tlsfiles import server_ssl_context
 
 pytestmark = pytest.mark.usefixtures("engine")  # both HTTP/2 engines
 
@@ -146,25 +148,39 @@ async def test_a_stalled_exempt_client_starves_no_one():
         await stack.close()
 
 
-async def test_heartbeats_are_never_shed_up_to_their_allowance():
-    stack = await started("overload: {maxInflight: 5, maxQueueWaitSeconds: 0, reservedPercent: 40, "
-                          "perClient: {maxProtectedInflight: 4}, exempt: []}\n")
+async def test_a_nodes_heartbeats_are_never_shed_and_an_unverified_clients_are_shed_last(pki):
+    """Over TLS, as kubelets connect: the heartbeats of a client whose certificate the
+    gateway verified take seats past a full group, up to their allowance; a bearer-token
+    client's (which may mint identities) use the reserve and are shed past the limit."""
+    tls = server_ssl_context(str(pki.server_cert), str(pki.server_key), str(pki.ca))
+    stack = await Stack().start(extra=FAST_HEALTH + "overload: {maxInflight: 5, "
+                                "maxQueueWaitSeconds: 0, reservedPercent: 40, exempt: []}\n",
+                                tls=tls)  # fmt: skip
     try:
         stack.sim.groups["config"].faults.latency = 1.0
-        client = await stack.client()  # one identity (its address), whatever its agent
-        slow = [client.open("GET", "/api/v1/nodes") for _ in range(3)]  # fills 5 - 40%
+        kubelet_tls = ssl.create_default_context(cafile=str(pki.ca))
+        kubelet_tls.load_cert_chain(str(pki.kubelet_cert), str(pki.kubelet_key))
+        kubelet_tls.set_alpn_protocols(["h2"])
+        token_tls = ssl.create_default_context(cafile=str(pki.ca))
+        token_tls.set_alpn_protocols(["h2"])
+        kubelet = await stack.client(tls=kubelet_tls)  # system:node:node-1
+        other = await stack.client(tls=token_tls)
+        bearer = [(b"authorization", b"Bearer token-ci")]
+        slow = [other.open("GET", "/api/v1/nodes", headers=bearer) for _ in range(3)]
+        await asyncio.sleep(0.1)  # 3 of 5 - 40%: ordinary requests are held there
+        assert_too_many_requests(await other.request("GET", "/api/v1/configmaps", headers=bearer))
+        reserve = other.open("GET", LEASE, headers=bearer)  # the token's: from the reserve
+        beats = [kubelet.open("PUT", LEASE, user_agent=f"kubelet-{i}/v1.31.0", body=b"{}")
+                 for i in range(4)]  # 8 in flight: past the whole limit, admitted
         await asyncio.sleep(0.1)
-        assert_too_many_requests(await client.request("GET", "/api/v1/configmaps"))
-        leases = [client.open("PUT", LEASE, user_agent=f"kubelet-{i}/v1.31.0", body=b"{}")
-                  for i in range(4)]  # 7 in flight: past the limit, admitted
-        await asyncio.sleep(0.1)
-        assert_too_many_requests(await client.request("GET", LEASE))  # a fifth: ordinary
-        for collector in leases:
+        assert_too_many_requests(await kubelet.request("GET", LEASE))  # a fifth: ordinary
+        assert_too_many_requests(await other.request("GET", LEASE, headers=bearer))  # past 5
+        for collector in (*beats, reserve):
             await collector.done
             assert (collector.response().status, collector.response().group) == (404, "config")
         for collector in slow:
             await collector.done
-        lease = await client.request("GET", LEASE, user_agent="kubelet/v1.31.0")
+        lease = await kubelet.request("GET", LEASE, user_agent="kubelet/v1.31.0")
         assert (lease.status, lease.group) == (404, "config")
     finally:
         await stack.close()

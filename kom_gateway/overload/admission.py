@@ -9,13 +9,16 @@ Order of decision, cheapest and most important first:
    responses count against the per-client buffered-bytes budget, and a short one
    fetches only with one of its client's `per_client.max_inflight` seats, none while
    the client is over budget; without one it waits its turn (`clientshare.py`);
-2. protected requests (node heartbeats, leader election) are never shed: they take
-   seats of their group, past its limit if need be, so other requests are held back by
-   them, but no limit of the gateway turns them away. In a restart storm the replica's
-   own backlog fills a group's seats, and a 429 on a heartbeat is a retry (client-go's)
-   that saves nothing and brings a node nearer NotReady. So that protection is no way
-   around the limits, an identity has at most `per_client.max_protected_inflight` in
-   flight as protected; past that its requests are ordinary ones;
+2. protected requests (node heartbeats, leader election) of a client whose certificate
+   the gateway verified (kubelets and control-plane components) are never shed: they
+   take seats of their group, past its limit if need be, so other requests are held
+   back by them, but no limit of the gateway turns them away. In a restart storm the
+   replica's own backlog fills a group's seats, and a 429 on a heartbeat is a retry
+   (client-go's) that saves nothing and brings a node nearer NotReady. So that
+   protection is no way around the limits, an identity has at most
+   `per_client.max_protected_inflight` in flight as protected; past that its requests
+   are ordinary ones. Other clients' protected requests (a bearer token the gateway
+   cannot verify: a client may mint any number) may use the reserve, and are shed last;
 3. fair share, for requests that are neither exempt nor protected: one client (client
    key) may have `per_client.max_inflight` non-long-running requests in flight while
    their group is contended (`CONTENDED` of its seats taken), and no new request while
@@ -93,7 +96,7 @@ class Ticket:
         self.group = group
         self.kind = kind
         self.exempt = exempt  # never shed: a short one fetches with a seat of its client's
-        self.protected = protected  # never shed; its responses held to no budget
+        self.protected = protected  # a protected request: its responses held to no budget
         self.released = False
         self._client_counts = client_counts
         self.client = client  # whose count it is in, and whose budget its responses use
@@ -161,7 +164,7 @@ class Admission:
         self.queues: dict[str, deque[Ticket]] = {}  # group -> pending short requests, FIFO
         self.queued = 0  # in all queues
         self.client_inflight: dict[str, int] = {}  # client key -> short requests (unprotected)
-        self.protected_inflight: dict[str, int] = {}  # identity -> short protected requests
+        self.protected_inflight: dict[str, int] = {}  # verified identity -> never-shed ones
         self.buffers = ClientBuffers()
         self._retry: dict[str, RetryAfter] = {}
         self._buckets: dict[RateLimitRule, BucketSet] = {}
@@ -207,8 +210,8 @@ class Admission:
             # never shed, in no group's seats; its buffered responses count (its key)
             return Ticket(self.exempt, group, kind, None, client.key, kind is SHORT)
         protected = _any_match(mine.protected, info, group)
-        if protected and kind is SHORT:
-            who = client.who
+        if protected and kind is SHORT and client.user:  # (a verified certificate)
+            who = client.identity
             if self.protected_inflight.get(who, 0) < policy.per_client.max_protected_inflight:
                 # never shed: a seat of its group, whether or not one is free
                 return Ticket(counts, group, kind, self.protected_inflight, who, False, self,
@@ -259,7 +262,8 @@ class Admission:
             limits = policy.group_limits.get(group, policy.limits)
             limit = limits.max_inflight
             if limit:
-                limit -= int(limit * policy.reserved_percent / 100)
+                if not protected:
+                    limit -= int(limit * policy.reserved_percent / 100)
                 if counts.get(group, 0) >= limit:
                     queue = self.queues.get(group)
                     waiting = len(queue) if queue is not None else 0
@@ -267,7 +271,7 @@ class Admission:
                         return self._inflight_rejection(group, limit, now)
                 # (a pending ticket when the group is full: the caller queues it)
                 return Ticket(counts, group, kind, client_counts, key, False, self, limit,
-                              limits.max_queue_wait)  # fmt: skip
+                              limits.max_queue_wait, protected)  # fmt: skip
         elif kind is WATCH:
             most = policy.group_limits.get(group, policy.limits).max_watches
             if most and counts.get(group, 0) >= most:

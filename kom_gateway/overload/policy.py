@@ -98,9 +98,9 @@ class ClientLimits:
     # non-long-running requests in flight while their group is contended (0: no limit)
     max_inflight: int = 100
     max_buffered_bytes: int = 32 * 1024 * 1024  # response bytes held for it (0: no budget)
-    # protected requests one identity (whatever its User-Agent) may have in flight as
-    # protected: never shed. A kubelet has two at most (its lease, its node status), a
-    # leader-elected controller one per lock; more are ordinary requests (0: none)
+    # protected requests one verified identity (its certificate, whatever its User-Agent)
+    # may have in flight never shed. A kubelet has two at most (its lease, its node
+    # status), a leader-elected controller one per lock; more are ordinary (0: all are)
     max_protected_inflight: int = 4
 
 
@@ -116,8 +116,9 @@ class RateLimitRule:
 LEASES = ResourceClaim("coordination.k8s.io", "leases")
 NODE_STATUS = ResourceClaim("", "nodes", "status")
 # Node heartbeats (Kubernetes' two kinds: the node's Lease and its .status) and leader
-# election renewals: never shed, up to `per_client.max_protected_inflight` a client. Not
-# LIST/WATCH of leases: a storm of those must not eat the reserve.
+# election renewals: never shed from a verified certificate, up to
+# `per_client.max_protected_inflight` an identity; from other clients shed last (they may
+# use the reserve). Not LIST/WATCH of leases: a storm of those must not eat the reserve.
 DEFAULT_PROTECTED = (
     RequestMatch(verbs=frozenset({"get", "create", "update", "patch"}), resources=(LEASES,)),
     RequestMatch(verbs=frozenset({"update", "patch"}), resources=(NODE_STATUS,)),

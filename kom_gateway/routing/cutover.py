@@ -82,17 +82,12 @@ class Client:
         self.policy_memo: Any = None  # set by OverloadPolicy.for_client
 
     @property
-    def who(self) -> str:
-        """Who, whatever program: certificate identity, token digest or address. What a
-        client cannot change by changing its User-Agent."""
-        return self.identity or (f"addr:{self.remote_addr}" if self.remote_addr else "anonymous")
-
-    @property
     def key(self) -> str:
         """Who and which program: the unit of cut-over buckets and of fair share."""
         key = self._key
         if key is None:
-            key = self._key = f"{self.who}|{user_agent_product(self.user_agent)}"
+            who = self.identity or (f"addr:{self.remote_addr}" if self.remote_addr else "anonymous")
+            key = self._key = f"{who}|{user_agent_product(self.user_agent)}"
         return key
 
     @property
