@@ -68,11 +68,13 @@ class SimGroup:
     served: Counter[str] = field(default_factory=Counter)  # "verb resource" -> count
     _slots: tuple[int, asyncio.Semaphore] | None = None
 
-    async def wait_latency(self) -> None:
+    async def wait_latency(self, queued: bool = True) -> None:
         """The answer's latency; with `capacity`, only that many requests are in it at
-        once and the rest queue, so latency grows with load as on a saturated apiserver."""
+        once and the rest queue, so latency grows with load as on a saturated apiserver.
+        Not `queued` (health probes): the latency alone, as APF exempts the probes (the
+        `probes` flow schema), so a saturated apiserver still answers its readyz."""
         faults = self.faults
-        if not faults.capacity:
+        if not faults.capacity or not queued:
             await asyncio.sleep(faults.latency)
             return
         if self._slots is None or self._slots[0] != faults.capacity:
@@ -238,7 +240,7 @@ class Simulator:
                 stream.connection.reset_stream(stream.stream_id, REFUSED_STREAM)
                 return
             if faults.latency:
-                await group.wait_latency()
+                await group.wait_latency(queued=not _is_probe(stream.target))
             try:
                 body = await stream.read_body(MAX_BODY)
             except BodyTooLarge:
@@ -526,3 +528,9 @@ class Simulator:
             if group.down:
                 await self.set_down(group.name, False)
         return web.json_response({"reset": True})
+
+
+def _is_probe(target: str) -> bool:
+    """/healthz, /livez, /readyz and their checks (/readyz/etcd), whatever the query."""
+    path = target.split("?", 1)[0]
+    return any(path == p or path.startswith(p + "/") for p in ("/healthz", "/livez", "/readyz"))
