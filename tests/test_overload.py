@@ -29,17 +29,27 @@ from kom_gateway.routing.cutover import Client, Match
 from kom_gateway.routing.glob import Glob
 from kom_gateway.tokenbucket import TokenBucket
 
-KUBELET = Client("kubelet/v1.31.0", "x509:CN=system:node:n1,O=system:nodes", "10.0.0.1",
-                 "system:node:n1", ("system:nodes",))  # fmt: skip
+
+def node(n: int, agent: str = "kubelet/v1.31.0") -> Client:
+    """Node n's kubelet: its verified certificate identity."""
+    return Client(agent, f"x509:CN=system:node:n{n},O=system:nodes", "10.0.0.1",
+                  f"system:node:n{n}", ("system:nodes",))  # fmt: skip
+
+
+def lease_of(n: int):
+    return parse_request(
+        "PUT", f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/n{n}"
+    )
+
+
+KUBELET = node(1)
 OPERATOR = Client("my-operator/v2", "token:abc", "10.0.0.2")
 ADMIN = Client("kubectl/v1.31", "x509:CN=admin,O=system:masters", "10.0.0.3", "admin",
                ("system:masters",))  # fmt: skip
 
 LIST_PODS = parse_request("GET", "/api/v1/pods")
 WATCH_PODS = parse_request("GET", "/api/v1/pods?watch=1")
-LEASE_UPDATE = parse_request(
-    "PUT", "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/n1"
-)
+LEASE_UPDATE = lease_of(1)
 LOGS = parse_request("GET", "/api/v1/namespaces/a/pods/p/log?follow=true")
 
 
@@ -115,17 +125,6 @@ def test_inflight_limit_sheds_with_429_material_and_a_release_makes_room():
     tickets[0].release()  # idempotent
     assert isinstance(adm.admit(LIST_PODS, OPERATOR, "pod", 0), Ticket)
     assert adm.inflight["pod"] == 8
-
-
-def node(n: int, agent: str = "kubelet/v1.31.0") -> Client:
-    return Client(agent, f"x509:CN=system:node:n{n},O=system:nodes", "10.0.0.1",
-                  f"system:node:n{n}", ("system:nodes",))  # fmt: skip
-
-
-def lease_of(n: int):
-    return parse_request(
-        "PUT", f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/n{n}"
-    )
 
 
 def test_heartbeats_take_seats_past_the_limit_and_are_never_shed():

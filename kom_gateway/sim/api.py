@@ -80,6 +80,14 @@ class ExecReply:
     stdin: bool
 
 
+PROBES = frozenset({"/healthz", "/livez", "/readyz"})
+
+
+def is_probe(info: RequestInfo) -> bool:
+    """A health probe, which kube-apiserver's APF exempts (the `probes` flow schema)."""
+    return info.path.rstrip("/") in PROBES
+
+
 def status_reply(code: int, reason: str, message: str, details: dict | None = None) -> Reply:
     return Reply(code, status_body(code, reason, message, details))
 
@@ -115,7 +123,7 @@ class SimAPI:
         path = info.path.rstrip("/") or "/"
         if info.malformed:
             return status_reply(400, "BadRequest", info.malformed)
-        if path in ("/healthz", "/livez", "/readyz"):
+        if is_probe(info):
             return Reply(200, b"ok", "text/plain; charset=utf-8")
         if path == "/version":
             return _json(VERSION)

@@ -37,6 +37,7 @@ from kom_gateway.sim.api import (
     SimAPI,
     SimRequest,
     WatchReply,
+    is_probe,
     status_reply,
 )
 from kom_gateway.sim.auth import ANONYMOUS, UNAUTHENTICATED, Authenticator, Unauthorized, UserInfo
@@ -239,8 +240,9 @@ class Simulator:
             if faults.refuse_streams and isinstance(stream, HTTP2ServerStream):
                 stream.connection.reset_stream(stream.stream_id, REFUSED_STREAM)
                 return
+            info = parse_request(stream.method, stream.target)
             if faults.latency:
-                await group.wait_latency(queued=not _is_probe(stream.target))
+                await group.wait_latency(queued=not is_probe(info))
             try:
                 body = await stream.read_body(MAX_BODY)
             except BodyTooLarge:
@@ -258,7 +260,6 @@ class Simulator:
                 request.headers.setdefault(name, value)
                 if name == "x-remote-group":
                     request.remote_groups.append(value)
-            info = parse_request(stream.method, stream.target)
             is_resource = info.is_resource_request
             if faults.readyz_status and info.path.rstrip("/") == "/readyz":
                 reply: Any = Reply(
@@ -528,9 +529,3 @@ class Simulator:
             if group.down:
                 await self.set_down(group.name, False)
         return web.json_response({"reset": True})
-
-
-def _is_probe(target: str) -> bool:
-    """/healthz, /livez, /readyz and their checks (/readyz/etcd), whatever the query."""
-    path = target.split("?", 1)[0]
-    return any(path == p or path.startswith(p + "/") for p in ("/healthz", "/livez", "/readyz"))
