@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -31,10 +32,41 @@ def need(binary: str) -> str:
     return path
 
 
+_HANDED_OUT: set[int] = set()
+_LOWEST = 20000  # free_port()'s range: from here to the kernel's ephemeral range
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the kernel gives outgoing connections (ip_local_port_range)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free to listen on 127.0.0.1, below the kernel's ephemeral range and never
+    the same twice in one process. A port picked by binding port 0 lies in that range, so
+    it is free only until the kernel hands it to an outgoing connection, and the cluster
+    tests open thousands: a simulator once found its port taken that way, and a replica
+    restarted in place must find its own still free."""
+    low = _ephemeral_low()
+    if low - _LOWEST < 1000:  # an unusual range: take the kernel's pick
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    for _ in range(10 * (low - _LOWEST)):
+        port = random.randrange(_LOWEST, low)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError(f"no free port in {_LOWEST}-{low - 1}")
 
 
 CONFIG = """
