@@ -42,5 +42,30 @@ def test_batched_histogram_observations_equal_prometheus_clients_own():
     assert samples(batched_registry) == samples(direct_registry)
 
 
+def test_a_series_resolved_once_adds_what_observe_would_across_flushes():
+    """The request path resolves a Series once per kind of request and keeps it; two
+    Series over the same children share their tallies, and what is added between
+    flushes reaches the children once."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+
+    from kom_gateway.proxy.metrics import LATENCY_BUCKETS
+
+    direct_registry, batched_registry = CollectorRegistry(), CollectorRegistry()
+    direct = Histogram("h", "h", ["g"], buckets=LATENCY_BUCKETS, registry=direct_registry)
+    batched = Histogram("h", "h", ["g"], buckets=LATENCY_BUCKETS, registry=batched_registry)
+    direct_count = Counter("c", "c", ["g"], registry=direct_registry)
+    batched_count = Counter("c", "c", ["g"], registry=batched_registry)
+    metrics = Metrics()
+    one = metrics.series((batched_count.labels("a"),), (batched.labels("a"),))
+    again = metrics.series((batched_count.labels("a"),), (batched.labels("a"),))
+    for round_values in ([0.004, 0.005, 0.0050001, 70.0], [], [1e-9, 30.0, float("inf")]):
+        for i, v in enumerate(round_values):
+            direct.labels("a").observe(v)
+            direct_count.labels("a").inc()
+            (one if i % 2 else again).add(v)
+        metrics.flush()
+        assert samples(batched_registry) == samples(direct_registry)
+
+
 def samples(registry) -> list[str]:
     return [line for line in generate_latest(registry).decode().splitlines() if "_created" not in line]

@@ -7,7 +7,6 @@ values combine (`multiprocess_mode`), so nothing here may be a callback gauge.""
 from __future__ import annotations
 
 import sys
-from bisect import bisect_left
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -18,10 +17,60 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # set: this process is one of `--wor
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
+class CounterTally:
+    """A counter child's increments since the last flush."""
+
+    def __init__(self, child: Any) -> None:
+        self.child = child
+        self.amount = 0.0
+
+
+class HistogramTally:
+    """A histogram child's observations since the last flush, per bucket: compiled, the
+    bucket is a scan of the child's bounds in C, with no float or lock per request."""
+
+    def __init__(self, child: Any) -> None:
+        self.child = child
+        self.bounds: list[float] = compat.histogram_upper_bounds(child)  # +Inf last
+        self.sum = 0.0
+        self.counts: list[int] = [0] * len(self.bounds)
+        self.pending = False
+
+    def observe(self, value: float) -> None:
+        self.sum += value
+        bounds = self.bounds
+        i = 0
+        while bounds[i] < value:  # the first bound >= value, as observe() finds it
+            i += 1
+        self.counts[i] += 1
+        self.pending = True
+
+    def flush(self) -> None:
+        if self.pending:
+            compat.histogram_add(self.child, [self.sum, *self.counts])
+            self.sum = 0.0
+            self.counts = [0] * len(self.bounds)
+            self.pending = False
+
+
+class Series:
+    """The counters and histograms one kind of request adds to, resolved once
+    (`Metrics.series`), so that recording a request is one call."""
+
+    def __init__(self, counters: list[CounterTally], histograms: list[HistogramTally]) -> None:
+        self.counters = counters
+        self.histograms = histograms
+
+    def add(self, value: float) -> None:
+        """Count one in each counter and observe `value` in each histogram."""
+        for counter in self.counters:
+            counter.amount += 1.0
+        for histogram in self.histograms:
+            histogram.observe(value)
+
+
 class Metrics:
     _tally: dict[Any, float]
-    # histogram child -> (its upper bounds, [sum, count per bucket])
-    _observed: dict[Any, tuple[list[float], list[float]]]
 
     def child(self, metric: Any, *values: str) -> Any:
         """`metric.labels(*values)`, cached: labels() takes a lock and builds keys, and the
@@ -39,34 +88,42 @@ class Metrics:
         tally = self._tally
         tally[child] = tally.get(child, 0) + amount
 
-    def add(self, counters: tuple[Any, ...], histograms: tuple[Any, ...], value: float) -> None:
-        """Count one in each of `counters` and observe `value` in each of `histograms`,
-        batched as `count` is: the bucket is found here (bisect in C instead of a loop
-        under a lock) and the counts reach the histogram on `flush()` (through
-        `compat`: prometheus-client has no public batch API; tests compare against
-        `observe()`)."""
-        tally = self._tally
+    def series(self, counters: tuple[Any, ...], histograms: tuple[Any, ...]) -> Series:
+        """The tallies of these counter and histogram children, batched as `count` is:
+        they reach the children on `flush()` (histograms through `compat`:
+        prometheus-client has no public batch API; tests compare against `observe()`).
+        A child has one tally, kept across flushes: a bounded set."""
+        counter_tallies = self._counter_tallies
+        histogram_tallies = self._histogram_tallies
+        tallies: list[CounterTally] = []
         for child in counters:
-            tally[child] = tally.get(child, 0) + 1
-        observed = self._observed  # entries stay across flushes (zeroed): a bounded set
+            tally = counter_tallies.get(child)
+            if tally is None:
+                tally = counter_tallies[child] = CounterTally(child)
+            tallies.append(tally)
+        observed: list[HistogramTally] = []
         for child in histograms:
-            entry = observed.get(child)
+            entry = histogram_tallies.get(child)
             if entry is None:
-                bounds = compat.histogram_upper_bounds(child)
-                entry = observed[child] = (bounds, [0.0] * (len(bounds) + 1))
-            bounds, counts = entry
-            counts[0] += value
-            counts[1 + bisect_left(bounds, value)] += 1
+                entry = histogram_tallies[child] = HistogramTally(child)
+            observed.append(entry)
+        return Series(tallies, observed)
+
+    def add(self, counters: tuple[Any, ...], histograms: tuple[Any, ...], value: float) -> None:
+        """Count one in each of `counters` and observe `value` in each of `histograms`
+        (children; a request path resolves its `series` once instead)."""
+        self.series(counters, histograms).add(value)
 
     def flush(self) -> None:
         tally, self._tally = self._tally, {}
         for child, amount in tally.items():
             child.inc(amount)
-        for child, (_, counts) in self._observed.items():
-            if any(counts):
-                compat.histogram_add(child, counts)
-                for i in range(len(counts)):
-                    counts[i] = 0.0
+        for counter in self._counter_tallies.values():
+            if counter.amount:
+                counter.child.inc(counter.amount)
+                counter.amount = 0.0
+        for histogram in self._histogram_tallies.values():
+            histogram.flush()
 
     python_version = ".".join(map(str, sys.version_info[:3]))
 
@@ -77,7 +134,8 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._tally = {}
-        self._observed = {}
+        self._counter_tallies: dict[Any, CounterTally] = {}
+        self._histogram_tallies: dict[Any, HistogramTally] = {}
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.build_info = Gauge(

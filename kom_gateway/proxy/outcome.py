@@ -5,11 +5,11 @@ exchange, the gateway's own 400/429, an Upgrade)."""
 from __future__ import annotations
 
 import time
-from typing import Any, Protocol
+from typing import Protocol
 
 from kom_gateway.kube.requestinfo import RequestInfo
 from kom_gateway.proxy.accesslog import AccessLog, access_record
-from kom_gateway.proxy.metrics import Metrics
+from kom_gateway.proxy.metrics import Metrics, Series
 from kom_gateway.routing.cutover import Client
 from kom_gateway.routing.router import REASON_CUT_OVER, Decision
 
@@ -96,13 +96,14 @@ class Outcome:
 
 class OutcomeRecorder:
     """Every kind of outcome (group, request kind, status, and for a moved request its
-    rule and how it ended) adds to the same few metric children: they are looked up
-    once per kind and kept (`_series`), so recording is one dict lookup and one call."""
+    rule and how it ended) adds to the same few metric children: their tallies are
+    looked up once per kind and kept (`_series`), so recording is one dict lookup and
+    one call."""
 
     def __init__(self, metrics: Metrics, access_log: AccessLog) -> None:
         self.metrics = metrics
         self.access_log = access_log
-        self._series: dict[tuple, tuple[tuple[Any, ...], tuple[Any, ...]]] = {}
+        self._series: dict[tuple, Series] = {}
 
     def record(self, outcome: Finished, metric_group: str | None = None) -> None:
         """Count `outcome` under `metric_group` (default: the group that answered) and
@@ -120,11 +121,11 @@ class OutcomeRecorder:
         series = self._series.get(key)
         if series is None:
             series = self._new_series(key)
-        self.metrics.add(series[0], series[1], outcome.duration)
+        series.add(outcome.duration)
         if self.access_log.wants(outcome.status, outcome.fallback):
             self.access_log.write(access_record(time.time() - outcome.duration, outcome))
 
-    def _new_series(self, key: tuple) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    def _new_series(self, key: tuple) -> Series:
         """The counters and histograms one kind of outcome adds to: the request counter
         and duration (not for long-running requests), and for requests a cut-over rule
         moved, the per-rule counter and duration the rollout guards read."""
@@ -139,5 +140,5 @@ class OutcomeRecorder:
                 histograms.append(m.child(m.cutover_duration, label, target))
         if len(self._series) >= SERIES_CACHE_SIZE:
             self._series.clear()
-        series = self._series[key] = (tuple(counters), tuple(histograms))
+        series = self._series[key] = m.series(tuple(counters), tuple(histograms))
         return series
