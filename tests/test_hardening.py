@@ -44,6 +44,22 @@ async def stack():
     await s.close()
 
 
+async def test_made_up_resources_share_one_metrics_label(stack):
+    """A client cannot mint metric series with made-up paths: their resource label is
+    one, and a resource an apiserver served keeps its own."""
+    from kom_gateway.proxy.outcome import UNVERIFIED
+
+    client = await stack.client()
+    for i in range(50):
+        assert (await client.request("GET", f"/apis/example.com/v1/made-up-{i}")).status == 404
+    assert (await client.request("GET", "/api/v1/nodes")).status == 200
+    metrics = stack.gateway.metrics
+    metrics.flush()
+    resources = {s.labels["resource"] for family in metrics.registry.collect()
+                 if family.name == "kom_gateway_requests" for s in family.samples}  # fmt: skip
+    assert resources == {UNVERIFIED, "nodes"}
+
+
 async def test_rapid_reset_is_cut_off(stack):
     raw = await RawH2.connect(stack.port)
     raw.rapid_reset(1000)

@@ -67,5 +67,48 @@ def test_a_series_resolved_once_adds_what_observe_would_across_flushes():
         assert samples(batched_registry) == samples(direct_registry)
 
 
+def test_a_resource_gets_a_label_of_its_own_once_an_apiserver_answered_it():
+    """The resource and subresource labels come from the client's path: made-up names
+    share one label, and a name gets its own once an apiserver answered it with success."""
+    from kom_gateway.kube.requestinfo import parse_request
+    from kom_gateway.proxy.accesslog import AccessLog, AccessLogSettings
+    from kom_gateway.proxy.outcome import UNVERIFIED, Outcome, OutcomeRecorder
+    from kom_gateway.routing.cutover import Client
+
+    metrics = Metrics()
+    recorder = OutcomeRecorder(metrics, AccessLog(AccessLogSettings(enabled=False)))
+    client = Client("kubectl/v1.31.0", "token:x", "", "alice", ())
+
+    def record(path: str, status: int, answered_by: str = "pod") -> None:
+        recorder.record(Outcome(client, parse_request("GET", path), None, answered_by, status))
+
+    for i in range(100):
+        record(f"/apis/example.com/v1/made-up-{i}", 404, "default")
+    record("/api/v1/namespaces/a/pods/gone", 404)  # no apiserver has vouched for pods yet
+    record("/api/v1/namespaces/a/configmaps/c", 200, "gateway")  # not an apiserver's word
+    record("/api/v1/namespaces/a/pods/p1", 200)
+    record("/api/v1/namespaces/a/pods/gone", 404)
+    record("/api/v1/namespaces/a/pods/p1/made-up", 404)
+    record("/api/v1/namespaces/a/pods/p1/log", 200)
+    record("/api/v1/namespaces/a/pods/p1/log", 404)
+    record("/healthz", 200)
+    metrics.flush()
+    counts = {(s.labels["group"], s.labels["resource"], s.labels["subresource"], s.labels["code"]):
+              s.value
+              for family in metrics.registry.collect() if family.name == "kom_gateway_requests"
+              for s in family.samples if s.name.endswith("_total")}  # fmt: skip
+    assert counts == {
+        ("default", UNVERIFIED, "", "404"): 100,
+        ("pod", UNVERIFIED, "", "404"): 1,
+        ("gateway", UNVERIFIED, "", "200"): 1,
+        ("pod", "pods", "", "200"): 1,
+        ("pod", "pods", "", "404"): 1,
+        ("pod", "pods", UNVERIFIED, "404"): 1,
+        ("pod", "pods", "log", "200"): 1,
+        ("pod", "pods", "log", "404"): 1,
+        ("pod", "", "", "200"): 1,
+    }
+
+
 def samples(registry) -> list[str]:
     return [line for line in generate_latest(registry).decode().splitlines() if "_created" not in line]

@@ -150,7 +150,8 @@ class Metrics:
             "kom_gateway_requests",
             "Requests answered, by the group that answered them ('none': the gateway "
             "refused a malformed target). exec, attach, port-forward and log show as "
-            "their subresource.",
+            "their subresource. A resource or subresource no apiserver has yet answered "
+            "with success is '(unverified)': the path is the client's.",
             ["group", "verb", "resource", "subresource", "code"],
             registry=r,
         )

@@ -16,6 +16,11 @@ from kom_gateway.routing.router import REASON_CUT_OVER, Decision
 ANSWERED_BY_GATEWAY = "gateway"  # the access log's answeredBy when no group answered
 _CODE_CLASS = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 SERIES_CACHE_SIZE = 4096  # kinds of outcome kept (cleared when full)
+# The resource (and subresource) label of a request for one no apiserver has answered with
+# success yet: the path is the client's, so a label per name would let any client mint
+# series without end (kube-apiserver drops such labels for the same reason).
+UNVERIFIED = "(unverified)"
+MAX_VERIFIED = 10_000  # resources and subresources with a label of their own, at most
 
 
 def moved_outcome(outcome: Finished, group: str) -> str:
@@ -104,6 +109,9 @@ class OutcomeRecorder:
         self.metrics = metrics
         self.access_log = access_log
         self._series: dict[tuple, Series] = {}
+        # "pods", "pods/exec": answered by an apiserver with a status below 400, so they
+        # exist; a path's segment earns its own label only then (bounded: MAX_VERIFIED)
+        self._verified: set[str] = set()
 
     def record(self, outcome: Finished, metric_group: str | None = None) -> None:
         """Count `outcome` under `metric_group` (default: the group that answered) and
@@ -120,18 +128,21 @@ class OutcomeRecorder:
                     moved_outcome(outcome, decision.target))  # fmt: skip
         series = self._series.get(key)
         if series is None:
-            series = self._new_series(key)
+            series = self._new_series(key, outcome.answered_by)
         series.add(outcome.duration)
         if self.access_log.wants(outcome.status, outcome.fallback):
             self.access_log.write(access_record(time.time() - outcome.duration, outcome))
 
-    def _new_series(self, key: tuple) -> Series:
+    def _new_series(self, key: tuple, answered_by: str) -> Series:
         """The counters and histograms one kind of outcome adds to: the request counter
         and duration (not for long-running requests), and for requests a cut-over rule
         moved, the per-rule counter and duration the rollout guards read."""
         group, verb, resource, subresource, long_running, status = key[:6]
+        if status < 400 and answered_by != ANSWERED_BY_GATEWAY:
+            self._verify(resource, subresource)
         m = self.metrics
-        counters = [m.child(m.requests, group, verb, resource, subresource, str(status))]
+        counters = [m.child(m.requests, group, verb, *self._labels(resource, subresource),
+                            str(status))]  # fmt: skip
         histograms = [] if long_running else [m.child(m.duration, group, verb)]
         if len(key) > 6:
             label, target, kind = key[6:]
@@ -139,6 +150,27 @@ class OutcomeRecorder:
             if kind != "fallback" and kind != "gateway" and not long_running:
                 histograms.append(m.child(m.cutover_duration, label, target))
         if len(self._series) >= SERIES_CACHE_SIZE:
-            self._series.clear()
+            self._series.clear()  # (made-up resources cost their senders misses here)
         series = self._series[key] = m.series(tuple(counters), tuple(histograms))
         return series
+
+    def _labels(self, resource: str, subresource: str) -> tuple[str, str]:
+        """The resource and subresource labels: as requested once verified, else
+        UNVERIFIED (a non-resource request has neither)."""
+        verified = self._verified
+        if resource and resource not in verified:
+            return UNVERIFIED, UNVERIFIED if subresource else ""
+        if subresource and f"{resource}/{subresource}" not in verified:
+            return resource, UNVERIFIED
+        return resource, subresource
+
+    def _verify(self, resource: str, subresource: str) -> None:
+        """An apiserver answered a request for `resource` (and `subresource`) with
+        success: both exist, and their requests are counted under their names from now
+        on (the kinds of outcome cached under UNVERIFIED are looked up again)."""
+        verified = self._verified
+        new = [name for name in (resource, f"{resource}/{subresource}" if subresource else "")
+               if name and name not in verified]  # fmt: skip
+        if new and len(verified) + len(new) <= MAX_VERIFIED:
+            verified.update(new)
+            self._series.clear()
