@@ -34,7 +34,6 @@ class HistogramTally:
         self.bounds: list[float] = compat.histogram_upper_bounds(child)  # +Inf last
         self.sum = 0.0
         self.counts: list[int] = [0] * len(self.bounds)
-        self.pending = False
 
     def observe(self, value: float) -> None:
         self.sum += value
@@ -43,14 +42,12 @@ class HistogramTally:
         while bounds[i] < value:  # the first bound >= value, as observe() finds it
             i += 1
         self.counts[i] += 1
-        self.pending = True
 
     def flush(self) -> None:
-        if self.pending:
+        if any(self.counts):
             compat.histogram_add(self.child, [self.sum, *self.counts])
             self.sum = 0.0
             self.counts = [0] * len(self.bounds)
-            self.pending = False
 
 
 class Series:
@@ -70,8 +67,6 @@ class Series:
 
 
 class Metrics:
-    _tally: dict[Any, float]
-
     def child(self, metric: Any, *values: str) -> Any:
         """`metric.labels(*values)`, cached: labels() takes a lock and builds keys, and the
         hot path asks for the same few children on every request."""
@@ -81,26 +76,26 @@ class Metrics:
             found = self._children[key] = metric.labels(*values)
         return found
 
+    def tally(self, child: Any) -> CounterTally:
+        """A counter child's tally, kept across flushes (one per child: a bounded set)."""
+        found = self._counter_tallies.get(child)
+        if found is None:
+            found = self._counter_tallies[child] = CounterTally(child)
+        return found
+
     def count(self, child: Any, amount: float = 1) -> None:
-        """Add to a counter child, batched: a plain dict update per request instead of
+        """Add to a counter child, batched: a float added per request instead of
         prometheus-client's locked increment. Reaches the counter on `flush()`: every
         second (gateway.METRICS_FLUSH_SECONDS) and before every scrape."""
-        tally = self._tally
-        tally[child] = tally.get(child, 0) + amount
+        self.tally(child).amount += amount
 
     def series(self, counters: tuple[Any, ...], histograms: tuple[Any, ...]) -> Series:
         """The tallies of these counter and histogram children, batched as `count` is:
         they reach the children on `flush()` (histograms through `compat`:
         prometheus-client has no public batch API; tests compare against `observe()`).
         A child has one tally, kept across flushes: a bounded set."""
-        counter_tallies = self._counter_tallies
+        tallies = [self.tally(child) for child in counters]
         histogram_tallies = self._histogram_tallies
-        tallies: list[CounterTally] = []
-        for child in counters:
-            tally = counter_tallies.get(child)
-            if tally is None:
-                tally = counter_tallies[child] = CounterTally(child)
-            tallies.append(tally)
         observed: list[HistogramTally] = []
         for child in histograms:
             entry = histogram_tallies.get(child)
@@ -115,9 +110,6 @@ class Metrics:
         self.series(counters, histograms).add(value)
 
     def flush(self) -> None:
-        tally, self._tally = self._tally, {}
-        for child, amount in tally.items():
-            child.inc(amount)
         for counter in self._counter_tallies.values():
             if counter.amount:
                 counter.child.inc(counter.amount)
@@ -133,7 +125,6 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
-        self._tally = {}
         self._counter_tallies: dict[Any, CounterTally] = {}
         self._histogram_tallies: dict[Any, HistogramTally] = {}
         self.registry = registry or CollectorRegistry()

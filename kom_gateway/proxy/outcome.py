@@ -168,9 +168,10 @@ class OutcomeRecorder:
         """An apiserver answered a request for `resource` (and `subresource`) with
         success: both exist, and their requests are counted under their names from now
         on (the kinds of outcome cached under UNVERIFIED are looked up again)."""
-        verified = self._verified
-        new = [name for name in (resource, f"{resource}/{subresource}" if subresource else "")
-               if name and name not in verified]  # fmt: skip
-        if new and len(verified) + len(new) <= MAX_VERIFIED:
-            verified.update(new)
+        if not resource:  # a non-resource request: nothing to verify
+            return
+        names = {resource, f"{resource}/{subresource}"} if subresource else {resource}
+        new = names - self._verified
+        if new and len(self._verified) + len(new) <= MAX_VERIFIED:
+            self._verified |= new
             self._series.clear()
