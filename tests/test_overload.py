@@ -444,8 +444,9 @@ def test_high_goaway_chance_warns():
 
 # -- fair share per client ---------------------------------------------------------------
 def test_one_client_cannot_take_more_than_its_requests_in_flight():
-    # (a group of 6 seats: contended from 3 taken, where one client's 3 already are)
-    admission = Admission(OverloadPolicy(limits=GroupLimits(max_inflight=6),
+    # (a group of 6 seats: contended from 3 taken, where one client's 3 already are; no
+    # queueing: past its share, shed at once)
+    admission = Admission(OverloadPolicy(limits=GroupLimits(max_inflight=6, max_queue_wait=0),
                                          per_client=ClientLimits(max_inflight=3)))  # fmt: skip
     tickets = [admission.admit(LIST_PODS, KUBELET, "pod", 0.0) for _ in range(3)]
     assert all(isinstance(t, Ticket) for t in tickets)
@@ -471,7 +472,7 @@ def test_a_client_past_its_share_is_held_to_it_only_while_its_group_is_contended
     """As APF seats any flow while its priority level has room: a controller whose
     requests pile up (a restart storm slows every answer) is not shed by a group far
     from full; once half the group's seats are taken, it is held to its share."""
-    admission = Admission(OverloadPolicy(limits=GroupLimits(max_inflight=20),
+    admission = Admission(OverloadPolicy(limits=GroupLimits(max_inflight=20, max_queue_wait=0),
                                          per_client=ClientLimits(max_inflight=3)))  # fmt: skip
     mine = [admission.admit(LIST_PODS, KUBELET, "pod", 0.0) for _ in range(9)]
     assert all(isinstance(t, Ticket) for t in mine)  # 9 of 20 seats: past its share
@@ -485,10 +486,58 @@ def test_a_client_past_its_share_is_held_to_it_only_while_its_group_is_contended
         ticket.release()  # the pod group: 9 of 20 again
     assert isinstance(admission.admit(LIST_PODS, KUBELET, "pod", 0.0), Ticket)
     # with no group limit, nothing else bounds a client: its share always holds
-    unlimited = Admission(OverloadPolicy(limits=GroupLimits(max_inflight=0),
+    unlimited = Admission(OverloadPolicy(limits=GroupLimits(max_inflight=0, max_queue_wait=0),
                                          per_client=ClientLimits(max_inflight=3)))  # fmt: skip
     assert [type(unlimited.admit(LIST_PODS, KUBELET, "pod", 0.0)).__name__
             for _ in range(4)] == ["Ticket"] * 3 + ["Rejection"]  # fmt: skip
+
+
+def test_past_its_share_a_client_waits_for_its_own_seats_as_apf_queues_a_flow():
+    """Found by the load model: in a storm a controller creating 20 pods a second had
+    ~180 requests in flight while the kubelets' LISTs filled half the group, and was
+    shed at once. APF would queue them. Now its requests past its share wait for one of
+    its own seats (then for the group's), at most as many as its share, at most the
+    group's max_queue_wait; only then is it shed."""
+    admission = Admission(OverloadPolicy(
+        limits=GroupLimits(max_inflight=4), reserved_percent=0,
+        per_client=ClientLimits(max_inflight=2)))  # fmt: skip
+    mine = [admission.admit(LIST_PODS, KUBELET, "pod", 0.0) for _ in range(2)]
+    assert not any(t.pending for t in mine)  # 2 of 4 seats: contended from here
+    seated: list[str] = []
+    waiting = []
+    for name in ("third", "fourth"):
+        ticket = admission.admit(LIST_PODS, KUBELET, "pod", 0.0)
+        assert isinstance(ticket, Ticket) and ticket.pending and ticket.over_share
+        ticket.wait(lambda name=name: seated.append(name))
+        waiting.append(ticket)
+    refused = admission.admit(LIST_PODS, KUBELET, "pod", 0.0)  # as many waiting as its share
+    assert isinstance(refused, Rejection) and refused.reason == "client-inflight"
+    assert admission.client_inflight == {KUBELET.key: 2} and admission.inflight["pod"] == 2
+    assert admission.queued_by_group() == {"pod": 2} and not seated
+    theirs = admission.admit(LIST_PODS, OPERATOR, "pod", 0.0)  # another client: its share
+    assert isinstance(theirs, Ticket) and not theirs.pending
+    other = Client("other/v1", "token:def", "10.0.0.4")
+    queued = admission.admit(LIST_PODS, other, "pod", 0.0)  # the group's 4th seat
+    assert isinstance(queued, Ticket) and not queued.pending
+    last = admission.admit(LIST_PODS, other, "pod", 0.0)  # the group is full: its queue
+    assert isinstance(last, Ticket) and last.pending and not last.over_share
+    last.wait(lambda: seated.append("other"))
+    # one of the kubelet's requests ends: the group's seat goes to the group's queue
+    # first, the client's seat to its first waiting request, which now waits for the group
+    mine[0].release()
+    assert seated == ["other"]
+    assert not waiting[0].over_share and waiting[0].pending
+    assert admission.client_inflight[KUBELET.key] == 2
+    theirs.release()  # a group seat: the kubelet's third request is served
+    assert seated == ["other", "third"] and not waiting[0].pending
+    rejection = waiting[1].give_up(15.0)  # the fourth waited max_queue_wait: shed
+    assert rejection.reason == "client-inflight"
+    waiting[1].release()
+    assert admission.queued == 0 and not any(admission.queued_by_group().values())
+    for ticket in (mine[1], waiting[0], queued, last):
+        ticket.release()
+    assert admission.inflight["pod"] == 0 and not admission.client_inflight
+    assert not admission.client_queues
 
 
 def test_a_client_over_its_byte_budget_gets_no_new_request_until_it_reads():

@@ -15,7 +15,7 @@ from harness import EVERYONE_CUT_OVER, FAST_HEALTH, Client, RawH2, Stack, config
 
 from kom_gateway.config import ConfigHolder, load_config_text
 from kom_gateway.http.h2.client import H2ClientConnection
-from kom_gateway.http.serverconn import GOAWAY_PING, MAX_STREAM_ID
+from kom_gateway.http.serverconn import GOAWAY_LINGER_SECONDS, GOAWAY_PING, MAX_STREAM_ID
 from kom_gateway.http.settings import H2ClientSettings
 from kom_gateway.proxy.gateway import Gateway
 from kom_gateway.server.run import RunOptions, drain, new_listener
@@ -59,6 +59,28 @@ async def test_over_the_inflight_limit_clients_get_429_not_timeouts():
         assert stack.gateway.admission.inflight["pod"] == 0  # every ticket came back
         # other groups have their own limit
         assert (await client.request("GET", "/api/v1/nodes")).status == 200
+    finally:
+        await stack.close()
+
+
+async def test_a_client_past_its_share_waits_for_its_own_seats_then_is_shed():
+    """A group of 4 seats is contended from 2; a client with 2 in flight has its next
+    requests wait for its own seats (as many as its share) and served once its first
+    ones are answered; one more beyond those is shed."""
+    stack = await started("overload: {maxInflight: 4, reservedPercent: 0, exempt: [],"
+                          " perClient: {maxInflight: 2}}\n")
+    try:
+        stack.sim.groups["pod"].faults.latency = 0.5
+        client = await stack.client()
+        responses = await asyncio.gather(
+            *(client.request("GET", "/api/v1/pods", timeout=10) for _ in range(5)))
+        statuses = sorted(r.status for r in responses)
+        assert statuses == [200, 200, 200, 200, 429]
+        assert_too_many_requests(next(r for r in responses if r.status == 429))
+        assert shed(stack, "pod", "client-inflight") == 1
+        admission = stack.gateway.admission
+        assert admission.inflight["pod"] == 0 and not admission.client_inflight
+        assert admission.queued == 0 and not admission.client_queues
     finally:
         await stack.close()
 
@@ -272,6 +294,42 @@ async def test_load_goaway_is_two_phase_and_loses_nothing():
         assert sid in ended(await read_until(again, lambda ev: sid in ended(ev)))
         sample = stack.gateway.metrics.registry.get_sample_value
         assert sample("kom_gateway_goaways_sent_total", {"reason": "load"}) == 2
+    finally:
+        await stack.close()
+
+
+async def test_a_watch_sent_with_the_goaway_ping_ack_is_kept():
+    """A request the client sent right behind its ACK of the GOAWAY's PING, read in the
+    same batch, is under the final GOAWAY's last stream id and so accepted: a watch
+    opened that way runs on (Go's client marks the connection dead on the first GOAWAY,
+    but a request that had already taken it still goes out). Found by the cluster
+    load model: the connection was closed by the linger begun when the ACK found no
+    stream open, and the watch broke one second later."""
+    stack = await started("goaway: {chance: 1, maxChance: 1}\n")
+    try:
+        stack.gateway.update_load()
+        raw = await RawH2.connect(stack.port)
+        first = raw.send("/api/v1/nodes")  # triggers GOAWAY(max) + PING
+        seen: list[h2.events.Event] = []
+        async with asyncio.timeout(5):
+            while not (first in ended(seen) and any(
+                    isinstance(e, h2.events.PingReceived) for e in seen)):
+                data = await raw.reader.read(65536)
+                assert data
+                seen += raw.conn.receive_data(data)  # the PING ACK queued, not sent
+        watch = raw.send("/api/v1/namespaces/default/configmaps?watch=1")  # one write
+        events = await read_until(raw, lambda ev: len(goaways(seen + ev)) == 2)
+        assert goaways(seen + events) == [MAX_STREAM_ID, watch]
+        await asyncio.sleep(GOAWAY_LINGER_SECONDS + 0.3)  # the linger would have closed
+        client = await stack.client()
+        body = b'{"metadata": {"name": "after-the-linger"}}'
+        created = await client.request("POST", "/api/v1/namespaces/default/configmaps", body=body)
+        assert created.status == 201
+        events = await read_until(raw, lambda ev: any(
+            isinstance(e, h2.events.DataReceived) and b"after-the-linger" in e.data for e in ev))
+        assert any(isinstance(e, h2.events.DataReceived) and e.stream_id == watch
+                   and b"after-the-linger" in e.data for e in events)  # not closed
+        assert watch not in ended(events)
     finally:
         await stack.close()
 

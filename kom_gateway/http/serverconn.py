@@ -434,8 +434,16 @@ class HTTP2ServerConnection(H2Transport):
         it saw our GOAWAY then get REFUSED_STREAM (safe to retry), not a dead socket."""
         if self._linger is None and self.transport is not None:
             self._linger = asyncio.get_running_loop().call_later(
-                GOAWAY_LINGER_SECONDS, self._close_transport
+                GOAWAY_LINGER_SECONDS, self._linger_over
             )
+
+    def _linger_over(self) -> None:
+        """Close, unless a stream was accepted during the linger: a request read in the
+        same batch as the PING ACK that sent the final GOAWAY is under its last stream
+        id (a watch, say); it keeps the connection until it ends, then lingers again."""
+        self._linger = None
+        if not self.streams:
+            self._close_transport()
 
     def _ping_ack_received(self, payload: bytes) -> None:
         if payload == GOAWAY_PING:

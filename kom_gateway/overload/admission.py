@@ -21,9 +21,11 @@ Order of decision, cheapest and most important first:
    cannot verify: a client may mint any number) may use the reserve, and are shed last;
 3. fair share, for requests that are neither exempt nor protected: one client (client
    key) may have `per_client.max_inflight` non-long-running requests in flight while
-   their group is contended (`CONTENDED` of its seats taken), and no new request while
-   the gateway holds more than `per_client.max_buffered_bytes` of responses it has not
-   read (`clientshare.py`);
+   their group is contended (`CONTENDED` of its seats taken); past that its requests
+   wait for one of its own seats (at most as many as it has in flight, at most the
+   group's `max_queue_wait`), as APF queues a flow's requests before it rejects them,
+   then are shed. No new request while the gateway holds more than
+   `per_client.max_buffered_bytes` of responses it has not read (`clientshare.py`);
 4. rate-limit rules apply to requests that are neither exempt nor protected;
 5. watches are held to the group's `max_watches`;
 6. other non-long-running requests are held to the group's `max_inflight`, less a reserve
@@ -59,9 +61,11 @@ OTHER = "long-running"
 class Ticket:
     """An admitted request's place; `release()` exactly once when it ends.
 
-    A `pending` ticket found its group full: it holds no seat yet and waits in the
-    group's queue (`wait`) until a seat frees (`on_seat` is called) or its client gives
-    up on it (`give_up`, after `max_wait` seconds: then it is shed)."""
+    A `pending` ticket holds no seat yet: it waits (`wait`) until a seat frees
+    (`on_seat` is called) or its client gives up on it (`give_up`, after `max_wait`
+    seconds: then it is shed). It found its group full and waits in the group's queue;
+    or, `over_share`, its client past its share of a contended group, and waits in its
+    client's queue for one of the client's own seats first (then for the group's)."""
 
     __slots__ = (
         "_admission",
@@ -74,6 +78,7 @@ class Ticket:
         "limit",
         "max_wait",
         "on_seat",
+        "over_share",
         "pending",
         "protected",
         "released",
@@ -91,6 +96,7 @@ class Ticket:
         limit: int = 0,
         max_wait: float = 0.0,
         protected: bool = False,
+        over_share: bool = False,
     ) -> None:
         self._counts = counts
         self.group = group
@@ -103,15 +109,18 @@ class Ticket:
         self._admission = admission  # whose queue frees seats to (group-limited requests)
         self.limit = limit  # the seats it may take (its group's limit, less any reserve)
         self.max_wait = max_wait
-        self.pending = counts is not None and limit > 0 and counts.get(group, 0) >= limit
+        self.over_share = over_share  # waits for a seat of its client's (no count yet)
+        self.pending = over_share or (
+            counts is not None and limit > 0 and counts.get(group, 0) >= limit
+        )
         self.on_seat: Callable[[], None] | None = None
         if counts is not None and not self.pending:
             counts[group] = counts.get(group, 0) + 1
-        if client_counts is not None:
+        if client_counts is not None and not over_share:
             client_counts[client] = client_counts.get(client, 0) + 1
 
     def wait(self, on_seat: Callable[[], None]) -> None:
-        """Queue for a seat of the group (a pending ticket)."""
+        """Queue for a seat (a pending ticket): its client's, then its group's."""
         assert self._admission is not None
         self.on_seat = on_seat
         self._admission.enqueue(self)
@@ -127,7 +136,7 @@ class Ticket:
         self.released = True
         if self._counts is not None and not self.pending:
             self._counts[self.group] -= 1
-        if self._client_counts is not None:
+        if self._client_counts is not None and not self.over_share:
             left = self._client_counts[self.client] - 1
             if left:
                 self._client_counts[self.client] = left
@@ -162,6 +171,8 @@ class Admission:
         self.long_running: dict[str, int] = {}
         self.exempt: dict[str, int] = {}  # group -> exempt requests in flight, any kind
         self.queues: dict[str, deque[Ticket]] = {}  # group -> pending short requests, FIFO
+        # client key -> its short requests waiting past its share, FIFO
+        self.client_queues: dict[str, deque[Ticket]] = {}
         self.queued = 0  # in all queues
         self.client_inflight: dict[str, int] = {}  # client key -> short requests (unprotected)
         self.protected_inflight: dict[str, int] = {}  # verified identity -> never-shed ones
@@ -218,6 +229,7 @@ class Admission:
                               protected=True)  # fmt: skip
             protected = False  # past its identity's allowance: an ordinary request
         client_counts = None
+        over_share = False
         key = ""  # protected requests are held to no client's share
         if not protected:
             key = client.key
@@ -237,13 +249,15 @@ class Admission:
                     and self.client_inflight.get(key, 0) >= most
                     and self._contended(policy, group)
                 ):
-                    return Rejection(
-                        "client-inflight",
-                        group,
-                        self._shed("client", now),
-                        f"Too many requests, please try again later (this client has {most} "
-                        "requests in flight through this gateway replica)",
-                    )
+                    # past its share: wait for one of its own seats, as APF queues a
+                    # flow's requests (its in-flight count again at most), else shed
+                    own = self.client_queues.get(key)
+                    if (
+                        not policy.group_limits.get(group, policy.limits).max_queue_wait
+                        or (own is not None and len(own) >= most)
+                    ):
+                        return self._client_rejection(group, most, now)
+                    over_share = True
                 client_counts = self.client_inflight
             for rule in mine.rate_limits:
                 if not rule.match.matches_request(info, group):
@@ -271,7 +285,10 @@ class Admission:
                         return self._inflight_rejection(group, limit, now)
                 # (a pending ticket when the group is full: the caller queues it)
                 return Ticket(counts, group, kind, client_counts, key, False, self, limit,
-                              limits.max_queue_wait, protected)  # fmt: skip
+                              limits.max_queue_wait, protected, over_share)  # fmt: skip
+            if over_share:  # a group with no limit: only its client's seats to wait for
+                return Ticket(counts, group, kind, client_counts, key, False, self, 0,
+                              limits.max_queue_wait, over_share=True)  # fmt: skip
         elif kind is WATCH:
             most = policy.group_limits.get(group, policy.limits).max_watches
             if most and counts.get(group, 0) >= most:
@@ -295,6 +312,15 @@ class Admission:
         limit = policy.group_limits.get(group, policy.limits).max_inflight
         return not limit or self.inflight.get(group, 0) >= limit * CONTENDED
 
+    def _client_rejection(self, group: str, most: int, now: float) -> Rejection:
+        return Rejection(
+            "client-inflight",
+            group,
+            self._shed("client", now),
+            f"Too many requests, please try again later (this client has {most} "
+            "requests in flight through this gateway replica)",
+        )
+
     def _inflight_rejection(self, group: str, limit: int, now: float) -> Rejection:
         return Rejection(
             "inflight",
@@ -304,29 +330,46 @@ class Admission:
             f"(group {group!r} has {limit} requests in flight)",
         )
 
-    # -- the queue of a full group (FIFO): APF queues before it rejects ------------------
+    # -- the queues (FIFO): APF queues before it rejects ----------------------------------
     def enqueue(self, ticket: Ticket) -> None:
-        queue = self.queues.get(ticket.group)
-        if queue is None:
-            queue = self.queues[ticket.group] = deque()
+        if ticket.over_share:  # its client's queue first
+            queue = self.client_queues.get(ticket.client)
+            if queue is None:
+                queue = self.client_queues[ticket.client] = deque()
+        else:
+            queue = self._group_queue(ticket.group)
         queue.append(ticket)
         self.queued += 1
         self._seat(ticket.group)  # a seat may have freed meanwhile
 
+    def _group_queue(self, group: str) -> deque[Ticket]:
+        queue = self.queues.get(group)
+        if queue is None:
+            queue = self.queues[group] = deque()
+        return queue
+
     def give_up(self, ticket: Ticket, now: float) -> Rejection:
+        over_share = ticket.over_share
         self._leave(ticket)
+        if over_share:
+            return self._client_rejection(ticket.group, self.policy.per_client.max_inflight, now)
         return self._inflight_rejection(ticket.group, ticket.limit, now)
 
     def released(self, ticket: Ticket) -> None:
         """A ticket ended: a pending one leaves its queue; a seat it held goes to the
-        first in line."""
+        first in line: its group's to the group's queue, its client's to the client's."""
         if ticket.pending:
             self._leave(ticket)
         else:
             self._seat(ticket.group)
+        if not ticket.over_share and ticket._client_counts is not None:
+            self._share(ticket.client)
 
     def _leave(self, ticket: Ticket) -> None:
-        queue = self.queues.get(ticket.group)
+        if ticket.over_share:
+            queue = self.client_queues.get(ticket.client)
+        else:
+            queue = self.queues.get(ticket.group)
         if queue is None:
             return
         try:
@@ -334,17 +377,48 @@ class Admission:
         except ValueError:  # seated, or already gone (its wait ended)
             return
         self.queued -= 1
+        if not queue and ticket.over_share:
+            del self.client_queues[ticket.client]
+
+    def _share(self, client: str) -> None:
+        """One of `client`'s seats freed: its first request waiting past its share takes
+        it, and then waits for its group's seat like any (at once when one is free)."""
+        queue = self.client_queues.get(client)
+        most = self.policy.per_client.max_inflight
+        counts = self.client_inflight
+        while queue and (not most or counts.get(client, 0) < most):
+            ticket = queue.popleft()
+            if not queue:
+                del self.client_queues[client]
+            ticket.over_share = False
+            counts[client] = counts.get(client, 0) + 1
+            if ticket.limit:
+                self._group_queue(ticket.group).append(ticket)  # (still counted queued)
+                self._seat(ticket.group)
+            else:  # a group with no limit
+                self.queued -= 1
+                self._give_seat(ticket)
+
+    def queued_by_group(self) -> dict[str, int]:
+        """Requests waiting, by group: for a seat of the group, or of their client."""
+        waiting = {group: len(queue) for group, queue in self.queues.items()}
+        for queue in self.client_queues.values():
+            for ticket in queue:
+                waiting[ticket.group] = waiting.get(ticket.group, 0) + 1
+        return waiting
 
     def _seat(self, group: str) -> None:
         queue = self.queues.get(group)
         counts = self.inflight
         while queue and counts.get(group, 0) < queue[0].limit:
-            ticket = queue.popleft()
             self.queued -= 1
-            ticket.pending = False
-            counts[group] = counts.get(group, 0) + 1
-            if ticket.on_seat is not None:
-                ticket.on_seat()
+            self._give_seat(queue.popleft())
+
+    def _give_seat(self, ticket: Ticket) -> None:
+        ticket.pending = False
+        self.inflight[ticket.group] = self.inflight.get(ticket.group, 0) + 1
+        if ticket.on_seat is not None:
+            ticket.on_seat()
 
     def _shed(self, key: str, now: float) -> int:
         tracker = self._retry.get(key)

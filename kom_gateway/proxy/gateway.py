@@ -136,8 +136,9 @@ class Gateway:
             m.child(m.in_flight, group, "short").set(count)
         for group, count in a.exempt.items():
             m.child(m.in_flight, group, "exempt").set(count)
-        for group, queue in a.queues.items():
-            m.child(m.in_flight, group, "queued").set(len(queue))
+        waiting = a.queued_by_group()
+        for group in a.inflight.keys() | waiting.keys():
+            m.child(m.in_flight, group, "queued").set(waiting.get(group, 0))
         for group in a.watches.keys() | a.long_running.keys():
             long_running = a.watches.get(group, 0) + a.long_running.get(group, 0)
             m.child(m.in_flight, group, "long-running").set(long_running)

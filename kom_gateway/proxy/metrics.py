@@ -156,7 +156,8 @@ class Metrics:
         self.in_flight = Gauge(
             "kom_gateway_inflight_requests",
             "Requests in flight by target group and kind (short, long-running, exempt, "
-            "queued: waiting for a seat of a full group; sampled every 250 ms; upgrade: "
+            "queued: waiting for a seat of a full group, or of their client past its "
+            "share; sampled every 250 ms; upgrade: "
             "exec/attach/port-forward streams).",
             ["group", "kind"],
             registry=r,
