@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import proxy_bench as pb
-from e2e import free_port
+from e2e import free_port, is_ready
 
 HERE = Path(__file__).resolve().parent.parent
 
@@ -51,7 +50,8 @@ def under_callgrind(command: list[str], ready: str | int, url: str, requests: in
         proc = subprocess.Popen(args, env=env, cwd=cwd, stdout=sink, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 300
-        while not started(ready, log):
+        line, port = (ready, None) if isinstance(ready, str) else (None, ready)
+        while not is_ready(line, log, port):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{command[0]} under valgrind did not start:\n"
                                    f"{log.read_text()}")  # fmt: skip
@@ -69,13 +69,6 @@ def under_callgrind(command: list[str], ready: str | int, url: str, requests: in
         if line.startswith("totals:"):
             total = int(line.split()[1])
     return total / requests, int(result["succeeded"])
-
-
-def started(ready: str | int, log: Path) -> bool:
-    if isinstance(ready, str):
-        return ready in log.read_text()
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", ready)) == 0
 
 
 def count(code: Path, root: Path, requests: int, tls: bool) -> tuple[float, int]:

@@ -122,6 +122,15 @@ def sample(text: str, name: str, **labels: str) -> float:
     )
 
 
+def is_ready(ready: str | None, log: Path, port: int | None) -> bool:
+    """A started process is ready: `ready` (a line of its output) is in its log, or,
+    with none, `port` on 127.0.0.1 accepts."""
+    if ready is not None:
+        return ready in log.read_text()
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port or 0)) == 0
+
+
 class Process:
     """A process in its own session, output to `log`, started once `ready` appears in
     its output (or, for servers that print nothing, once `wait_port` accepts)."""
@@ -141,10 +150,7 @@ class Process:
             time.sleep(0.05)
 
     def _started(self, ready: str | None, wait_port: int | None) -> bool:
-        if ready is not None:
-            return ready in self.log.read_text()
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", wait_port or 0)) == 0
+        return is_ready(ready, self.log, wait_port)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
