@@ -143,14 +143,11 @@ class Process:
         self.proc = subprocess.Popen(args, stdout=self.handle, stderr=subprocess.STDOUT,
                                      start_new_session=True, cwd=cwd)
         deadline = time.monotonic() + start_timeout
-        while not self._started(ready, wait_port):
+        while not is_ready(ready, log, wait_port):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"{args[:3]} did not start:\n{log.read_text()}")
             time.sleep(0.05)
-
-    def _started(self, ready: str | None, wait_port: int | None) -> bool:
-        return is_ready(ready, self.log, wait_port)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

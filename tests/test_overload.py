@@ -538,6 +538,19 @@ def test_past_its_share_a_client_waits_for_its_own_seats_as_apf_queues_a_flow():
         ticket.release()
     assert admission.inflight["pod"] == 0 and not admission.client_inflight
     assert not admission.client_queues
+    # a group with no limit: the same wait, ended by the release of one of its own
+    unlimited = Admission(OverloadPolicy(limits=GroupLimits(max_inflight=0),
+                                         per_client=ClientLimits(max_inflight=2)))  # fmt: skip
+    mine = [unlimited.admit(LIST_PODS, KUBELET, "pod", 0.0) for _ in range(2)]
+    third = unlimited.admit(LIST_PODS, KUBELET, "pod", 0.0)
+    assert isinstance(third, Ticket) and third.pending and third.over_share
+    third.wait(lambda: seated.append("unlimited"))
+    mine[0].release()
+    assert seated[-1] == "unlimited" and not third.pending
+    assert unlimited.client_inflight == {KUBELET.key: 2} and unlimited.queued == 0
+    for ticket in (mine[1], third):
+        ticket.release()
+    assert not unlimited.client_inflight and not unlimited.inflight.get("pod")
 
 
 def test_a_client_over_its_byte_budget_gets_no_new_request_until_it_reads():

@@ -283,12 +283,10 @@ class Admission:
                     waiting = len(queue) if queue is not None else 0
                     if not limits.max_queue_wait or waiting >= QUEUE_PER_SEAT * limit:
                         return self._inflight_rejection(group, limit, now)
-                # (a pending ticket when the group is full: the caller queues it)
-                return Ticket(counts, group, kind, client_counts, key, False, self, limit,
-                              limits.max_queue_wait, protected, over_share)  # fmt: skip
-            if over_share:  # a group with no limit: only its client's seats to wait for
-                return Ticket(counts, group, kind, client_counts, key, False, self, 0,
-                              limits.max_queue_wait, over_share=True)  # fmt: skip
+            # pending when its group is full or its client past its share: the caller
+            # queues it. Limited or not, its release frees its client's seat to a waiter.
+            return Ticket(counts, group, kind, client_counts, key, False, self, limit,
+                          limits.max_queue_wait, protected, over_share)  # fmt: skip
         elif kind is WATCH:
             most = policy.group_limits.get(group, policy.limits).max_watches
             if most and counts.get(group, 0) >= most:
@@ -349,9 +347,8 @@ class Admission:
         return queue
 
     def give_up(self, ticket: Ticket, now: float) -> Rejection:
-        over_share = ticket.over_share
         self._leave(ticket)
-        if over_share:
+        if ticket.over_share:
             return self._client_rejection(ticket.group, self.policy.per_client.max_inflight, now)
         return self._inflight_rejection(ticket.group, ticket.limit, now)
 
