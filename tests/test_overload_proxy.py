@@ -346,6 +346,7 @@ async def test_goaway_chance_rises_with_inflight_load():
         await asyncio.sleep(0.1)
         stack.gateway.update_load()
         assert stack.gateway.load == 0.75
+        stack.gateway.metrics.flush()  # gauges are set as a scrape reads them
         assert stack.gateway.metrics.registry.get_sample_value(
             "kom_gateway_inflight_requests", {"group": "pod", "kind": "short"}) == 3
         assert stack.gateway.intake.goaway_chance == pytest.approx(0.001 + 0.019 * 0.5)

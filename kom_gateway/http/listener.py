@@ -35,6 +35,7 @@ from kom_gateway.http.h1.server import (
 )
 from kom_gateway.http.serverconn import HTTP2ServerConnection
 from kom_gateway.http.settings import ConnectionLimits, H2ServerSettings
+from kom_gateway.http.tlsobject import LoopTLSObject
 from kom_gateway.kube.status import status_body
 from kom_gateway.server.bind import BACKLOG, BindError
 
@@ -44,7 +45,7 @@ H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 HANDSHAKE_TIMER_SLACK = 0.05  # s: uvloop's timers fire to the millisecond, a little early
 
 
-class _TLSHandshake(ssl.SSLObject):
+class _TLSHandshake(LoopTLSObject):
     """The TLS side of one client connection, made by the event loop through
     `SSLContext.sslobject_class` (the listener sets a subclass naming itself). The loop
     runs the handshake and says nothing of one that fails; this says it to the
@@ -191,8 +192,6 @@ class Listener:
         self._on_reject = on_reject
         self._on_abuse = on_abuse
         self._on_goaway = on_goaway
-        self.on_connections: Callable[[], None] = lambda: None  # the counts below changed
-        self.on_handshakes: Callable[[], None] = lambda: None  # `handshaking` changed
         self.h1_server: web.Server = self._new_h1_server()
         self._retired_h1: list[web.Server] = []
         self.h2_connections: set[HTTP2ServerConnection] = set()
@@ -244,12 +243,10 @@ class Listener:
     def _h1_lost(self, transport: asyncio.BaseTransport) -> None:
         self.h1_connections -= 1
         self._release(_address(transport))
-        self.on_connections()
 
     def _h2_lost(self, protocol: HTTP2ServerConnection) -> None:
         self.h2_connections.discard(protocol)
         self._release(protocol.remote_addr)
-        self.on_connections()
 
     def open_streams(self) -> int:
         """HTTP/2 streams open now, over all client connections."""
@@ -263,11 +260,9 @@ class Listener:
 
     def handshake_began(self) -> None:
         self.handshaking += 1
-        self.on_handshakes()
 
     def handshake_done(self) -> None:
         self.handshaking -= 1
-        self.on_handshakes()
 
     def handshake_failed(self, seconds: float, refused: bool, said_hello: bool) -> None:
         """A TLS handshake ended unfinished, counted by why (not logged one by one: a
@@ -283,7 +278,6 @@ class Listener:
 
         A client that closed without sending a byte (a TCP health check) is none."""
         self.handshaking -= 1
-        self.on_handshakes()
         if seconds >= self.limits.tls_handshake_timeout - HANDSHAKE_TIMER_SLACK:
             self.rejected("tls-handshake-timeout", quiet=True)
         elif refused:
@@ -296,12 +290,10 @@ class Listener:
             self.handler, self.h2_settings, self._h2_lost, self._on_abuse, self._on_goaway
         )
         self.h2_connections.add(protocol)
-        self.on_connections()
         return protocol
 
     def new_h1_protocol(self) -> asyncio.Protocol:
         self.h1_connections += 1
-        self.on_connections()
         return self.h1_server()
 
     async def start(

@@ -74,6 +74,7 @@ class Gateway:
         self.load = 0.0
         self._open_streams: Callable[[], int] = lambda: 0  # HTTP/2 streams being served
         self._sampler: asyncio.TimerHandle | None = None
+        self.metrics.samplers.append(self._sample_gauges)
 
     @property
     def exchanges(self) -> list[Exchange]:
@@ -123,6 +124,9 @@ class Gateway:
         self.load = self.load_meter.load(self.admission.load(), streams, policy)
         self.intake.goaway_chance = goaway_chance(self.load, policy)
         self.shadows.load = self.load
+
+    def _sample_gauges(self) -> None:
+        """The load and the requests in flight, as of the last load sample."""
         m = self.metrics
         m.load.set(self.load)
         m.loop_lag.set(self.load_meter.lag)

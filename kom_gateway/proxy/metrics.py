@@ -7,6 +7,7 @@ values combine (`multiprocess_mode`), so nothing here may be a callback gauge.""
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -110,6 +111,10 @@ class Metrics:
         self.series(counters, histograms).add(value)
 
     def flush(self) -> None:
+        """Hand the batched counts to prometheus-client, and set the sampled gauges
+        (`samplers`): every second and before every scrape."""
+        for sample in self.samplers:
+            sample()
         for counter in self._counter_tallies.values():
             if counter.amount:
                 counter.child.inc(counter.amount)
@@ -125,6 +130,10 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        # set gauges of values kept elsewhere (load, in flight, connections): a gauge
+        # read at a scrape, not set at every change (prometheus-client's set is a
+        # few Python calls and a lock)
+        self.samplers: list[Callable[[], None]] = []
         self._counter_tallies: dict[Any, CounterTally] = {}
         self._histogram_tallies: dict[Any, HistogramTally] = {}
         self.registry = registry or CollectorRegistry()

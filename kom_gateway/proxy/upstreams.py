@@ -31,6 +31,7 @@ from kom_gateway.http.client import (
 from kom_gateway.http.engine import Engine
 from kom_gateway.http.settings import H2ClientSettings
 from kom_gateway.http.stream import Headers
+from kom_gateway.http.tlsobject import serve_direct
 from kom_gateway.kube.identity import identity_headers
 from kom_gateway.proxy.health import (
     EJECT_CONNECT,
@@ -394,4 +395,4 @@ def _client_context(tls: UpstreamTLSConfig, alpn: str) -> ssl.SSLContext:
     context.set_alpn_protocols([alpn])
     if tls.cert_file and tls.key_file:
         context.load_cert_chain(tls.cert_file, tls.key_file)
-    return context
+    return serve_direct(context)

@@ -244,9 +244,9 @@ def new_listener(gateway: Gateway, ssl_context: ssl.SSLContext | None) -> Listen
     def count_connections() -> None:
         h2.set(len(listener.h2_connections))
         h1.set(listener.h1_connections)
+        handshaking.set(listener.handshaking)
 
-    listener.on_connections = count_connections
-    listener.on_handshakes = lambda: handshaking.set(listener.handshaking)
+    metrics.samplers.append(count_connections)
     return listener
 
 
