@@ -192,6 +192,25 @@ def test_bad_arguments_raise_instead_of_reaching_c():
     assert sender.request(REQUEST, True) == 1  # the session is still sound
 
 
+def test_receive_takes_bytes_or_any_contiguous_buffer():
+    """Bytes (what the loop reads) are read in place; a bytearray or memoryview through
+    the buffer protocol, a slice of one too; what is no buffer is a TypeError."""
+    for form in (bytes, bytearray, memoryview, lambda b: memoryview(b"junk" + b)[4:]):
+        server = ng.Session(True)
+        server.submit_settings(())
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        client.initiate_connection()
+        client.send_headers(1, REQUEST, end_stream=True)
+        assert server.receive(form(b"")) == []
+        assert kinds(server.receive(form(client.data_to_send())))[-1] == ev.HEADERS
+    for bad in (None, "text", 42):
+        with pytest.raises(TypeError):
+            server.receive(bad)
+    with pytest.raises((TypeError, ValueError, BufferError)):
+        server.receive(memoryview(b"abcd")[::2])  # not contiguous
+    assert kinds(server.receive(client.data_to_send())) == []  # the session is still sound
+
+
 def test_a_stream_is_answered_once_and_only_if_it_exists():
     """Found by bench/fuzz_engine.py: a second respond() on a stream replaced the body
     queue nghttp2 still pointed at (its data lost, the pointer dangling), and a respond()

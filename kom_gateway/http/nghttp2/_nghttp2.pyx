@@ -16,7 +16,13 @@ data provider; an empty queue defers the stream (never a 0-byte read without EOF
 would make nghttp2 emit empty DATA frames forever) until `write` resumes it.
 """
 
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport (
+    PyBytes_AS_STRING,
+    PyBytes_CheckExact,
+    PyBytes_FromStringAndSize,
+    PyBytes_GET_SIZE,
+)
 from cpython.unicode cimport PyUnicode_DecodeLatin1
 from libc.stdint cimport int32_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
@@ -458,14 +464,29 @@ cdef class Session:
         self._out.clear()
 
     # -- input ---------------------------------------------------------------------------
-    def receive(self, const uint8_t[::1] data not None) -> list:
+    def receive(self, object data not None) -> list:
         """Feed bytes from the peer; returns the events they produced. Raises
         SessionError when nghttp2 ends the connection (what it had gathered until then
-        is still there for `take_events`)."""
+        is still there for `take_events`). `data`: bytes (what the loop reads), or any
+        contiguous buffer (a typed memoryview argument would cost a memoryview object
+        and a format check per call)."""
         cdef ssize_t rv
-        if self._s == NULL or data.shape[0] == 0:
+        cdef Py_buffer view
+        if self._s == NULL:
             return []
-        rv = nghttp2_session_mem_recv(self._s, &data[0], data.shape[0])
+        if PyBytes_CheckExact(data):
+            if PyBytes_GET_SIZE(data) == 0:
+                return []
+            rv = nghttp2_session_mem_recv(
+                self._s, <const uint8_t *>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+        else:
+            PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+            try:
+                if view.len == 0:
+                    return []
+                rv = nghttp2_session_mem_recv(self._s, <const uint8_t *>view.buf, view.len)
+            finally:
+                PyBuffer_Release(&view)
         if self._error is not None:
             error, self._error = self._error, None
             raise error
