@@ -12,6 +12,7 @@ install the new version, run the suite, raise the bound in both places.
 from __future__ import annotations
 
 import functools
+import ssl
 from collections.abc import Callable
 from typing import Any
 
@@ -76,6 +77,46 @@ def silence_hpack_debug_logging() -> None:
             pass
 
     hpack.hpack.log = _Silent()  # type: ignore[assignment]
+
+
+# -- ssl (the standard library) ---------------------------------------------------------
+def _ssl_keeps_c_object() -> object:
+    """The C object of an `ssl.SSLObject` (`_sslobj`, since Python 3.5), if it has the
+    methods `LoopTLSObject` hands out; None if this Python keeps it elsewhere."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    probe = context.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname="probe")
+    inner = vars(probe).get("_sslobj")
+    names = ("read", "write", "pending")
+    return inner if all(callable(getattr(inner, name, None)) for name in names) else None
+
+
+class _CMethods(ssl.SSLObject):
+    @property  # type: ignore[override]
+    def read(self) -> Callable[..., Any]:
+        return self._sslobj.read  # type: ignore[attr-defined,no-any-return]
+
+    @property  # type: ignore[override]
+    def write(self) -> Callable[[bytes], int]:
+        return self._sslobj.write  # type: ignore[attr-defined,no-any-return]
+
+    @property  # type: ignore[override]
+    def pending(self) -> Callable[[], int]:
+        return self._sslobj.pending  # type: ignore[attr-defined,no-any-return]
+
+
+SSL_C_METHODS = _ssl_keeps_c_object() is not None
+
+
+class LoopTLSObject(_CMethods if SSL_C_METHODS else ssl.SSLObject):  # type: ignore[misc]
+    """The TLS object the event loop makes per connection (a context serves it as
+    `SSLContext.sslobject_class`). `ssl.SSLObject`'s `read`, `write` and `pending` are
+    Python methods that only call the same-named methods of the C object underneath;
+    the loop's TLS protocol calls them several times for every record it moves (uvloop
+    looks each up once per connection and keeps it), ~13 interpreted calls a request
+    at the cluster shape, both sides of the proxy. This one hands the loop the C
+    methods themselves: same arguments, results and errors (bench/README.md, "The
+    interpreter's last calls per request"). On a Python that keeps its C object
+    elsewhere the methods stay the stock ones (and `missing()` says so)."""
 
 
 # -- prometheus-client ---------------------------------------------------------------------
@@ -175,6 +216,7 @@ def missing() -> list[str]:
         "aiohttp RequestHandler._drain_helper": lambda: RequestHandler._drain_helper,
         "aiohttp BaseSite._server": lambda: "_server" in web.BaseSite.__slots__ or None,
         "prometheus-client histogram _upper_bounds/_sum/_buckets": _histogram_internals,
+        "ssl SSLObject._sslobj": _ssl_keeps_c_object,
     }
     gone = []
     for name, check in checks.items():

@@ -26,6 +26,7 @@ import h2.connection
 from aiohttp import web
 from h2.errors import ErrorCodes
 
+from kom_gateway.compat import LoopTLSObject
 from kom_gateway.http import engine as engines
 from kom_gateway.http.h1.server import (
     StreamHandler,
@@ -35,7 +36,6 @@ from kom_gateway.http.h1.server import (
 )
 from kom_gateway.http.serverconn import HTTP2ServerConnection
 from kom_gateway.http.settings import ConnectionLimits, H2ServerSettings
-from kom_gateway.http.tlsobject import LoopTLSObject
 from kom_gateway.kube.status import status_body
 from kom_gateway.server.bind import BACKLOG, BindError
 

@@ -18,6 +18,7 @@ import ssl
 import time
 from collections.abc import Callable
 
+from kom_gateway.compat import LoopTLSObject
 from kom_gateway.config.model import Config, ConfigError, Endpoint, Health
 from kom_gateway.config.model import UpstreamTLS as UpstreamTLSConfig
 from kom_gateway.config.tlscheck import tls_problems
@@ -31,7 +32,6 @@ from kom_gateway.http.client import (
 from kom_gateway.http.engine import Engine
 from kom_gateway.http.settings import H2ClientSettings
 from kom_gateway.http.stream import Headers
-from kom_gateway.http.tlsobject import serve_direct
 from kom_gateway.kube.identity import identity_headers
 from kom_gateway.proxy.health import (
     EJECT_CONNECT,
@@ -395,4 +395,5 @@ def _client_context(tls: UpstreamTLSConfig, alpn: str) -> ssl.SSLContext:
     context.set_alpn_protocols([alpn])
     if tls.cert_file and tls.key_file:
         context.load_cert_chain(tls.cert_file, tls.key_file)
-    return serve_direct(context)
+    context.sslobject_class = LoopTLSObject  # the loop calls OpenSSL's methods direct
+    return context

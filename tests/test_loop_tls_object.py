@@ -1,5 +1,5 @@
-"""The TLS object the loop makes per connection (http/tlsobject.py): its read, write and
-pending are the C object's own methods, and it behaves as the stock `ssl.SSLObject`."""
+"""The TLS object the loop makes per connection (`compat.LoopTLSObject`): its read, write
+and pending are the C object's own methods, and it behaves as the stock `ssl.SSLObject`."""
 
 import asyncio
 import contextlib
@@ -9,9 +9,9 @@ import types
 import pytest
 import uvloop
 
+from kom_gateway.compat import SSL_C_METHODS, LoopTLSObject
 from kom_gateway.config.model import UpstreamTLS
 from kom_gateway.http.listener import Listener
-from kom_gateway.http.tlsobject import DIRECT, LoopTLSObject
 from kom_gateway.proxy.upstreams import _client_context
 from kom_gateway.server.tlsfiles import server_ssl_context
 
@@ -60,7 +60,7 @@ def _exercise(pki, server_class):
 
 
 def test_the_hot_methods_are_the_c_objects_own(pki):
-    assert DIRECT  # every supported Python keeps the C object where the probe looks
+    assert SSL_C_METHODS  # every supported Python keeps the C object where the probe looks
     _, _, _, server, _, _ = _pair(pki, LoopTLSObject)
     for name in ("read", "write", "pending"):
         method = getattr(server, name)
