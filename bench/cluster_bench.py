@@ -289,6 +289,8 @@ class Target:
                 os.kill(pid, signal.SIGKILL)
         self.process.proc.wait()
         self.process.handle.close()
+        log = self.root / f"{self.name}.log"  # kept: the new instance writes its own
+        log.replace(log.with_suffix(".before-kill.log"))
         self.start()
 
     def stop(self) -> None:
@@ -319,7 +321,7 @@ class Gateway(Target):
             pki=self.upstream.pki, port=self.port, admin=self.admin, extra=self.extra,
             rules=self.rules, **self.upstream.ports))  # fmt: skip
         return [sys.executable, "-m", "kom_gateway", "run", "--config", str(self.config),
-                "--log-level", "warning", "--reuse-port", "--workers", str(self.workers)]
+                "--log-level", "info", "--reuse-port", "--workers", str(self.workers)]
 
 
 class GatewayWorkers(Gateway):

@@ -3,6 +3,7 @@ return, watch integrity. In process, against simulated groups with fault switche
 
 import asyncio
 import json
+import time
 
 import pytest
 from harness import Stack
@@ -302,5 +303,29 @@ async def test_held_response_headers_go_out_with_the_body_and_writes_are_not_hel
         assert (missing.status, missing.group) == (404, "pod")
         endpoint = s.gateway.upstreams.groups["pod"][0]
         assert endpoint.health.consecutive_failures == 0
+    finally:
+        await s.close()
+
+
+async def test_a_probe_timed_out_by_the_gateways_own_late_loop_is_no_verdict():
+    """In a reconnect storm the gateway's loop can be seconds behind: a probe's answer
+    sits unread, its timeout fires late, and a healthy endpoint (default's only one)
+    taken out would turn the storm into 503s. Such a timeout is no verdict; one the loop
+    noticed in time, from an endpoint that is slow, still is."""
+    s = await Stack().start()
+    try:
+        endpoint = s.gateway.upstreams.groups["default"][0]
+        s.sim.groups["default"].faults.latency = 3.0  # /readyz too: it never answers in time
+        assert await endpoint.probe(1.0) is False  # the endpoint is slow: a verdict
+        assert await endpoint.probe(1.0, lambda: 0.5) is None  # the loop was 0.5 s behind
+
+        async def blocked_loop() -> None:
+            await asyncio.sleep(0.1)  # the probe is out
+            time.sleep(1.6)  # the loop is stuck past the probe's deadline (as in a storm)
+
+        verdict, _ = await asyncio.gather(endpoint.probe(1.0), blocked_loop())
+        assert verdict is None
+        s.sim.groups["default"].faults.latency = 0.0
+        assert await endpoint.probe(1.0) is True
     finally:
         await s.close()

@@ -56,7 +56,8 @@ class Gateway:
         # the HTTP/2 engine of both sides: --engine, else the config's http2.engine
         self.engine = engines.select(engine or holder.current.config.http2_engine)
         self.metrics.set_build_info(self.engine.name)
-        self.upstreams = Upstreams(self._health_changed, self.engine)
+        self.load_meter = LoadMeter()
+        self.upstreams = Upstreams(self._health_changed, self.engine, self._loop_lag)
         self.upstreams.sync(holder.current.config)
         self._gauge_labels: dict[Any, set[tuple[str, str]]] = {}
         self._config_applied(holder.current.config, holder.current.generation)
@@ -70,11 +71,13 @@ class Gateway:
         self.intake = Intake(holder, self.admission, self.context)
         self._sweeper = self._sweep_deadlines()
         self._reloading = asyncio.Lock()
-        self.load_meter = LoadMeter()
         self.load = 0.0
         self._open_streams: Callable[[], int] = lambda: 0  # HTTP/2 streams being served
         self._sampler: asyncio.TimerHandle | None = None
         self.metrics.samplers.append(self._sample_gauges)
+
+    def _loop_lag(self) -> float:
+        return self.load_meter.lag
 
     @property
     def exchanges(self) -> list[Exchange]:

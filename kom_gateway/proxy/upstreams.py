@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 HealthListener = Callable[["UpstreamEndpoint", bool, str], None]
 
 
+# a probe that timed out while the gateway's loop ran later than this share of the probe
+# timeout is no verdict (a probe's round trip waits for a few loop passes)
+PROBE_LAG_SHARE = 0.25
 PROBE_IDENTITY = identity_headers("system:anonymous", ("system:unauthenticated",), {})
 
 
@@ -183,13 +186,19 @@ class UpstreamEndpoint:
             self._announced = healthy
             self._on_health(self, healthy, reason)
 
-    def start_probing(self, interval: float, timeout: float) -> None:
-        self._prober = asyncio.get_running_loop().create_task(self._probe_loop(interval, timeout))
+    def start_probing(
+        self, interval: float, timeout: float, loop_lag: Callable[[], float] = lambda: 0.0
+    ) -> None:
+        self._prober = asyncio.get_running_loop().create_task(
+            self._probe_loop(interval, timeout, loop_lag)
+        )
 
-    async def _probe_loop(self, interval: float, timeout: float) -> None:
+    async def _probe_loop(
+        self, interval: float, timeout: float, loop_lag: Callable[[], float]
+    ) -> None:
         await asyncio.sleep(random.uniform(0, min(interval, 1.0)))  # spread the first probes
         while not self.closed:
-            ok = await self.probe(timeout)
+            ok = await self.probe(timeout, loop_lag)
             changed = None if ok is None else self.health.probe_result(ok)
             if changed is True:
                 log.info("endpoint %s (%s) passes its probe again", self.name, self.group)
@@ -202,8 +211,17 @@ class UpstreamEndpoint:
                     await self._probe_now.wait()
                     await asyncio.sleep(0.1)  # coalesce a burst of connect failures
 
-    async def probe(self, timeout: float) -> bool | None:
+    async def probe(
+        self, timeout: float, loop_lag: Callable[[], float] = lambda: 0.0
+    ) -> bool | None:
         """GET /readyz; healthy on a 200 that ends cleanly within `timeout`.
+
+        A timeout while the gateway's own event loop ran late (`loop_lag`: its recent
+        lag, or this probe's deadline passing unnoticed) is no verdict: in a reconnect
+        storm the loop can be seconds behind, the probe's answer unread, and a healthy
+        endpoint (default's only one, say) taken out would turn the storm into 503s.
+        Requests that fail still eject it (`report_failure`), and a refused connection
+        is a verdict at once.
 
         The probe says it is anonymous, in front-proxy headers: sent bare over a
         connection with the front-proxy certificate, kube-apiserver would answer 401 (that
@@ -211,8 +229,10 @@ class UpstreamEndpoint:
         Anonymous may read /readyz (system:public-info-viewer), and claims nothing more.
         """
         probe = _Probe()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout_at(deadline):
                 conn = await self.connection()
                 headers: Headers = [
                     (b":method", b"GET"),
@@ -226,7 +246,12 @@ class UpstreamEndpoint:
                 return await probe.result
         except StreamRefused:
             return None  # the connection is going away: no verdict
-        except (ConnectError, TimeoutError, OSError):
+        except TimeoutError:
+            late = loop.time() - deadline
+            if max(late, loop_lag()) > timeout * PROBE_LAG_SHARE:
+                return None  # our own loop was too far behind to judge the endpoint
+            return False
+        except (ConnectError, OSError):
             return False
         finally:
             if probe.stream is not None and not probe.result.done():
@@ -271,8 +296,16 @@ class _Probe:
 class Upstreams:
     """All groups' endpoints; kept in step with the configuration on reload."""
 
-    def __init__(self, on_health: HealthListener, engine: Engine) -> None:
+    def __init__(
+        self,
+        on_health: HealthListener,
+        engine: Engine,
+        loop_lag: Callable[[], float] = lambda: 0.0,
+    ) -> None:
+        """`loop_lag`: the event loop's recent lag in seconds (the load meter's), which
+        a probe's timeout is judged against."""
         self.engine = engine
+        self.loop_lag = loop_lag
         self.tls = UpstreamTLS()
         self.groups: dict[str, list[UpstreamEndpoint]] = {}
         self._by_key: dict[tuple[str, str], UpstreamEndpoint] = {}
@@ -301,7 +334,9 @@ class Upstreams:
                         self._on_health,
                         self.engine.client,
                     )
-                    endpoint.start_probing(config.health.interval, config.health.timeout)
+                    endpoint.start_probing(
+                        config.health.interval, config.health.timeout, self.loop_lag
+                    )
                     self._on_health(endpoint, True, "")
                 else:
                     endpoint.settings = settings  # for connections opened from now on
