@@ -321,7 +321,7 @@ class Gateway(Target):
             pki=self.upstream.pki, port=self.port, admin=self.admin, extra=self.extra,
             rules=self.rules, **self.upstream.ports))  # fmt: skip
         return [sys.executable, "-m", "kom_gateway", "run", "--config", str(self.config),
-                "--log-level", "info", "--reuse-port", "--workers", str(self.workers)]
+                "--log-level", "warning", "--reuse-port", "--workers", str(self.workers)]
 
 
 class GatewayWorkers(Gateway):
