@@ -315,9 +315,13 @@ async def test_a_probe_timed_out_by_the_gateways_own_late_loop_is_no_verdict():
     s = await Stack().start()
     try:
         endpoint = s.gateway.upstreams.groups["default"][0]
+        assert endpoint.loop_lag == s.gateway._loop_lag  # judged by the load meter's lag
+        endpoint.loop_lag = lambda: 0.0  # the loop keeps time
         s.sim.groups["default"].faults.latency = 3.0  # /readyz too: it never answers in time
         assert await endpoint.probe(1.0) is False  # the endpoint is slow: a verdict
-        assert await endpoint.probe(1.0, lambda: 0.5) is None  # the loop was 0.5 s behind
+        endpoint.loop_lag = lambda: 0.5
+        assert await endpoint.probe(1.0) is None  # the loop was 0.5 s behind
+        endpoint.loop_lag = lambda: 0.0
 
         async def blocked_loop() -> None:
             await asyncio.sleep(0.1)  # the probe is out

@@ -55,6 +55,10 @@ PROBE_LAG_SHARE = 0.25
 PROBE_IDENTITY = identity_headers("system:anonymous", ("system:unauthenticated",), {})
 
 
+def _no_lag() -> float:
+    return 0.0
+
+
 class UpstreamEndpoint:
     def __init__(
         self,
@@ -79,6 +83,9 @@ class UpstreamEndpoint:
         )
         self.health = EndpointHealth(health)
         self.peers: list[UpstreamEndpoint] = [self]  # its group's endpoints (set by Upstreams)
+        # the event loop's recent lag in seconds, which a probe's timeout is judged
+        # against (set by Upstreams: the load meter's)
+        self.loop_lag: Callable[[], float] = _no_lag
         self._announced = True  # the availability last told to the listener
         self._return_timer: asyncio.TimerHandle | None = None
         self.in_flight = 0
@@ -186,19 +193,13 @@ class UpstreamEndpoint:
             self._announced = healthy
             self._on_health(self, healthy, reason)
 
-    def start_probing(
-        self, interval: float, timeout: float, loop_lag: Callable[[], float] = lambda: 0.0
-    ) -> None:
-        self._prober = asyncio.get_running_loop().create_task(
-            self._probe_loop(interval, timeout, loop_lag)
-        )
+    def start_probing(self, interval: float, timeout: float) -> None:
+        self._prober = asyncio.get_running_loop().create_task(self._probe_loop(interval, timeout))
 
-    async def _probe_loop(
-        self, interval: float, timeout: float, loop_lag: Callable[[], float]
-    ) -> None:
+    async def _probe_loop(self, interval: float, timeout: float) -> None:
         await asyncio.sleep(random.uniform(0, min(interval, 1.0)))  # spread the first probes
         while not self.closed:
-            ok = await self.probe(timeout, loop_lag)
+            ok = await self.probe(timeout)
             changed = None if ok is None else self.health.probe_result(ok)
             if changed is True:
                 log.info("endpoint %s (%s) passes its probe again", self.name, self.group)
@@ -211,13 +212,11 @@ class UpstreamEndpoint:
                     await self._probe_now.wait()
                     await asyncio.sleep(0.1)  # coalesce a burst of connect failures
 
-    async def probe(
-        self, timeout: float, loop_lag: Callable[[], float] = lambda: 0.0
-    ) -> bool | None:
+    async def probe(self, timeout: float) -> bool | None:
         """GET /readyz; healthy on a 200 that ends cleanly within `timeout`.
 
         A timeout while the gateway's own event loop ran late (`loop_lag`: its recent
-        lag, or this probe's deadline passing unnoticed) is no verdict: in a reconnect
+        lag; or this probe's deadline passing unnoticed) is no verdict: in a reconnect
         storm the loop can be seconds behind, the probe's answer unread, and a healthy
         endpoint (default's only one, say) taken out would turn the storm into 503s.
         Requests that fail still eject it (`report_failure`), and a refused connection
@@ -248,7 +247,7 @@ class UpstreamEndpoint:
             return None  # the connection is going away: no verdict
         except TimeoutError:
             late = loop.time() - deadline
-            if max(late, loop_lag()) > timeout * PROBE_LAG_SHARE:
+            if max(late, self.loop_lag()) > timeout * PROBE_LAG_SHARE:
                 return None  # our own loop was too far behind to judge the endpoint
             return False
         except (ConnectError, OSError):
@@ -300,12 +299,12 @@ class Upstreams:
         self,
         on_health: HealthListener,
         engine: Engine,
-        loop_lag: Callable[[], float] = lambda: 0.0,
+        loop_lag: Callable[[], float] | None = None,
     ) -> None:
         """`loop_lag`: the event loop's recent lag in seconds (the load meter's), which
         a probe's timeout is judged against."""
         self.engine = engine
-        self.loop_lag = loop_lag
+        self.loop_lag = loop_lag or _no_lag
         self.tls = UpstreamTLS()
         self.groups: dict[str, list[UpstreamEndpoint]] = {}
         self._by_key: dict[tuple[str, str], UpstreamEndpoint] = {}
@@ -334,9 +333,8 @@ class Upstreams:
                         self._on_health,
                         self.engine.client,
                     )
-                    endpoint.start_probing(
-                        config.health.interval, config.health.timeout, self.loop_lag
-                    )
+                    endpoint.loop_lag = self.loop_lag
+                    endpoint.start_probing(config.health.interval, config.health.timeout)
                     self._on_health(endpoint, True, "")
                 else:
                     endpoint.settings = settings  # for connections opened from now on
