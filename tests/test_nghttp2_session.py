@@ -153,7 +153,7 @@ def test_data_queued_for_a_client_that_leaves_is_handed_back():
     assert server.flushed_pending() == 1  # ...but the producer still gets its credit back
     # and every later call on the freed session is harmless
     assert server.send() == b"" and server.receive(b"x") == [] and server.closed
-    server.consume(1, 10)
+    assert server.consume(1, 10) is False
     assert not server.write(1, b"y", None)
     assert server.queued_total() == 0
 
@@ -176,6 +176,29 @@ def test_consume_gives_the_connection_window_back_even_for_a_gone_stream():
     assert received == 39_000 and client.receive_window() == 65535 - 39_000
     client.consume(sid, received)  # the stream is closed: the connection is still credited
     assert client.receive_window() == 65535
+
+
+def test_consume_says_whether_a_window_update_waits_to_be_sent():
+    """The connections flush after an acknowledgement only when consume() says
+    nghttp2 queued something: a WINDOW_UPDATE goes out once half a window is taken."""
+    client = ng.Session(False)
+    client.submit_settings([(ng.SETTINGS_INITIAL_WINDOW_SIZE, 65535)])
+    peer = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    peer.initiate_connection()
+    client.receive(peer.data_to_send())
+    sid = client.request([(b":method", b"GET"), (b":scheme", b"http"),
+                          (b":authority", b"a"), (b":path", b"/")], False)
+    peer.receive_data(client.send())
+    peer.send_headers(sid, [(b":status", b"200")])
+    for _ in range(4):
+        peer.send_data(sid, b"z" * 10_000)
+    client.receive(peer.data_to_send())
+    client.send()  # the SETTINGS ACK and the like: nothing is left queued
+    assert client.consume(sid, 10_000) is False  # under half the window: nothing to send
+    assert client.consume(sid, 30_000) is True  # over half: a WINDOW_UPDATE is queued
+    peer.receive_data(client.send())
+    assert peer.remote_flow_control_window(sid) == 65535
+    assert client.consume(sid, 0) is False  # nothing taken, nothing queued
 
 
 def test_bad_arguments_raise_instead_of_reaching_c():

@@ -476,8 +476,7 @@ class HTTP2ServerConnection(H2Transport):
         """Keepalive (H2Transport), then: idle connections are closed politely; a
         client that leaves our data waiting (zero window, or not reading TCP) for too
         long is cut off."""
-        super()._on_tick(now)
-        if self.transport is None or self.transport.is_closing():
+        if not self._keepalive_tick(now):
             return
         s = self.settings
         waiting = self._paused or self._waiting_for_client()

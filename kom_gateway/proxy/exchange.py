@@ -66,23 +66,21 @@ class _Attempt:
     """Listener for one upstream stream; events of an attempt the exchange has moved
     past (or of a finished exchange) are dropped, their data credited back."""
 
-    __slots__ = ("endpoint", "exchange", "group", "metrics", "received", "sent", "upstream")
+    __slots__ = ("endpoint", "exchange", "group", "received", "sent", "upstream")
 
     def __init__(self, exchange: Exchange, endpoint: UpstreamEndpoint, group: str) -> None:
         self.exchange = exchange
         self.endpoint = endpoint
         self.group = group
         self.upstream: ClientStream | None = None
-        self.metrics = metrics = exchange.ctx.metrics
-        self.received = metrics.child(metrics.received_bytes, group)
-        self.sent = metrics.child(metrics.sent_bytes, group)
+        self.received, self.sent = exchange.ctx.metrics.group_bytes(group)
 
     def send_chunk(self, chunk: list) -> None:
         """Forward a request-body chunk (as it arrives, or replayed from the buffer once
         the upstream stream opens); acknowledge it to the client once sent upstream."""
         assert self.upstream is not None
         stream = self.exchange.stream
-        self.metrics.count(self.sent, len(chunk[0]))
+        self.sent.amount += len(chunk[0])
 
         def sent() -> None:
             if chunk[1]:
@@ -107,7 +105,7 @@ class _Attempt:
         if exchange.held is not None:
             exchange.send_held()
         size = len(data)
-        self.metrics.count(self.received, size)
+        self.received.amount += size
         exchange.bytes_out += size
         frames = exchange.frames
         if frames is not None:

@@ -84,6 +84,17 @@ class Metrics:
             found = self._counter_tallies[child] = CounterTally(child)
         return found
 
+    def group_bytes(self, group: str) -> tuple[CounterTally, CounterTally]:
+        """The tallies of the bytes received from and sent to `group`'s apiservers: one
+        look-up per upstream attempt, a float added per chunk."""
+        found = self._group_bytes.get(group)
+        if found is None:
+            found = self._group_bytes[group] = (
+                self.tally(self.child(self.received_bytes, group)),
+                self.tally(self.child(self.sent_bytes, group)),
+            )
+        return found
+
     def count(self, child: Any, amount: float = 1) -> None:
         """Add to a counter child, batched: a float added per request instead of
         prometheus-client's locked increment. Reaches the counter on `flush()`: every
@@ -136,6 +147,7 @@ class Metrics:
         self.samplers: list[Callable[[], None]] = []
         self._counter_tallies: dict[Any, CounterTally] = {}
         self._histogram_tallies: dict[Any, HistogramTally] = {}
+        self._group_bytes: dict[str, tuple[CounterTally, CounterTally]] = {}
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.build_info = Gauge(

@@ -546,6 +546,11 @@ cdef class Session:
         """How many producers `run_flushed` would tell now."""
         return len(self._flushed)
 
+    def want_write(self) -> bool:
+        """True when nghttp2 has frames to send (a read may have queued a SETTINGS or
+        PING acknowledgement, a WINDOW_UPDATE or a RST_STREAM; most queue nothing)."""
+        return self._s != NULL and nghttp2_session_want_write(self._s) != 0
+
     def want_io(self) -> bool:
         """False once nghttp2 has nothing left to read or write (after GOAWAY)."""
         if self._s == NULL:
@@ -691,12 +696,17 @@ cdef class Session:
         if self._s != NULL:
             nghttp2_submit_rst_stream(self._s, 0, stream_id, error_code)
 
-    def consume(self, int32_t stream_id, size_t size) -> None:
+    def consume(self, int32_t stream_id, size_t size) -> bool:
         """`size` received bytes were taken: reopen the windows by that much (the
-        connection's even when the stream is gone, or the connection would shrink)."""
-        if self._s != NULL and size:
+        connection's even when the stream is gone, or the connection would shrink).
+        True when nghttp2 now has frames to send: it queues a WINDOW_UPDATE only once
+        half a window is consumed, so most acknowledgements need no flush."""
+        if self._s == NULL:
+            return False
+        if size:
             nghttp2_session_consume(self._s, stream_id, size)
             self.data_consumed += size
+        return nghttp2_session_want_write(self._s) != 0
 
     def receive_window(self) -> int:
         """Connection-level DATA the peer may still send before our next WINDOW_UPDATE."""

@@ -59,8 +59,9 @@ class NgClientConnection(HTTP2ClientConnection):
             self.close()
             return
         self._handle(events)
-        self.session.run_flushed()
-        self._write_out()
+        session.run_flushed()
+        if session.want_write():  # a frame the read queued (what _handle sent flushes itself)
+            self._write_out()
 
     def _data_to_send(self) -> bytes:
         return drain(self.session, self._handle) if not self._paused else b""
@@ -94,10 +95,13 @@ class NgClientConnection(HTTP2ClientConnection):
             self._write_out()
 
     def ack(self, stream_id: int, flow_len: int) -> None:
-        if flow_len > 0 and not self.closed:
-            self.session.consume(stream_id, flow_len)
-            if self._flush_handle is None:
-                self._write_out()
+        if (
+            flow_len > 0
+            and not self.closed
+            and self.session.consume(stream_id, flow_len)
+            and self._flush_handle is None
+        ):
+            self._write_out()
 
     def cancel(self, stream_id: int) -> None:
         stream = self.streams.pop(stream_id, None)

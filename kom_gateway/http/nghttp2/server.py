@@ -89,8 +89,10 @@ class NgServerProtocol(HTTP2ServerConnection):
             self._close_transport()
             return
         self._handle(events)
-        self.session.run_flushed()
-        if not self._session_ended():
+        session.run_flushed()
+        # what the events answered scheduled its own flush; flush for the read itself
+        # only when nghttp2 queued a frame (most requests' reads queue none)
+        if not self._session_ended() and session.want_write():
             self._write_out()
 
     def _session_ended(self) -> bool:
@@ -122,8 +124,7 @@ class NgServerProtocol(HTTP2ServerConnection):
             self._write_out()
 
     def ack(self, stream_id: int, flow_len: int) -> None:
-        if flow_len > 0:
-            self.session.consume(stream_id, flow_len)
+        if flow_len > 0 and self.session.consume(stream_id, flow_len):
             self._write_out()
 
     def reset_stream(self, stream_id: int, code: int) -> None:
