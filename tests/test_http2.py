@@ -223,3 +223,51 @@ async def test_keepalive_pings_a_silent_peer_and_closes_when_it_does_not_answer(
 class FakeTransport:
     def is_closing(self) -> bool:
         return False
+
+
+@pytest.mark.parametrize("engine", ["nghttp2", "h2"])
+@pytest.mark.parametrize("how", ["timeout", "cancelled"])
+async def test_a_connect_given_up_after_connection_made_leaves_nothing_behind(engine, how):
+    """connect() gives up on an upstream that accepts TCP but never sends SETTINGS (its
+    timeout, or the caller cancelled): the half-made connection is aborted and leaves
+    the loop's clock, and no flush of it runs later, instead of lingering (it used to
+    keep its socket open; and a cancelled connect's transport, closed by the loop under
+    it, later failed a flush with "the handler is closed")."""
+    from kom_gateway.http import engine as engines
+    from kom_gateway.http import transport
+    from kom_gateway.http.client import ConnectError
+
+    if engine == "nghttp2" and engines.nghttp2_missing() is not None:
+        pytest.skip("nghttp2 engine not built")
+    client_class = engines.select(engine).client
+    loop = asyncio.get_running_loop()
+    errors: list[dict] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    accepted: list[asyncio.StreamReader] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(reader)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        assert loop not in transport._CLOCKS  # no other connection on this loop
+        if how == "timeout":
+            with pytest.raises(ConnectError):
+                await client_class.connect("127.0.0.1", port, H2ClientSettings(connect_timeout=0.3))
+        else:
+            task = asyncio.ensure_future(client_class.connect("127.0.0.1", port, H2ClientSettings()))
+            while loop not in transport._CLOCKS:  # connection_made joined the clock
+                await asyncio.sleep(0.005)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        assert loop not in transport._CLOCKS  # it left the clock (the last member)
+        # the upstream saw the preface, then the end of the connection
+        assert (await asyncio.wait_for(accepted[0].read(), 5)).startswith(b"PRI * HTTP/2.0")
+        await asyncio.sleep(0.05)
+        assert errors == []  # no flush or tick of it failed later
+    finally:
+        loop.set_exception_handler(None)
+        server.close()
+        await server.wait_closed()

@@ -131,18 +131,28 @@ class HTTP2ClientConnection(H2Transport):
     ) -> HTTP2ClientConnection:
         loop = asyncio.get_running_loop()
         failures: tuple[type[BaseException], ...] = (OSError, TimeoutError, *cls.setup_errors)
+        made: list[HTTP2ClientConnection] = []
+
+        def make() -> HTTP2ClientConnection:
+            made.append(conn := cls(settings))
+            return conn
+
         try:
             async with asyncio.timeout(settings.connect_timeout):
                 _, protocol = await loop.create_connection(
-                    lambda: cls(settings),
+                    make,
                     host,
                     port,
                     ssl=ssl_context,
                     server_hostname=server_hostname if ssl_context else None,
                 )
                 await protocol.ready
-        except failures as exc:  # (ssl.SSLError is an OSError)
-            raise ConnectError(f"{host}:{port}: {exc or type(exc).__name__}") from exc
+        except BaseException as exc:
+            for conn in made:  # timed out, cancelled or refused after connection_made
+                conn.abandon()
+            if isinstance(exc, failures):  # (ssl.SSLError is an OSError)
+                raise ConnectError(f"{host}:{port}: {exc or type(exc).__name__}") from exc
+            raise
         if ssl_context is not None:
             assert protocol.transport is not None
             ssl_object = protocol.transport.get_extra_info("ssl_object")
@@ -222,6 +232,17 @@ class HTTP2ClientConnection(H2Transport):
 
     def _closed(self) -> None:
         """The transport is gone: free what the engine holds."""
+
+    def abandon(self) -> None:
+        """`connect` gave up on this connection after its `connection_made` ran (the
+        connect timed out or was cancelled while SETTINGS were awaited, or a cancelled
+        connect closed the transport under it, which calls no `connection_lost`): no
+        flush or tick may touch the transport any more, and a live one is aborted."""
+        self.closed = True
+        self._stop_transport_timers()
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.abort()
 
     def pause_writing(self) -> None:
         self._paused = True

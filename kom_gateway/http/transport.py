@@ -127,6 +127,12 @@ class H2Transport(asyncio.Protocol):
     def _data_to_send(self) -> bytes:
         raise NotImplementedError
 
+    def _data_sent(self) -> None:
+        """After a flush wrote what `_data_to_send` framed: an engine acts on what the
+        framing itself caused (nghttp2: streams that closed as their last frame went
+        out, producers whose data left). Only now, so that whatever that does (answer,
+        reset, close the connection) comes after those bytes on the wire."""
+
     def close(self) -> None:
         raise NotImplementedError
 
@@ -152,6 +158,7 @@ class H2Transport(asyncio.Protocol):
         data = self._data_to_send()
         if data:
             transport.write(data)
+        self._data_sent()
 
     # -- keepalive and the connection clock -----------------------------------------------
     def _start_clock(self, interval: float, timeout: float, tick: float = CLOCK_TICK) -> None:

@@ -19,7 +19,7 @@ from kom_gateway.http.client import (
     StreamRefused,
 )
 from kom_gateway.http.nghttp2 import _nghttp2 as ng
-from kom_gateway.http.nghttp2.session import drain, free
+from kom_gateway.http.nghttp2.session import after_send, free
 from kom_gateway.http.stream import Flushed, Headers
 from kom_gateway.http.transport import CANCEL
 
@@ -64,7 +64,12 @@ class NgClientConnection(HTTP2ClientConnection):
             self._write_out()
 
     def _data_to_send(self) -> bytes:
-        return drain(self.session, self._handle) if not self._paused else b""
+        # one buffer per pass, unless the transport's is full (nghttp2 then holds the rest)
+        return self.session.send() if not self._paused else b""
+
+    def _data_sent(self) -> None:
+        # (also when the write just paused the transport: what was framed is out)
+        after_send(self.session, self._handle)
 
     def _closed(self) -> None:
         free(self.session)

@@ -14,7 +14,7 @@ from typing import cast
 
 from kom_gateway.http.guard import CONTINUATION_FLOOD, PROTOCOL_ERROR
 from kom_gateway.http.nghttp2 import _nghttp2 as ng
-from kom_gateway.http.nghttp2.session import drain, free
+from kom_gateway.http.nghttp2.session import after_send, free
 from kom_gateway.http.serverconn import (
     MAX_STREAM_ID,
     HTTP2ServerConnection,
@@ -113,7 +113,12 @@ class NgServerProtocol(HTTP2ServerConnection):
         self._session_ended()
 
     def _data_to_send(self) -> bytes:
-        return drain(self.session, self._handle) if not self._paused else b""
+        # one buffer per pass, unless the transport's is full (nghttp2 then holds the rest)
+        return self.session.send() if not self._paused else b""
+
+    def _data_sent(self) -> None:
+        # (also when the write just paused the transport: what was framed is out)
+        after_send(self.session, self._handle)
 
     def _closed(self) -> None:
         free(self.session)
