@@ -158,16 +158,22 @@ def test_data_queued_for_a_client_that_leaves_is_handed_back():
     assert server.queued_total() == 0
 
 
-def test_consume_gives_the_connection_window_back_even_for_a_gone_stream():
+def _answered_client(end_stream: bool) -> tuple[ng.Session, h2.connection.H2Connection, int]:
+    """A client session (64 KiB windows) with one GET open, answered 200 by an h2 peer."""
     client = ng.Session(False)
     client.submit_settings([(ng.SETTINGS_INITIAL_WINDOW_SIZE, 65535)])
     peer = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
     peer.initiate_connection()
     client.receive(peer.data_to_send())
     sid = client.request([(b":method", b"GET"), (b":scheme", b"http"),
-                          (b":authority", b"a"), (b":path", b"/")], True)
+                          (b":authority", b"a"), (b":path", b"/")], end_stream)
     peer.receive_data(client.send())
     peer.send_headers(sid, [(b":status", b"200")])
+    return client, peer, sid
+
+
+def test_consume_gives_the_connection_window_back_even_for_a_gone_stream():
+    client, peer, sid = _answered_client(True)
     for _ in range(3):  # over half the window: consume() then sends WINDOW_UPDATE
         peer.send_data(sid, b"z" * 13_000)
     peer.reset_stream(sid)
@@ -181,15 +187,7 @@ def test_consume_gives_the_connection_window_back_even_for_a_gone_stream():
 def test_consume_says_whether_a_window_update_waits_to_be_sent():
     """The connections flush after an acknowledgement only when consume() says
     nghttp2 queued something: a WINDOW_UPDATE goes out once half a window is taken."""
-    client = ng.Session(False)
-    client.submit_settings([(ng.SETTINGS_INITIAL_WINDOW_SIZE, 65535)])
-    peer = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
-    peer.initiate_connection()
-    client.receive(peer.data_to_send())
-    sid = client.request([(b":method", b"GET"), (b":scheme", b"http"),
-                          (b":authority", b"a"), (b":path", b"/")], False)
-    peer.receive_data(client.send())
-    peer.send_headers(sid, [(b":status", b"200")])
+    client, peer, sid = _answered_client(False)
     for _ in range(4):
         peer.send_data(sid, b"z" * 10_000)
     client.receive(peer.data_to_send())

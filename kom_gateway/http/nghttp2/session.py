@@ -1,7 +1,7 @@
 """What the nghttp2 engine's server and client connections do alike with their session:
 act on what its framing caused once the framed buffer is written, and free it when the
-transport is gone. Functions, not a mixin: the
-compiled core's classes take one base class each."""
+transport is gone. Functions, not a mixin: the compiled core's classes take one base
+class each."""
 
 from __future__ import annotations
 
