@@ -71,6 +71,30 @@ async def test_request_bodies_sent_upstream_are_counted_per_group(stack):
     assert sent._value.get() == len(cm)
 
 
+@pytest.mark.parametrize("worker", [False, True])
+async def test_batched_counters_reach_prometheus_on_a_timer_only_in_a_worker(
+    stack, monkeypatch, worker
+):
+    """One process flushes before a scrape reads (admin.py), so no timer pays for it;
+    a worker's counters must reach the files its supervisor reads by themselves."""
+    from kom_gateway.proxy import gateway as gateway_module
+    from kom_gateway.proxy.metrics import MULTIPROC_ENV
+
+    if worker:
+        monkeypatch.setenv(MULTIPROC_ENV, "set")  # (the metrics' mode is fixed at import)
+    else:
+        monkeypatch.delenv(MULTIPROC_ENV, raising=False)
+    monkeypatch.setattr(gateway_module, "METRICS_FLUSH_SECONDS", 0.01)
+    stack.gateway.start_load_sampling(lambda: 0, interval=0.01)
+    c = await stack.client()
+    assert (await c.request("GET", "/api/v1/nodes")).status == 200
+    await asyncio.sleep(0.2)
+    counted = stack.gateway.metrics.requests.labels("config", "list", "nodes", "", "200")
+    assert counted._value.get() == (1 if worker else 0)
+    stack.gateway.metrics.flush()
+    assert counted._value.get() == 1
+
+
 async def test_client_going_away_cancels_upstream(stack):
     c = await stack.client()
     watch = c.open("GET", "/api/v1/namespaces/default/pods?watch=1")

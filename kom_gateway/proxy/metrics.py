@@ -97,8 +97,8 @@ class Metrics:
 
     def count(self, child: Any, amount: float = 1) -> None:
         """Add to a counter child, batched: a float added per request instead of
-        prometheus-client's locked increment. Reaches the counter on `flush()`: every
-        second (gateway.METRICS_FLUSH_SECONDS) and before every scrape."""
+        prometheus-client's locked increment. Reaches the counter on `flush()`: before
+        every scrape, and in a worker every second (gateway.METRICS_FLUSH_SECONDS)."""
         self.tally(child).amount += amount
 
     def series(self, counters: tuple[Any, ...], histograms: tuple[Any, ...]) -> Series:
@@ -123,7 +123,7 @@ class Metrics:
 
     def flush(self) -> None:
         """Hand the batched counts to prometheus-client, and set the sampled gauges
-        (`samplers`): every second and before every scrape."""
+        (`samplers`): before every scrape, and in a worker every second."""
         for sample in self.samplers:
             sample()
         for counter in self._counter_tallies.values():
