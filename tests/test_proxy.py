@@ -8,6 +8,9 @@ import aiohttp
 import pytest
 from harness import FAST_HEALTH, Collector, Stack
 
+from kom_gateway.proxy import gateway as gateway_module
+from kom_gateway.proxy.metrics import MULTIPROC_ENV
+
 pytestmark = pytest.mark.usefixtures("engine")  # both HTTP/2 engines
 
 
@@ -77,9 +80,6 @@ async def test_batched_counters_reach_prometheus_on_a_timer_only_in_a_worker(
 ):
     """One process flushes before a scrape reads (admin.py), so no timer pays for it;
     a worker's counters must reach the files its supervisor reads by themselves."""
-    from kom_gateway.proxy import gateway as gateway_module
-    from kom_gateway.proxy.metrics import MULTIPROC_ENV
-
     if worker:
         monkeypatch.setenv(MULTIPROC_ENV, "set")  # (the metrics' mode is fixed at import)
     else:
