@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,7 +24,7 @@ from kom_gateway.proxy.accesslog import AccessLog
 from kom_gateway.proxy.context import ProxyContext
 from kom_gateway.proxy.exchange import Exchange
 from kom_gateway.proxy.intake import Intake
-from kom_gateway.proxy.metrics import MULTIPROC_ENV, Metrics
+from kom_gateway.proxy.metrics import Metrics, written_to_files
 from kom_gateway.proxy.outcome import OutcomeRecorder
 from kom_gateway.proxy.upstreams import UpstreamEndpoint, Upstreams
 from kom_gateway.shadow.reads import ShadowReads
@@ -105,9 +104,8 @@ class Gateway:
         due = loop.time() + interval
         flush_due = due
         # one process flushes its batched metrics as a scrape reads them (admin.py), not
-        # every second for nobody; a worker's files are read by the supervisor, which
-        # cannot ask it to flush
-        flush_periodically = bool(os.environ.get(MULTIPROC_ENV))
+        # every second for nobody; a worker's files need the timer
+        flush_periodically = written_to_files()
 
         def sample() -> None:
             nonlocal due, flush_due
@@ -231,7 +229,7 @@ class Gateway:
     def _set_gauge(self, gauge: Any, values: dict[tuple[str, str], float]) -> None:
         """A labelled gauge set to exactly `values`: series no longer there removed."""
         for labels in self._gauge_labels.get(gauge, set()) - values.keys():
-            if os.environ.get(MULTIPROC_ENV):  # workers' files cannot drop a series: 0
+            if written_to_files():  # workers' files cannot drop a series: 0
                 gauge.labels(*labels).set(0)
             else:
                 gauge.remove(*labels)

@@ -6,6 +6,7 @@ values combine (`multiprocess_mode`), so nothing here may be a callback gauge.""
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +17,12 @@ from kom_gateway import __version__, compat, compiled
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # set: this process is one of `--workers N`
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+def written_to_files() -> bool:
+    """This process is a worker of `--workers N`: its metrics go to files that the
+    supervisor reads and sums, which it cannot ask to be brought up to date."""
+    return bool(os.environ.get(MULTIPROC_ENV))
 
 
 class CounterTally:
