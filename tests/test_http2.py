@@ -3,9 +3,11 @@
 import asyncio
 import json
 import socket
+import time
 
 import h2.config
 import h2.connection
+import h2.settings
 import pytest
 from harness import Collector, Stack
 
@@ -271,3 +273,70 @@ async def test_a_connect_given_up_after_connection_made_leaves_nothing_behind(en
         loop.set_exception_handler(None)
         server.close()
         await server.wait_closed()
+
+
+class _RecordingTransport:
+    """Enough of a transport for a server connection driven by hand."""
+
+    def __init__(self) -> None:
+        self.written = bytearray()
+        self.closed = False
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return ("127.0.0.1", 1) if name == "peername" else default
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize("engine", ["nghttp2", "h2"])
+@pytest.mark.parametrize("window", [65535, 0], ids=["open-window", "zero-window"])
+async def test_only_data_the_window_holds_back_makes_a_stalled_reader(engine, window):
+    """The stalled-reader timeout is for a client that leaves our data waiting. A
+    response written a moment before the connection clock's tick, its flush still to
+    come in the same loop pass, is not waiting for the client: in a reconnect storm, when
+    every pass is long, a tick can find such data every time, and a kubelet reading
+    normally was cut off as a stalled reader (the nghttp2 engine counted whatever it
+    held unframed). Data the client's window blocks is waiting, and is cut off."""
+    from kom_gateway.http import engine as engines
+
+    if engine == "nghttp2" and engines.nghttp2_missing() is not None:
+        pytest.skip("nghttp2 engine not built")
+    served = []
+
+    def respond(stream) -> None:
+        stream.start_response(200, [(b"content-type", b"application/json")])
+        stream.write(b"x" * 100)  # queued: the flush runs later in this loop pass
+        served.append(stream)
+
+    settings = H2ServerSettings(stalled_write_timeout=5.0)
+    server = engines.select(engine).server(respond, settings)
+    transport = _RecordingTransport()
+    server.connection_made(transport)
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window})
+    client.send_headers(1, [(":method", "GET"), (":scheme", "https"), (":authority", "x"),
+                            (":path", "/api/v1/nodes")], end_stream=True)  # fmt: skip
+    server.data_received(client.data_to_send())
+    try:
+        if window == 0:  # framed and flushed: what is left waits for the client's window
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+        assert served
+        start = time.monotonic()
+        server._on_tick(start)
+        server._on_tick(start + 3.0)
+        server._on_tick(start + 6.0)
+        assert transport.closed == (window == 0), (engine, window)
+    finally:
+        server.connection_lost(None)

@@ -153,7 +153,10 @@ class NgServerProtocol(HTTP2ServerConnection):
         self.session.ping(payload)
 
     def _waiting_for_client(self) -> bool:
-        return self.session.queued_total() > 0
+        # data nghttp2 could frame now is not waiting for the client, only not flushed
+        # yet (the clock can tick between a write and its flush in the same loop pass)
+        session = self.session
+        return session.queued_total() > 0 and not session.want_write()
 
     def buffered_bytes(self) -> int:
         return self.session.queued_total()
