@@ -2,7 +2,8 @@
 figure for one gateway process's CPU work (wall-clock CPU per request on a shared
 machine moves by 2x between phases; this moves by 0.3%).
 
-    python bench/instructions_per_request.py [--requests 5000] [--tls] [--haproxy] [CODE_DIR ...]
+    python bench/instructions_per_request.py [--requests 5000] [--tls] [--haproxy] \
+        [--keep DIR] [CODE_DIR ...]
 
 Each CODE_DIR is a copy of the source tree (with its built extension), e.g. made with
 `git worktree add` or `git archive`; none given: this tree. For each, nginx serves the
@@ -14,7 +15,8 @@ not counted. Under valgrind the gateway is ~50x slower, so h2load keeps it satur
 every read carries a full batch: the count is the saturated case's. `--tls`: clients
 connect over TLS, as in proxy_bench's TLS runs (the upstream stays h2c). `--haproxy`:
 HAProxy (proxy_bench's config, one thread) is counted first in the same way, the
-baseline of proxy_bench's ratios without its noise.
+baseline of proxy_bench's ratios without its noise. `--keep DIR`: the callgrind files
+and logs are written to DIR and left there, for `callgrind_annotate --inclusive=yes`.
 
 Needs valgrind (Debian `valgrind`), nginx and h2load.
 """
@@ -113,10 +115,15 @@ def main() -> int:
     parser.add_argument("--tls", action="store_true", help="clients connect over TLS")
     parser.add_argument("--haproxy", action="store_true",
                         help="also count HAProxy (one thread) in front of the same upstream")
+    parser.add_argument("--keep", type=Path, metavar="DIR",
+                        help="write the callgrind files here and keep them (a new directory)")
     args = parser.parse_args()
     trees = [path.resolve() for path in args.code] or [HERE]
     with tempfile.TemporaryDirectory(prefix="kom-instr-") as tmp:
         root = Path(tmp)
+        if args.keep:
+            args.keep.mkdir(parents=True)
+            root = args.keep.resolve()
         root.chmod(0o755)
         nginx, upstream = pb.serve_canned_pod(root)
         try:

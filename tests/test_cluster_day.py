@@ -51,7 +51,8 @@ def test_slos_name_each_broken_one():
     summary = {"retriable_writes": {}, "pods_never_delivered": 0, "lease_gap_max_s": 2.0,
                "informers_consistent": True, "all_watches_up_s": 1.5}
     seen = {"hostile_user_agent": "HTTP/1.1 401 Unauthorized",
-            "handshakes_before_kill": {}, "handshakes_after_kill": {"tls-handshake-abandoned": 3}}
+            "handshakes_before_kill": {},  # clients leaving reconnects break no SLO
+            "handshakes_after_kill": {"tls-handshake-abandoned": 3, "tls-client-gone": 40}}
 
     def check(lines=(), back=4.0, processes=1, **changes):
         return cluster_bench.slo_violations(day, {**summary, **changes}, list(lines), seen, 2,
@@ -199,7 +200,9 @@ def test_the_gateways_own_counts_read_by_label():
         'kom_gateway_shed_requests_total{group="pod",reason="inflight"} 0.0',
         'kom_gateway_shed_requests_created{group="pod",reason="inflight"} 1.7e9',
         'kom_gateway_client_connections_rejected_total{reason="tls-handshake-abandoned"} 3.0',
+        'kom_gateway_client_connections_rejected_total{reason="tls-client-gone"} 4.0',
         'kom_gateway_client_connections_rejected_total{reason="per-address-limit"} 5.0',
     ])  # fmt: skip
     assert cluster_bench.shed_requests(page) == {"client-inflight": 9}
-    assert cluster_bench.failed_handshakes(page) == {"tls-handshake-abandoned": 3}
+    assert cluster_bench.failed_handshakes(page) == {
+        "tls-handshake-abandoned": 3, "tls-client-gone": 4}  # fmt: skip

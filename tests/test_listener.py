@@ -1,5 +1,6 @@
 """The listener: connections still being told apart when a drain begins, queued on its
-socket when it closes, and TLS handshakes that fail."""
+socket when it closes, TLS handshakes that fail, and ClientHellos of clients already
+gone."""
 
 from __future__ import annotations
 
@@ -195,3 +196,147 @@ def test_connections_queued_at_a_drain_are_served_not_reset(pki, loop_kind, tls,
             await listener.close()
 
     run_on(loop_kind, main)
+
+
+def _client_hello(pki) -> bytes:
+    hello = ssl.create_default_context(cafile=str(pki.ca)).wrap_bio(
+        ssl.MemoryBIO(), outgoing := ssl.MemoryBIO(), server_hostname="127.0.0.1"
+    )
+    with contextlib.suppress(ssl.SSLWantReadError):
+        hello.do_handshake()
+    return outgoing.read()
+
+
+@pytest.mark.parametrize("when", ("queued", "accepted"))
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_a_clienthello_whose_client_has_left_is_not_answered(pki, loop_kind, when):
+    """In a reconnect storm clients give up while their connections wait, in the kernel's
+    queue or for the loop to get to their handshake; answering each ClientHello would
+    cost a key exchange and a signature for nobody. A client that sent its ClientHello
+    and closed its side before the listener accepted it (`queued`), or after it was
+    accepted but before the loop read its hello (`accepted`), reads no answer, only the
+    close; it is counted `tls-client-gone`, not as a handshake answered and abandoned.
+    A live client right after it is served as always."""
+    reasons: list[str] = []
+    server_tls = server_ssl_context(str(pki.server_cert), str(pki.server_key), str(pki.ca))
+
+    async def until(condition) -> None:
+        async with asyncio.timeout(5):
+            while not condition():
+                await asyncio.sleep(0.01)
+                if loop_kind == "asyncio":  # (a failed handshake's TLS object is freed
+                    gc.collect()  # by the collector there)
+
+    async def main() -> None:
+        listener = Listener(_never_called, ssl_context=server_tls, on_reject=reasons.append)
+        port = await listener.start("127.0.0.1", 0)
+        try:
+            # blocking calls: the loop cannot accept or read in between
+            leaver = socket.create_connection(("127.0.0.1", port))
+            if when == "accepted":
+                await until(lambda: listener.handshaking == 1)  # accepted, nothing read
+            leaver.sendall(_client_hello(pki))
+            leaver.shutdown(socket.SHUT_WR)  # gone, as far as TCP says: it can still read
+            leaver.setblocking(False)
+            loop = asyncio.get_running_loop()
+            try:
+                async with asyncio.timeout(5):
+                    answer = await loop.sock_recv(leaver, 65536)
+            except ConnectionResetError:  # (closed with the hello unread: a reset)
+                answer = b""
+            leaver.close()
+            assert answer == b""  # no ServerHello: closed unanswered
+            await until(lambda: reasons == ["tls-client-gone"])
+            assert listener.handshaking == 0
+
+            context = ssl.create_default_context(cafile=str(pki.ca))
+            context.load_cert_chain(str(pki.kubelet_cert), str(pki.kubelet_key))
+            context.set_alpn_protocols(["h2"])
+            _, good = await asyncio.open_connection("127.0.0.1", port, ssl=context)
+            await until(lambda: listener.h2_connections)
+            good.close()
+            assert reasons == ["tls-client-gone"]
+        finally:
+            await listener.close()
+
+    run_on(loop_kind, main)
+
+
+def test_a_connection_is_set_up_in_the_accepting_pass_and_then_driven_as_a_task():
+    """`_start_now` runs a coroutine to its first wait at once (what a task would do a
+    loop pass later: in a storm, a pass of hundreds of handshakes), then drives the rest
+    as a task: results and errors are passed in, a cancellation reaches the coroutine,
+    and nothing of the driver holds what the coroutine raised."""
+    from kom_gateway.http.listener import _start_now
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        steps: list[str] = []
+
+        async def connect(waiter: asyncio.Future, then: asyncio.Future) -> str:
+            steps.append("set up")
+            first = await waiter
+            steps.append(f"got {first}")
+            try:
+                await then
+            except ValueError as exc:
+                steps.append(f"raised {exc}")
+                await asyncio.sleep(0)  # a bare yield on the way
+                return "recovered"
+            except asyncio.CancelledError:
+                steps.append("cancelled")
+                raise
+            return "unreached"
+
+        waiter, then = loop.create_future(), loop.create_future()
+        task = _start_now(loop, connect(waiter, then))
+        assert steps == ["set up"] and task is not None  # before any pass of the loop
+        waiter.set_result(1)
+        then.set_exception(ValueError("no"))
+        assert await task == "recovered"
+        assert steps == ["set up", "got 1", "raised no"]
+
+        class Gone(Exception):
+            pass
+
+        async def fails(waiter: asyncio.Future) -> None:
+            await waiter
+
+        waiter = loop.create_future()
+        task = _start_now(loop, fails(waiter))
+        assert task is not None
+        error = Gone()
+        waiter.set_exception(error)
+        with pytest.raises(Gone):
+            await task
+        # the driver's frame in the traceback holds neither the error nor the future
+        # that holds it: a failed connection's objects are freed at once, not by the
+        # cycle collector
+        drivers = []
+        tb = error.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code.co_name == "_resume":
+                drivers.append(tb.tb_frame)
+            tb = tb.tb_next
+        assert drivers
+        for frame in drivers:
+            held = list(frame.f_locals.values())
+            assert all(value is not error and value is not waiter for value in held)
+
+        waiter, then = loop.create_future(), loop.create_future()
+        steps.clear()
+        task = _start_now(loop, connect(waiter, then))
+        waiter.set_result(2)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert steps == ["set up", "got 2", "cancelled"]
+
+        async def at_once() -> str:
+            return "done"
+
+        assert _start_now(loop, at_once()) is None  # ended without waiting: no task
+
+    asyncio.run(main())

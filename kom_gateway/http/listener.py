@@ -3,9 +3,14 @@
 With TLS, ALPN decides (`h2` or `http/1.1`). Without TLS, a connection that opens with
 the HTTP/2 client preface is h2c (prior knowledge); anything else is HTTP/1.1.
 
-The event loop accepts and runs the TLS handshakes (libuv's accept loop in uvloop); how
-each goes, which the loop does not say, the listener learns from the TLS object the loop
-makes per connection (`_TLSHandshake`): handshakes under way (a gauge), failed ones
+The listener accepts connections itself, everything the kernel has queued each time the
+socket is readable (as libuv's accept loop does), and hands each to the event loop, which
+runs its TLS handshake. Before that, a TLS connection whose client has already left is
+closed (`client_gone`): in a reconnect storm thousands of clients give up while their
+connections wait in the kernel's queue, and each would cost the server's half of a
+handshake for nobody (bench/README.md, "Clients gone before their handshake"). How each
+handshake goes, which the loop does not say, the listener learns from the TLS object the
+loop makes per connection (`_TLSHandshake`): handshakes under way (a gauge), failed ones
 (counted by reason). Stopping without a replacement, the listener first takes what the
 kernel queued on the socket, which closing it would reset.
 """
@@ -13,12 +18,13 @@ kernel queued on the socket, which closing it would reset.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import errno
 import logging
-import os
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, ClassVar, cast
 
 import h2.config
@@ -37,12 +43,85 @@ from kom_gateway.http.h1.server import (
 from kom_gateway.http.serverconn import HTTP2ServerConnection
 from kom_gateway.http.settings import ConnectionLimits, H2ServerSettings
 from kom_gateway.kube.status import status_body
-from kom_gateway.server.bind import BACKLOG, BindError
+from kom_gateway.server.bind import BACKLOG, listening_socket
 
 log = logging.getLogger(__name__)
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 HANDSHAKE_TIMER_SLACK = 0.05  # s: uvloop's timers fire to the millisecond, a little early
+ACCEPT_RETRY_DELAY = 1.0  # s: out of file descriptors or memory, accepting pauses this long
+_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+TCP_ESTABLISHED = 1  # `tcpi_state`, the first byte of Linux's struct tcp_info
+
+
+def client_gone(conn: socket.socket) -> bool:
+    """The client of a just-accepted connection has already closed it (its FIN or RST
+    came while the connection waited in the kernel's queue: it is no longer
+    ESTABLISHED). A TLS client never half-closes before its handshake, so such a
+    connection is one it gave up on, or a TCP health check. False where the kernel
+    does not say."""
+    if not hasattr(socket, "TCP_INFO"):
+        return False
+    try:
+        state = conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+    except OSError:
+        return False
+    return state != TCP_ESTABLISHED
+
+
+def sent_something(conn: socket.socket) -> bool:
+    """Bytes (a ClientHello) wait unread on a connection its client closed; a TCP health
+    check sends none."""
+    try:
+        return bool(conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:
+        return False
+
+
+def _start_now(
+    loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any]
+) -> asyncio.Task[Any] | None:
+    """Run `coro` up to its first wait now, the rest as a task (Python 3.12's eager
+    start): a connection handed to the loop from the accept's callback is set up in
+    the same loop pass, as the loop's own accept does, not a pass later (in a storm a
+    pass is hundreds of handshakes long). None when `coro` ended without waiting;
+    what it raises on the way is raised."""
+    try:
+        waiting = coro.send(None)
+    except StopIteration:
+        return None
+    return loop.create_task(_resume(coro, waiting))
+
+
+async def _resume(coro: Coroutine[Any, Any, Any], waiting: Any) -> Any:
+    """The rest of a coroutine `_start_now` began, driven as a task drives one: each
+    future it waits on is awaited here, its outcome sent (or thrown) back in."""
+    while True:
+        error: BaseException | None = None
+        try:
+            if waiting is None:  # a bare yield: a pass of the loop
+                await asyncio.sleep(0)
+            else:
+                waiting._asyncio_future_blocking = False  # taken over, as a task does
+                await waiting
+        except BaseException as exc:  # (our own cancellation included: passed in)
+            error = exc
+        # nothing of this frame may hold what `coro` raises (through the future, or
+        # itself), or the connection's objects wait for the cycle collector
+        waiting = None
+        try:
+            waiting = coro.send(None) if error is None else coro.throw(error)
+        except StopIteration as done:
+            return done.value
+        finally:
+            error = None
+
+
+# the accepted socket of the connection whose callbacks the loop runs: set in the context
+# the listener hands each connection to the loop with, which runs them all in it
+_ACCEPTED: contextvars.ContextVar[socket.socket | None] = contextvars.ContextVar(
+    "kom_gateway_accepted", default=None
+)
 
 
 class _TLSHandshake(LoopTLSObject):
@@ -51,17 +130,26 @@ class _TLSHandshake(LoopTLSObject):
     runs the handshake and says nothing of one that fails; this says it to the
     listener: when the handshake is done, or when the loop drops it unfinished
     (promptly on uvloop, the gateway's loop; asyncio's own loop holds a failed one in a
-    reference cycle until the collector runs)."""
+    reference cycle until the collector runs). A ClientHello whose client has left by
+    the time the loop gets to it is not answered: in a storm a loop pass of hundreds of
+    handshakes outlasts clients' patience, and the answer would cost a key exchange and
+    a signature for nobody."""
 
     listener: ClassVar[Listener]
     _began = 0.0  # when the loop first asked for the handshake (0: it never did)
     _done = False
     _refused = False  # OpenSSL refused what the client sent
+    _gone = False  # the client left before its ClientHello was answered
 
     def do_handshake(self) -> None:
-        if not self._began:
+        if not self._began:  # (at the connection's start: nothing read yet)
             self._began = time.monotonic()
             self.listener.handshake_began()
+        elif self.cipher() is None:  # the ClientHello, read, is not answered yet
+            sock = _ACCEPTED.get()
+            if sock is not None and client_gone(sock):
+                self._gone = True
+                raise ssl.SSLError("the client left before its ClientHello was answered")
         try:
             super().do_handshake()
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
@@ -78,7 +166,10 @@ class _TLSHandshake(LoopTLSObject):
             # a ClientHello read has a cipher chosen; a client that sent nothing (closed
             # at once: a TCP health check) has none and was no handshake at all
             self.listener.handshake_failed(
-                time.monotonic() - self._began, self._refused, self.cipher() is not None
+                time.monotonic() - self._began,
+                self._refused,
+                self.cipher() is not None,
+                self._gone,
             )
 
 
@@ -197,11 +288,11 @@ class Listener:
         self.h2_connections: set[HTTP2ServerConnection] = set()
         self.h1_connections = 0
         self.per_address: dict[str, int] = {}
-        self.server: asyncio.Server | None = None
+        self._sock: socket.socket | None = None  # the listening socket, while accepting
         self.port = 0  # bound by start()
         self.sniffing: set[_Sniffer] = set()  # connections whose protocol is not known yet
         self.handshaking = 0  # connections in their TLS handshake
-        self._taking: set[asyncio.Task[Any]] = set()  # queued connections taken at a drain
+        self._taking: set[asyncio.Task[Any]] = set()  # accepted, handed to the loop
         self.aborted = False
         self.draining: str | None = None  # goaway_all's reason, once it ran
 
@@ -264,7 +355,9 @@ class Listener:
     def handshake_done(self) -> None:
         self.handshaking -= 1
 
-    def handshake_failed(self, seconds: float, refused: bool, said_hello: bool) -> None:
+    def handshake_failed(
+        self, seconds: float, refused: bool, said_hello: bool, gone: bool = False
+    ) -> None:
         """A TLS handshake ended unfinished, counted by why (not logged one by one: a
         storm of them must not flood the log):
 
@@ -272,14 +365,18 @@ class Listener:
           or a client that stalls);
         - `tls-handshake`: OpenSSL refused what the client sent (a certificate from
           another CA, not TLS, no common protocol or cipher);
-        - `tls-handshake-abandoned`: the client left after its ClientHello (it gave up,
-          or no longer needed the connection: the load model's Go clients leave a few
-          of their reconnects so in a storm).
+        - `tls-handshake-abandoned`: the client left after its ClientHello was answered
+          (it gave up, or no longer needed the connection: the load model's Go clients
+          leave a few of their reconnects so in a storm);
+        - `tls-client-gone`: it had left before its ClientHello was answered (at the
+          accept, or when the loop got to it), which was then not answered.
 
         A client that closed without sending a byte (a TCP health check) is none."""
         self.handshaking -= 1
         if seconds >= self.limits.tls_handshake_timeout - HANDSHAKE_TIMER_SLACK:
             self.rejected("tls-handshake-timeout", quiet=True)
+        elif gone:
+            self.rejected("tls-client-gone", quiet=True)
         elif refused:
             self.rejected("tls-handshake", quiet=True)
         elif said_hello:
@@ -301,28 +398,17 @@ class Listener:
     ) -> int:
         """Bind and serve (or serve on `sock`, a listening socket handed over by the
         instance this one replaces); returns the bound port (useful with port 0)."""
-        loop = asyncio.get_running_loop()
-        # where: the socket handed over, or an address to bind (the rest is the same)
-        where: dict[str, Any] = {"sock": sock}
         if sock is None:
-            where = {"host": host, "port": port, "reuse_address": True}
-            where["reuse_port"] = reuse_port or None
-        try:
-            self.server = await loop.create_server(
-                lambda: _Sniffer(self),
-                backlog=BACKLOG,
-                **self._tls(),
-                **where,
-            )
-        except OSError as exc:
-            raise BindError("serving", host, port, exc, "--listen / listen.address") from None
-        sock = self.server.sockets[0]
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock = listening_socket(host, port, reuse_port)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted ones inherit it
+        sock.setblocking(False)
+        self._sock = sock
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._accept, sock)
         self.port = int(sock.getsockname()[1])
         return self.port
 
     def _tls(self) -> dict[str, Any]:
-        """How the loop serves a connection's TLS, accepted by it or taken at a drain."""
+        """How the loop serves a connection's TLS."""
         if self.ssl_context is None:
             return {}
         return {
@@ -333,10 +419,62 @@ class Listener:
     @property
     def listening_socket(self) -> socket.socket | None:
         """The socket to hand to a replacement (see server/handover.py)."""
-        if self.server is None or not self.server.sockets:
-            return None
-        # (asyncio hands out a TransportSocket: a socket as far as fileno() goes)
-        return self.server.sockets[0]  # type: ignore[return-value]
+        return self._sock
+
+    def _accept(self, sock: socket.socket) -> int:
+        """Take every connection the kernel has queued on `sock` and hand each to the
+        loop (TLS first, when configured); a TLS one whose client has left is closed
+        unserved (`tls-client-gone`). Returns how many were handed over."""
+        loop = asyncio.get_running_loop()
+        tls = self._tls()
+        taken = 0
+        for _ in range(BACKLOG):  # (however fast clients come, the pass ends)
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                if exc.errno in _OUT_OF_RESOURCES and sock is self._sock:
+                    # Linux keeps the socket readable: stop looking until there is room
+                    log.error("cannot accept connections (%s): pausing %.0fs",
+                              exc, ACCEPT_RETRY_DELAY)  # fmt: skip
+                    loop.remove_reader(sock.fileno())
+                    loop.call_later(ACCEPT_RETRY_DELAY, self._resume_accepting, sock)
+                else:
+                    log.warning("connections queued on the listening socket not taken: %s", exc)
+                break
+            if tls and client_gone(conn):  # no handshake for nobody
+                if sent_something(conn):  # (a TCP health check is no client turned away)
+                    self.rejected("tls-client-gone", quiet=True)
+                conn.close()
+                continue
+            conn.setblocking(False)
+            context = contextvars.copy_context()
+            context.run(_ACCEPTED.set, conn)
+            coro = loop.connect_accepted_socket(lambda: _Sniffer(self), conn, **tls)
+            try:
+                task = context.run(_start_now, loop, coro)
+            except Exception:  # (the loop refused the socket: it costs only this one)
+                log.warning("accepted connection not served", exc_info=True)
+                conn.close()
+                continue
+            if task is not None:
+                self._taking.add(task)
+                task.add_done_callback(self._taken)
+            taken += 1
+        return taken
+
+    def _resume_accepting(self, sock: socket.socket) -> None:
+        if sock is self._sock:
+            asyncio.get_running_loop().add_reader(sock.fileno(), self._accept, sock)
+
+    def _taken(self, task: asyncio.Task[Any]) -> None:
+        self._taking.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # a failed handshake: the transport is closed, its TLS object counted it
+            log.debug("accepted connection not served: %r", exc)
 
     def stop_accepting(self, take_queued: bool = False) -> None:
         """Close the listening socket: with SO_REUSEPORT, the kernel sends new
@@ -344,46 +482,13 @@ class Listener:
         replacement lives on there. With `take_queued` (a drain no replacement took the
         socket from), the connections the kernel has queued on it are taken first and
         served (closing the socket would reset them); they get the drain's GOAWAY."""
-        server, self.server = self.server, None
-        if server is None:
+        sock, self._sock = self._sock, None
+        if sock is None:
             return
-        # a copy keeps each socket, queue and all, past the loop's close: emptied after
-        # it, nothing new is accepted meanwhile
-        queues = [socket.socket(fileno=os.dup(s.fileno())) for s in server.sockets
-                  if take_queued]  # fmt: skip
-        server.close()
-        for queue in queues:
-            with queue:
-                self._take_queued(queue)
-
-    def _take_queued(self, sock: socket.socket) -> None:
-        sock.setblocking(False)
-        loop = asyncio.get_running_loop()
-        tls = self._tls()
-        taken = 0
-        while True:
-            try:
-                conn, _ = sock.accept()
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:  # out of descriptors: the rest are reset on close
-                log.warning("connections queued at the drain not taken: %s", exc)
-                break
-            conn.setblocking(False)
-            task = loop.create_task(
-                loop.connect_accepted_socket(lambda: _Sniffer(self), conn, **tls)
-            )
-            self._taking.add(task)
-            task.add_done_callback(self._taken)
-            taken += 1
-        if taken:
+        asyncio.get_running_loop().remove_reader(sock.fileno())
+        if take_queued and (taken := self._accept(sock)):
             log.info("took %d connections queued on the listening socket", taken)
-
-    def _taken(self, task: asyncio.Task[Any]) -> None:
-        self._taking.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            # a failed handshake: the transport is closed, its TLS object counted it
-            log.debug("queued connection not served: %r", exc)
+        sock.close()
 
     def _awaiting_first_request(self) -> bool:
         return any(awaiting_first_request(s) for s in (*self._retired_h1, self.h1_server))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import socket
 
 BACKLOG = 4096  # connections the kernel queues on a serving socket while the gateway is
 # busy (a reconnect storm): one process's listener and each worker's socket
@@ -20,3 +21,20 @@ class BindError(Exception):
                 "instances with --reuse-port to replace one in place"
             )
         super().__init__(f"cannot listen on {host}:{port} ({what}): {reason}; {advice}")
+
+
+def listening_socket(host: str, port: int, reuse_port: bool = True) -> socket.socket:
+    """A serving socket, bound and listening (port 0: any). `reuse_port`: SO_REUSEPORT,
+    as each worker of `--workers N` and an instance replaced in place need."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise BindError("serving", host, port, exc, "--listen / listen.address") from None
+    return sock

@@ -34,7 +34,7 @@ from kom_gateway.config import load_config_file
 from kom_gateway.proxy.metrics import MULTIPROC_ENV
 from kom_gateway.server import admin as admin_port
 from kom_gateway.server.admin import start_admin
-from kom_gateway.server.bind import BACKLOG, BindError
+from kom_gateway.server.bind import listening_socket
 from kom_gateway.server.handover import (
     HandoverServer,
     claim_serving,
@@ -266,18 +266,3 @@ async def _wait_all(workers: list[Worker], timeout: float) -> None:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await asyncio.gather(*(p.wait() for p in procs))
-
-
-def listening_socket(host: str, port: int) -> socket.socket:
-    """A worker's socket: SO_REUSEPORT, bound and listening (port 0: any, once)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
-        sock.listen(BACKLOG)
-    except OSError as exc:
-        sock.close()
-        raise BindError("serving", host, port, exc, "--listen / listen.address") from None
-    return sock
