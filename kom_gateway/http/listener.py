@@ -5,10 +5,10 @@ the HTTP/2 client preface is h2c (prior knowledge); anything else is HTTP/1.1.
 
 The listener accepts connections itself, everything the kernel has queued each time the
 socket is readable (as libuv's accept loop does), and hands each to the event loop, which
-runs its TLS handshake. Before that, a TLS connection whose client has already left is
-closed (`client_gone`): in a reconnect storm thousands of clients give up while their
-connections wait in the kernel's queue, and each would cost the server's half of a
-handshake for nobody (bench/README.md, "Clients gone before their handshake"). How each
+runs its TLS handshake. A ClientHello whose client has already left is not answered
+(`client_gone`): in a reconnect storm thousands of clients give up while their
+connections wait, in the kernel's queue or for the loop, and each would cost the server's
+half of a handshake for nobody (bench/README.md, "Clients gone before their handshake"). How each
 handshake goes, which the loop does not say, the listener learns from the TLS object the
 loop makes per connection (`_TLSHandshake`): handshakes under way (a gauge), failed ones
 (counted by reason). Stopping without a replacement, the listener first takes what the
@@ -55,11 +55,10 @@ TCP_ESTABLISHED = 1  # `tcpi_state`, the first byte of Linux's struct tcp_info
 
 
 def client_gone(conn: socket.socket) -> bool:
-    """The client of a just-accepted connection has already closed it (its FIN or RST
-    came while the connection waited in the kernel's queue: it is no longer
-    ESTABLISHED). A TLS client never half-closes before its handshake, so such a
-    connection is one it gave up on, or a TCP health check. False where the kernel
-    does not say."""
+    """The client of an accepted connection has already closed it (its FIN or RST came
+    while the connection waited: it is no longer ESTABLISHED). A TLS client never
+    half-closes before its handshake, so one with a ClientHello sent is one that gave
+    up. False where the kernel does not say."""
     if not hasattr(socket, "TCP_INFO"):
         return False
     try:
@@ -67,15 +66,6 @@ def client_gone(conn: socket.socket) -> bool:
     except OSError:
         return False
     return state != TCP_ESTABLISHED
-
-
-def sent_something(conn: socket.socket) -> bool:
-    """Bytes (a ClientHello) wait unread on a connection its client closed; a TCP health
-    check sends none."""
-    try:
-        return bool(conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
-    except OSError:
-        return False
 
 
 def _start_now(
@@ -368,8 +358,8 @@ class Listener:
         - `tls-handshake-abandoned`: the client left after its ClientHello was answered
           (it gave up, or no longer needed the connection: the load model's Go clients
           leave a few of their reconnects so in a storm);
-        - `tls-client-gone`: it had left before its ClientHello was answered (at the
-          accept, or when the loop got to it), which was then not answered.
+        - `tls-client-gone`: it had left before its ClientHello was answered (while
+          queued, or before the loop got to it), which was then not answered.
 
         A client that closed without sending a byte (a TCP health check) is none."""
         self.handshaking -= 1
@@ -423,8 +413,8 @@ class Listener:
 
     def _accept(self, sock: socket.socket) -> int:
         """Take every connection the kernel has queued on `sock` and hand each to the
-        loop (TLS first, when configured); a TLS one whose client has left is closed
-        unserved (`tls-client-gone`). Returns how many were handed over."""
+        loop (TLS first, when configured), with the socket in its context for
+        `_TLSHandshake`. Returns how many were handed over."""
         loop = asyncio.get_running_loop()
         tls = self._tls()
         taken = 0
@@ -445,11 +435,6 @@ class Listener:
                 else:
                     log.warning("connections queued on the listening socket not taken: %s", exc)
                 break
-            if tls and client_gone(conn):  # no handshake for nobody
-                if sent_something(conn):  # (a TCP health check is no client turned away)
-                    self.rejected("tls-client-gone", quiet=True)
-                conn.close()
-                continue
             conn.setblocking(False)
             context = contextvars.copy_context()
             context.run(_ACCEPTED.set, conn)
